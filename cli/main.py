@@ -1,0 +1,121 @@
+"""regap-export: fit ReGap's directions, export corrected models, prove parity."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fit ReGap's drift-correction directions and export corrected models.")
+out = Console()
+err = Console(stderr=True)
+
+MODEL_HELP = "Model folder, or embedded:smolvlm (default) / embedded:smollm2."
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _run(fn):
+    """Run a command body; user errors print one clear line and exit 2."""
+    from regap_export.errors import RegapError
+
+    try:
+        return fn()
+    except RegapError as exc:
+        _fail(exc)
+
+
+def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode):
+    from regap_export.options import Band, RegapOptions
+
+    return RegapOptions(
+        read_position=read_position, drift_component=drift_component,
+        probe_band=Band.parse(probe_band, option="--probe-band") if probe_band else None,
+        adaptive_band=Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None,
+        alpha0=alpha0, alpha_max=alpha_max, tau=tau, mode=mode,
+    )
+
+
+@app.command()
+def calibrate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help="Calibration file (.jsonl, .csv, .txt). Default: the bundled set."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder for directions.safetensors and report.json."),
+    label: Optional[str] = typer.Option(None, help="Label for every prompt of a .csv/.txt file without a label column."),
+    split: Optional[str] = typer.Option(None, help="Use only records of this split (train|heldout). Default: train for the bundled set, all otherwise."),
+    render: bool = typer.Option(True, help="For multimodal models, add a typographic image twin of every text record."),
+    read_position: str = typer.Option("last", help="last | post_instruction_mean"),
+    drift_component: str = typer.Option("full", help="full | refusal"),
+    probe_band: Optional[str] = typer.Option(None, help="START:END (half-open). Default L/4:L/2."),
+    adaptive_band: Optional[str] = typer.Option(None, help="START:END (half-open). Default L/2:3L/4."),
+    alpha0: float = typer.Option(1.0, help="Probe-band strength."),
+    alpha_max: float = typer.Option(1.0, help="Adaptive-band (and fixed-mode) strength."),
+    tau: float = typer.Option(0.5, help="Gate threshold on the normalised refusal coordinate."),
+    mode: str = typer.Option("regap", help="regap | fixed | regap-seq (used for the after-correction table)."),
+    batch_size: int = typer.Option(8, min=1),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16 for the forward passes."),
+    after: bool = typer.Option(True, help="Measure the geometry again with the correction applied."),
+    save_stats: bool = typer.Option(False, help="Also write stats.safetensors (mergeable per-record activations)."),
+    merge_stats: Optional[List[Path]] = typer.Option(None, help="Skip capture: merge these stats.safetensors files (shards of --data)."),
+    plot: bool = typer.Option(True, help="Write separability.png (needs matplotlib, the `plot` extra)."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+):
+    """Fit the refusal and drift directions and report the geometry per layer."""
+
+    def body():
+        from regap_export import api
+        from regap_export.atomic import check_output_dir
+        from regap_export.report import geometry_table, summary_lines
+
+        check_output_dir(out_dir, force=force)
+        opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode)
+        result = api.calibrate_to_folder(
+            model, out_dir, data=data, label=label, split=split, render=render, options=opts,
+            batch_size=batch_size, dtype=dtype, measure_after=after, save_stats=save_stats,
+            merge_stats=merge_stats or [], plot=plot, force=force, show_progress=not as_json,
+        )
+        if as_json:
+            print(json.dumps(api.json_safe(result.report), sort_keys=True))
+            return
+        out.print(geometry_table(result.report))
+        for line in summary_lines(result.report):
+            out.print(line, highlight=False)
+        out.print(f"wrote {out_dir}", highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A directions folder (or an exported folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Show what is inside a directions or exported folder."""
+
+    def body():
+        from regap_export import api
+
+        info = api.describe(path)
+        if as_json:
+            print(json.dumps(info, sort_keys=True))
+            return
+        for line in api.describe_lines(info):
+            out.print(line, highlight=False)
+
+    _run(body)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

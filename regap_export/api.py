@@ -1,0 +1,132 @@
+"""The library API behind the CLI: each command is one function here, files at the edges."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import atomic_output_dir, check_output_dir
+from .calibrate import CalibrationResult, calibrate
+from .directions_io import FILENAME as DIRECTIONS_FILENAME
+from .directions_io import load_directions, save_directions
+from .errors import ArtifactError, RegapError
+from .models.loading import load_model
+from .options import RegapOptions
+from .report import REPORT_FILENAME, write_plot, write_report
+from .stats import ActivationStats
+
+STATS_FILENAME = "stats.safetensors"
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def load_calibration_records(data: Path | None, *, label: str | None, split: str | None, render: bool,
+                             multimodal: bool) -> list:
+    from .data import load_bundled, load_records, split_records, to_multimodal_pairs
+
+    if data is None:
+        records = load_bundled(split or "train")
+    else:
+        records = split_records(load_records(data, label=label), split)
+    if render and multimodal:
+        records = to_multimodal_pairs(records)
+    return records
+
+
+def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None = None, label: str | None = None,
+                        split: str | None = None, render: bool = True, options: RegapOptions = RegapOptions(),
+                        batch_size: int = 8, dtype: str = "fp32", measure_after: bool = True,
+                        save_stats: bool = False, merge_stats: Sequence[Path] = (), plot: bool = True,
+                        force: bool = False, show_progress: bool = True) -> CalibrationResult:
+    """calibrate MODEL --data FILE --out DIR: directions.safetensors, report.json (+ plot, stats)."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force=force)
+    loaded = load_model(model, dtype=dtype)
+    records = load_calibration_records(data, label=label, split=split, render=render,
+                                       multimodal=loaded.adapter.multimodal)
+    stats = merged_stats(merge_stats, loaded.fingerprint) if merge_stats else None
+    result = calibrate(loaded, records, options, batch_size=batch_size, stats=stats,
+                       measure_after=measure_after, show_progress=show_progress)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        save_directions(tmp, result.bundle)
+        write_report(tmp, result.report)
+        if plot:
+            write_plot(tmp, result.report)
+        if save_stats:
+            result.stats.save(tmp / STATS_FILENAME, model_fingerprint=loaded.fingerprint)
+    return result
+
+
+def merged_stats(paths: Sequence[Path], fingerprint: str) -> ActivationStats:
+    merged: ActivationStats | None = None
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATS_FILENAME
+        if not path.is_file():
+            raise ArtifactError("no statistics file here", path=path, hint="calibrate the shard with --save-stats")
+        stats, source_fingerprint = ActivationStats.load(path)
+        if source_fingerprint != fingerprint:
+            raise ArtifactError(f"statistics come from another model (fingerprint {source_fingerprint}, "
+                                f"this model {fingerprint})", path=path)
+        merged = stats if merged is None else merged.merge(stats)
+    assert merged is not None  # the caller passes at least one path
+    return merged
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What a directions folder holds, as plain data."""
+    path = Path(path)
+    if not path.exists():
+        raise RegapError("no such file or folder", path=path)
+    if (path / DIRECTIONS_FILENAME).is_file() or path.name == DIRECTIONS_FILENAME:
+        bundle = load_directions(path)
+        folder = path if path.is_dir() else path.parent
+        info: dict[str, Any] = {
+            "kind": "directions",
+            "path": str(folder),
+            "model_source": bundle.model_source,
+            "model_fingerprint": bundle.model_fingerprint,
+            "calibration_sha256": bundle.calibration_sha256,
+            "options": json.loads(bundle.options.to_json()),
+            "tensors": {name: list(t.shape) for name, t in bundle.directions.tensors().items()},
+            "per_layer": [
+                {"layer": l,
+                 "drift_norm": float(bundle.directions.drift[l].norm()),
+                 "anchor_text": [float(bundle.directions.anchor_text_harmless[l]), float(bundle.directions.anchor_text_harmful[l])],
+                 "anchor_probe": [float(bundle.directions.anchor_probe_harmless[l]), float(bundle.directions.anchor_probe_harmful[l])],
+                 "kappa": float(bundle.directions.kappa[l])}
+                for l in range(bundle.directions.num_layers)
+            ],
+        }
+        report = folder / REPORT_FILENAME
+        if report.is_file():
+            data = json.loads(report.read_text())
+            info["best_layer"] = data.get("best_layer")
+            info["best_auroc_T"] = data.get("best_auroc_T")
+        return json_safe(info)
+    raise ArtifactError("not a directions folder (no directions.safetensors)", path=path)
+
+
+def describe_lines(info: dict[str, Any]) -> list[str]:
+    lines = [f"{info['kind']} {info['path']}",
+             f"  model {info['model_source']} (fingerprint {info['model_fingerprint']})",
+             f"  calibration set sha256 {info['calibration_sha256']}",
+             "  options " + ", ".join(f"{k}={v}" for k, v in sorted(info["options"].items())),
+             "  tensors " + ", ".join(f"{k} {v}" for k, v in info["tensors"].items())]
+    if info.get("best_layer") is not None:
+        lines.append(f"  best layer {info['best_layer']} (text AUROC {info['best_auroc_T']:.3f})")
+    lines.append("  layer  |drift|   a-        a+        c-        c+        kappa")
+    for row in info["per_layer"]:
+        lines.append(f"  {row['layer']:5d}  {row['drift_norm']:7.3f}  {row['anchor_text'][0]:8.3f}  {row['anchor_text'][1]:8.3f}  "
+                     f"{row['anchor_probe'][0]:8.3f}  {row['anchor_probe'][1]:8.3f}  {row['kappa']:7.3f}")
+    return lines

@@ -1,0 +1,160 @@
+"""The calibration journey: capture, fit directions, measure the probe pass, report geometry."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .capture import CaptureRequest, capture, requests_for
+from .directions import (Directions, drift_direction, probe_anchors_and_kappa, projections,
+                         refusal_direction, require_classes)
+from .data.records import records_fingerprint
+from .directions_io import DirectionsFile
+from .errors import DataError, RegapError
+from .folding import fold, probe_only
+from .geometry import cosine, separability
+from .models.loading import LoadedModel
+from .options import RegapOptions
+from .rewrite import corrected
+from .stats import ActivationStats
+
+
+@dataclass
+class CalibrationResult:
+    bundle: DirectionsFile
+    report: dict[str, Any]
+    stats: ActivationStats
+
+
+def calibration_sha256(records: Sequence[Any]) -> str:
+    """Hash of the calibration set's content, independent of record order (shards merge)."""
+    return records_fingerprint(sorted(records, key=lambda r: r.id))
+
+
+def check_records_fit_model(records: Sequence[Any], loaded: LoadedModel) -> None:
+    if loaded.adapter.multimodal:
+        return
+    for record in records:
+        if record.modality == "image":
+            raise DataError(
+                f"record {record.id!r} has an image, but {loaded.source} ({loaded.adapter.family}) is a text-only model",
+                path=record.source, line=record.line, field="image",
+                hint="drop image records, or calibrate a multimodal model",
+            )
+
+
+def _read_tokens(loaded: LoadedModel, options: RegapOptions) -> int:
+    if options.read_position == "last":
+        return 1
+    return loaded.adapter.post_instruction_length(loaded.processor)
+
+
+def capture_statistics(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions, *,
+                       batch_size: int = 8, show_progress: bool = True) -> ActivationStats:
+    """Pass 1: every record's block outputs at the read position (mergeable across shards)."""
+    check_records_fit_model(records, loaded)
+    requests = requests_for(records, loaded.adapter, loaded.processor)
+    return capture(loaded.model, loaded.adapter, loaded.processor, requests,
+                   read_tokens=_read_tokens(loaded, options), batch_size=batch_size,
+                   description="capture", show_progress=show_progress)
+
+
+def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions = RegapOptions(), *,
+              batch_size: int = 8, stats: ActivationStats | None = None, measure_after: bool = True,
+              show_progress: bool = True) -> CalibrationResult:
+    """Fit ReGap's directions on ``records`` and measure the geometry before and after."""
+    check_records_fit_model(records, loaded)
+    num_layers = loaded.adapter.num_layers(loaded.model)
+    opts = options.resolved(num_layers)
+    if stats is None:
+        stats = capture_statistics(loaded, records, opts, batch_size=batch_size, show_progress=show_progress)
+    elif sorted(stats.ids) != sorted(r.id for r in records):
+        raise RegapError("the statistics do not cover exactly the records of the data file",
+                         hint="merge statistics captured from the shards of this very file")
+    require_classes(stats, ("T+", "T-"), why="the refusal direction")
+    rhat, a_pos, a_neg = refusal_direction(stats)
+    drift = drift_direction(stats, rhat, opts.drift_component)
+
+    multimodal = stats.count("M+") > 0 or stats.count("M-") > 0
+    requests = requests_for(records, loaded.adapter, loaded.processor)
+    read_tokens = _read_tokens(loaded, opts)
+    probe_proj: dict[str, torch.Tensor] = {}
+    provisional = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
+                             a_pos.float(), a_neg.float(), torch.zeros(num_layers))
+    if multimodal:
+        require_classes(stats, ("M+", "M-"), why="the probe anchors and kappa")
+        image_requests = [r for r in requests if r.class_key in ("M+", "M-")]
+        with corrected(loaded.model, loaded.adapter, probe_only(provisional, opts)):
+            probe_stats = capture(loaded.model, loaded.adapter, loaded.processor, image_requests,
+                                  read_tokens=read_tokens, batch_size=batch_size,
+                                  description="probe pass", show_progress=show_progress)
+        for key in ("M+", "M-"):
+            probe_proj[key] = projections(probe_stats.class_rows(key), rhat)
+    else:
+        for key, text_key in (("M+", "T+"), ("M-", "T-")):
+            probe_proj[key] = projections(stats.class_rows(text_key), rhat)
+    c_pos, c_neg, kappa = probe_anchors_and_kappa(probe_proj["M+"], probe_proj["M-"], opts.tau)
+    directions = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
+                            c_pos.float(), c_neg.float(), kappa.float())
+
+    report = geometry_report(stats, rhat, drift, a_pos, a_neg, probe_proj if multimodal else None)
+    if measure_after and multimodal:
+        after_mode = "regap" if opts.mode == "regap-seq" else opts.mode
+        after_opts = dataclasses.replace(opts, mode=after_mode)
+        with corrected(loaded.model, loaded.adapter, fold(directions, after_opts)):
+            after = capture(loaded.model, loaded.adapter, loaded.processor, requests,
+                            read_tokens=read_tokens, batch_size=batch_size,
+                            description="after correction", show_progress=show_progress)
+        report["after"] = {"mode": after_mode,
+                           "layers": separability_rows(after, rhat, (a_pos + a_neg) / 2)}
+    report["options"] = json.loads(opts.to_json())
+    report["model"] = {"source": loaded.source, "family": loaded.adapter.family,
+                       "num_layers": num_layers, "hidden_size": int(rhat.shape[1]),
+                       "fingerprint": loaded.fingerprint}
+    report["counts"] = {key: stats.count(key) for key in ("T+", "T-", "M+", "M-")}
+    report["pairs"] = len(stats.pair_indices())
+    bundle = DirectionsFile(directions, opts, loaded.fingerprint, calibration_sha256(records), loaded.source)
+    report["calibration_sha256"] = bundle.calibration_sha256
+    return CalibrationResult(bundle, report, stats)
+
+
+def separability_rows(stats: ActivationStats, rhat: torch.Tensor, midpoint: torch.Tensor) -> list[dict[str, float]]:
+    """Per layer and modality: d', AUROC and J of the refusal projection."""
+    proj = {key: projections(stats.class_rows(key), rhat) if stats.count(key) else None
+            for key in ("T+", "T-", "M+", "M-")}
+    rows = []
+    for layer in range(rhat.shape[0]):
+        row: dict[str, float] = {"layer": layer}
+        for modality in ("T", "M"):
+            pos, neg = proj[modality + "+"], proj[modality + "-"]
+            if pos is None or neg is None:
+                continue
+            for name, value in separability(pos[:, layer], neg[:, layer], float(midpoint[layer])).items():
+                row[f"{name}_{modality}"] = value
+        rows.append(row)
+    return rows
+
+
+def geometry_report(stats: ActivationStats, rhat: torch.Tensor, drift: torch.Tensor, a_pos: torch.Tensor,
+                    a_neg: torch.Tensor, probe_proj: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """METHOD section 2, per layer, plus the separability of M under the probe correction."""
+    midpoint = (a_pos + a_neg) / 2
+    rows = separability_rows(stats, rhat, midpoint)
+    mean_norm = stats.rows.norm(dim=-1).mean(0)
+    for layer, row in enumerate(rows):
+        d = drift[layer]
+        if "dprime_M" in row and row["dprime_T"] not in (0.0,):
+            row["collapse_ratio"] = row["dprime_M"] / row["dprime_T"]
+        row["drift_norm"] = float(d.norm())
+        row["drift_rel"] = float(d.norm() / mean_norm[layer]) if mean_norm[layer] > 0 else float("nan")
+        row["drift_cos_rhat"] = cosine(d, rhat[layer])
+        row["drift_along_gap"] = float(d @ rhat[layer] / (a_pos[layer] - a_neg[layer]))
+        if probe_proj is not None:
+            probed = separability(probe_proj["M+"][:, layer], probe_proj["M-"][:, layer], float(midpoint[layer]))
+            row.update({f"{name}_M_probe": value for name, value in probed.items()})
+    best = max(range(len(rows)), key=lambda l: (rows[l]["auroc_T"], rows[l]["dprime_T"]))
+    return {"layers": rows, "best_layer": best, "best_auroc_T": rows[best]["auroc_T"]}

@@ -1,0 +1,101 @@
+"""Batched activation capture at the read position (METHOD "Notation").
+
+Hooks read each needed block's output at the last prompt token (or the mean over the
+template's post-instruction tokens); the forward pass stops right after the deepest
+block needed, so capturing early layers costs only those layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ActivationError
+from .progress import progress_bar
+from .stats import ActivationStats
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """One model input to read: a rendered prompt, and an image for multimodal inputs."""
+
+    id: str
+    class_key: str
+    pair: str | None
+    prompt: str
+    image: Any | None = None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def requests_for(records: Sequence[Any], adapter, processor) -> list[CaptureRequest]:
+    """Render each calibration record into its chat prompt (image records with an image slot)."""
+    out = []
+    for record in records:
+        has_image = record.modality == "image"
+        prompt = adapter.render_prompt(processor, record.prompt_text, with_image=has_image)
+        out.append(CaptureRequest(record.id, record.class_key, record.pair, prompt,
+                                  record.open_image() if has_image else None))
+    return out
+
+
+@torch.no_grad()
+def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequest], *,
+            layers: Sequence[int] | None = None, read_tokens: int = 1, batch_size: int = 8,
+            description: str = "capture", show_progress: bool = True) -> ActivationStats:
+    """Read block outputs for every request; rows are float64 [N, len(layers), H].
+
+    ``read_tokens`` = 1 reads the last prompt token; k > 1 averages the last k tokens
+    (the post-instruction span). Batches are left-padded, so the read span is the tail.
+    """
+    blocks = adapter.decoder_layers(model)
+    wanted = list(range(len(blocks))) if layers is None else sorted(set(layers))
+    deepest = wanted[-1]
+    buffer: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            buffer[layer] = hidden[:, -read_tokens:, :].to(torch.float64).mean(dim=1).cpu()
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in wanted]
+    device = next(model.parameters()).device
+    rows = torch.empty((len(requests), len(wanted), adapter.hidden_size(model)), dtype=torch.float64)
+    # Text and image inputs cannot share a processor call; keep file order inside each.
+    groups = [[i for i, r in enumerate(requests) if r.image is None],
+              [i for i, r in enumerate(requests) if r.image is not None]]
+    batches = [group[s:s + batch_size] for group in groups for s in range(0, len(group), batch_size)]
+    try:
+        for batch in progress_bar(batches, description=description, total_items=len(requests),
+                                  enabled=show_progress):
+            items = [requests[i] for i in batch]
+            images = None if items[0].image is None else [r.image for r in items]
+            inputs = adapter.encode(processor, [r.prompt for r in items], images)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            buffer.clear()
+            try:
+                model(**inputs, use_cache=False)
+            except _StopForward:
+                pass
+            for column, layer in enumerate(wanted):
+                values = buffer[layer]
+                bad = ~torch.isfinite(values).all(dim=-1)
+                if bool(bad.any()):
+                    culprit = items[int(bad.nonzero()[0])].id
+                    raise ActivationError(
+                        f"non-finite activations at layer {layer} for record {culprit!r}",
+                        hint="the model overflows on this input; try --dtype float32 or check the weights",
+                    )
+                rows[batch, column] = values
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ActivationStats([r.id for r in requests], [r.class_key for r in requests],
+                           [r.pair for r in requests], rows)

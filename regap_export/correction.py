@@ -1,0 +1,50 @@
+"""The correction layer: one small module per corrected block output.
+
+Its constants come from ``folding.LayerCorrection``. The gate's projection always runs in
+float32, whatever the model's dtype, so an fp16 graph keeps the calibrated threshold.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .folding import FIXED, GATED, SCALED, LayerCorrection
+
+
+class RegapCorrection(nn.Module):
+    """h' = h + sigmoid(h . w + b) * v (gated), h + v (fixed) or h + alpha * v (scaled)."""
+
+    def __init__(self, spec: LayerCorrection, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.layer = spec.layer
+        self.kind = spec.kind
+        if spec.kind == FIXED:
+            # A constant add needs no float32 detour: store it in the model's dtype.
+            self.register_buffer("v", spec.v.detach().to(dtype).clone())
+        else:
+            self.register_buffer("v", spec.v.detach().to(torch.float32).clone())
+        if spec.kind == GATED:
+            self.register_buffer("w", spec.w.detach().to(torch.float32).reshape(-1, 1).clone())
+            self.register_buffer("b", torch.tensor([spec.b], dtype=torch.float32))
+
+    def forward(self, h: torch.Tensor, regap_alpha: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == FIXED:
+            return h + self.v
+        wide = h if h.dtype == torch.float32 else h.to(torch.float32)
+        if self.kind == GATED:
+            out = wide + torch.sigmoid(wide @ self.w + self.b) * self.v
+        elif self.kind == SCALED:
+            if regap_alpha is None:
+                raise ValueError("a regap-seq model needs regap_alpha [batch] at every forward")
+            out = wide + regap_alpha.to(torch.float32).reshape(-1, 1, 1) * self.v
+        else:
+            raise ValueError(f"unknown correction kind {self.kind!r}")
+        return out if h.dtype == torch.float32 else out.to(h.dtype)
+
+    def spec(self) -> LayerCorrection:
+        w = self.w.reshape(-1).clone() if self.kind == GATED else None
+        b = float(self.b) if self.kind == GATED else None
+        return LayerCorrection(self.layer, self.kind, self.v.float().clone(), w, b)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, kind={self.kind}, hidden={self.v.numel()}"

@@ -1,0 +1,74 @@
+"""``directions.safetensors``: the public calibration artifact (format version 1).
+
+Tensors (float32): rhat [L, H], drift [L, H], anchor_text_harmful [L],
+anchor_text_harmless [L], anchor_probe_harmful [L], anchor_probe_harmless [L], kappa [L].
+Metadata (strings): format_version, model_fingerprint, calibration_sha256, options (JSON),
+model_source, regap_export_version.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .directions import Directions
+from .errors import ArtifactError
+from .options import RegapOptions
+
+FORMAT_VERSION = "1"
+FILENAME = "directions.safetensors"
+
+
+@dataclass
+class DirectionsFile:
+    directions: Directions
+    options: RegapOptions
+    model_fingerprint: str
+    calibration_sha256: str
+    model_source: str = ""
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "calibration_sha256": self.calibration_sha256,
+            "options": self.options.to_json(),
+            "model_source": self.model_source,
+            "regap_export_version": __version__,
+        }
+
+
+def save_directions(folder: Path, bundle: DirectionsFile) -> Path:
+    path = Path(folder) / FILENAME
+    save_file(bundle.directions.tensors(), str(path), metadata=bundle.metadata())
+    return path
+
+
+def load_directions(folder_or_file: Path) -> DirectionsFile:
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise ArtifactError("no directions file here", path=path,
+                            hint="run `regap-export calibrate` first, or point at its --out folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises several types on a damaged file
+        raise ArtifactError(f"not a readable safetensors file ({exc})", path=path) from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"directions format version {version!r}; this regap-export reads version {FORMAT_VERSION!r}",
+            path=path, hint="re-run calibrate with this version of regap-export",
+        )
+    missing = [name for name in Directions.TENSOR_NAMES if name not in tensors]
+    if missing:
+        raise ArtifactError(f"missing tensors: {', '.join(missing)}", path=path)
+    directions = Directions(**{name: tensors[name] for name in Directions.TENSOR_NAMES})
+    return DirectionsFile(directions, RegapOptions.from_json(meta["options"]), meta.get("model_fingerprint", ""),
+                          meta.get("calibration_sha256", ""), meta.get("model_source", ""))

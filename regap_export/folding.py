@@ -1,0 +1,93 @@
+"""Fold directions and options into per-layer correction constants (METHOD section 3).
+
+    gated:  h' = h + sigmoid(h . w + b) * v
+    fixed:  h' = h + v
+    scaled: h' = h + alpha[batch] * v      (regap-seq; alpha is a runtime input)
+
+Pure math: tensors in, tensors out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .directions import Directions
+from .options import RegapOptions
+
+GATED, FIXED, SCALED = "gated", "fixed", "scaled"
+
+
+@dataclass(frozen=True)
+class LayerCorrection:
+    """Constants of the correction after block ``layer``. ``w``/``b`` only for gated."""
+
+    layer: int
+    kind: str
+    v: torch.Tensor                 # [H] float32
+    w: torch.Tensor | None = None   # [H] float32
+    b: float | None = None
+
+
+@dataclass(frozen=True)
+class ScoreReadout:
+    """regap-seq's per-sequence score z = h . w + b at layer l_s (w, b without kappa)."""
+
+    layer: int
+    w: torch.Tensor
+    b: float
+    kappa: float
+
+
+def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa: bool = True
+                   ) -> tuple[torch.Tensor, float]:
+    rhat = directions.rhat[layer].double()
+    c_pos = float(directions.anchor_probe_harmful[layer])
+    c_neg = float(directions.anchor_probe_harmless[layer])
+    gap = c_pos - c_neg
+    if gap == 0:
+        raise ValueError(f"probe anchors coincide at layer {layer}; the gate is undefined")
+    kappa = float(directions.kappa[layer]) if with_kappa else 1.0
+    w = kappa * rhat / gap
+    b = -kappa * (c_neg / gap + (tau if with_kappa else 0.0))
+    return w.float(), float(b)
+
+
+def fold(directions: Directions, options: RegapOptions) -> list[LayerCorrection]:
+    """The corrections of ``options.mode``, in layer order."""
+    opts = options.resolved(directions.num_layers)
+    drift = directions.drift.double()
+    out: list[LayerCorrection] = []
+    if opts.mode == "regap":
+        for layer in opts.probe_band.layers():
+            out.append(LayerCorrection(layer, FIXED, (-opts.alpha0 * drift[layer]).float()))
+        for layer in opts.adaptive_band.layers():
+            w, b = gate_constants(directions, layer, opts.tau)
+            out.append(LayerCorrection(layer, GATED, (-opts.alpha_max * drift[layer]).float(), w, b))
+    elif opts.mode == "fixed":
+        for layer in opts.probe_band.layers() + opts.adaptive_band.layers():
+            out.append(LayerCorrection(layer, FIXED, (-opts.alpha_max * drift[layer]).float()))
+    else:  # regap-seq: the strength alpha(x) arrives per sequence at run time
+        for layer in opts.probe_band.layers() + opts.adaptive_band.layers():
+            out.append(LayerCorrection(layer, SCALED, (-drift[layer]).float()))
+    return out
+
+
+def probe_only(directions: Directions, options: RegapOptions) -> list[LayerCorrection]:
+    """The probe band's fixed corrections alone: the calibration's second pass."""
+    opts = options.resolved(directions.num_layers)
+    drift = directions.drift.double()
+    return [LayerCorrection(layer, FIXED, (-opts.alpha0 * drift[layer]).float()) for layer in opts.probe_band.layers()]
+
+
+def score_readout(directions: Directions, options: RegapOptions) -> ScoreReadout:
+    """z_{l_s} as an affine readout, for regap-seq's probe pass."""
+    opts = options.resolved(directions.num_layers)
+    layer = opts.read_layer
+    w, b = gate_constants(directions, layer, opts.tau, with_kappa=False)
+    return ScoreReadout(layer, w, b, float(directions.kappa[layer]))
+
+
+def sequence_strength(score: torch.Tensor, readout: ScoreReadout, options: RegapOptions) -> torch.Tensor:
+    """alpha(x) = alpha_max * sigmoid(kappa (z - tau)) for z [batch]."""
+    return options.alpha_max * torch.sigmoid(readout.kappa * (score.double() - options.tau))

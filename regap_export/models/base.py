@@ -1,0 +1,135 @@
+"""The adapter contract: everything regap-export needs to know about one model family.
+
+An adapter is a small, stateless object. It knows where the decoder blocks are, how to
+write a chat prompt with or without an image, and how to turn prompts and images into
+model inputs. It does not load models (see ``regap_export.models.loading``), hook them,
+or generate text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+INSTRUCTION_SENTINEL = "\u2063REGAP_INSTRUCTION\u2063"
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Family knowledge for a group of Hugging Face ``model_type`` values.
+
+    ``language_model_path`` is the dotted path from the top-level model to the module
+    that owns ``layers`` (the decoder blocks); it is resolved with ``get_submodule`` so a
+    wrong path fails loudly instead of silently finding the wrong stack.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    language_model_path: str
+    multimodal: bool = False
+    layers_attr: str = "layers"
+    # Used only when the tokenizer/processor ships no chat template of its own.
+    fallback_chat_template: str | None = None
+    # Whether the family's template accepts a system turn (Gemma's does not).
+    supports_system_role: bool = True
+    # Name of the transformers Auto class that loads this family's checkpoints.
+    auto_class_name: str = "AutoModelForCausalLM"
+
+    # -- structure -------------------------------------------------------------------
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.language_model_path)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        layers = getattr(self.language_model(model), self.layers_attr)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"{self.family}: {self.language_model_path}.{self.layers_attr} is not a ModuleList")
+        return layers
+
+    def text_config(self, config: Any) -> Any:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.decoder_layers(model))
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return int(self.text_config(model.config).hidden_size)
+
+    # -- prompts ---------------------------------------------------------------------
+    def messages(self, instruction: str, with_image: bool) -> list[dict]:
+        """Chat messages for one user turn. Multimodal families put the image first."""
+        if not self.multimodal:
+            if with_image:
+                raise ValueError(f"{self.family} is a text-only family and takes no image")
+            return [{"role": "user", "content": instruction}]
+        content: list[dict] = []
+        if with_image:
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": instruction})
+        return [{"role": "user", "content": content}]
+
+    def render_prompt(self, processor: Any, instruction: str, with_image: bool) -> str:
+        """The full prompt string, ending with the template's generation prompt."""
+        msgs = self.messages(instruction, with_image)
+        template = _chat_template_owner(processor)
+        kwargs = {}
+        if getattr(template, "chat_template", None) is None:
+            if self.fallback_chat_template is None:
+                raise ValueError(f"{self.family}: the tokenizer has no chat template and the adapter has no fallback")
+            kwargs["chat_template"] = self.fallback_chat_template
+        return template.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    def post_instruction_length(self, processor: Any) -> int:
+        """Tokens after the instruction in a rendered prompt (the template's suffix)."""
+        prompt = self.render_prompt(processor, INSTRUCTION_SENTINEL, with_image=False)
+        suffix = prompt.split(INSTRUCTION_SENTINEL, 1)[1]
+        tok = tokenizer_of(processor)
+        return max(1, len(tok(suffix, add_special_tokens=False)["input_ids"]))
+
+    # -- inputs ----------------------------------------------------------------------
+    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Any] | None) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for a batch of rendered prompts.
+
+        ``images`` is None for a text batch, else one PIL image per prompt.
+        """
+        tok = tokenizer_of(processor)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        prompts = list(prompts)
+        # Same rule as transformers' processor chat templating: the tokenizer adds its
+        # special tokens (e.g. a BOS) unless the rendered template already starts with
+        # BOS, so text-only and image prompts of one family are tokenized alike.
+        add_special = not (tok.bos_token and prompts and prompts[0].startswith(tok.bos_token))
+        if images is None:
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+            return dict(enc)
+        if not self.multimodal:
+            raise ValueError(f"{self.family} is a text-only family and takes no image")
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.family}: {len(prompts)} prompts but {len(images)} images")
+        enc = processor(text=prompts, images=self.images_argument(images), return_tensors="pt",
+                        padding=True, padding_side="left", add_special_tokens=add_special)
+        return dict(enc)
+
+    def images_argument(self, images: Sequence[Any]) -> Any:
+        """How this family's processor wants a batch of images (flat list by default)."""
+        return list(images)
+
+
+def read_template(name: str) -> str:
+    """A fallback chat template shipped in ``regap_export/models/templates/<name>.jinja``."""
+    return (Path(__file__).parent / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer inside a processor, or the object itself when it is a tokenizer."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def _chat_template_owner(processor: Any) -> Any:
+    if getattr(processor, "chat_template", None) is not None:
+        return processor
+    return tokenizer_of(processor) if getattr(tokenizer_of(processor), "chat_template", None) else processor

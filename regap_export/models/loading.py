@@ -1,0 +1,99 @@
+"""Load a model folder (or an embedded default model) with its processor and adapter."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from . import adapter_for_config
+from .base import ModelAdapter
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    processor: Any  # a tokenizer for text families, a processor for multimodal ones
+    adapter: ModelAdapter
+    source: str
+    folder: Path
+
+    @property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model, self.adapter)
+
+
+def model_fingerprint(model: nn.Module, adapter: ModelAdapter) -> str:
+    """Hash of the architecture (model type, text config sizes) and every parameter shape.
+
+    Weights are not hashed: directions fitted on a model transfer to its re-saves and
+    dtype casts, but not to a model of another shape.
+    """
+    text = adapter.text_config(model.config)
+    description = {
+        "model_type": model.config.model_type,
+        "hidden_size": int(text.hidden_size),
+        "num_hidden_layers": int(text.num_hidden_layers),
+        "vocab_size": int(text.vocab_size),
+        "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()
+                       if not name.startswith("regap.")],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_source(source: str | Path | None) -> tuple[str, Path]:
+    """A user's MODEL argument as (display name, local folder). Embedded names build once."""
+    from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, materialize
+
+    name = str(source) if source is not None else DEFAULT_MODEL
+    if name in EMBEDDED_MODELS:
+        return name, materialize(name)
+    folder = Path(name)
+    if not folder.exists():
+        raise ModelError("no such model folder", path=folder,
+                         hint=f"give a local model folder or one of {', '.join(EMBEDDED_MODELS)}")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelError("not a model folder: config.json is missing", path=folder,
+                         hint="point MODEL at a folder saved with save_pretrained")
+    return name, folder
+
+
+def load_model(source: str | Path | None = None, *, dtype: str = "fp32", device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig
+
+    name, folder = resolve_source(source)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"config.json cannot be read ({exc})", path=folder / "config.json") from None
+    adapter = adapter_for_config(config, source=str(folder / "config.json"))
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
+    auto_class = getattr(transformers, adapter.auto_class_name)
+    try:
+        model = auto_class.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"the model cannot be loaded ({exc})", path=folder) from None
+    processor = _load_processor(folder, adapter, trust_remote_code)
+    model.to(device).eval()
+    return LoadedModel(model, processor, adapter, name, folder)
+
+
+def _load_processor(folder: Path, adapter: ModelAdapter, trust_remote_code: bool) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    loader = AutoProcessor if adapter.multimodal else AutoTokenizer
+    try:
+        return loader.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"the tokenizer/processor cannot be loaded ({exc})", path=folder) from None

@@ -1,0 +1,82 @@
+"""Insert correction layers at decoder-block outputs of a live model, and remove them.
+
+A corrected block is the original block wrapped in ``CorrectedBlock``; removing the
+corrections puts the very same block objects back, so the model is restored exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .correction import RegapCorrection
+from .folding import LayerCorrection
+from .models.base import ModelAdapter
+
+
+class CorrectedBlock(nn.Module):
+    """A decoder block followed by its correction. Pops ``regap_alpha`` from the kwargs
+    that transformers forwards to every block, so regap-seq needs no global state."""
+
+    def __init__(self, block: nn.Module, correction: RegapCorrection):
+        super().__init__()
+        self.block = block
+        self.correction = correction
+
+    def forward(self, *args, **kwargs):
+        alpha = kwargs.pop("regap_alpha", None)
+        out = self.block(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.correction(out[0], alpha),) + tuple(out[1:])
+        return self.correction(out, alpha)
+
+    def __getattr__(self, name: str):
+        # transformers reads attributes such as ``attention_type`` off each block.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def insert_corrections(model: nn.Module, adapter: ModelAdapter, corrections: Sequence[LayerCorrection]) -> None:
+    layers = adapter.decoder_layers(model)
+    if any(isinstance(layer, CorrectedBlock) for layer in layers):
+        raise ValueError("the model already has correction layers; remove them first")
+    dtype = next(model.parameters()).dtype
+    for spec in corrections:
+        if not 0 <= spec.layer < len(layers):
+            raise ValueError(f"layer {spec.layer} is outside the model's {len(layers)} decoder blocks")
+        block = layers[spec.layer]
+        device = next(block.parameters()).device
+        layers[spec.layer] = CorrectedBlock(block, RegapCorrection(spec, dtype).to(device))
+
+
+def remove_corrections(model: nn.Module, adapter: ModelAdapter) -> None:
+    layers = adapter.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, CorrectedBlock):
+            layers[i] = layer.block
+
+
+def corrections_of(model: nn.Module, adapter: ModelAdapter) -> list[RegapCorrection]:
+    return [layer.correction for layer in adapter.decoder_layers(model) if isinstance(layer, CorrectedBlock)]
+
+
+@contextlib.contextmanager
+def corrected(model: nn.Module, adapter: ModelAdapter, corrections: Sequence[LayerCorrection]) -> Iterator[nn.Module]:
+    insert_corrections(model, adapter, corrections)
+    try:
+        yield model
+    finally:
+        remove_corrections(model, adapter)
+
+
+def checkpoint_tensors(model: nn.Module, adapter: ModelAdapter) -> dict[str, torch.Tensor]:
+    """The ``regap.{layer}.{w|b|v}`` tensors of the inserted corrections (public names)."""
+    out: dict[str, torch.Tensor] = {}
+    for correction in corrections_of(model, adapter):
+        for name, buffer in correction.named_buffers():
+            out[f"regap.{correction.layer}.{name}"] = buffer.detach().cpu().contiguous()
+    return out
