@@ -18,7 +18,7 @@ MODEL_HELP = "Model folder, or embedded:smolvlm (default) / embedded:smollm2."
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    typer.secho(f"error: {exc}", err=True, fg="red")
     raise typer.Exit(2)
 
 
@@ -30,6 +30,13 @@ def _run(fn):
         return fn()
     except RegapError as exc:
         _fail(exc)
+
+
+def _quiet_transformers() -> None:
+    """Keep stdout/stderr clean for --json: transformers' own loading bars off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode):
@@ -76,6 +83,8 @@ def calibrate(
         from regap_export.report import geometry_table, summary_lines
 
         check_output_dir(out_dir, force=force)
+        if as_json:
+            _quiet_transformers()
         opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode)
         result = api.calibrate_to_folder(
             model, out_dir, data=data, label=label, split=split, render=render, options=opts,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from .st_files import save_file_deterministic as save_file
 
 from . import __version__
 from .directions import Directions

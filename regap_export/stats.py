@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from .st_files import save_file_deterministic as save_file
 
 from .errors import ArtifactError, RegapError
 

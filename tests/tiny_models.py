@@ -16,14 +16,18 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers.utils import is_torchvision_available
 
+from regap_export.models import adapter_for_config
 from regap_export.models.base import read_template
+from regap_export.models.qwen2_vl import image_only_processor
 
 TINY_FAMILIES: list[str] = [
     "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text",
@@ -224,8 +228,13 @@ def _qwen_vl(config_cls: str, processor_cls: str, vision: dict[str, Any]):
         patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
         size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (4 * factor) ** 2},
     )
-    processor = getattr(T, processor_cls)(image_processor=image_processor, tokenizer=tok,
-                                          chat_template=read_template("qwen2_vl"))
+    if is_torchvision_available():  # transformers 5 builds a video processor only with torchvision
+        video_processor = T.Qwen2VLVideoProcessor(
+            patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2, size=dict(image_processor.size))
+        processor = getattr(T, processor_cls)(image_processor=image_processor, tokenizer=tok,
+                                              video_processor=video_processor, chat_template=read_template("qwen2_vl"))
+    else:
+        processor = image_only_processor(processor_cls, image_processor, tok, read_template("qwen2_vl"))
     torch.manual_seed(0)
     return _finish(T.AutoModelForImageTextToText.from_config(config)), processor
 
@@ -245,9 +254,9 @@ def _qwen2_5_vl():
 
 # -- Idefics3 / SmolVLM (built elsewhere) --------------------------------------------
 def _idefics3():
-    from tiny_idefics3 import build_tiny_idefics3  # tests/ is on sys.path under pytest
-
-    return build_tiny_idefics3()
+    # tests/tiny_idefics3.py, imported as a sibling of this module (package or top level).
+    name = f"{__package__}.tiny_idefics3" if __package__ else "tiny_idefics3"
+    return importlib.import_module(name).build_tiny_idefics3()
 
 
 _BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
@@ -268,11 +277,14 @@ def build_tiny(family: str) -> tuple[torch.nn.Module, Any]:
     return builder()
 
 
-def save_tiny(family: str, folder: str | Path) -> Path:
-    """Build the tiny model for ``family`` and save it (with its processor) to ``folder``."""
+def save_tiny(family: str, folder: str | Path, built: tuple[torch.nn.Module, Any] | None = None) -> Path:
+    """Save the tiny model for ``family`` (with its processor) to ``folder``; returns ``folder``.
+
+    ``built`` is an already built ``build_tiny(family)`` result to save instead of a new one.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny(family)
+    model, processor = built if built is not None else build_tiny(family)
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    adapter_for_config(model.config).save_processor(processor, folder)
     return folder

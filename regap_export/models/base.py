@@ -57,6 +57,18 @@ class ModelAdapter:
     def hidden_size(self, model: nn.Module) -> int:
         return int(self.text_config(model.config).hidden_size)
 
+    # -- processor files -------------------------------------------------------------
+    def load_processor(self, path: str | Path, **kwargs: Any) -> Any:
+        """The tokenizer (text families) or processor (multimodal families) saved in ``path``."""
+        from transformers import AutoProcessor, AutoTokenizer
+
+        auto = AutoProcessor if self.multimodal else AutoTokenizer
+        return auto.from_pretrained(str(path), **kwargs)
+
+    def save_processor(self, processor: Any, path: str | Path) -> None:
+        """Write ``processor`` so that ``load_processor(path)`` reads it back."""
+        processor.save_pretrained(str(path))
+
     # -- prompts ---------------------------------------------------------------------
     def messages(self, instruction: str, with_image: bool) -> list[dict]:
         """Chat messages for one user turn. Multimodal families put the image first."""

@@ -111,11 +111,17 @@ def image_seq_len_for(image_size: int, patch_size: int, scale_factor: int) -> in
     return (per_side // scale_factor) ** 2
 
 
-def build_idefics3_tokenizer():
-    """SmolLM2's tokenizer plus the Idefics3 special tokens and the SmolVLM chat template."""
+def build_idefics3_tokenizer(base: Any = None):
+    """SmolLM2's tokenizer plus the Idefics3 special tokens and the SmolVLM chat template.
+
+    ``base`` is the SmolLM2 tokenizer to copy (default: the one read from the GGUF).
+    """
     from .idefics3 import SMOLVLM_CHAT_TEMPLATE
 
-    tok = _fresh_tokenizer()
+    if base is None:
+        tok = _fresh_tokenizer()
+    else:
+        tok = copy.deepcopy(base)
     tok.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
     tok.chat_template = SMOLVLM_CHAT_TEMPLATE
     return tok
@@ -190,8 +196,43 @@ def build_idefics3_model(text_config: dict, vision_config: dict, *, scale_factor
 # -- SmolLM2 from the GGUF -------------------------------------------------------------
 
 # Keys of a GGUF-loaded config that a clean config must not carry.
-_DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "name_or_path", "transformers_version",
+_DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "name_or_path",
+                     "transformers_version",
                      "architectures", "dtype", "torch_dtype")
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within this context, transformers' GGUF loading parses the file once.
+
+    ``from_pretrained(gguf_file=...)`` reads the file's metadata (a 49k-token vocabulary
+    and its merges, several seconds each time) once for the config, again for the weights,
+    and again for a tokenizer's config; and it rebuilds gguf's tensor-name map once per
+    module (about 400 times). Both are pure, so they are memoized here (the readers are
+    read-only memory maps). Only the speed changes; where transformers stops calling these
+    functions, nothing does.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers will say what is missing
+        yield
+        return
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
+        readers.clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,11 +247,18 @@ def _smollm2_weights() -> tuple[dict, dict]:
 
     gguf = embedded_gguf_path()
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_parsed_once():
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            load_embedded_tokenizer()  # the same parse serves the tokenizer
+    except ModelError:
+        raise
     except Exception as exc:  # a damaged or unreadable GGUF file
         raise ModelError(f"cannot read the embedded model: {exc}", path=gguf) from exc
     config = {k: v for k, v in loaded.config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
     state = {k: v.detach() for k, v in loaded.state_dict().items()}
+    bad = [k for k, v in state.items() if not v.is_floating_point()]
+    if bad:  # a future transformers that keeps GGUF blocks packed
+        raise ModelError(f"the GGUF weights were not dequantized ({bad[0]}, ...)", path=gguf)
     return config, state
 
 

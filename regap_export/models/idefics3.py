@@ -51,14 +51,11 @@ class Idefics3Adapter(ModelAdapter):
         return [[image] for image in images]
 
 
-_ADAPTER_KWARGS: dict[str, Any] = dict(
+IDEFICS3 = register(Idefics3Adapter(
     family="idefics3",
     model_types=("idefics3",),
     language_model_path="model.text_model",
     multimodal=True,
     fallback_chat_template=SMOLVLM_CHAT_TEMPLATE,
-)
-if "auto_class_name" in getattr(ModelAdapter, "__dataclass_fields__", {}):
-    _ADAPTER_KWARGS["auto_class_name"] = "AutoModelForImageTextToText"
-
-IDEFICS3 = register(Idefics3Adapter(**_ADAPTER_KWARGS))
+    auto_class_name="AutoModelForImageTextToText",
+))

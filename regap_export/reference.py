@@ -1,0 +1,195 @@
+"""The parity oracle: ReGap's corrections as plain forward hooks, from the unfolded equations.
+
+This module is deliberately independent of ``folding``, ``correction`` and ``rewrite``
+(it imports none of them). It reads the directions themselves (rhat, drift, probe anchors
+c+/c-, kappa) and applies METHOD section 3 literally, in float64, at every token position
+of each block output ``h`` (the residual stream after block l):
+
+    probe band    B_p:   h' = h - alpha0 * d_l
+    adaptive band B_a:   z = (h . rhat_l - c-_l) / (c+_l - c-_l)
+                         g = sigmoid(kappa_l * (z - tau))
+                         h' = h - alpha_max * g * d_l
+    fixed mode:          h' = h - alpha_max * d_l           on B_p and B_a
+    regap-seq:           h' = h - alpha(x) * d_l            on B_p and B_a, alpha [batch]
+
+regap-seq's alpha(x) comes from a probe pass (``reference_sequence_alpha``): the prompt runs
+with ``h - alpha0 d_l`` on the probe band, the score is read at l_s = probe_band.end - 1
+from the *corrected* output of that block (the same place the calibration measures c+/c-)
+at the last prompt token, and ``alpha = alpha_max * sigmoid(kappa_{l_s} (z - tau))``.
+
+The result is cast back to the block's dtype, so a float32 model sees float32 outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .directions import Directions
+from .models.base import ModelAdapter
+from .options import RegapOptions
+
+__all__ = ["reference_corrections", "reference_sequence_alpha", "reference_plan", "last_token_index"]
+
+Rule = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    return hidden
+
+
+def _check_shapes(model: nn.Module, adapter: ModelAdapter, directions: Directions) -> nn.ModuleList:
+    blocks = adapter.decoder_layers(model)
+    if directions.num_layers != len(blocks):
+        raise ValueError(f"the directions have {directions.num_layers} layers, the model {len(blocks)} blocks")
+    hidden = adapter.hidden_size(model)
+    if directions.hidden_size != hidden:
+        raise ValueError(f"the directions have hidden size {directions.hidden_size}, the model {hidden}")
+    return blocks
+
+
+def _score(h: torch.Tensor, directions: Directions, layer: int) -> torch.Tensor:
+    """z_l(h) = (h . rhat_l - c-_l) / (c+_l - c-_l), in float64, shape h.shape[:-1]."""
+    rhat = directions.rhat[layer].to(device=h.device, dtype=torch.float64)
+    c_pos = float(directions.anchor_probe_harmful[layer])
+    c_neg = float(directions.anchor_probe_harmless[layer])
+    if c_pos == c_neg:
+        raise ValueError(f"probe anchors coincide at layer {layer}; the gate is undefined")
+    return (h.to(torch.float64) @ rhat - c_neg) / (c_pos - c_neg)
+
+
+def reference_plan(directions: Directions, options: RegapOptions, *, sequence_alpha: torch.Tensor | None = None,
+                   record: dict[int, torch.Tensor] | None = None) -> dict[int, Rule]:
+    """layer -> h -> h' for every corrected layer of ``options.mode`` (unfolded, float64).
+
+    ``record``, when given, receives the gate values g [batch, seq] of every adaptive layer.
+    """
+    opts = options.resolved(directions.num_layers)
+    if opts.positions != "all":
+        raise NotImplementedError(f"the reference implements positions='all' only, not {opts.positions!r}")
+    probe, adaptive = opts.probe_band.layers(), opts.adaptive_band.layers()
+    drift = directions.drift
+
+    def d(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return drift[layer].to(device=h.device, dtype=torch.float64)
+
+    def fixed(layer: int, alpha: float) -> Rule:
+        return lambda h: (h.to(torch.float64) - alpha * d(layer, h)).to(h.dtype)
+
+    def gated(layer: int) -> Rule:
+        kappa = float(directions.kappa[layer])
+
+        def rule(h: torch.Tensor) -> torch.Tensor:
+            g = torch.sigmoid(kappa * (_score(h, directions, layer) - opts.tau))
+            if record is not None:
+                record[layer] = g.detach().cpu()
+            return (h.to(torch.float64) - opts.alpha_max * g.unsqueeze(-1) * d(layer, h)).to(h.dtype)
+        return rule
+
+    def per_sequence(layer: int, alpha: torch.Tensor) -> Rule:
+        def rule(h: torch.Tensor) -> torch.Tensor:
+            a = alpha.to(device=h.device, dtype=torch.float64).reshape(-1, 1, 1)
+            if a.shape[0] not in (1, h.shape[0]):
+                raise ValueError(f"sequence_alpha has {a.shape[0]} values for a batch of {h.shape[0]}")
+            return (h.to(torch.float64) - a * d(layer, h)).to(h.dtype)
+        return rule
+
+    if opts.mode != "regap-seq" and sequence_alpha is not None:
+        raise ValueError(f"sequence_alpha is for mode regap-seq, not {opts.mode!r}")
+    if opts.mode == "regap":
+        plan = {layer: fixed(layer, opts.alpha0) for layer in probe}
+        plan.update({layer: gated(layer) for layer in adaptive})
+    elif opts.mode == "fixed":
+        plan = {layer: fixed(layer, opts.alpha_max) for layer in probe + adaptive}
+    else:
+        if sequence_alpha is None:
+            raise ValueError("mode regap-seq needs sequence_alpha [batch] (see reference_sequence_alpha)")
+        alpha = torch.as_tensor(sequence_alpha, dtype=torch.float64).reshape(-1)
+        plan = {layer: per_sequence(layer, alpha) for layer in probe + adaptive}
+    return plan
+
+
+@contextlib.contextmanager
+def reference_corrections(model: nn.Module, adapter: ModelAdapter, directions: Directions, options: RegapOptions,
+                          *, sequence_alpha: torch.Tensor | None = None,
+                          record: dict[int, torch.Tensor] | None = None) -> Iterator[nn.Module]:
+    """Apply ``options.mode``'s corrections with forward hooks on the decoder blocks while inside.
+
+    ``sequence_alpha`` [batch] is required for mode regap-seq and refused otherwise.
+    ``record`` (optional dict) collects each adaptive layer's gate [batch, seq] (regap mode).
+    """
+    blocks = _check_shapes(model, adapter, directions)
+    plan = reference_plan(directions, options, sequence_alpha=sequence_alpha, record=record)
+
+    def make_hook(rule: Rule):
+        def hook(_module, _inputs, output):
+            return _replace_hidden(output, rule(_hidden(output)))
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(rule)) for layer, rule in sorted(plan.items())]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+    """Index of each row's last real token (left or right padding); seq - 1 without a mask."""
+    if attention_mask is None or attention_mask.shape[-1] != seq:
+        return torch.full((batch,), seq - 1, dtype=torch.long)
+    mask = attention_mask.detach().to("cpu", torch.long)
+    positions = torch.arange(seq, dtype=torch.long).expand_as(mask)
+    return (positions * (mask > 0)).amax(dim=-1)
+
+
+@torch.no_grad()
+def reference_sequence_alpha(model: nn.Module, adapter: ModelAdapter, directions: Directions,
+                             options: RegapOptions, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """regap-seq's alpha(x) [batch] (float64) from a probe pass over the prompt ``inputs``.
+
+    The pass applies ``h - alpha0 d_l`` on the probe band, stops after block l_s, and reads
+    z_{l_s} of that block's corrected output at each row's last prompt token.
+    """
+    opts = options.resolved(directions.num_layers)
+    blocks = _check_shapes(model, adapter, directions)
+    read = opts.read_layer
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_module, _inputs, output):
+            h = _hidden(output)
+            h = (h.to(torch.float64) - opts.alpha0 * directions.drift[layer].to(h.device, torch.float64)).to(h.dtype)
+            if layer == read:
+                captured["h"] = h
+                raise _StopForward
+            return _replace_hidden(output, h)
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in opts.probe_band.layers()]
+    try:
+        model(**dict(inputs), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "h" not in captured:
+        raise RuntimeError(f"the probe pass never reached block {read}")
+    h = captured["h"]
+    index = last_token_index(inputs.get("attention_mask"), h.shape[0], h.shape[1]).to(h.device)
+    last = h[torch.arange(h.shape[0], device=h.device), index]
+    z = _score(last, directions, read)
+    return (opts.alpha_max * torch.sigmoid(float(directions.kappa[read]) * (z - opts.tau))).cpu()
