@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .atomic import atomic_output_dir, check_output_dir
-from .calibrate import CalibrationResult, calibrate
+from .calibrate import CalibrationResult, calibrate, heldout_report
 from .directions_io import FILENAME as DIRECTIONS_FILENAME
 from .directions_io import load_directions, save_directions
 from .errors import ArtifactError, RegapError
@@ -56,6 +56,13 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
     stats = merged_stats(merge_stats, loaded.fingerprint) if merge_stats else None
     result = calibrate(loaded, records, options, batch_size=batch_size, stats=stats,
                        measure_after=measure_after, show_progress=show_progress)
+    if data is None and (split or "train") == "train":
+        heldout = load_calibration_records(None, label=None, split="heldout", render=render,
+                                           multimodal=loaded.adapter.multimodal)
+        result.report["heldout"] = heldout_report(loaded, result.bundle, heldout, batch_size=batch_size,
+                                                  show_progress=show_progress)
+        best = result.report["best_layer"]
+        result.report["heldout"]["auroc_T_at_best_layer"] = result.report["heldout"]["layers"][best]["auroc_T"]
     with atomic_output_dir(out_dir, force=force) as tmp:
         save_directions(tmp, result.bundle)
         write_report(tmp, result.report)

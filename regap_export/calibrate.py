@@ -158,3 +158,16 @@ def geometry_report(stats: ActivationStats, rhat: torch.Tensor, drift: torch.Ten
             row.update({f"{name}_M_probe": value for name, value in probed.items()})
     best = max(range(len(rows)), key=lambda l: (rows[l]["auroc_T"], rows[l]["dprime_T"]))
     return {"layers": rows, "best_layer": best, "best_auroc_T": rows[best]["auroc_T"]}
+
+
+def heldout_report(loaded: LoadedModel, bundle: DirectionsFile, records: Sequence[Any], *,
+                   batch_size: int = 8, show_progress: bool = True) -> dict[str, Any]:
+    """Separability of held-out records along the fitted (training) refusal direction."""
+    check_records_fit_model(records, loaded)
+    requests = requests_for(records, loaded.adapter, loaded.processor)
+    read_tokens = _read_tokens(loaded, bundle.options)
+    stats = capture(loaded.model, loaded.adapter, loaded.processor, requests, read_tokens=read_tokens,
+                    batch_size=batch_size, description="held-out", show_progress=show_progress)
+    d = bundle.directions
+    rows = separability_rows(stats, d.rhat.double(), (d.anchor_text_harmful.double() + d.anchor_text_harmless.double()) / 2)
+    return {"counts": {key: stats.count(key) for key in ("T+", "T-", "M+", "M-")}, "layers": rows}

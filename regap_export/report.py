@@ -75,9 +75,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"model {model.get('source')} ({model.get('family')}, {model.get('num_layers')} blocks, hidden {model.get('hidden_size')})",
         "records " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", pairs={report.get('pairs', 0)}",
-        f"best layer {report['best_layer']}: text AUROC {report['best_auroc_T']:.3f}",
+        f"best layer {report['best_layer']}: training text AUROC {report['best_auroc_T']:.3f}",
         f"probe band {opts.get('probe_band')} (cyan), adaptive band {opts.get('adaptive_band')} (magenta), mode {opts.get('mode')}",
     ]
+    if "heldout" in report:
+        heldout = report["heldout"]
+        lines.append(f"held-out text AUROC at layer {report['best_layer']}: {heldout['auroc_T_at_best_layer']:.3f} "
+                     f"({heldout['counts']['T+']} harmful, {heldout['counts']['T-']} harmless held-out prompts)")
     if "after" in report:
         after = report["after"]["layers"]
         best = report["best_layer"]

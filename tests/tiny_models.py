@@ -18,6 +18,7 @@ import functools
 import hashlib
 import importlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -67,7 +68,7 @@ def _base_tokenizer() -> Any:
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -218,19 +219,18 @@ def _qwen_vl(config_cls: str, processor_cls: str, vision: dict[str, Any]):
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     config = getattr(T, config_cls)(
-        vision_config={**vision, "out_hidden_size": HIDDEN} if "out_hidden_size" in vision else {**vision, "hidden_size": HIDDEN},
+        vision_config=vision,
         text_config={**_text_dims(), **_ids(tok),
                      "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope}},
         tie_word_embeddings=True, **token_ids,
     )
     factor = QWEN_PATCH * QWEN_MERGE
-    image_processor = T.Qwen2VLImageProcessorPil(
-        patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
-        size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (4 * factor) ** 2},
-    )
+    # Images are resized to multiples of 8 px, between 16x16 and 32x32 pixels in area.
+    sizes = {"patch_size": QWEN_PATCH, "merge_size": QWEN_MERGE, "temporal_patch_size": 2,
+             "size": {"shortest_edge": (2 * factor) ** 2, "longest_edge": (4 * factor) ** 2}}
+    image_processor = T.Qwen2VLImageProcessorPil(**sizes)
     if is_torchvision_available():  # transformers 5 builds a video processor only with torchvision
-        video_processor = T.Qwen2VLVideoProcessor(
-            patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2, size=dict(image_processor.size))
+        video_processor = T.Qwen2VLVideoProcessor(**sizes)
         processor = getattr(T, processor_cls)(image_processor=image_processor, tokenizer=tok,
                                               video_processor=video_processor, chat_template=read_template("qwen2_vl"))
     else:
@@ -240,8 +240,8 @@ def _qwen_vl(config_cls: str, processor_cls: str, vision: dict[str, Any]):
 
 
 def _qwen2_vl():
-    vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": QWEN_PATCH,
-              "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": 2}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": HIDDEN, "num_heads": 2, "mlp_ratio": 2,
+              "patch_size": QWEN_PATCH, "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": 2}
     return _qwen_vl("Qwen2VLConfig", "Qwen2VLProcessor", vision)
 
 

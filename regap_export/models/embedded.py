@@ -235,12 +235,38 @@ def _gguf_parsed_once():
         readers.clear()
 
 
+_keep_weights_depth = 0
+
+
+@contextlib.contextmanager
+def keep_weights():
+    """Keep the dequantized SmolLM2 weights (about 0.5 GB) in memory between builds.
+
+    By default :func:`build_embedded` and :func:`materialize` release them when they are
+    done (a later build reads the GGUF again, 10-20 s); within this context they are read
+    once, e.g. to build both embedded models, or the same one twice.
+    """
+    global _keep_weights_depth
+    _keep_weights_depth += 1
+    try:
+        yield
+    finally:
+        _keep_weights_depth -= 1
+        if _keep_weights_depth == 0:
+            _smollm2_weights.cache_clear()
+
+
+def _release_weights() -> None:
+    if _keep_weights_depth == 0:
+        _smollm2_weights.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _smollm2_weights() -> tuple[dict, dict]:
     """(clean Llama config dict, float32 state dict) of SmolLM2-135M-Instruct.
 
-    Cached for the process (about 0.5 GB): a second build needs no second GGUF pass. The
-    tensors are never handed out as parameters: models copy them with ``load_state_dict``.
+    Cached (see :func:`keep_weights`). The tensors are never handed out as parameters:
+    models copy them with ``load_state_dict``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -309,7 +335,10 @@ def build_embedded(name: str) -> tuple[Any, Any]:
     """(model, processor or tokenizer) of an embedded model, in memory."""
     if name not in _BUILDERS:
         raise ModelError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
-    return _BUILDERS[name]()
+    try:
+        return _BUILDERS[name]()
+    finally:
+        _release_weights()
 
 
 # -- the cache -------------------------------------------------------------------------
@@ -393,11 +422,15 @@ def materialize(name: str, *, cache_dir: Path | str | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.tmp-", dir=root))
         try:
             save_embedded(name, tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
             if final.exists():  # stale or incomplete: move aside, then remove
                 old = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.old-", dir=root))
                 os.replace(final, old / "stale")
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
+        except OSError as exc:
+            raise ModelError(f"cannot write the embedded model to the cache: {exc}", path=root,
+                             hint=f"free some space or set {CACHE_ENV} to another folder") from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,566 @@
+"""ONNX export of a (corrected) Hugging Face model: "onnx contract 1" (docs/ONNX_CONTRACT.md).
+
+Text LLMs give one graph, ``model.onnx``; multimodal LLMs give the split existing ONNX
+runtimes consume: ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
+``decoder_model_merged.onnx``. One decoder graph serves prefill (past length 0) and decode.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) on a small
+wrapper module that turns the flat ``past_key_values.{i}.key|value`` inputs into a
+transformers ``DynamicCache`` and returns the flat ``present.{i}.key|value`` tensors.
+
+Correction constants become named initializers ``regap.{layer}.w|b|v``. To keep the
+exporter's optimizer (constant folding, initializer de-duplication, no-op rewrites such as
+``x + 0``) from touching them, every correction buffer carries a unique random *sentinel*
+value while tracing; afterwards the sentinels are found by value, renamed to their public
+names, and given their real values. The graph stays folded: per gated layer exactly
+MatMul, Add, Sigmoid, Mul, Add (plus one Cast in, one Cast out in float16); per fixed
+layer one Add.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..correction import RegapCorrection
+from ..folding import FIXED, GATED, SCALED, ScoreReadout
+from ..models.base import ModelAdapter
+from ..options import RegapOptions
+from ..rewrite import CorrectedBlock
+from .onnx_families import VisionSpec, vision_spec
+from .onnx_graph import SCORE_B, SCORE_W, public_name
+
+log = logging.getLogger(__name__)
+
+CONTRACT_VERSION = "onnx contract 1"
+DEFAULT_OPSET = 18
+TEXT_FILE = "model.onnx"
+DECODER_FILE = "decoder_model_merged.onnx"
+EMBED_FILE = "embed_tokens.onnx"
+VISION_FILE = "vision_encoder.onnx"
+CONFIG_FILE = "regap_onnx.json"
+# Above this many bytes of weights a graph is written with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+NUM_IMAGES = "num_images"
+
+# Sample sizes used for tracing: distinct, and none of them 0 or 1 (torch.export specialises those).
+_SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST, _SAMPLE_IMAGES = 2, 7, 5, 2
+
+
+# ======================================================================================
+# public API
+# ======================================================================================
+def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
+                        dtype: torch.dtype = torch.float32, readout: ScoreReadout | None = None,
+                        options: RegapOptions | None = None, external_data: bool | None = None,
+                        opset: int = DEFAULT_OPSET, file_name: str = TEXT_FILE) -> Path:
+    """Write ``out_dir/model.onnx`` (+ ``regap_onnx.json``) for a text causal LM.
+
+    ``model`` is corrected in place by ``rewrite.insert_corrections`` or uncorrected. With
+    regap-seq ("scaled") corrections the graph takes ``regap_alpha`` [batch]; with a
+    ``readout`` it also returns ``regap_score`` [batch, seq]. ``options`` (the export's
+    RegapOptions) are recorded for the runtime's two-pass loop. When ``dtype`` differs from
+    the model's, the model's parameters are cast **in place** (the gate constants stay
+    float32). ``external_data``: None = automatic (weights over ~1.8 GB).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    cast_model(model, dtype)
+    path = out_dir / file_name
+    info = _export_decoder(model, adapter, path, embeds=False, readout=readout,
+                           external_data=external_data, opset=opset)
+    config = _config_json(model, adapter, dtype, info, readout, options, opset,
+                          files={"decoder": file_name}, kind="text")
+    _write_json(out_dir / CONFIG_FILE, config)
+    return path
+
+
+def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
+                      dtype: torch.dtype = torch.float32, readout: ScoreReadout | None = None,
+                      options: RegapOptions | None = None, external_data: bool | None = None,
+                      opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+    """Write the multimodal split into ``out_dir``:
+
+    - ``vision_encoder.onnx``: pixel inputs -> ``image_features`` [num_images, tokens, hidden]
+      (in the LM embedding space, after the projector / connector);
+    - ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds``;
+    - ``decoder_model_merged.onnx``: the text decoder fed ``inputs_embeds``;
+    - ``regap_onnx.json``: what the runtime needs (image token id, cache geometry, ...).
+
+    Returns ``{"vision_encoder": path, "embed_tokens": path, "decoder": path}``.
+    """
+    spec = vision_spec(adapter.family)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    cast_model(model, dtype)
+    paths = {
+        "vision_encoder": out_dir / VISION_FILE,
+        "embed_tokens": out_dir / EMBED_FILE,
+        "decoder": out_dir / DECODER_FILE,
+    }
+    _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset)
+    _export_embeddings(model, paths["embed_tokens"], external_data=external_data, opset=opset)
+    info = _export_decoder(model, adapter, paths["decoder"], embeds=True, readout=readout,
+                           external_data=external_data, opset=opset)
+    config = _config_json(model, adapter, dtype, info, readout, options, opset,
+                          files={k: p.name for k, p in paths.items()}, kind="multimodal")
+    config["image_token_id"] = spec.image_token_id(model.config)
+    config["vision_inputs"] = list(spec.inputs)
+    config["vision_input_dtypes"] = list(spec.input_dtypes)
+    _write_json(out_dir / CONFIG_FILE, config)
+    return paths
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's parameters to ``dtype`` in place, keeping correction constants
+    where they belong: the gate (w, b) and gated/scaled v in float32, fixed v in ``dtype``.
+    Buffers other than the corrections' keep their dtype (rotary ``inv_freq`` stays float32,
+    as transformers keeps it when loading in half precision)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported export dtype {dtype}")
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    for module in model.modules():
+        if isinstance(module, RegapCorrection):
+            want = dtype if module.kind == FIXED else torch.float32
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf.dtype != want:
+                    setattr(module, name, buf.to(want))
+
+
+# ======================================================================================
+# the decoder wrapper
+# ======================================================================================
+@dataclass
+class _DecoderInfo:
+    num_layers: int
+    kv_heads: list[int]
+    head_dims: list[int]
+    corrections: list[dict[str, Any]]
+    has_alpha: bool
+    has_score: bool
+    input_names: list[str]
+    output_names: list[str]
+    seconds: float
+
+
+class DecoderWrapper(nn.Module):
+    """(input_ids | inputs_embeds, attention_mask, position_ids, [regap_alpha], *past)
+    -> (logits, [regap_score], *presents). Builds a DynamicCache from the flat past."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, *, num_layers: int, embeds: bool,
+                 alpha: bool, readout: ScoreReadout | None):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.embeds = embeds
+        self.alpha = alpha
+        self.readout_layer = None if readout is None else readout.layer
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hook = None
+        if readout is not None:
+            self.register_buffer("score_w", readout.w.detach().to(torch.float32).reshape(-1).clone())
+            self.register_buffer("score_b", torch.tensor([float(readout.b)], dtype=torch.float32))
+            block = adapter.decoder_layers(model)[readout.layer]
+            self._hook = block.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output) -> None:
+        self._captured["h"] = output[0] if isinstance(output, tuple) else output
+
+    def remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def forward(self, main: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *rest: torch.Tensor):
+        from transformers import DynamicCache
+
+        if self.alpha:
+            alpha, past = rest[0], rest[1:]
+        else:
+            alpha, past = None, rest
+        torch._check(attention_mask.shape[1] == past[0].shape[2] + main.shape[1])
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        kwargs: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids,
+                                      cache=cache, use_cache=True)
+        kwargs["inputs_embeds" if self.embeds else "input_ids"] = main
+        if alpha is not None:
+            kwargs["regap_alpha"] = alpha
+        out = self.model(**kwargs)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        outputs = [out.logits]
+        if self.readout_layer is not None:
+            h = self._captured.pop("h")
+            outputs.append(h.to(torch.float32) @ self.score_w + self.score_b)
+        for layer in cache.layers[: self.num_layers]:
+            outputs += [layer.keys, layer.values]
+        return tuple(outputs)
+
+
+def _has_scaled(model: nn.Module) -> bool:
+    return any(isinstance(m, RegapCorrection) and m.kind == SCALED for m in model.modules())
+
+
+def _cache_geometry(model: nn.Module, adapter: ModelAdapter, embeds: bool, alpha: bool
+                    ) -> tuple[int, list[int], list[int]]:
+    """Number of cache layers, KV heads and head dim per layer, from one real forward."""
+    hidden = adapter.hidden_size(model)
+    dtype = next(model.parameters()).dtype
+    kwargs: dict[str, Any] = dict(attention_mask=torch.ones(1, 2, dtype=torch.long), use_cache=True)
+    if embeds:
+        kwargs["inputs_embeds"] = torch.zeros(1, 2, hidden, dtype=dtype)
+    else:
+        kwargs["input_ids"] = torch.zeros(1, 2, dtype=torch.long)
+    if alpha:
+        kwargs["regap_alpha"] = torch.zeros(1)
+    with torch.no_grad():
+        out = model(**kwargs)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    n = adapter.num_layers(model)
+    layers = cache.layers[:n]
+    return len(layers), [int(l.keys.shape[1]) for l in layers], [int(l.keys.shape[3]) for l in layers]
+
+
+def _correction_entries(model: nn.Module, adapter: ModelAdapter) -> list[tuple[str, RegapCorrection, str]]:
+    """(public name, module, buffer name) for every correction constant in layer order."""
+    out = []
+    for block in adapter.decoder_layers(model):
+        if isinstance(block, CorrectedBlock):
+            corr = block.correction
+            for buf in ("w", "b", "v"):
+                if hasattr(corr, buf) and isinstance(getattr(corr, buf), torch.Tensor):
+                    out.append((public_name(corr.layer, buf), corr, buf))
+    return out
+
+
+# ======================================================================================
+# sentinels: keep the correction constants as distinct named initializers
+# ======================================================================================
+@dataclass
+class _Sentinel:
+    name: str          # public name
+    sentinel: np.ndarray
+    value: np.ndarray
+
+
+@contextlib.contextmanager
+def _sentinels(entries: Sequence[tuple[str, nn.Module, str]]) -> Iterator[list[_Sentinel]]:
+    rng = np.random.default_rng(20240607)
+    saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+    out: list[_Sentinel] = []
+    try:
+        for public, module, buf in entries:
+            real = getattr(module, buf)
+            shape = tuple(real.shape)
+            raw = rng.uniform(0.5, 1.5, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+            sentinel_t = torch.from_numpy(raw).to(real.dtype)
+            # Values must be exactly representable to be found again byte for byte.
+            out.append(_Sentinel(public, _to_numpy(sentinel_t), _to_numpy(real)))
+            saved.append((module, buf, real))
+            setattr(module, buf, sentinel_t.to(real.device))
+        yield out
+    finally:
+        for module, buf, real in saved:
+            setattr(module, buf, real)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)  # raw bits; compared as bytes only
+    return t.numpy()
+
+
+def _bind_initializers(ir_model, sentinels: Sequence[_Sentinel]) -> None:
+    """Find each sentinel among the graph's initializers, rename it to its public name and
+    give it its real value."""
+    import onnx_ir as ir
+
+    graph = ir_model.graph
+    by_size: dict[int, list] = {}
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        by_size.setdefault(int(np.prod(tensor.shape.numpy())) if len(tensor.shape) else 1, []).append(value)
+    for s in sentinels:
+        want = s.sentinel.tobytes()
+        hits = []
+        for value in by_size.get(s.sentinel.size, []):
+            tensor = value.const_value
+            if tensor.nbytes != len(want):
+                continue
+            if tensor.tobytes() == want:
+                hits.append(value)
+        if len(hits) != 1:
+            raise RuntimeError(f"the exported graph holds {len(hits)} copies of correction constant {s.name} "
+                               "(expected exactly one named initializer; the exporter changed the correction)")
+        value = hits[0]
+        shape = tuple(value.const_value.shape.numpy())
+        real = s.value.reshape(shape)
+        dtype = value.const_value.dtype
+        value.name = s.name
+        if real.dtype == np.uint16 and dtype == ir.DataType.BFLOAT16:
+            value.const_value = ir.Tensor(real, dtype=ir.DataType.BFLOAT16, name=s.name)
+        else:
+            value.const_value = ir.tensor(real, name=s.name)
+
+
+# ======================================================================================
+# export steps
+# ======================================================================================
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress prints and routine warnings."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "torch._dynamo",
+                                                "torch.fx.experimental.symbolic_shapes", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_shapes: Any, input_names: list[str],
+                       output_names: list[str], opset: int):
+    with _quiet(), torch.no_grad():
+        return torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+            output_names=output_names, opset_version=opset, optimize=True, verbose=False, report=False,
+        )
+
+
+def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embeds: bool,
+                    readout: ScoreReadout | None, external_data: bool | None, opset: int) -> _DecoderInfo:
+    from torch.export import Dim
+
+    start = time.perf_counter()
+    alpha = _has_scaled(model)
+    num_layers, kv_heads, head_dims = _cache_geometry(model, adapter, embeds, alpha)
+    dtype = next(model.parameters()).dtype
+    B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
+
+    batch, seq, past_len = Dim(BATCH), Dim(SEQ), Dim(PAST)
+    if embeds:
+        main = torch.randn(B, S, adapter.hidden_size(model), dtype=dtype)
+    else:
+        vocab = int(adapter.text_config(model.config).vocab_size)
+        main = torch.randint(0, vocab, (B, S), dtype=torch.long)
+    mask = torch.ones(B, P + S, dtype=torch.long)
+    position_ids = torch.arange(P, P + S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous()
+    past = []
+    for i in range(num_layers):
+        past += [torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype) for _ in range(2)]
+    extra = [torch.ones(B, dtype=torch.float32)] if alpha else []
+    args = (main, mask, position_ids, *extra, *past)
+
+    main_name = "inputs_embeds" if embeds else "input_ids"
+    input_names = [main_name, "attention_mask", "position_ids"] + (["regap_alpha"] if alpha else [])
+    input_names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    output_names = ["logits"] + (["regap_score"] if readout is not None else [])
+    output_names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    dynamic_shapes = {
+        "main": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.AUTO},
+        "position_ids": {0: batch, 1: seq},
+        "rest": tuple(([{0: batch}] if alpha else []) + [{0: batch, 2: past_len}] * (2 * num_layers)),
+    }
+
+    wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout).eval()
+    entries = _correction_entries(model, adapter)
+    try:
+        score_entries = [(SCORE_W, wrapper, "score_w"), (SCORE_B, wrapper, "score_b")] if readout is not None else []
+        with _sentinels(entries + score_entries) as sentinels:
+            program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                                         output_names=output_names, opset=opset)
+    finally:
+        wrapper.remove_hook()
+    ir_model = program.model
+    _bind_initializers(ir_model, sentinels)
+    dims = {main_name: [BATCH, SEQ] + ([] if not embeds else [None]),
+            "attention_mask": [BATCH, TOTAL], "position_ids": [BATCH, SEQ], "logits": [BATCH, SEQ, None]}
+    if alpha:
+        dims["regap_alpha"] = [BATCH]
+    if readout is not None:
+        dims["regap_score"] = [BATCH, SEQ]
+    for i in range(num_layers):
+        for kv in ("key", "value"):
+            dims[f"past_key_values.{i}.{kv}"] = [BATCH, None, PAST, None]
+            dims[f"present.{i}.{kv}"] = [BATCH, None, TOTAL, None]
+    _name_dims(ir_model, dims)
+    _set_metadata(ir_model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "decoder"})
+    _save(program, path, external_data)
+    corrections = []
+    for block in adapter.decoder_layers(model):
+        if isinstance(block, CorrectedBlock):
+            corrections.append({"layer": block.correction.layer, "kind": block.correction.kind})
+    seconds = time.perf_counter() - start
+    log.info("exported %s in %.1f s", path.name, seconds)
+    return _DecoderInfo(num_layers, kv_heads, head_dims, corrections, alpha, readout is not None,
+                        input_names, output_names, seconds)
+
+
+class _VisionWrapper(nn.Module):
+    def __init__(self, model: nn.Module, spec: VisionSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.spec.encode(self.model, *inputs)
+
+
+def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_data: bool | None, opset: int) -> None:
+    from torch.export import Dim
+
+    n = Dim(NUM_IMAGES)
+    args = spec.sample(model, _SAMPLE_IMAGES)
+    wrapper = _VisionWrapper(model, spec).eval()
+    dynamic_shapes = {"inputs": tuple({0: n} for _ in args)}
+    with spec.patches():
+        program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=list(spec.inputs),
+                                     output_names=["image_features"], opset=opset)
+    dims = {name: [NUM_IMAGES] + [None] * (a.dim() - 1) for name, a in zip(spec.inputs, args)}
+    dims["image_features"] = [NUM_IMAGES, None, None]
+    _name_dims(program.model, dims)
+    _set_metadata(program.model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "vision_encoder"})
+    _save(program, path, external_data)
+
+
+class _EmbedWrapper(nn.Module):
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)
+
+
+def _export_embeddings(model: nn.Module, path: Path, *, external_data: bool | None, opset: int) -> None:
+    from torch.export import Dim
+
+    wrapper = _EmbedWrapper(model.get_input_embeddings()).eval()
+    args = (torch.zeros(_SAMPLE_BATCH, _SAMPLE_SEQ, dtype=torch.long),)
+    dynamic_shapes = {"input_ids": {0: Dim(BATCH), 1: Dim(SEQ)}}
+    program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=["input_ids"],
+                                 output_names=["inputs_embeds"], opset=opset)
+    _name_dims(program.model, {"input_ids": [BATCH, SEQ], "inputs_embeds": [BATCH, SEQ, None]})
+    _set_metadata(program.model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "embed_tokens"})
+    _save(program, path, external_data)
+
+
+# ======================================================================================
+# graph finishing and files
+# ======================================================================================
+def _name_dims(ir_model, dims: dict[str, list[str | None]]) -> None:
+    """Give the graph's inputs and outputs the contract's symbolic dimension names
+    (``None`` keeps the dimension as exported)."""
+    import onnx_ir as ir
+
+    for value in list(ir_model.graph.inputs) + list(ir_model.graph.outputs):
+        names = dims.get(value.name)
+        if names is None or value.shape is None:
+            continue
+        old = list(value.shape)
+        if len(old) != len(names):
+            raise RuntimeError(f"{value.name}: exported rank {len(old)}, contract rank {len(names)}")
+        new = [ir.SymbolicDim(n) if n is not None else d for n, d in zip(names, old)]
+        value.shape = ir.Shape(new)
+
+
+def _set_metadata(ir_model, props: dict[str, str]) -> None:
+    ir_model.metadata_props.update(props)
+
+
+def _weight_bytes(ir_model) -> int:
+    total = 0
+    for value in ir_model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def _save(program, path: Path, external_data: bool | None) -> None:
+    path = Path(path)
+    use_external = external_data if external_data is not None else _weight_bytes(program.model) > EXTERNAL_DATA_BYTES
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    program.save(str(path), external_data=use_external)
+
+
+def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, info: _DecoderInfo,
+                 readout: ScoreReadout | None, options: RegapOptions | None, opset: int, *,
+                 files: dict[str, str], kind: str) -> dict[str, Any]:
+    text = adapter.text_config(model.config)
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = getattr(text, "eos_token_id", None)
+    pad = getattr(generation, "pad_token_id", None) if generation is not None else None
+    if pad is None:
+        pad = getattr(text, "pad_token_id", None)
+    return {
+        "contract": CONTRACT_VERSION,
+        "kind": kind,
+        "family": adapter.family,
+        "model_type": getattr(model.config, "model_type", None),
+        "dtype": str(dtype).replace("torch.", ""),
+        "opset": opset,
+        "files": files,
+        "num_layers": info.num_layers,
+        "num_key_value_heads": info.kv_heads,
+        "head_dim": info.head_dims,
+        "hidden_size": adapter.hidden_size(model),
+        "vocab_size": int(text.vocab_size),
+        "corrections": info.corrections,
+        "regap_alpha": info.has_alpha,
+        "regap_score": info.has_score,
+        "readout": None if readout is None else {"layer": readout.layer, "kappa": float(readout.kappa)},
+        "options": None if options is None else json.loads(options.to_json()),
+        "eos_token_id": [eos] if isinstance(eos, int) else (list(eos) if eos is not None else []),
+        "pad_token_id": pad,
+        "decoder_inputs": info.input_names,
+        "decoder_outputs": info.output_names,
+        "export_seconds": round(info.seconds, 2),
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(out_dir: Path) -> dict[str, Any]:
+    """The ``regap_onnx.json`` written next to the graphs."""
+    from ..errors import ArtifactError
+
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError("no regap_onnx.json: this folder holds no regap-export ONNX graphs", path=path.parent)
+    data = json.loads(path.read_text())
+    if data.get("contract") != CONTRACT_VERSION:
+        raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
+                            f"{CONTRACT_VERSION!r})", path=path)
+    return data

@@ -1,0 +1,161 @@
+"""Text generation on ONNX Runtime with a KV cache (greedy or sampling), regap-seq's two passes.
+
+Batches are left-padded (as ``ModelAdapter.encode`` makes them). Position ids follow
+transformers: ``cumsum(attention_mask) - 1`` with padding positions set to 1.
+
+regap-seq (graph input ``regap_alpha``): unless ``regap_alpha`` is given,
+  1. probe pass over the prompt with ``regap_alpha = alpha0`` (options), reading
+     ``regap_score`` z at the last prompt token;
+  2. ``alpha(x) = alpha_max * sigmoid(kappa (z - tau))`` (``folding.sequence_strength``);
+  3. prefill and decode with that alpha.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import RegapError
+from ..folding import ScoreReadout, sequence_strength
+from ..options import RegapOptions
+from .session import OrtSessions
+
+
+@dataclass
+class GenerationResult:
+    sequences: np.ndarray            # [batch, prompt + new] prompt ids followed by the new tokens
+    new_tokens: np.ndarray           # [batch, new] (pad_token_id after a row's EOS)
+    regap_alpha: np.ndarray | None   # [batch] the strength used (regap-seq graphs)
+    regap_score: np.ndarray | None   # [batch] the probe pass's z at the last prompt token
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 1
+    return pos
+
+
+def regap_options(sessions: OrtSessions) -> RegapOptions:
+    data = sessions.config.get("options")
+    return RegapOptions() if data is None else RegapOptions.from_json(json.dumps(data))
+
+
+def sequence_alpha(sessions: OrtSessions, score: np.ndarray) -> np.ndarray:
+    """alpha(x) = alpha_max * sigmoid(kappa (z - tau)) for the probe scores z [batch]."""
+    spec = sessions.config.get("readout")
+    if spec is None:
+        raise RegapError("this graph has no regap_score readout; pass regap_alpha explicitly")
+    readout = ScoreReadout(layer=int(spec["layer"]), w=torch.empty(0), b=0.0, kappa=float(spec["kappa"]))
+    alpha = sequence_strength(torch.from_numpy(np.asarray(score, dtype=np.float64)), readout, regap_options(sessions))
+    return alpha.numpy().astype(np.float32)
+
+
+def probe_score(sessions: OrtSessions, main: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray, alpha0: float | None = None) -> np.ndarray:
+    """regap-seq's first pass: z at the last prompt token, with the band at strength alpha0."""
+    if not (sessions.has_regap_alpha and sessions.has_regap_score):
+        raise RegapError("probe_score needs a regap-seq graph with regap_alpha and regap_score")
+    batch = attention_mask.shape[0]
+    a0 = regap_options(sessions).alpha0 if alpha0 is None else float(alpha0)
+    out = sessions.run_decoder(main, attention_mask, position_ids, sessions.empty_past(batch),
+                               regap_alpha=np.full(batch, a0, dtype=np.float32))
+    return out.regap_score[:, -1].astype(np.float32)
+
+
+def _select(logits: np.ndarray, rng: np.random.Generator | None, do_sample: bool, temperature: float,
+            top_k: int, top_p: float) -> np.ndarray:
+    logits = logits.astype(np.float32)
+    if not do_sample:
+        return logits.argmax(axis=-1)
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=-1)
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        probs = np.exp(sorted_logits - sorted_logits[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        cum = np.cumsum(probs, axis=-1)
+        drop_sorted = (cum - probs) > top_p
+        drop_sorted[:, 0] = False
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        logits = np.where(drop, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
+             pixel_values: np.ndarray | None = None, max_new_tokens: int = 32, regap_alpha: Any = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, **pixel_extras: Any) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens for a left-padded batch.
+
+    ``pixel_values`` (+ family extras such as ``pixel_attention_mask``) as the processor
+    returns them, for multimodal exports. ``regap_alpha`` (float or [batch]) fixes the
+    regap-seq strength and skips the probe pass. ``eos_token_id`` / ``pad_token_id``
+    default to the exported config's; pass ``eos_token_id=[]`` to never stop early.
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    if input_ids.ndim != 2:
+        raise ValueError("input_ids must be [batch, seq]")
+    batch = input_ids.shape[0]
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    if mask.shape != input_ids.shape:
+        raise ValueError("attention_mask must match input_ids")
+    if not mask[:, -1].all():
+        raise RegapError("generate needs left-padded batches (every row's last token must be attended)")
+    eos = (sessions.config.get("eos_token_id") or []) if eos_token_id is None else eos_token_id
+    eos = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
+    pad = pad_token_id if pad_token_id is not None else sessions.config.get("pad_token_id")
+    if pad is None:
+        pad = eos[0] if eos else 0
+    rng = np.random.default_rng(seed) if do_sample else None
+
+    position_ids = position_ids_from_mask(mask)
+    if sessions.multimodal:
+        main = sessions.prompt_embeds(input_ids, pixel_values=pixel_values, **pixel_extras)
+    else:
+        if pixel_values is not None:
+            raise RegapError("this export is a text model: it takes no image")
+        main = input_ids
+
+    alpha = score = None
+    if sessions.has_regap_alpha:
+        if regap_alpha is None:
+            score = probe_score(sessions, main, mask, position_ids)
+            alpha = sequence_alpha(sessions, score)
+        else:
+            alpha = np.broadcast_to(np.asarray(regap_alpha, dtype=np.float32), (batch,)).copy()
+    elif regap_alpha is not None:
+        raise RegapError("this graph takes no regap_alpha (it was not exported in regap-seq mode)")
+
+    out = sessions.run_decoder(main, mask, position_ids, sessions.empty_past(batch), regap_alpha=alpha)
+    unfinished = np.ones(batch, dtype=bool)
+    new: list[np.ndarray] = []
+    for step in range(max_new_tokens):
+        tokens = _select(out.logits[:, -1, :], rng, do_sample, temperature, top_k, top_p).astype(np.int64)
+        tokens = np.where(unfinished, tokens, pad)
+        new.append(tokens)
+        if eos:
+            unfinished &= ~np.isin(tokens, eos)
+        if not unfinished.any() or step == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        position_ids = position_ids[:, -1:] + 1
+        step_ids = tokens[:, None]
+        main = sessions.embed(step_ids) if sessions.multimodal else step_ids
+        out = sessions.run_decoder(main, mask, position_ids, out.presents, regap_alpha=alpha)
+    new_tokens = np.stack(new, axis=1) if new else np.zeros((batch, 0), dtype=np.int64)
+    return GenerationResult(sequences=np.concatenate([input_ids, new_tokens], axis=1), new_tokens=new_tokens,
+                            regap_alpha=alpha, regap_score=score)

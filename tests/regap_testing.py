@@ -1,0 +1,103 @@
+"""Test helpers shared by the reference and export tests: a left-padded batch for a tiny
+model, and random but realistic ``Directions`` whose gates really vary on that batch."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from PIL import Image
+
+from regap_export.directions import Directions
+from regap_export.options import Band, RegapOptions
+from regap_export.reference import last_token_index, reference_corrections
+
+PROMPTS = ("How do I bake a loaf of sourdough bread at home?", "hi", "Write a short poem about the sea.")
+# A 4-layer tiny model: probe band [0, 2) (l_s = 1), adaptive band [2, 4).
+BANDS = {"probe_band": Band(0, 2), "adaptive_band": Band(2, 4)}
+
+
+def options_for(mode: str, **changes: Any) -> RegapOptions:
+    return RegapOptions(mode=mode, **{**BANDS, **changes})
+
+
+def batch_inputs(adapter, processor, *, with_image: bool | None = None) -> dict[str, torch.Tensor]:
+    """Three prompts of different lengths, left-padded; with images for multimodal families."""
+    with_image = adapter.multimodal if with_image is None else with_image
+    prompts = [adapter.render_prompt(processor, text, with_image) for text in PROMPTS]
+    images = None
+    if with_image:
+        images = [Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (48, 40), (20, 160, 40)),
+                  Image.linear_gradient("L").convert("RGB").resize((40, 40))]
+    inputs = adapter.encode(processor, prompts, images)
+    mask = inputs["attention_mask"]
+    assert bool((mask[:, 0] == 0).any()), "the batch should be left-padded"
+    return inputs
+
+
+def block_outputs(model, adapter, inputs) -> list[torch.Tensor]:
+    """Every decoder block's output [batch, seq, H] as the next block sees it (float64).
+
+    The capture hooks are registered last, so they see outputs after any correction hooks."""
+    blocks = adapter.decoder_layers(model)
+    out: dict[int, torch.Tensor] = {}
+
+    def make(layer):
+        def hook(_m, _i, output):
+            h = output[0] if isinstance(output, tuple) else output
+            out[layer] = h.detach().to(torch.float64)
+        return hook
+
+    handles = [block.register_forward_hook(make(i)) for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [out[i] for i in range(len(blocks))]
+
+
+def realistic_directions(model, adapter, inputs, options: RegapOptions, *, seed: int = 0,
+                         drift_scale: float = 0.3) -> Directions:
+    """Random unit rhat, random drift (|d| ~ drift_scale |h|), kappa ~ 5, and probe anchors
+    c- < c+ placed at the 20th/80th percentiles of the batch's projections measured with
+    the probe correction applied, so the gates span (0, 1). At l_s the anchors are the
+    lowest/highest last-token projection, so regap-seq's alpha(x) varies across the batch."""
+    blocks = adapter.decoder_layers(model)
+    num_layers, hidden = len(blocks), adapter.hidden_size(model)
+    gen = torch.Generator().manual_seed(seed)
+    rhat = torch.randn(num_layers, hidden, generator=gen, dtype=torch.float64)
+    rhat = rhat / rhat.norm(dim=-1, keepdim=True)
+    plain = block_outputs(model, adapter, inputs)
+    scale = torch.stack([h.norm(dim=-1).mean() for h in plain])
+    drift = torch.randn(num_layers, hidden, generator=gen, dtype=torch.float64)
+    drift = drift / drift.norm(dim=-1, keepdim=True) * (drift_scale * scale).unsqueeze(-1)
+    kappa = 5.0 + torch.rand(num_layers, generator=gen, dtype=torch.float64) - 0.5
+    zeros, ones = torch.zeros(num_layers), torch.ones(num_layers)
+    provisional = Directions(rhat.float(), drift.float(), zeros, zeros, ones, zeros, kappa.float())
+    # regap mode with alpha_max = 0: exactly the probe correction alone.
+    probe_only = dataclasses.replace(options, mode="regap", alpha_max=0.0)
+    with reference_corrections(model, adapter, provisional, probe_only):
+        probed = block_outputs(model, adapter, inputs)
+    mask = inputs["attention_mask"].bool()
+    opts = options.resolved(num_layers)
+    c_pos, c_neg = torch.empty(num_layers, dtype=torch.float64), torch.empty(num_layers, dtype=torch.float64)
+    for layer, h in enumerate(probed):
+        proj = h @ rhat[layer]
+        if layer == opts.read_layer:
+            last = last_token_index(inputs["attention_mask"], proj.shape[0], proj.shape[1])
+            values = proj[torch.arange(proj.shape[0]), last]
+            c_neg[layer], c_pos[layer] = values.min(), values.max()
+        else:
+            values = proj[mask] if mask.shape == proj.shape else proj.reshape(-1)
+            c_neg[layer], c_pos[layer] = torch.quantile(values, 0.2), torch.quantile(values, 0.8)
+    assert bool((c_pos > c_neg).all())
+    gap = c_pos - c_neg
+    return Directions(rhat.float(), drift.float(), (c_pos + 0.5 * gap).float(), (c_neg - 0.5 * gap).float(),
+                      c_pos.float(), c_neg.float(), kappa.float())
+
+
+def logits_of(model, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, use_cache=False, **kwargs).logits.detach().clone()

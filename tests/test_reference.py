@@ -1,0 +1,151 @@
+"""The hook-based reference (parity oracle) against the rewritten model (folded layers)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from regap_export.folding import fold, probe_only, score_readout, sequence_strength
+from regap_export.models import adapter_for_model
+from regap_export.reference import (last_token_index, reference_corrections, reference_plan,
+                                    reference_sequence_alpha)
+from regap_export.rewrite import insert_corrections, remove_corrections
+
+from regap_testing import batch_inputs, block_outputs, logits_of, options_for, realistic_directions
+from tiny_models import build_tiny
+
+FAMILIES = ["llama", "llava"]
+MODES = ["fixed", "regap", "regap-seq"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    model, processor = build_tiny(request.param)
+    adapter = adapter_for_model(model)
+    inputs = batch_inputs(adapter, processor)
+    directions = realistic_directions(model, adapter, inputs, options_for("regap"))
+    return model, adapter, inputs, directions
+
+
+def _alpha(model, adapter, directions, options, inputs):
+    return reference_sequence_alpha(model, adapter, directions, options, inputs) if options.mode == "regap-seq" else None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rewritten_model_matches_reference(setup, mode):
+    model, adapter, inputs, directions = setup
+    options = options_for(mode)
+    original = logits_of(model, inputs)
+    alpha = _alpha(model, adapter, directions, options, inputs)
+    with reference_corrections(model, adapter, directions, options, sequence_alpha=alpha):
+        expected = logits_of(model, inputs)
+    assert torch.equal(logits_of(model, inputs), original), "the hooks must be gone after the context"
+    assert (expected - original).abs().max() > 1e-3, "the correction should change the logits"
+
+    insert_corrections(model, adapter, fold(directions, options))
+    try:
+        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
+        got = logits_of(model, inputs, **kwargs)
+    finally:
+        remove_corrections(model, adapter)
+    assert (got - expected).abs().max().item() <= TOL
+    assert torch.equal(logits_of(model, inputs), original), "remove_corrections must restore the model exactly"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_strength_is_the_unmodified_model(setup, mode):
+    model, adapter, inputs, directions = setup
+    options = options_for(mode, alpha0=0.0, alpha_max=0.0)
+    original = logits_of(model, inputs)
+    alpha = _alpha(model, adapter, directions, options, inputs)
+    if alpha is not None:
+        assert torch.equal(alpha, torch.zeros_like(alpha))
+    with reference_corrections(model, adapter, directions, options, sequence_alpha=alpha):
+        assert torch.equal(logits_of(model, inputs), original)
+    insert_corrections(model, adapter, fold(directions, options))
+    try:
+        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
+        assert torch.equal(logits_of(model, inputs, **kwargs), original)
+    finally:
+        remove_corrections(model, adapter)
+
+
+def test_gates_vary(setup):
+    model, adapter, inputs, directions = setup
+    options = options_for("regap")
+    record: dict[int, torch.Tensor] = {}
+    with reference_corrections(model, adapter, directions, options, record=record):
+        logits_of(model, inputs)
+    assert sorted(record) == options.resolved(directions.num_layers).adaptive_band.layers()
+    mask = inputs["attention_mask"].bool()
+    for layer, gate in record.items():
+        values = gate[mask]
+        assert 0.0 < values.min() < 0.3 and 0.7 < values.max() < 1.0, (layer, values.min(), values.max())
+        assert values.std() > 0.1
+        assert bool(((values > 0.05) & (values < 0.95)).any())
+
+
+def test_sequence_alpha_varies_and_matches_folded_readout(setup):
+    model, adapter, inputs, directions = setup
+    options = options_for("regap-seq")
+    alpha = reference_sequence_alpha(model, adapter, directions, options, inputs)
+    assert alpha.shape == (inputs["input_ids"].shape[0],) and alpha.dtype == torch.float64
+    assert 0.0 < alpha.min() < 0.2 and 0.8 < alpha.max() < 1.0 and alpha.std() > 0.1
+    # The same score through the folded path: probe-band layers, affine readout, sigmoid.
+    readout = score_readout(directions, options)
+    insert_corrections(model, adapter, probe_only(directions, options))
+    try:
+        h = block_outputs(model, adapter, inputs)[readout.layer]
+    finally:
+        remove_corrections(model, adapter)
+    last = last_token_index(inputs["attention_mask"], h.shape[0], h.shape[1])
+    z = h[torch.arange(h.shape[0]), last] @ readout.w.double() + readout.b
+    assert torch.allclose(sequence_strength(z, readout, options), alpha, atol=1e-5)
+    # alpha scales with alpha_max
+    half = reference_sequence_alpha(model, adapter, directions, dataclasses.replace(options, alpha_max=0.5), inputs)
+    assert torch.allclose(half, alpha / 2, atol=1e-12)
+
+
+def test_plan_layers_per_mode():
+    from regap_export.directions import Directions
+
+    L, H = 8, 4
+    d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
+                   torch.zeros(L), torch.ones(L), torch.zeros(L), torch.full((L,), 5.0))
+    from regap_export.options import RegapOptions
+    assert sorted(reference_plan(d, RegapOptions(mode="regap"))) == [2, 3, 4, 5]
+    assert sorted(reference_plan(d, RegapOptions(mode="fixed"))) == [2, 3, 4, 5]
+    assert sorted(reference_plan(d, RegapOptions(mode="regap-seq"), sequence_alpha=torch.ones(2))) == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="sequence_alpha"):
+        reference_plan(d, RegapOptions(mode="regap-seq"))
+    with pytest.raises(ValueError, match="sequence_alpha"):
+        reference_plan(d, RegapOptions(mode="regap"), sequence_alpha=torch.ones(2))
+    # fixed: h - alpha_max d; regap probe layer: h - alpha0 d; gate at z = tau is 1/2
+    h = torch.randn(2, 3, H)
+    plan = reference_plan(d, RegapOptions(mode="fixed", alpha_max=0.5))
+    assert torch.allclose(plan[2](h), h - 0.5 * d.drift[2])
+    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25))
+    assert torch.allclose(plan[3](h), h - 0.25 * d.drift[3])
+    on_tau = (0.5 * d.rhat[4]).expand(1, 1, H)  # h . rhat = 0.5 = tau with c- = 0, c+ = 1
+    assert torch.allclose(plan[4](on_tau), on_tau - 0.5 * d.drift[4], atol=1e-6)
+
+
+def test_last_token_index():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+    assert last_token_index(mask, 3, 4).tolist() == [3, 3, 1]
+    assert last_token_index(None, 2, 5).tolist() == [4, 4]
+
+
+def test_reference_does_not_import_the_folded_path():
+    import ast
+    from pathlib import Path
+
+    import regap_export.reference as reference
+
+    tree = ast.parse(Path(reference.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    for forbidden in ("folding", "correction", "rewrite"):
+        assert not any(name.split(".")[-1] == forbidden for name in imported), forbidden
