@@ -138,6 +138,13 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
     """The original model class with ReGap's correction layers attached after loading."""
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        # The modelling is the library's own class; only hooks are added after loading. Saying
+        # so keeps transformers' checkpoint key conversions (e.g. LLaVA's legacy names) and its
+        # weight initialisation exactly as for the base class.
+        return False
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result

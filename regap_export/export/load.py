@@ -1,0 +1,192 @@
+"""Read a corrected safetensors checkpoint back (regap-export's own loader, no remote code).
+
+``load_corrected(folder)`` loads the original weights with the plain transformers class
+(``trust_remote_code`` stays off; the folder's ``modeling_regap.py`` is never run), then
+rebuilds the ``LayerCorrection``s from ``regap.safetensors`` and config.json's ``regap``
+section and inserts them with ``rewrite.insert_corrections``. See ``safetensors_export``
+for the layout.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import ArtifactError, RegapError
+from ..folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout, sequence_strength
+from ..models.loading import LoadedModel, load_model
+from ..options import RegapOptions
+from ..rewrite import insert_corrections
+from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, SCORE_B, SCORE_W, sha256_file
+
+KINDS_OF_MODE = {"regap": {FIXED, GATED}, "fixed": {FIXED}, "regap-seq": {SCALED}}
+
+
+@dataclass
+class RegapCheckpoint:
+    """What a corrected folder says about its corrections."""
+
+    folder: Path
+    section: dict[str, Any]
+    options: RegapOptions
+    corrections: list[LayerCorrection]
+    readout: ScoreReadout | None  # regap-seq only
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
+
+
+def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
+    """Parse and check config.json's ``regap`` section and ``regap.safetensors`` (sha256, names, shapes)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILENAME
+    if not config_path.is_file():
+        raise ArtifactError("not a corrected checkpoint: config.json is missing", path=config_path)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"config.json cannot be read ({exc})", path=config_path) from None
+    section = config.get("regap") if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        raise ArtifactError("config.json has no 'regap' section: not a corrected checkpoint", path=config_path,
+                            hint="write one with `regap-export export --format safetensors`")
+    version = str(section.get("format_version"))
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"corrected-checkpoint format version {section.get('format_version')!r}; this "
+                            f"regap-export reads version {FORMAT_VERSION!r}", path=config_path, field="regap.format_version")
+    for key in ("mode", "options", "layers", "tensors_file", "hidden_size"):
+        if key not in section:
+            raise ArtifactError("the regap section is incomplete", path=config_path, field=f"regap.{key}")
+    try:
+        options = RegapOptions.from_json(json.dumps(section["options"]))
+    except (RegapError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"invalid options ({exc})", path=config_path, field="regap.options") from None
+    if options.mode != section["mode"]:
+        raise ArtifactError(f"mode {section['mode']!r} disagrees with the options' {options.mode!r}",
+                            path=config_path, field="regap.mode")
+
+    tensors_path = folder / str(section["tensors_file"])
+    tensors = _read_tensors(tensors_path, section.get("tensors_sha256"))
+    hidden = int(section["hidden_size"])
+
+    def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in tensors:
+            raise ArtifactError(f"tensor {key} is missing", path=tensors_path)
+        if tuple(tensors[key].shape) != shape:
+            raise ArtifactError(f"tensor {key} has shape {list(tensors[key].shape)}, expected {list(shape)}",
+                                path=tensors_path)
+        if not bool(torch.isfinite(tensors[key]).all()):
+            raise ArtifactError(f"tensor {key} holds non-finite values", path=tensors_path)
+        return tensors[key]
+
+    corrections: list[LayerCorrection] = []
+    for entry in section["layers"]:
+        try:
+            layer, kind = int(entry["layer"]), str(entry["kind"])
+        except (TypeError, KeyError, ValueError):
+            raise ArtifactError(f"bad layer entry {entry!r}", path=config_path, field="regap.layers") from None
+        if kind not in KINDS_OF_MODE[options.mode]:
+            raise ArtifactError(f"layer {layer} has kind {kind!r}, which mode {options.mode!r} does not use",
+                                path=config_path, field="regap.layers")
+        v = get(f"regap.{layer}.v", (hidden,)).to(torch.float32)
+        if kind == GATED:
+            w = get(f"regap.{layer}.w", (hidden, 1)).to(torch.float32).reshape(-1)
+            b = float(get(f"regap.{layer}.b", (1,))[0])
+            corrections.append(LayerCorrection(layer, kind, v, w, b))
+        else:
+            corrections.append(LayerCorrection(layer, kind, v))
+    readout = None
+    if options.mode == "regap-seq":
+        info = section.get("readout")
+        if not isinstance(info, dict) or "layer" not in info or "kappa" not in info:
+            raise ArtifactError("regap-seq needs readout {layer, kappa}", path=config_path, field="regap.readout")
+        readout = ScoreReadout(int(info["layer"]), get(SCORE_W, (hidden,)).to(torch.float32),
+                               float(get(SCORE_B, (1,))[0]), float(info["kappa"]))
+    return RegapCheckpoint(folder, section, options, corrections, readout)
+
+
+def _read_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ArtifactError("the correction tensors are missing", path=path)
+    if expected_sha256 and sha256_file(path) != expected_sha256:
+        raise ArtifactError("sha256 does not match config.json's regap.tensors_sha256 (the file is damaged "
+                            "or comes from another export)", path=path, hint="export the checkpoint again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises several types on a damaged file
+        raise ArtifactError(f"not a readable safetensors file ({exc})", path=path) from None
+
+
+def load_corrected(out_dir: str | Path, *, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+    """The corrected model of a checkpoint folder, corrections inserted (never runs its custom code)."""
+    folder = Path(out_dir)
+    checkpoint = read_regap_checkpoint(folder)
+    loaded = load_model(folder, dtype=dtype, device=device, trust_remote_code=False)
+    model, adapter = loaded.model, loaded.adapter
+    config_path = folder / CONFIG_FILENAME
+    expected = checkpoint.section.get("model_fingerprint")
+    if expected and expected != loaded.fingerprint:
+        raise ArtifactError(f"the weights do not match the model the corrections were made for (fingerprint "
+                            f"{loaded.fingerprint}, expected {expected})", path=config_path,
+                            field="regap.model_fingerprint")
+    if adapter.hidden_size(model) != int(checkpoint.section["hidden_size"]):
+        raise ArtifactError(f"hidden size {checkpoint.section['hidden_size']} but the model has "
+                            f"{adapter.hidden_size(model)}", path=config_path, field="regap.hidden_size")
+    num_layers = adapter.num_layers(model)
+    bad = [c.layer for c in checkpoint.corrections if not 0 <= c.layer < num_layers]
+    if bad:
+        raise ArtifactError(f"layers {bad} are outside the model's {num_layers} blocks", path=config_path,
+                            field="regap.layers")
+    insert_corrections(model, adapter, checkpoint.corrections)
+    return loaded
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def sequence_alpha(loaded: LoadedModel, inputs: Mapping[str, Any], checkpoint: RegapCheckpoint | None = None
+                   ) -> torch.Tensor:
+    """regap-seq's alpha(x) [batch] (float64) on a ``load_corrected`` model: the probe pass runs
+    the prompt with regap_alpha = alpha0, stops after block l_s and reads
+    z = h . w + b at each row's last prompt token; alpha = alpha_max sigmoid(kappa (z - tau))."""
+    checkpoint = checkpoint or read_regap_checkpoint(loaded.folder)
+    if checkpoint.readout is None:
+        raise RegapError(f"sequence alpha is for mode regap-seq; this checkpoint is {checkpoint.mode!r}")
+    readout, options = checkpoint.readout, checkpoint.options
+    block = loaded.adapter.decoder_layers(loaded.model)[readout.layer]
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "regap_alpha")}
+    reference = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    alpha0 = torch.full((reference.shape[0],), float(options.alpha0), dtype=torch.float32, device=reference.device)
+    handle = block.register_forward_hook(hook)
+    try:
+        loaded.model(**inputs, regap_alpha=alpha0, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    h = captured["h"].to(torch.float64)
+    batch, seq = h.shape[0], h.shape[1]
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.shape[-1] != seq:
+        index = torch.full((batch,), seq - 1, dtype=torch.long)
+    else:
+        positions = torch.arange(seq).expand(batch, seq)
+        index = (positions * (mask.detach().cpu() > 0)).amax(dim=-1)
+    last = h[torch.arange(batch, device=h.device), index.to(h.device)]
+    score = last @ readout.w.to(h.device, torch.float64) + readout.b
+    return sequence_strength(score, readout, options).cpu()

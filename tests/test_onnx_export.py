@@ -1,0 +1,446 @@
+"""ONNX export ("onnx contract 1"): graph structure, named correction initializers, and
+parity with PyTorch on ONNX Runtime (CPU).
+
+Exports are built once per test session by ``exported(kind)`` (also used by
+tests/test_runtime.py). Each export of a tiny model takes about 15-60 s on a 2-core machine.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+
+from regap_export.export.onnx_export import (  # noqa: E402
+    CONFIG_FILE, CONTRACT_VERSION, DECODER_FILE, EMBED_FILE, TEXT_FILE, VISION_FILE,
+    export_multimodal, export_text_decoder, read_config,
+)
+from regap_export.export.onnx_graph import (  # noqa: E402
+    correction_nodes, correction_values, set_correction_values,
+)
+from regap_export.folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout  # noqa: E402
+from regap_export.models.base import ModelAdapter  # noqa: E402
+from regap_export.options import Band, RegapOptions  # noqa: E402
+from regap_export.rewrite import insert_corrections  # noqa: E402
+
+HIDDEN, LAYERS, VOCAB = 64, 4, 256
+ATOL = 1e-4
+GATED_OPS = ["MatMul", "Add", "Sigmoid", "Mul", "Add"]
+
+
+# ----------------------------------------------------------------------------------------
+# tiny models and their exports (built once per session)
+# ----------------------------------------------------------------------------------------
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def llama_adapter(model: torch.nn.Module) -> ModelAdapter:
+    try:
+        from regap_export.models import adapter_for_model
+
+        return adapter_for_model(model)
+    except Exception:  # the registry is being written by others
+        return ModelAdapter("llama", ("llama",), "model")
+
+
+def regap_corrections(seed: int = 1) -> list[LayerCorrection]:
+    """fixed at layer 1, gated at layers 2-3 (random constants)."""
+    g = torch.Generator().manual_seed(seed)
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+    return [
+        LayerCorrection(1, FIXED, r(HIDDEN, scale=0.5)),
+        LayerCorrection(2, GATED, r(HIDDEN, scale=0.5), r(HIDDEN, scale=0.3), 0.25),
+        LayerCorrection(3, GATED, r(HIDDEN, scale=0.5), r(HIDDEN, scale=0.3), -0.4),
+    ]
+
+
+def seq_corrections(seed: int = 2) -> tuple[list[LayerCorrection], ScoreReadout, RegapOptions]:
+    g = torch.Generator().manual_seed(seed)
+    corrections = [LayerCorrection(layer, SCALED, torch.randn(HIDDEN, generator=g) * 0.5) for layer in (1, 2, 3)]
+    readout = ScoreReadout(layer=1, w=torch.randn(HIDDEN, generator=g) * 0.2, b=0.1, kappa=4.0)
+    options = RegapOptions(mode="regap-seq", probe_band=Band(1, 2), adaptive_band=Band(2, 4),
+                           alpha0=1.0, alpha_max=1.5, tau=0.5)
+    return corrections, readout, options
+
+
+@dataclass
+class Export:
+    model: torch.nn.Module
+    adapter: ModelAdapter
+    folder: Path
+    corrections: list[LayerCorrection]
+    readout: ScoreReadout | None = None
+    options: RegapOptions | None = None
+    processor: Any = None
+
+    @property
+    def path(self) -> Path:
+        files = read_config(self.folder)["files"]
+        return self.folder / files["decoder"]
+
+
+_ROOT = Path(tempfile.mkdtemp(prefix="regap_onnx_tests_"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def exported(kind: str) -> Export:
+    """kind: plain | regap | seq | fp16 | idefics3 | llava"""
+    folder = _ROOT / kind
+    if kind in ("plain", "regap", "seq", "fp16"):
+        model = tiny_llama()
+        adapter = llama_adapter(model)
+        readout = options = None
+        corrections: list[LayerCorrection] = []
+        if kind in ("regap", "fp16"):
+            corrections = regap_corrections()
+        elif kind == "seq":
+            corrections, readout, options = seq_corrections()
+        insert_corrections(model, adapter, corrections)
+        dtype = torch.float16 if kind == "fp16" else torch.float32
+        export_text_decoder(model, adapter, folder, dtype=dtype, readout=readout, options=options)
+        return Export(model, adapter, folder, corrections, readout, options)
+    if kind in ("idefics3", "llava"):
+        tiny_models = pytest.importorskip("tiny_models")
+        model, processor = tiny_models.build_tiny(kind)
+        from regap_export.models import adapter_for_model
+
+        adapter = adapter_for_model(model)
+        corrections = regap_corrections()
+        insert_corrections(model, adapter, corrections)
+        export_multimodal(model, adapter, folder, dtype=torch.float32)
+        return Export(model, adapter, folder, corrections, processor=processor)
+    raise KeyError(kind)
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+def left_padded_batch(seed: int = 0, lengths=(9, 6)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = rng.integers(3, VOCAB, size=n)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 1
+    return pos
+
+
+def session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def empty_past(cfg: dict, batch: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    feeds = {}
+    for i in range(cfg["num_layers"]):
+        shape = (batch, cfg["num_key_value_heads"][i], 0, cfg["head_dim"][i])
+        feeds[f"past_key_values.{i}.key"] = np.zeros(shape, dtype)
+        feeds[f"past_key_values.{i}.value"] = np.zeros(shape, dtype)
+    return feeds
+
+
+def run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def torch_step(model, *, mask, pos, ids=None, embeds=None, cache=None, alpha=None):
+    kwargs: dict[str, Any] = dict(attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos),
+                                  use_cache=True, cache=cache)
+    if ids is not None:
+        kwargs["input_ids"] = torch.from_numpy(ids)
+    else:
+        kwargs["inputs_embeds"] = torch.from_numpy(embeds)
+    if alpha is not None:
+        kwargs["regap_alpha"] = torch.from_numpy(alpha)
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out.logits.float().numpy(), out.cache
+
+
+def assert_close_valid(ort_logits, torch_logits, mask_now, atol=ATOL):
+    """Compare at attended positions only (padding rows are unspecified by the contract)."""
+    seq = ort_logits.shape[1]
+    valid = mask_now[:, -seq:].astype(bool)
+    diff = np.abs(ort_logits - torch_logits)[valid]
+    assert diff.max() <= atol, f"max |ORT - torch| = {diff.max():.3g}"
+
+
+def assert_presents_close(outputs, cache, mask_total, layers, atol=ATOL):
+    valid = mask_total.astype(bool)
+    for i in range(layers):
+        for kv, ref in (("key", cache.layers[i].keys), ("value", cache.layers[i].values)):
+            got = outputs[f"present.{i}.{kv}"]
+            ref = ref.float().numpy()
+            assert got.shape == ref.shape
+            diff = np.abs(got - ref).transpose(0, 2, 1, 3)[valid]
+            assert diff.max() <= atol, f"present.{i}.{kv}: {diff.max():.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# structure
+# ----------------------------------------------------------------------------------------
+def test_contract_inputs_outputs():
+    exp = exported("regap")
+    assert (exp.folder / TEXT_FILE).is_file()
+    cfg = read_config(exp.folder)
+    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 1"
+    sess = session(exp.path)
+    inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
+    outputs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
+    assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs["input_ids"] == ("tensor(int64)", ["batch_size", "sequence_length"])
+    assert inputs["attention_mask"] == ("tensor(int64)", ["batch_size", "total_sequence_length"])
+    assert inputs["position_ids"] == ("tensor(int64)", ["batch_size", "sequence_length"])
+    assert "regap_alpha" not in inputs and "regap_score" not in outputs
+    assert outputs["logits"] == ("tensor(float)", ["batch_size", "sequence_length", VOCAB])
+    for i in range(LAYERS):
+        for kv in ("key", "value"):
+            assert inputs[f"past_key_values.{i}.{kv}"] == ("tensor(float)", ["batch_size", 2, "past_sequence_length", 16])
+            assert outputs[f"present.{i}.{kv}"] == ("tensor(float)", ["batch_size", 2, "total_sequence_length", 16])
+    assert len(inputs) == 3 + 2 * LAYERS and len(outputs) == 1 + 2 * LAYERS
+    meta = {p.key: p.value for p in onnx.load(str(exp.path), load_external_data=False).metadata_props}
+    assert meta["regap.onnx_contract"] == CONTRACT_VERSION
+
+
+def test_correction_ops_are_folded_and_named():
+    exp = exported("regap")
+    proto = onnx.load(str(exp.path))
+    assert correction_nodes(proto) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    names = {init.name for init in proto.graph.initializer}
+    for name in ("regap.1.v", "regap.2.w", "regap.2.b", "regap.2.v", "regap.3.w", "regap.3.b", "regap.3.v"):
+        assert name in names
+    assert not {"regap.1.w", "regap.1.b"} & names
+    values = correction_values(exp.path)
+    for spec in exp.corrections:
+        np.testing.assert_array_equal(values[spec.layer]["v"].reshape(-1), spec.v.numpy())
+        if spec.kind == GATED:
+            np.testing.assert_array_equal(values[spec.layer]["w"].reshape(-1), spec.w.numpy())
+            np.testing.assert_allclose(values[spec.layer]["b"].reshape(-1), [spec.b], rtol=1e-7)
+            assert values[spec.layer]["w"].dtype == np.float32
+
+
+def test_uncorrected_graph_has_no_correction():
+    exp = exported("plain")
+    assert correction_nodes(exp.path) == {}
+    assert read_config(exp.folder)["corrections"] == []
+
+
+# ----------------------------------------------------------------------------------------
+# parity
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["regap", "plain"])
+def test_prefill_and_decode_match_torch(kind):
+    exp = exported(kind)
+    cfg = read_config(exp.folder)
+    sess = session(exp.path)
+    ids, mask = left_padded_batch()
+    pos = positions(mask)
+    # prefill: past length 0
+    outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)})
+    ref_logits, cache = torch_step(exp.model, ids=ids, mask=mask, pos=pos)
+    assert_close_valid(outputs["logits"], ref_logits, mask)
+    assert_presents_close(outputs, cache, mask, LAYERS)
+    # 8 decode steps, each side feeding its own cache
+    for step in range(8):
+        nxt = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        feeds = {"input_ids": nxt, "attention_mask": mask, "position_ids": pos}
+        feeds.update({f"past_key_values.{i}.{kv}": outputs[f"present.{i}.{kv}"]
+                      for i in range(LAYERS) for kv in ("key", "value")})
+        outputs = run(sess, feeds)
+        ref_logits, cache = torch_step(exp.model, ids=nxt, mask=mask, pos=pos, cache=cache)
+        assert outputs["logits"].shape == (2, 1, VOCAB)
+        assert np.abs(outputs["logits"] - ref_logits).max() <= ATOL, f"decode step {step}"
+    assert_presents_close(outputs, cache, mask, LAYERS)
+
+
+def test_batch_one_and_single_token_prompt():
+    exp = exported("regap")
+    cfg = read_config(exp.folder)
+    sess = session(exp.path)
+    for length in (1, 3):
+        ids = np.array([[5, 17, 33][:length]], dtype=np.int64)
+        mask = np.ones_like(ids)
+        pos = positions(mask)
+        outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 1)})
+        ref, _ = torch_step(exp.model, ids=ids, mask=mask, pos=pos)
+        assert np.abs(outputs["logits"] - ref).max() <= ATOL
+
+
+def test_edited_v_zero_equals_unmodified_model(tmp_path):
+    """Named initializers are the public knobs: v = 0 turns every correction off."""
+    exp = exported("regap")
+    cfg = read_config(exp.folder)
+    zero = {layer: {"v": np.zeros_like(t["v"])} for layer, t in correction_values(exp.path).items()}
+    edited = set_correction_values(exp.path, zero, tmp_path / "zero.onnx")
+    assert correction_nodes(edited) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    sess = session(edited)
+    ids, mask = left_padded_batch(seed=3)
+    pos = positions(mask)
+    outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)})
+    ref, _ = torch_step(tiny_llama(), ids=ids, mask=mask, pos=pos)
+    assert_close_valid(outputs["logits"], ref, mask)
+
+
+# ----------------------------------------------------------------------------------------
+# regap-seq
+# ----------------------------------------------------------------------------------------
+def test_regap_seq_graph_matches_torch():
+    exp = exported("seq")
+    cfg = read_config(exp.folder)
+    assert cfg["regap_alpha"] and cfg["regap_score"]
+    assert cfg["readout"] == {"layer": 1, "kappa": 4.0}
+    sess = session(exp.path)
+    inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
+    outputs_meta = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
+    assert inputs["regap_alpha"] == ("tensor(float)", ["batch_size"])
+    assert outputs_meta["regap_score"] == ("tensor(float)", ["batch_size", "sequence_length"])
+    names = {init.name for init in onnx.load(str(exp.path)).graph.initializer}
+    assert {"regap.1.v", "regap.2.v", "regap.3.v", "regap.score.w", "regap.score.b"} <= names
+    assert set(correction_nodes(exp.path)) == {1, 2, 3}
+    assert all(ops == ["Mul", "Add"] for ops in correction_nodes(exp.path).values())
+
+    ids, mask = left_padded_batch(seed=5)
+    pos = positions(mask)
+    alpha = np.array([0.3, 1.7], dtype=np.float32)
+    outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "regap_alpha": alpha,
+                         **empty_past(cfg, 2)})
+    captured = {}
+    block = exp.adapter.decoder_layers(exp.model)[exp.readout.layer]
+    hook = block.register_forward_hook(lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        ref, cache = torch_step(exp.model, ids=ids, mask=mask, pos=pos, alpha=alpha)
+    finally:
+        hook.remove()
+    assert_close_valid(outputs["logits"], ref, mask)
+    assert_presents_close(outputs, cache, mask, LAYERS)
+    score = (captured["h"].float() @ exp.readout.w + exp.readout.b).numpy()
+    valid = mask.astype(bool)
+    assert np.abs(outputs["regap_score"] - score)[valid].max() <= ATOL
+
+
+def test_regap_seq_alpha_zero_equals_unmodified_model():
+    exp = exported("seq")
+    cfg = read_config(exp.folder)
+    sess = session(exp.path)
+    ids, mask = left_padded_batch(seed=7)
+    pos = positions(mask)
+    outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                         "regap_alpha": np.zeros(2, np.float32), **empty_past(cfg, 2)})
+    plain = tiny_llama()
+    ref, cache = torch_step(plain, ids=ids, mask=mask, pos=pos)
+    assert_close_valid(outputs["logits"], ref, mask)
+    assert_presents_close(outputs, cache, mask, LAYERS)
+
+
+# ----------------------------------------------------------------------------------------
+# float16
+# ----------------------------------------------------------------------------------------
+def test_fp16_graph_keeps_gate_in_float32():
+    exp = exported("fp16")
+    proto = onnx.load(str(exp.path))
+    ops = correction_nodes(proto)
+    # gated: Cast(fp16 -> fp32), MatMul, Add, Sigmoid, Mul, Add, Cast(fp32 -> fp16); fixed: one fp16 Add
+    assert ops == {1: ["Add"], 2: ["Cast", *GATED_OPS, "Cast"], 3: ["Cast", *GATED_OPS, "Cast"]}
+    values = correction_values(proto)
+    assert values[1]["v"].dtype == np.float16
+    for layer in (2, 3):
+        assert {t.dtype for t in values[layer].values()} == {np.dtype(np.float32)}
+    sess_inputs = {i.name: i.type for i in session(exp.path).get_inputs()}
+    assert sess_inputs["past_key_values.0.key"] == "tensor(float16)"
+    assert read_config(exp.folder)["dtype"] == "float16"
+
+
+def test_fp16_runs_close_to_torch_fp16():
+    exp = exported("fp16")
+    cfg = read_config(exp.folder)
+    try:
+        sess = session(exp.path)
+        ids, mask = left_padded_batch(seed=11)
+        pos = positions(mask)
+        outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                             **empty_past(cfg, 2, np.float16)})
+    except Exception as err:  # some CPU builds lack float16 kernels
+        pytest.skip(f"ONNX Runtime CPU cannot run this float16 graph: {err}")
+    ref, _ = torch_step(exp.model, ids=ids, mask=mask, pos=pos)
+    assert outputs["logits"].dtype == np.float16
+    assert_close_valid(outputs["logits"].astype(np.float32), ref, mask, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------
+# multimodal split
+# ----------------------------------------------------------------------------------------
+def _images(n: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, size=(40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def multimodal_batch(exp: Export) -> dict[str, torch.Tensor]:
+    """A left-padded batch of two prompts, each with one image."""
+    adapter, processor = exp.adapter, exp.processor
+    prompts = [adapter.render_prompt(processor, "Describe this picture in detail please.", True),
+               adapter.render_prompt(processor, "What is it?", True)]
+    return adapter.encode(processor, prompts, _images(2))
+
+
+@pytest.mark.parametrize("family", ["idefics3", "llava"])
+def test_multimodal_split_matches_torch(family):
+    exp = exported(family)
+    cfg = read_config(exp.folder)
+    for name in (VISION_FILE, EMBED_FILE, DECODER_FILE, CONFIG_FILE):
+        assert (exp.folder / name).is_file()
+    assert correction_nodes(exp.folder / DECODER_FILE) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    dec = session(exp.folder / DECODER_FILE)
+    assert [i.name for i in dec.get_inputs()][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+
+    from regap_export.runtime import OrtSessions
+
+    sessions = OrtSessions.open(exp.folder)
+    enc = multimodal_batch(exp)
+    ids = enc["input_ids"].numpy()
+    mask = enc["attention_mask"].numpy()
+    assert (ids == cfg["image_token_id"]).sum() > 0 and not mask.all()
+    pos = positions(mask)
+    pixels = {k: v.numpy() for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    embeds = sessions.prompt_embeds(ids, **pixels)
+    outputs = run(dec, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)})
+
+    kwargs = {k: v for k, v in enc.items()}
+    kwargs["position_ids"] = torch.from_numpy(pos)
+    with torch.no_grad():
+        ref = exp.model(**kwargs, use_cache=True)
+        ref_embeds = exp.model.get_input_embeddings()(enc["input_ids"])
+    # the runtime's merge reproduces transformers' embeddings at the text positions
+    text = ids != cfg["image_token_id"]
+    np.testing.assert_allclose(embeds[text], ref_embeds.numpy()[text], atol=1e-6)
+    assert_close_valid(outputs["logits"], ref.logits.numpy(), mask)
+    assert_presents_close(outputs, ref.cache, mask, LAYERS)
