@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def built(tmp_path_factory):
         second = E.materialize("embedded:smolvlm", cache_dir=root_b)
         memory = {name: E.build_embedded(name) for name in E.EMBEDDED_MODELS}
     print("materialize seconds:", {k: round(v, 1) for k, v in seconds.items()})
-    return {"folders": folders, "second": second, "memory": memory, "seconds": seconds, "root": root_a}
+    yield {"folders": folders, "second": second, "memory": memory, "seconds": seconds, "root": root_a}
+    for root in (root_a, root_b):  # 1.6 GB that pytest would otherwise keep around
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- the cache -------------------------------------------------------------------------
@@ -255,13 +258,18 @@ def test_smolvlm_text_only_inputs(built):
 
 
 def test_smolvlm_tokenizer_tokens(built):
+    from transformers import AutoTokenizer
+
     _, processor = built["memory"]["embedded:smolvlm"]
-    tok = processor.tokenizer
-    for token in E.IDEFICS3_SPECIAL_TOKENS:
-        ids = tok(token, add_special_tokens=False)["input_ids"]
-        assert len(ids) == 1 and ids[0] >= 49152, token
-    assert len(tok) == 49152 + len(E.IDEFICS3_SPECIAL_TOKENS)
-    assert tok.pad_token == "<|im_end|>"
+    loaded = AutoTokenizer.from_pretrained(built["folders"]["embedded:smolvlm"])
+    for tok in (processor.tokenizer, loaded):
+        for token in E.IDEFICS3_SPECIAL_TOKENS:
+            ids = tok(token, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1 and ids[0] >= 49152, token
+            assert ids == processor.tokenizer(token, add_special_tokens=False)["input_ids"]
+        assert len(tok) == 49152 + len(E.IDEFICS3_SPECIAL_TOKENS)
+        assert tok.pad_token == "<|im_end|>"
+        assert tok.chat_template == processor.chat_template
 
 
 # -- the tiny Idefics3 -----------------------------------------------------------------
@@ -285,6 +293,13 @@ def test_tiny_idefics3_left_padding():
     assert torch.isfinite(batched).all()
     # The padded prompt's last position matches the same prompt run alone.
     torch.testing.assert_close(batched[0, -1], alone[0, -1], atol=1e-4, rtol=1e-4)
+    # Any image goes through: tiny, grey, transparent, extreme aspect ratios.
+    odd = [Image.new("L", (1, 1), 128), Image.new("RGBA", (5, 400), (1, 2, 3, 0)), *odd_images()]
+    prompt = adapter.render_prompt(processor, "What is this?", with_image=True)
+    enc = adapter.encode(processor, [prompt] * len(odd), odd)
+    assert enc["pixel_values"].shape == (len(odd), 1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(**enc).logits).all()
     # Text-only batches work too.
     text_enc = adapter.encode(processor, [adapter.render_prompt(processor, t, with_image=False) for t in texts], None)
     with torch.no_grad():

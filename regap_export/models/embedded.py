@@ -178,8 +178,11 @@ def build_idefics3_model(text_config: dict, vision_config: dict, *, scale_factor
             if extra < 0:
                 raise ValueError("the tokenizer is smaller than the embedding matrix")
             if extra:
-                mean, std = embed.mean(0), embed.std(0)
-                new_rows = mean + 0.5 * std * torch.randn(extra, embed.shape[1], dtype=embed.dtype)
+                # In float64, so that the rounded rows do not depend on the CPU's reduction order.
+                wide = embed.double()
+                mean, std = wide.mean(0), wide.std(0)
+                noise = torch.randn(extra, embed.shape[1], dtype=torch.float64)
+                new_rows = (mean + 0.5 * std * noise).to(embed.dtype)
                 sd["embed_tokens.weight"] = torch.cat([embed, new_rows], dim=0)
             model.model.text_model.load_state_dict(sd, strict=True)
     model.tie_weights()
@@ -422,7 +425,10 @@ def materialize(name: str, *, cache_dir: Path | str | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.tmp-", dir=root))
         try:
             save_embedded(name, tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+            # mkdtemp and the safetensors writer make private files; the cache may be shared.
+            os.chmod(tmp, 0o755)
+            for path in tmp.iterdir():
+                os.chmod(path, 0o644)
             if final.exists():  # stale or incomplete: move aside, then remove
                 old = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.old-", dir=root))
                 os.replace(final, old / "stale")
