@@ -30,7 +30,9 @@ def setup(request):
 
 
 def _alpha(model, adapter, directions, options, inputs):
-    return reference_sequence_alpha(model, adapter, directions, options, inputs) if options.mode == "regap-seq" else None
+    if options.mode != "regap-seq":
+        return None
+    return reference_sequence_alpha(model, adapter, directions, options, inputs)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -80,7 +80,9 @@ def fam(request, tmp_path_factory) -> Family:
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
@@ -118,7 +120,8 @@ def test_config_section_and_files(fam):
     base = type(fam.loaded.model).__name__
     auto = "AutoModelForImageTextToText" if fam.loaded.adapter.multimodal else "AutoModelForCausalLM"
     assert config["auto_map"] == {auto: f"modeling_regap.Regap{base}"}
-    for name in ("model.safetensors", "regap.safetensors", "modeling_regap.py", "tokenizer.json", "chat_template.jinja"):
+    for name in ("model.safetensors", "regap.safetensors", "modeling_regap.py", "tokenizer.json",
+                 "chat_template.jinja"):
         assert (out / name).is_file(), name
     if fam.loaded.adapter.multimodal:
         assert (out / "processor_config.json").is_file()

@@ -57,7 +57,8 @@ def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
     version = str(section.get("format_version"))
     if version != FORMAT_VERSION:
         raise ArtifactError(f"corrected-checkpoint format version {section.get('format_version')!r}; this "
-                            f"regap-export reads version {FORMAT_VERSION!r}", path=config_path, field="regap.format_version")
+                            f"regap-export reads version {FORMAT_VERSION!r}", path=config_path,
+                            field="regap.format_version")
     for key in ("mode", "options", "layers", "tensors_file", "hidden_size"):
         if key not in section:
             raise ArtifactError("the regap section is incomplete", path=config_path, field=f"regap.{key}")

@@ -14,17 +14,18 @@ that applies it to the block output h (the residual stream), at every position:
     fixed:  h' = h + v                           (probe layers; mode "fixed")
     scaled: h' = h + alpha * v                   (mode "regap-seq"; alpha [batch] per sequence)
 
-The constants are in ``regap.safetensors`` (``regap.{layer}.v|w|b``, plus regap-seq's score
-readout ``regap.score.w|b``; its kappa is in config.json); ``config.json``'s ``regap`` section lists the layers and
-kinds and holds the file's sha256. The correction buffers are not persistent, so
-``state_dict()`` holds exactly the original weights; ``save_pretrained`` writes
-``regap.safetensors`` again next to them.
+The constants are in ``regap.safetensors`` (``regap.{layer}.v|w|b``; for regap-seq also the
+score readout ``regap.score.w|b``). config.json's ``regap`` section lists the layers and their
+kinds, regap-seq's read layer and kappa, and the file's sha256. The correction buffers are
+not persistent, so ``state_dict()`` holds exactly the original weights; ``save_pretrained``
+writes ``regap.safetensors`` again next to them.
 
 regap-seq: pass ``regap_alpha`` (a [batch] tensor) to ``forward``, or let ``generate`` compute
 it with the probe pass (``regap_sequence_alpha``): the prompt runs with alpha0 on the probe
-band, the score z = h . w + b is read after block l_s (``regap.readout.layer``) at each row's last prompt token, and
-alpha = alpha_max * sigmoid(kappa * (z - tau)). The per-call alpha is held on the model for
-the duration of one forward, so one model object must not run two forwards concurrently.
+band, the score z = h . w + b is read after block l_s (``regap.readout.layer``) at each row's
+last prompt token, and alpha = alpha_max * sigmoid(kappa * (z - tau)). The per-call alpha is
+held on the model for the duration of one forward, so one model object must not run two
+forwards concurrently.
 """
 from __future__ import annotations
 
