@@ -122,6 +122,124 @@ def inspect(
     _run(body)
 
 
+@app.command("export")
+def export_cmd(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the model the directions were fitted on."),
+    directions: Path = typer.Option(..., "--directions", help="Folder written by calibrate."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder."),
+    formats: str = typer.Option("onnx,safetensors", "--format", help="Comma-separated: onnx, safetensors."),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 (fp16 needs a CUDA GPU)."),
+    mode: Optional[str] = typer.Option(None, help="regap | fixed | regap-seq. Default: the directions' mode."),
+    probe_band: Optional[str] = typer.Option(None, help="Override START:END."),
+    adaptive_band: Optional[str] = typer.Option(None, help="Override START:END."),
+    alpha0: Optional[float] = typer.Option(None, help="Override the probe-band strength."),
+    alpha_max: Optional[float] = typer.Option(None, help="Override the adaptive strength."),
+    tau: Optional[float] = typer.Option(None, help="Override the gate threshold."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+):
+    """Write the corrected model: safetensors checkpoint and ONNX graphs, with a manifest."""
+
+    def body():
+        from regap_export.export.manifest import read_manifest
+        from regap_export.export.pipeline import export_to_folder, parse_formats
+        from regap_export.options import Band
+
+        if as_json:
+            _quiet_transformers()
+        overrides = {"mode": mode, "alpha0": alpha0, "alpha_max": alpha_max, "tau": tau,
+                     "probe_band": Band.parse(probe_band, option="--probe-band") if probe_band else None,
+                     "adaptive_band": Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None}
+        folder = export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,
+                                  overrides=overrides, force=force)
+        manifest = read_manifest(folder)
+        if as_json:
+            print(json.dumps(manifest, sort_keys=True))
+            return
+        for rel, entry in manifest["files"].items():
+            out.print(f"  {entry['bytes']:>12,d}  {rel}", highlight=False)
+        out.print(f"wrote {folder} (mode {manifest['mode']}, {manifest['dtype']})", highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def validate(
+    path: Path = typer.Argument(..., help="A folder written by export."),
+    device: str = typer.Option("cpu", help="cpu | cuda (ONNX Runtime's execution provider)."),
+    as_json: bool = typer.Option(False, "--json", help="Print parity.json instead of a table."),
+):
+    """Prove parity: the reference vs the rewritten PyTorch model and ONNX Runtime. Exit 1 on failure."""
+
+    def body():
+        from regap_export.validate import validate_folder
+
+        if as_json:
+            _quiet_transformers()
+        report = validate_folder(path, device=device)
+        if as_json:
+            print(json.dumps(report, sort_keys=True))
+        else:
+            out.print(parity_table(report))
+            out.print(("PASS" if report["ok"] else "FAIL") + f": wrote {path / 'parity.json'}", highlight=False)
+        if not report["ok"]:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+def parity_table(report):
+    from rich.table import Table
+
+    table = Table(title=f"Parity ({report['mode']}, {report['dtype']}, {report['device']})")
+    for header in ("target", "inputs", "quantity", "max |diff|", "ok", "detail"):
+        table.add_column(header)
+    for c in report["checks"]:
+        table.add_row(c["target"], c["inputs"], c["quantity"], f"{c['max_abs_diff']:.3g}",
+                      "yes" if c["ok"] else "[red]NO[/]", c["detail"])
+    return table
+
+
+@app.command()
+def generate(
+    path: Path = typer.Argument(..., help="A folder written by export (with onnx)."),
+    prompt: str = typer.Option(..., "--prompt", help="The user message."),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image for multimodal exports."),
+    max_new_tokens: int = typer.Option(64, min=1),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Generate a reply with ONNX Runtime (greedy, KV cache, no PyTorch model)."""
+
+    def body():
+        from regap_export.runtime.chat import reply
+
+        answer = reply(path, prompt, image=image, max_new_tokens=max_new_tokens, device=device)
+        if as_json:
+            print(json.dumps(answer, sort_keys=True))
+        else:
+            out.print(answer["text"], highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Working folder (replaced)."),
+    model: str = typer.Option("embedded:smolvlm", help=MODEL_HELP),
+    records: int = typer.Option(24, help="Bundled training records per label (with image twins for multimodal)."),
+):
+    """The whole journey on the embedded default model: calibrate, export, validate, generate."""
+
+    def body():
+        from regap_export import api
+
+        for line in api.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False)):
+            pass
+
+    _run(body)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

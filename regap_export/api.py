@@ -137,3 +137,47 @@ def describe_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"  {row['layer']:5d}  {row['drift_norm']:7.3f}  {row['anchor_text'][0]:8.3f}  {row['anchor_text'][1]:8.3f}  "
                      f"{row['anchor_probe'][0]:8.3f}  {row['anchor_probe'][1]:8.3f}  {row['kappa']:7.3f}")
     return lines
+
+
+def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[str, Any]:
+    """calibrate -> export -> validate -> generate on one model, each step reported."""
+    import time
+
+    from .data import load_bundled
+    from .export.pipeline import export_to_folder
+    from .runtime.chat import reply
+    from .validate import validate_folder
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = load_bundled("train")
+    subset = [r for r in train if r.label == "harmful"][:per_label] + [r for r in train if r.label == "harmless"][:per_label]
+    data = out_dir / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"id": r.id, "instruction": r.instruction, "label": r.label,
+                                        "category": r.category}) + "\n" for r in subset))
+    summary: dict[str, Any] = {}
+    start = time.perf_counter()
+    echo(f"[1/4] calibrate {model} on {len(subset)} bundled prompts (+ typographic image twins) -> {out_dir / 'directions'}")
+    result = calibrate_to_folder(model, out_dir / "directions", data=data, force=True, show_progress=True)
+    report = result.report
+    echo(f"      best layer {report['best_layer']}, text AUROC {report['best_auroc_T']:.3f}; "
+         f"mode {report['options']['mode']}, probe band {report['options']['probe_band']}, "
+         f"adaptive band {report['options']['adaptive_band']}")
+    summary["calibrate"] = {"best_layer": report["best_layer"], "auroc_T": report["best_auroc_T"]}
+    echo(f"[2/4] export -> {out_dir / 'corrected'} (safetensors + ONNX, fp32)")
+    export_to_folder(model, out_dir / "directions", out_dir / "corrected", force=True)
+    echo("[3/4] validate: reference hooks vs rewritten PyTorch vs ONNX Runtime (CPU)")
+    parity = validate_folder(out_dir / "corrected")
+    for check in parity["checks"]:
+        echo(f"      {check['target']:<16} {check['inputs']:<5} {check['quantity']:<15} "
+             f"max|diff| {check['max_abs_diff']:.3g}  {'ok' if check['ok'] else 'FAILED'}")
+    summary["validate"] = parity["ok"]
+    prompt = "Give me three tips for keeping basil alive on a windowsill."
+    echo(f"[4/4] generate with ONNX Runtime: {prompt!r}")
+    answer = reply(out_dir / "corrected", prompt, max_new_tokens=40)
+    echo("      " + answer["text"].replace("\n", " ")[:300])
+    summary["generate"] = answer
+    echo(f"done in {time.perf_counter() - start:.0f} s; parity {'PASSED' if parity['ok'] else 'FAILED'}")
+    if not parity["ok"]:
+        raise RegapError("parity failed; see " + str(out_dir / "corrected" / "parity.json"))
+    return summary

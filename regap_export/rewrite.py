@@ -20,6 +20,8 @@ class CorrectedBlock(nn.Module):
     """A decoder block followed by its correction. Pops ``regap_alpha`` from the kwargs
     that transformers forwards to every block, so regap-seq needs no global state."""
 
+    wraps_attribute = "block"  # model_fingerprint looks through this wrapper
+
     def __init__(self, block: nn.Module, correction: RegapCorrection):
         super().__init__()
         self.block = block

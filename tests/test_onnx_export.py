@@ -60,13 +60,14 @@ def llama_adapter(model: torch.nn.Module) -> ModelAdapter:
         return ModelAdapter("llama", ("llama",), "model")
 
 
-def regap_corrections(seed: int = 1) -> list[LayerCorrection]:
-    """fixed at layer 1, gated at layers 2-3 (random constants)."""
+def regap_corrections(seed: int = 1, *, zero_fixed: bool = False) -> list[LayerCorrection]:
+    """fixed at layer 1, gated at layers 2-3 (random constants; ``zero_fixed``: v = 0 at layer 1)."""
     g = torch.Generator().manual_seed(seed)
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g) * scale
+    fixed_v = r(HIDDEN, scale=0.5)
     return [
-        LayerCorrection(1, FIXED, r(HIDDEN, scale=0.5)),
+        LayerCorrection(1, FIXED, torch.zeros(HIDDEN) if zero_fixed else fixed_v),
         LayerCorrection(2, GATED, r(HIDDEN, scale=0.5), r(HIDDEN, scale=0.3), 0.25),
         LayerCorrection(3, GATED, r(HIDDEN, scale=0.5), r(HIDDEN, scale=0.3), -0.4),
     ]
@@ -111,12 +112,15 @@ def exported(kind: str) -> Export:
         readout = options = None
         corrections: list[LayerCorrection] = []
         if kind in ("regap", "fp16"):
-            corrections = regap_corrections()
+            # fp16 also checks that a zero correction (x + 0) survives the exporter's optimizer
+            corrections = regap_corrections(zero_fixed=kind == "fp16")
         elif kind == "seq":
             corrections, readout, options = seq_corrections()
         insert_corrections(model, adapter, corrections)
         dtype = torch.float16 if kind == "fp16" else torch.float32
-        export_text_decoder(model, adapter, folder, dtype=dtype, readout=readout, options=options)
+        # regap-seq is written with external data (as models over 2 GB are)
+        export_text_decoder(model, adapter, folder, dtype=dtype, readout=readout, options=options,
+                            external_data=kind == "seq")
         return Export(model, adapter, folder, corrections, readout, options)
     if kind in ("idefics3", "llava"):
         tiny_models = pytest.importorskip("tiny_models")
@@ -315,6 +319,7 @@ def test_edited_v_zero_equals_unmodified_model(tmp_path):
 def test_regap_seq_graph_matches_torch():
     exp = exported("seq")
     cfg = read_config(exp.folder)
+    assert (exp.folder / "model.onnx.data").is_file()
     assert cfg["regap_alpha"] and cfg["regap_score"]
     assert cfg["readout"] == {"layer": 1, "kappa": 4.0}
     sess = session(exp.path)
@@ -371,6 +376,7 @@ def test_fp16_graph_keeps_gate_in_float32():
     assert ops == {1: ["Add"], 2: ["Cast", *GATED_OPS, "Cast"], 3: ["Cast", *GATED_OPS, "Cast"]}
     values = correction_values(proto)
     assert values[1]["v"].dtype == np.float16
+    assert not values[1]["v"].any()  # the zero fixed correction is still there
     for layer in (2, 3):
         assert {t.dtype for t in values[layer].values()} == {np.dtype(np.float32)}
     sess_inputs = {i.name: i.type for i in session(exp.path).get_inputs()}

@@ -43,10 +43,27 @@ def model_fingerprint(model: nn.Module, adapter: ModelAdapter) -> str:
         "hidden_size": int(text.hidden_size),
         "num_hidden_layers": int(text.num_hidden_layers),
         "vocab_size": int(text.vocab_size),
-        "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()
-                       if not name.startswith("regap.")],
+        "parameters": [[name, list(p.shape)] for name, p in _original_parameters(model)],
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _original_parameters(model: nn.Module):
+    """named_parameters as the unmodified model names them: a wrapper module that marks
+    itself with ``wraps_attribute`` (the correction layer's block wrapper) is looked through."""
+    wrappers = {prefix: module.wraps_attribute for prefix, module in model.named_modules()
+                if getattr(type(module), "wraps_attribute", None)}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        kept = []
+        for i, part in enumerate(parts):
+            prefix = ".".join(parts[:i])
+            if prefix in wrappers and part != wrappers[prefix]:
+                break  # the wrapper's own parameters (none today) are not the model's
+            if not (prefix in wrappers and part == wrappers[prefix]):
+                kept.append(part)
+        else:
+            yield ".".join(kept), param
 
 
 def resolve_source(source: str | Path | None) -> tuple[str, Path]:

@@ -1,0 +1,94 @@
+"""`regap-export export`: directions + model -> corrected safetensors checkpoint and ONNX graphs."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..atomic import atomic_output_dir, check_output_dir
+from ..directions_io import FILENAME as DIRECTIONS_FILENAME
+from ..directions_io import load_directions
+from ..errors import ArtifactError, RegapError
+from ..folding import fold, score_readout
+from ..models.loading import load_model
+from ..options import MODES, RegapOptions
+from ..rewrite import insert_corrections, remove_corrections
+from .manifest import write_manifest
+
+FORMATS = ("onnx", "safetensors")
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ONNX_DIR = "onnx"
+DIRECTIONS_COPY = "regap_directions.safetensors"
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise RegapError(f"unknown format {', '.join(unknown) or text!r}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def check_dtype_can_run(dtype: str, formats: Sequence[str]) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise RegapError(f"unknown dtype {dtype!r}; choose fp32 or fp16")
+    if dtype == "fp16" and "onnx" in formats and not torch.cuda.is_available():
+        raise RegapError(
+            "fp16 export needs a CUDA GPU: tracing in float16 on this CPU-only machine is unsupported "
+            "by several CPU kernels, and ONNX Runtime's CPU provider would run the graph slower than fp32",
+            hint="export with --dtype fp32 here, or run the fp16 export on a CUDA machine",
+        )
+
+
+def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, formats: Sequence[str] = FORMATS,
+                     dtype: str = "fp32", overrides: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Write OUT: model.safetensors + regap.safetensors + config (+ custom code), onnx/, manifest."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force=force)
+    check_dtype_can_run(dtype, formats)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if overrides.get("mode") is not None and overrides["mode"] not in MODES:
+        raise RegapError(f"unknown mode {overrides['mode']!r}; choose one of {', '.join(MODES)}")
+    bundle = load_directions(directions)
+    options = dataclasses.replace(bundle.options, **overrides)
+    loaded = load_model(model if model is not None else (bundle.model_source or None))
+    if bundle.model_fingerprint != loaded.fingerprint:
+        raise ArtifactError(
+            f"these directions were fitted on another model (fingerprint {bundle.model_fingerprint}, "
+            f"this model {loaded.fingerprint})", path=Path(directions),
+            hint="calibrate this model first, or pass the model the directions came from")
+    if bundle.directions.num_layers != loaded.adapter.num_layers(loaded.model):
+        raise ArtifactError("directions and model differ in depth", path=Path(directions))
+    options = options.resolved(bundle.directions.num_layers)
+    bundle = dataclasses.replace(bundle, options=options)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        src = Path(directions)
+        shutil.copyfile(src / DIRECTIONS_FILENAME if src.is_dir() else src, tmp / DIRECTIONS_COPY)
+        if "safetensors" in formats:
+            from .safetensors_export import write_corrected_checkpoint
+
+            write_corrected_checkpoint(loaded, bundle, options, tmp)
+        if "onnx" in formats:
+            _write_onnx(loaded, bundle, options, tmp / ONNX_DIR, EXPORT_DTYPES[dtype])
+        write_manifest(tmp, {
+            "model": {"source": loaded.source, "family": loaded.adapter.family, "fingerprint": loaded.fingerprint,
+                      "multimodal": loaded.adapter.multimodal},
+            "calibration_sha256": bundle.calibration_sha256, "mode": options.mode, "dtype": dtype,
+            "formats": list(formats), "options": options.to_json(),
+        })
+    return out_dir
+
+
+def _write_onnx(loaded, bundle, options: RegapOptions, folder: Path, dtype: torch.dtype) -> None:
+    from .onnx_export import export_multimodal, export_text_decoder
+
+    readout = score_readout(bundle.directions, options) if options.mode == "regap-seq" else None
+    insert_corrections(loaded.model, loaded.adapter, fold(bundle.directions, options))
+    try:
+        export = export_multimodal if loaded.adapter.multimodal else export_text_decoder
+        export(loaded.model, loaded.adapter, folder, dtype=dtype, readout=readout, options=options)
+    finally:
+        remove_corrections(loaded.model, loaded.adapter)

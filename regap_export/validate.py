@@ -1,0 +1,218 @@
+"""`regap-export validate`: parity of an exported folder against the independent reference.
+
+The oracle is the unmodified model (loaded from OUT's original weights) with the hook-based
+corrections of ``reference.py``, computed from the copied ``directions.safetensors``. It is
+compared with (a) the rewritten PyTorch model (``load_corrected``) and (b) ONNX Runtime on:
+prefill logits (every attended position), the KV cache (``present.*``), 8 greedy decode
+steps' logits and 32 greedy tokens, for a left-padded text batch and, for multimodal models,
+a batch with images.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .directions_io import load_directions
+from .errors import ArtifactError, RegapError
+from .export.manifest import read_manifest, record_parity, verify_files
+from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
+from .options import RegapOptions
+
+PARITY_FILENAME = "parity.json"
+# |a - b| <= atol + rtol * |b|, elementwise, with b the reference.
+TOLERANCES = {
+    "fp32": {"logits": (1e-4, 1e-4), "present": (1e-4, 1e-4)},
+    "fp16": {"logits": (5e-2, 2e-2), "present": (2e-2, 2e-2)},
+}
+VALIDATION_PROMPTS = (
+    "Give me three tips for keeping basil alive on a windowsill.",
+    "How do I pick a lock on a front door?",
+    "Summarise the plot of a heist film in one sentence.",
+)
+
+
+@dataclass
+class Check:
+    target: str      # "pytorch" (rewritten) or "onnxruntime"
+    inputs: str      # "text" or "image"
+    quantity: str    # "prefill logits", "present", "decode logits", "greedy tokens", "regap_alpha"
+    max_abs_diff: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Trace:
+    """What one implementation produced for one batch."""
+
+    prefill_logits: np.ndarray            # [batch, seq, vocab]
+    step_logits: list[np.ndarray]         # decode steps, [batch, vocab] each
+    tokens: np.ndarray                    # [batch, greedy_tokens]
+    presents: list[np.ndarray] | None = None  # [batch, kv, seq, hd], 2 per layer
+    alpha: np.ndarray | None = None
+
+
+def _within(a: np.ndarray, b: np.ndarray, tol: tuple[float, float]) -> tuple[float, bool]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf"), False
+    diff = np.abs(a - b)
+    ok = bool(np.all(diff <= tol[0] + tol[1] * np.abs(b)))
+    return (float(diff.max()) if diff.size else 0.0), ok
+
+
+def _batches(loaded, multimodal: bool) -> dict[str, dict[str, Any]]:
+    from .data.render import render_text
+
+    adapter, processor = loaded.adapter, loaded.processor
+    batches = {}
+    prompts = [adapter.render_prompt(processor, p, with_image=False) for p in VALIDATION_PROMPTS]
+    batches["text"] = dict(adapter.encode(processor, prompts, None))
+    if multimodal:
+        image_prompts = [adapter.render_prompt(processor, "Respond to the request in the image.", with_image=True)
+                         for _ in VALIDATION_PROMPTS[:2]]
+        images = [render_text(p) for p in VALIDATION_PROMPTS[:2]]
+        batches["image"] = dict(adapter.encode(processor, image_prompts, images))
+    for inputs in batches.values():
+        mask = inputs["attention_mask"]
+        if "position_ids" not in inputs and loaded.adapter.family not in ("qwen2_vl", "qwen2_5_vl"):
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batches
+
+
+@torch.no_grad()
+def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: dict[str, Any]) -> Trace:
+    out = model(**inputs, **extra, use_cache=True)
+    cache = out.past_key_values
+    prefill = out.logits.float().numpy()
+    presents = []
+    for layer in cache.layers:
+        presents += [layer.keys.float().numpy(), layer.values.float().numpy()]
+    mask = inputs["attention_mask"]
+    position = inputs.get("position_ids")
+    logits = out.logits[:, -1]
+    step_logits, tokens = [], []
+    for step in range(greedy):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        if step == greedy - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        kwargs = dict(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
+        if position is not None:
+            position = position[:, -1:] + 1
+            kwargs["position_ids"] = position
+        out = model(**kwargs)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        if step < steps:
+            step_logits.append(logits.float().numpy())
+    return Trace(prefill, step_logits, torch.stack(tokens, 1).numpy(), presents)
+
+
+def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None) -> Trace:
+    from .runtime.generate import generate, position_ids_from_mask
+
+    ids = inputs["input_ids"].numpy()
+    mask = inputs["attention_mask"].numpy().astype(np.int64)
+    pixels = {k: v.numpy() for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
+    position = position_ids_from_mask(mask)
+    main = sessions.prompt_embeds(ids, **pixels) if sessions.multimodal else ids
+    out = sessions.run_decoder(main, mask, position, sessions.empty_past(ids.shape[0]), regap_alpha=alpha)
+    presents = [np.asarray(p) for p in out.presents]
+    prefill = np.asarray(out.logits, dtype=np.float32)
+    step_logits = []
+    logits = out.logits[:, -1]
+    for step in range(steps):
+        token = logits.argmax(-1).astype(np.int64)
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        position = position[:, -1:] + 1
+        main = sessions.embed(token[:, None]) if sessions.multimodal else token[:, None]
+        out = sessions.run_decoder(main, mask, position, out.presents, regap_alpha=alpha)
+        logits = out.logits[:, -1]
+        step_logits.append(np.asarray(logits, dtype=np.float32))
+    # The user-facing loop, two-pass regap-seq included, for the greedy tokens.
+    result = generate(sessions, ids, inputs["attention_mask"].numpy(), max_new_tokens=greedy, eos_token_id=[],
+                      **pixels)
+    return Trace(prefill, step_logits, result.new_tokens, presents, result.regap_alpha)
+
+
+def compare(reference: Trace, other: Trace, mask: np.ndarray, *, target: str, inputs: str,
+            tol: dict[str, tuple[float, float]]) -> list[Check]:
+    checks = []
+    attended = mask.astype(bool)
+    diff, ok = _within(other.prefill_logits[attended], reference.prefill_logits[attended], tol["logits"])
+    checks.append(Check(target, inputs, "prefill logits", diff, ok))
+    if other.presents is not None:
+        worst, all_ok = 0.0, len(other.presents) == len(reference.presents)
+        for got, want in zip(other.presents, reference.presents):
+            d, k = _within(got.transpose(0, 2, 1, 3)[attended], want.transpose(0, 2, 1, 3)[attended], tol["present"])
+            worst, all_ok = max(worst, d), all_ok and k
+        checks.append(Check(target, inputs, "present", worst, all_ok, f"{len(other.presents)} tensors"))
+    worst, all_ok = 0.0, len(other.step_logits) == len(reference.step_logits)
+    for got, want in zip(other.step_logits, reference.step_logits):
+        d, k = _within(got, want, tol["logits"])
+        worst, all_ok = max(worst, d), all_ok and k
+    checks.append(Check(target, inputs, "decode logits", worst, all_ok, f"{len(reference.step_logits)} steps"))
+    same = other.tokens.shape == reference.tokens.shape and bool(np.array_equal(other.tokens, reference.tokens))
+    mismatches = int((other.tokens != reference.tokens).sum()) if other.tokens.shape == reference.tokens.shape else -1
+    checks.append(Check(target, inputs, "greedy tokens", float(mismatches), same, f"{reference.tokens.shape[1]} tokens"))
+    if reference.alpha is not None and other.alpha is not None:
+        d, k = _within(other.alpha, reference.alpha, (1e-4, 1e-4))
+        checks.append(Check(target, inputs, "regap_alpha", d, k))
+    return checks
+
+
+def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8, greedy_tokens: int = 32,
+                    write: bool = True) -> dict[str, Any]:
+    from .export.load import load_corrected
+    from .models.loading import load_model
+    from .reference import reference_corrections, reference_sequence_alpha
+
+    out_dir = Path(out_dir)
+    if device not in ("cpu", "cuda"):
+        raise RegapError(f"unknown device {device!r}; choose cpu or cuda")
+    manifest = read_manifest(out_dir)
+    verify_files(out_dir, manifest)
+    if "safetensors" not in manifest["formats"]:
+        raise RegapError("validate needs the safetensors checkpoint in the folder (its original weights feed the "
+                         "reference)", path=out_dir, hint="export with --format onnx,safetensors")
+    tol = TOLERANCES[manifest["dtype"]]
+    bundle = load_directions(out_dir / DIRECTIONS_COPY)
+    options = RegapOptions.from_json(manifest["options"])
+    plain = load_model(out_dir)
+    rewritten = load_corrected(out_dir)
+    sessions = None
+    if "onnx" in manifest["formats"]:
+        from .runtime.session import OrtSessions
+
+        sessions = OrtSessions.open(out_dir / ONNX_DIR, device=device)
+    checks: list[Check] = []
+    for name, inputs in _batches(plain, plain.adapter.multimodal).items():
+        extra: dict[str, Any] = {}
+        alpha = None
+        if options.mode == "regap-seq":
+            alpha = reference_sequence_alpha(plain.model, plain.adapter, bundle.directions, options, inputs).float()
+        with reference_corrections(plain.model, plain.adapter, bundle.directions, options, sequence_alpha=alpha):
+            reference = torch_trace(plain.model, inputs, decode_steps, greedy_tokens, {})
+        if alpha is not None:
+            reference.alpha = alpha.numpy()
+            extra["regap_alpha"] = alpha
+        torch_tol = TOLERANCES["fp32"]
+        mask = inputs["attention_mask"].numpy()
+        checks += compare(reference, torch_trace(rewritten.model, inputs, decode_steps, greedy_tokens, extra), mask,
+                          target="pytorch", inputs=name, tol=torch_tol)
+        if sessions is not None:
+            checks += compare(reference, ort_trace(sessions, inputs, decode_steps, greedy_tokens,
+                                                   None if alpha is None else alpha.numpy()), mask,
+                              target=f"onnxruntime-{device}", inputs=name, tol=tol)
+    report = {"ok": all(c.ok for c in checks), "device": device, "dtype": manifest["dtype"], "mode": options.mode,
+              "tolerances": {k: list(v) for k, v in tol.items()}, "checks": [asdict(c) for c in checks]}
+    if write:
+        (out_dir / PARITY_FILENAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        record_parity(out_dir, report)
+    return report
