@@ -104,7 +104,7 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 @functools.lru_cache(maxsize=None)
 def exported(kind: str) -> Export:
-    """kind: plain | regap | seq | fp16 | idefics3 | llava"""
+    """kind: plain | regap | seq | fp16 | idefics3 | llava | llava_next"""
     folder = _ROOT / kind
     if kind in ("plain", "regap", "seq", "fp16"):
         model = tiny_llama()
@@ -122,7 +122,7 @@ def exported(kind: str) -> Export:
         export_text_decoder(model, adapter, folder, dtype=dtype, readout=readout, options=options,
                             external_data=kind == "seq")
         return Export(model, adapter, folder, corrections, readout, options)
-    if kind in ("idefics3", "llava"):
+    if kind in ("idefics3", "llava", "llava_next"):
         tiny_models = pytest.importorskip("tiny_models")
         model, processor = tiny_models.build_tiny(kind)
         from regap_export.models import adapter_for_model
@@ -418,7 +418,7 @@ def multimodal_batch(exp: Export) -> dict[str, torch.Tensor]:
     return adapter.encode(processor, prompts, _images(2))
 
 
-@pytest.mark.parametrize("family", ["idefics3", "llava"])
+@pytest.mark.parametrize("family", ["idefics3", "llava", "llava_next"])
 def test_multimodal_split_matches_torch(family):
     exp = exported(family)
     cfg = read_config(exp.folder)
@@ -450,3 +450,38 @@ def test_multimodal_split_matches_torch(family):
     np.testing.assert_allclose(embeds[text], ref_embeds.numpy()[text], atol=1e-6)
     assert_close_valid(outputs["logits"], ref.logits.numpy(), mask)
     assert_presents_close(outputs, ref.cache, mask, LAYERS)
+
+
+# ----------------------------------------------------------------------------------------
+# other text families (slow: one export each, ~25-40 s)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
+def test_text_family_matches_torch(family, tmp_path):
+    """Prompts longer than Gemma's sliding window (16 in the tiny configs): the graph keeps
+    a full cache and masks the window itself."""
+    tiny_models = pytest.importorskip("tiny_models")
+    from regap_export.models import adapter_for_model
+
+    model, _ = tiny_models.build_tiny(family)
+    adapter = adapter_for_model(model)
+    insert_corrections(model, adapter, regap_corrections())
+    export_text_decoder(model, adapter, tmp_path)
+    assert correction_nodes(tmp_path / TEXT_FILE) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    cfg = read_config(tmp_path)
+    sess = session(tmp_path / TEXT_FILE)
+    ids, mask = left_padded_batch(seed=31, lengths=(30, 21))
+    pos = positions(mask)
+    outputs = run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)})
+    ref, cache = torch_step(model, ids=ids, mask=mask, pos=pos)
+    assert_close_valid(outputs["logits"], ref, mask)
+    for _ in range(4):
+        nxt = ref[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        feeds = {"input_ids": nxt, "attention_mask": mask, "position_ids": pos}
+        feeds.update({f"past_key_values.{i}.{kv}": outputs[f"present.{i}.{kv}"]
+                      for i in range(cfg["num_layers"]) for kv in ("key", "value")})
+        outputs = run(sess, feeds)
+        ref, cache = torch_step(model, ids=nxt, mask=mask, pos=pos, cache=cache)
+        assert np.abs(outputs["logits"] - ref).max() <= ATOL

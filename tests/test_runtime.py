@@ -168,7 +168,7 @@ def test_merge_image_features_checks_counts():
         merge_image_features(embeds, ids, feats[:, :1], 9)
 
 
-@pytest.mark.parametrize("family", ["idefics3", "llava"])
+@pytest.mark.parametrize("family", ["idefics3", "llava", "llava_next"])
 def test_multimodal_greedy_identical_to_transformers(family):
     exp = exported(family)
     sessions = OrtSessions.open(exp.folder)

@@ -74,6 +74,7 @@ def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, 
     the model's, the model's parameters are cast **in place** (the gate constants stay
     float32). ``external_data``: None = automatic (weights over ~1.8 GB).
     """
+    _check_dtype(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -101,6 +102,7 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
 
     Returns ``{"vision_encoder": path, "embed_tokens": path, "decoder": path}``.
     """
+    _check_dtype(dtype)
     spec = vision_spec(adapter.family)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,8 +122,18 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
     config["image_token_id"] = spec.image_token_id(model.config)
     config["vision_inputs"] = list(spec.inputs)
     config["vision_input_dtypes"] = list(spec.input_dtypes)
+    config["vision_outputs"] = list(spec.outputs)
+    config["vision_config"] = spec.runtime_config(model.config)
     _write_json(out_dir / CONFIG_FILE, config)
     return paths
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float16):
+        from ..errors import RegapError
+
+        raise RegapError(f"ONNX export supports float32 and float16, not {dtype}",
+                         hint="ONNX Runtime has few bfloat16 kernels; use --dtype fp16")
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
@@ -214,6 +226,10 @@ class DecoderWrapper(nn.Module):
         return tuple(outputs)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _has_scaled(model: nn.Module) -> bool:
     return any(isinstance(m, RegapCorrection) and m.kind == SCALED for m in model.modules())
 
@@ -230,9 +246,13 @@ def _cache_geometry(model: nn.Module, adapter: ModelAdapter, embeds: bool, alpha
         kwargs["input_ids"] = torch.zeros(1, 2, dtype=torch.long)
     if alpha:
         kwargs["regap_alpha"] = torch.zeros(1)
+    device = _device(model)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with torch.no_grad():
         out = model(**kwargs)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
     n = adapter.num_layers(model)
     layers = cache.layers[:n]
     return len(layers), [int(l.keys.shape[1]) for l in layers], [int(l.keys.shape[3]) for l in layers]
@@ -374,7 +394,7 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     for i in range(num_layers):
         past += [torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype) for _ in range(2)]
     extra = [torch.ones(B, dtype=torch.float32)] if alpha else []
-    args = (main, mask, position_ids, *extra, *past)
+    args = tuple(a.to(_device(model)) for a in (main, mask, position_ids, *extra, *past))
 
     main_name = "inputs_embeds" if embeds else "input_ids"
     input_names = [main_name, "attention_mask", "position_ids"] + (["regap_alpha"] if alpha else [])
@@ -436,15 +456,16 @@ def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_d
     from torch.export import Dim
 
     n = Dim(NUM_IMAGES)
-    args = spec.sample(model, _SAMPLE_IMAGES)
+    args = tuple(a.to(_device(model)) for a in spec.sample(model, _SAMPLE_IMAGES))
     wrapper = _VisionWrapper(model, spec).eval()
     dynamic_shapes = {"inputs": tuple({0: n} for _ in args)}
     with spec.patches():
         program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=list(spec.inputs),
-                                     output_names=["image_features"], opset=opset)
+                                     output_names=list(spec.outputs), opset=opset)
     dims = {name: [NUM_IMAGES] + [None] * (a.dim() - 1) for name, a in zip(spec.inputs, args)}
     dims["image_features"] = [NUM_IMAGES, None, None]
     _name_dims(program.model, dims)
+    _drop_intermediate_shapes(program.model)
     _set_metadata(program.model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "vision_encoder"})
     _save(program, path, external_data)
 
@@ -462,7 +483,7 @@ def _export_embeddings(model: nn.Module, path: Path, *, external_data: bool | No
     from torch.export import Dim
 
     wrapper = _EmbedWrapper(model.get_input_embeddings()).eval()
-    args = (torch.zeros(_SAMPLE_BATCH, _SAMPLE_SEQ, dtype=torch.long),)
+    args = (torch.zeros(_SAMPLE_BATCH, _SAMPLE_SEQ, dtype=torch.long, device=_device(model)),)
     dynamic_shapes = {"input_ids": {0: Dim(BATCH), 1: Dim(SEQ)}}
     program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=["input_ids"],
                                  output_names=["inputs_embeds"], opset=opset)
@@ -488,6 +509,19 @@ def _name_dims(ir_model, dims: dict[str, list[str | None]]) -> None:
             raise RuntimeError(f"{value.name}: exported rank {len(old)}, contract rank {len(names)}")
         new = [ir.SymbolicDim(n) if n is not None else d for n, d in zip(names, old)]
         value.shape = ir.Shape(new)
+
+
+def _drop_intermediate_shapes(ir_model) -> None:
+    """Forget the traced shapes of intermediate values (ONNX Runtime infers them again).
+
+    Float ``arange`` (Idefics3's patch-position boundaries) can count one element more in
+    torch than ONNX's Range computes; the extra boundary never changes the result, but the
+    recorded shape would make ONNX Runtime warn about a shape mismatch at load time."""
+    outputs = {id(v) for v in ir_model.graph.outputs}
+    for node in ir_model.graph:
+        for value in node.outputs:
+            if id(value) not in outputs:
+                value.shape = None
 
 
 def _set_metadata(ir_model, props: dict[str, str]) -> None:

@@ -24,14 +24,19 @@ class VisionSpec:
     family: str
     # Graph inputs of vision_encoder.onnx, in order; pixel_values first.
     inputs: tuple[str, ...]
-    # encode(model, *inputs) -> image features [num_images, tokens_per_image, hidden] (model dtype)
-    encode: Callable[..., torch.Tensor]
+    # encode(model, *inputs) -> image features [num_images, tokens_per_image, hidden] (model
+    # dtype), or a tuple matching ``outputs``
+    encode: Callable[..., Any]
     # sample(model, num_images) -> example inputs (tuple, same order as ``inputs``)
     sample: Callable[[nn.Module, int], tuple[torch.Tensor, ...]]
     # ONNX dtype of each input (numpy dtype names)
     input_dtypes: tuple[str, ...]
     # Patches active while tracing (ops torch.onnx cannot lower).
     patches: Callable[[], contextlib.AbstractContextManager] = field(default=lambda: contextlib.nullcontext())
+    # Graph outputs of vision_encoder.onnx; image_features first.
+    outputs: tuple[str, ...] = ("image_features",)
+    # Family settings the runtime needs to place the features (written to regap_onnx.json).
+    runtime_config: Callable[[Any], dict[str, Any]] = field(default=lambda config: {})
 
     def image_token_id(self, config: Any) -> int:
         for name in ("image_token_id", "image_token_index"):
@@ -106,6 +111,23 @@ def _llava_sample(model: nn.Module, n: int) -> tuple[torch.Tensor, ...]:
     return (torch.randn(n, 3, size, size),)
 
 
+# -- LLaVA-NeXT (v1.6) ----------------------------------------------------------------------
+def _llava_next_encode(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch features of the any-resolution crops [num_patches, tokens, hidden] (vision
+    tower -> chosen layer(s) -> projector, as LlavaNextModel.get_image_features before
+    ``pack_image_features``), and the learned ``image_newline`` [hidden]. The packing
+    (unpadding, newline columns) depends on each image's size and is the runtime's job."""
+    features = _llava_encode(model, pixel_values)
+    newline = model.model.image_newline
+    return features, newline.to(features.dtype) * 1
+
+
+def _llava_next_runtime(config: Any) -> dict[str, Any]:
+    return {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+            "image_size": int(config.vision_config.image_size),
+            "patch_size": int(config.vision_config.patch_size)}
+
+
 VISION_FAMILIES: dict[str, VisionSpec] = {
     "idefics3": VisionSpec(
         family="idefics3",
@@ -122,12 +144,19 @@ VISION_FAMILIES: dict[str, VisionSpec] = {
         sample=_llava_sample,
         input_dtypes=("float32",),
     ),
+    "llava_next": VisionSpec(
+        family="llava_next",
+        inputs=("pixel_values",),
+        encode=_llava_next_encode,
+        sample=_llava_sample,
+        input_dtypes=("float32",),
+        outputs=("image_features", "image_newline"),
+        runtime_config=_llava_next_runtime,
+    ),
 }
 
 # Families the split does not cover yet, with the reason (shown to the user).
 UNSUPPORTED_VISION: dict[str, str] = {
-    "llava_next": "LLaVA-NeXT's any-resolution packing (image_sizes, image_newline, unpadding) is data-dependent "
-                  "and not exported yet",
     "qwen2_vl": "Qwen2-VL's 3-D rotary positions (position_ids [3, batch, seq]) and patch-sequence vision input "
                 "are not exported yet",
     "qwen2_5_vl": "Qwen2.5-VL's 3-D rotary positions and windowed vision attention are not exported yet",

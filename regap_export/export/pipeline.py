@@ -28,7 +28,8 @@ def parse_formats(text: str) -> tuple[str, ...]:
     formats = tuple(part.strip() for part in text.split(",") if part.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        raise RegapError(f"unknown format {', '.join(unknown) or text!r}; choose from {', '.join(FORMATS)}")
+        raise RegapError(f"unknown format {', '.join(repr(u) for u in unknown) or repr(text)}; "
+                         f"choose from {', '.join(FORMATS)}")
     return formats
 
 

@@ -25,8 +25,8 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 # --------------------------------------------------------------------------------------
 # family-specific image inputs (numpy; the export side is export/onnx_families.py)
 # --------------------------------------------------------------------------------------
-def _idefics3_images(pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None = None, **_: Any
-                     ) -> dict[str, np.ndarray]:
+def _idefics3_images(config: dict, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None = None,
+                     **_: Any) -> dict[str, np.ndarray]:
     """[batch, max_images, 3, H, W] (processor output) -> real images only [n, 3, H, W].
     Padding images are all zeros, as Idefics3Model.get_image_features decides."""
     pv = np.asarray(pixel_values, dtype=np.float32)
@@ -44,16 +44,105 @@ def _idefics3_images(pixel_values: np.ndarray, pixel_attention_mask: np.ndarray 
     return {"pixel_values": np.ascontiguousarray(pv), "pixel_attention_mask": np.ascontiguousarray(mask)}
 
 
-def _llava_images(pixel_values: np.ndarray, **_: Any) -> dict[str, np.ndarray]:
+def _llava_images(config: dict, pixel_values: np.ndarray, **_: Any) -> dict[str, np.ndarray]:
     pv = np.asarray(pixel_values, dtype=np.float32)
     if pv.ndim == 5:
         pv = pv.reshape(-1, *pv.shape[2:])
     return {"pixel_values": np.ascontiguousarray(pv)}
 
 
-VISION_RUNTIME: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    "idefics3": _idefics3_images,
-    "llava": _llava_images,
+def _flatten_features(config: dict, outputs: dict[str, np.ndarray], **_: Any) -> np.ndarray:
+    features = outputs["image_features"]
+    return features.reshape(-1, features.shape[-1])
+
+
+# LLaVA-NeXT: any-resolution crops. Ports of transformers' llava_next helpers.
+def _best_resolution(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
+    from transformers.image_processing_utils import select_best_resolution
+
+    return tuple(int(x) for x in select_best_resolution(tuple(image_size), pinpoints))
+
+
+def _llava_next_num_patches(image_size: tuple[int, int], pinpoints: list[list[int]], crop: int) -> int:
+    height, width = _best_resolution(image_size, pinpoints)
+    return len(range(0, height, crop)) * len(range(0, width, crop)) + 1
+
+
+def _unpad(tensor: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+    """transformers' llava_next ``unpad_image`` for a [channels, height, width] array."""
+    original_height, original_width = original_size
+    current_height, current_width = tensor.shape[1:]
+    if original_width / original_height > current_width / current_height:
+        scale = current_width / original_width
+        new_height = int(round(original_height * scale, 7))
+        padding = (current_height - new_height) // 2
+        return tensor[:, padding: current_height - padding, :]
+    scale = current_height / original_height
+    new_width = int(round(original_width * scale, 7))
+    padding = (current_width - new_width) // 2
+    return tensor[:, :, padding: current_width - padding]
+
+
+def _llava_next_images(config: dict, pixel_values: np.ndarray, image_sizes: np.ndarray | None = None,
+                       **_: Any) -> dict[str, np.ndarray]:
+    """[num_images, max_patches, 3, S, S] -> the real crops of every image, concatenated."""
+    if image_sizes is None:
+        raise RegapError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+    vision = config["vision_config"]
+    pv = np.asarray(pixel_values, dtype=np.float32)
+    if pv.ndim == 4:
+        return {"pixel_values": np.ascontiguousarray(pv)}
+    crops = []
+    for image, size in zip(pv, np.asarray(image_sizes)):
+        n = _llava_next_num_patches((int(size[0]), int(size[1])), vision["image_grid_pinpoints"], vision["image_size"])
+        crops.append(image[:n])
+    return {"pixel_values": np.ascontiguousarray(np.concatenate(crops, axis=0))}
+
+
+def _llava_next_pack(config: dict, outputs: dict[str, np.ndarray], image_sizes: np.ndarray | None = None,
+                     **_: Any) -> np.ndarray:
+    """LlavaNextModel.pack_image_features in numpy: base crop, then the unpadded grid of
+    crops with an ``image_newline`` column after every row."""
+    vision = config["vision_config"]
+    features, newline = outputs["image_features"], outputs["image_newline"]
+    crop, side = vision["image_size"], vision["image_size"] // vision["patch_size"]
+    pinpoints = vision["image_grid_pinpoints"]
+    packed, offset = [], 0
+    for size in np.asarray(image_sizes):
+        size = (int(size[0]), int(size[1]))
+        n = _llava_next_num_patches(size, pinpoints, crop)
+        feature = features[offset: offset + n]
+        offset += n
+        if n > 1:
+            base, grid = feature[0], feature[1:]
+            best_h, best_w = _best_resolution(size, pinpoints)
+            rows, cols = best_h // crop, best_w // crop
+            dim = grid.shape[-1]
+            grid = grid.reshape(rows, cols, side, side, dim).transpose(4, 0, 2, 1, 3).reshape(dim, rows * side, cols * side)
+            grid = _unpad(grid, size)
+            column = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1)).astype(grid.dtype)
+            grid = np.concatenate([grid, column], axis=-1)
+            grid = grid.reshape(dim, -1).T
+            packed.append(np.concatenate([base, grid], axis=0))
+        else:
+            packed.append(np.concatenate([feature[0], newline[None].astype(feature.dtype)], axis=0))
+    if offset != features.shape[0]:
+        raise RegapError(f"LLaVA-NeXT: {features.shape[0]} crops encoded, image_sizes account for {offset}")
+    return np.concatenate(packed, axis=0)
+
+
+@dataclass(frozen=True)
+class VisionRuntime:
+    # prepare(config, **pixel inputs) -> the vision encoder's feeds
+    prepare: Callable[..., dict[str, np.ndarray]]
+    # place(config, outputs, **pixel inputs) -> feature rows [image tokens, hidden], in token order
+    place: Callable[..., np.ndarray] = _flatten_features
+
+
+VISION_RUNTIME: dict[str, VisionRuntime] = {
+    "idefics3": VisionRuntime(_idefics3_images),
+    "llava": VisionRuntime(_llava_images),
+    "llava_next": VisionRuntime(_llava_next_images, _llava_next_pack),
 }
 
 
@@ -163,17 +252,20 @@ class OrtSessions:
         return self.embed_tokens.run(["inputs_embeds"], {"input_ids": np.asarray(input_ids, dtype=np.int64)})[0]
 
     def image_features(self, **pixel_inputs: Any) -> np.ndarray:
-        """Vision encoder output [num_images, tokens_per_image, hidden] for the processor's
-        pixel inputs (``pixel_values`` and the family's extras)."""
+        """Image feature rows [image tokens, hidden], in the order of the image tokens, for
+        the processor's pixel inputs (``pixel_values`` and the family's extras, such as
+        ``pixel_attention_mask`` or ``image_sizes``)."""
         if self.vision_encoder is None:
             raise RegapError("this export is a text model: it takes no image")
         family = self.config["family"]
-        prepare = VISION_RUNTIME.get(family)
-        if prepare is None:
+        handler = VISION_RUNTIME.get(family)
+        if handler is None:
             raise RegapError(f"no image input handling for family {family!r}")
-        feeds = prepare(**{k: v for k, v in pixel_inputs.items() if v is not None})
-        names = self.config["vision_inputs"]
-        return self.vision_encoder.run(["image_features"], {n: feeds[n] for n in names})[0]
+        pixel_inputs = {k: np.asarray(v) for k, v in pixel_inputs.items() if v is not None}
+        feeds = handler.prepare(self.config, **pixel_inputs)
+        names = self.config.get("vision_outputs", ["image_features"])
+        values = self.vision_encoder.run(names, {n: feeds[n] for n in self.config["vision_inputs"]})
+        return handler.place(self.config, dict(zip(names, values)), **pixel_inputs)
 
     def prompt_embeds(self, input_ids: np.ndarray, **pixel_inputs: Any) -> np.ndarray:
         """Token embeddings with image features written at the image-token positions

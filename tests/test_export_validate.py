@@ -1,0 +1,221 @@
+"""`export` + `validate` end to end on tiny seeded models, and every bad input of issue 3."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from regap_export.directions_io import DirectionsFile, save_directions
+from regap_export.export.manifest import MANIFEST_FILENAME
+from regap_export.models.loading import load_model
+from regap_export.options import RegapOptions
+from regap_export_cli.main import app
+from regap_testing import batch_inputs, options_for, realistic_directions
+from tiny_models import save_tiny
+
+runner = CliRunner()
+ONNX_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "idefics3"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {family: save_tiny(family, root / family) for family in ONNX_FAMILIES}
+
+
+def write_directions(model_folder: Path, out: Path, options: RegapOptions = options_for("regap")) -> Path:
+    """Directions with non-zero drift and a gate that varies, for the model in ``model_folder``."""
+    loaded = load_model(model_folder)
+    inputs = batch_inputs(loaded.adapter, loaded.processor)
+    directions = realistic_directions(loaded.model, loaded.adapter, inputs, options)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = options.resolved(directions.num_layers)
+    save_directions(out, DirectionsFile(directions, opts, loaded.fingerprint, "0" * 64, str(model_folder)))
+    return out
+
+
+def export_and_validate(model: Path, directions: Path, out: Path, *extra: str) -> dict:
+    result = invoke("export", model, "--directions", directions, "--out", out, *extra)
+    assert result.exit_code == 0, result.output
+    checked = invoke("validate", out, "--json")
+    report = json.loads(checked.stdout)
+    assert checked.exit_code == (0 if report["ok"] else 1)
+    return report
+
+
+def assert_all_ok(report: dict) -> None:
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, failed
+    targets = {(c["target"], c["quantity"]) for c in report["checks"]}
+    for quantity in ("prefill logits", "present", "decode logits", "greedy tokens"):
+        assert ("onnxruntime-cpu", quantity) in targets and ("pytorch", quantity) in targets
+
+
+@pytest.mark.parametrize("family", ONNX_FAMILIES)
+def test_regap_mode_parity(models, tmp_path, family):
+    directions = write_directions(models[family], tmp_path / "dirs")
+    report = export_and_validate(models[family], directions, tmp_path / "out")
+    assert_all_ok(report)
+    assert (tmp_path / "out" / "parity.json").is_file()
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILENAME).read_text())
+    assert manifest["parity"]["ok"] is True
+    inputs = {c["inputs"] for c in report["checks"]}
+    assert inputs == ({"text", "image"} if family in ("llava", "idefics3") else {"text"})
+
+
+@pytest.mark.parametrize("family", ["llama", "idefics3"])
+@pytest.mark.parametrize("mode", ["fixed", "regap-seq"])
+def test_other_modes_parity(models, tmp_path, family, mode):
+    directions = write_directions(models[family], tmp_path / "dirs")
+    report = export_and_validate(models[family], directions, tmp_path / "out", "--mode", mode)
+    assert_all_ok(report)
+    if mode == "regap-seq":
+        assert any(c["quantity"] == "regap_alpha" for c in report["checks"])
+
+
+def test_alpha_zero_matches_the_unmodified_model(models, tmp_path):
+    """With every strength at 0, ONNX Runtime reproduces plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from regap_export.runtime.session import OrtSessions
+    from regap_export.runtime.generate import position_ids_from_mask
+
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    result = invoke("export", models["llama"], "--directions", directions, "--out", tmp_path / "out",
+                    "--alpha0", "0", "--alpha-max", "0", "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    ids = torch.tensor([[0, 0, 5, 17, 99, 1203], [3, 44, 5, 17, 99, 1203]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    position = torch.from_numpy(position_ids_from_mask(mask.numpy()))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=position).logits.numpy()
+    sessions = OrtSessions.open(tmp_path / "out" / "onnx")
+    got = sessions.run_decoder(ids.numpy(), mask.numpy(), position.numpy(), sessions.empty_past(2)).logits
+    attended = mask.numpy().astype(bool)
+    np.testing.assert_allclose(got[attended], want[attended], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def assert_refused(result, *fragments, out: Path | None = None):
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_directions_of_another_model(models, tmp_path):
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    out = tmp_path / "out"
+    assert_refused(invoke("export", models["qwen2"], "--directions", directions, "--out", out),
+                   "fitted on another model", out=out)
+
+
+def test_directions_of_another_format_version(models, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    path = directions / "directions.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**meta, "format_version": "99"})
+    out = tmp_path / "out"
+    assert_refused(invoke("export", models["llama"], "--directions", directions, "--out", out),
+                   "directions format version '99'", "directions.safetensors", out=out)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--mode", "sideways", "unknown mode 'sideways'"),
+    ("--dtype", "int3", "unknown dtype 'int3'"),
+    ("--adaptive-band", "2:40", "outside the model's 4 decoder blocks"),
+    ("--format", "tflite", "unknown format 'tflite'"),
+])
+def test_bad_export_options(models, tmp_path, option, value, message):
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    out = tmp_path / "out"
+    assert_refused(invoke("export", models["llama"], "--directions", directions, "--out", out, option, value),
+                   message, out=out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 export is allowed where CUDA exists")
+def test_fp16_export_where_it_cannot_run(models, tmp_path):
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    out = tmp_path / "out"
+    assert_refused(invoke("export", models["llama"], "--directions", directions, "--out", out, "--dtype", "fp16"),
+                   "fp16 export needs a CUDA GPU", out=out)
+
+
+def test_existing_out_needs_force(models, tmp_path):
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke("export", models["llama"], "--directions", directions, "--out", out)
+    assert result.exit_code == 2 and "output directory exists" in result.output and "--force" in result.output
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    directions = write_directions(models["llama"], root / "dirs")
+    assert invoke("export", models["llama"], "--directions", directions, "--out", root / "out").exit_code == 0
+    return root / "out"
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_truncated_onnx_is_named(exported, tmp_path):
+    out = copy_of(exported, tmp_path)
+    graph = out / "onnx" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    assert_refused(invoke("validate", out), "model.onnx", "truncated")
+
+
+def test_modified_file_fails_the_manifest_hash(exported, tmp_path):
+    out = copy_of(exported, tmp_path)
+    tensors = out / "regap.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    assert_refused(invoke("validate", out), "regap.safetensors", "sha256 does not match the manifest")
+
+
+def test_corrupted_onnx_with_matching_manifest_is_named(exported, tmp_path):
+    """A graph broken before the manifest was written still fails, naming the graph."""
+    from regap_export.export.manifest import write_manifest
+
+    out = copy_of(exported, tmp_path)
+    graph = out / "onnx" / "model.onnx"
+    graph.write_bytes(b"not an onnx graph")
+    manifest = json.loads((out / MANIFEST_FILENAME).read_text())
+    write_manifest(out, {k: v for k, v in manifest.items()
+                         if k not in ("files", "parity", "manifest_version", "regap_export_version", "created_with")})
+    assert_refused(invoke("validate", out), "model.onnx")
+
+
+def test_validate_of_a_folder_without_manifest(tmp_path):
+    assert_refused(invoke("validate", tmp_path), "regap_manifest.json", "no manifest")
+
+
+def test_generate_prints_a_reply(exported):
+    result = invoke("generate", exported, "--prompt", "Say hello.", "--max-new-tokens", "5", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["new_tokens"] == 5
