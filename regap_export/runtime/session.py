@@ -192,7 +192,12 @@ class OrtSessions:
                 opts = ort.SessionOptions()
                 if intra_op_threads is not None:
                     opts.intra_op_num_threads = intra_op_threads
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types, one per failure
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ArtifactError(f"ONNX Runtime cannot load this graph ({first_line})", path=path,
+                                    hint="the file is corrupted or truncated; re-run export") from None
             if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
                 raise RegapError(f"{name}: ONNX Runtime could not start its CUDA provider",
                                  hint="check the CUDA / cuDNN libraries onnxruntime-gpu needs")
