@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,20 +12,10 @@ from .directions_io import load_directions, save_directions
 from .errors import ArtifactError, RegapError
 from .models.loading import load_model
 from .options import RegapOptions
-from .report import REPORT_FILENAME, write_plot, write_report
+from .report import REPORT_FILENAME, json_safe, write_plot, write_report
 from .stats import ActivationStats
 
 STATS_FILENAME = "stats.safetensors"
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def load_calibration_records(data: Path | None, *, label: str | None, split: str | None, render: bool,

@@ -4,12 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .capture import CaptureRequest, capture, requests_for
+from .capture import capture, requests_for
 from .directions import (Directions, drift_direction, probe_anchors_and_kappa, projections,
                          refusal_direction, require_classes)
 from .data.records import records_fingerprint

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 

@@ -24,20 +24,20 @@ TABLE_COLUMNS = (
 )
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Strict JSON: NaN and infinities become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> Path:
     path = Path(folder) / REPORT_FILENAME
-    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .directions_io import load_directions
-from .errors import ArtifactError, RegapError
+from .errors import RegapError
 from .export.manifest import read_manifest, record_parity, verify_files
 from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
 from .options import RegapOptions

@@ -1,7 +1,6 @@
 """Calibration on tiny seeded models of every family, checked against a direct computation."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The embedded default models (built from the SmolLM2 GGUF) and the tiny Idefics3."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -17,17 +16,10 @@ from regap_export.errors import ModelError
 from regap_export.models import adapter_for_model
 from regap_export.models import embedded as E
 from tiny_idefics3 import IMAGE_SEQ_LEN as TINY_IMAGE_SEQ_LEN
+from regap_export.export.safetensors_export import sha256_file
 from tiny_idefics3 import build_tiny_idefics3
 
 SMOLVLM_SEQ_LEN = 9  # 96 px images, 16 px patches, pixel shuffle 2
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def odd_images() -> list[Image.Image]:
@@ -151,7 +143,7 @@ def test_missing_package_gives_install_hint(monkeypatch, tmp_path):
 def test_deterministic_bytes(built):
     first = built["folders"]["embedded:smolvlm"] / "model.safetensors"
     second = built["second"] / "model.safetensors"
-    assert sha256(first) == sha256(second)
+    assert sha256_file(first) == sha256_file(second)
     for f in ("config.json", "tokenizer.json", "processor_config.json"):
         assert (built["folders"]["embedded:smolvlm"] / f).read_bytes() == (built["second"] / f).read_bytes(), f
 

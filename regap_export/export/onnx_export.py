@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from ..correction import RegapCorrection
-from ..folding import FIXED, GATED, SCALED, ScoreReadout
+from ..folding import FIXED, SCALED, ScoreReadout
 from ..models.base import ModelAdapter
 from ..options import RegapOptions
 from ..rewrite import CorrectedBlock
-from .onnx_families import VisionSpec, vision_spec
+from ..models.vision_export import VisionSpec, vision_spec
 from .onnx_graph import SCORE_B, SCORE_W, public_name
 
 log = logging.getLogger(__name__)

@@ -4,10 +4,9 @@ Keyed by ``adapter.family``. Each entry says how ``vision_encoder.onnx`` turns i
 into image features already in the language model's embedding space (after the
 projector / connector), what its sample inputs look like, and which token id marks image
 positions. The runtime side (numpy: which pixel inputs to feed, how to drop padding
-images) lives in ``regap_export.runtime.session.VISION_RUNTIME``.
+images) lives in ``regap_export.models.vision_runtime``.
 
-This table is meant to move into ``regap_export.models`` (one method per adapter) later;
-it is kept here so the family adapters need no ONNX knowledge yet.
+Model internals live in ``regap_export.models`` only; the exporter looks families up here.
 """
 from __future__ import annotations
 

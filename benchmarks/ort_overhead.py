@@ -1,0 +1,468 @@
+"""Cost of the correction layers inside ONNX Runtime: uncorrected vs fixed vs regap graphs.
+
+    python benchmarks/ort_overhead.py                                  # CPU-sized random Llama
+    python benchmarks/ort_overhead.py --device cuda --shape tinyllama  # the reference shape (GPU)
+    python benchmarks/ort_overhead.py --device cuda --shape tinyllama --dtype fp16
+
+One seeded random-weight Llama is exported by regap-export's own exporter
+(``export_text_decoder``) three times:
+
+- ``uncorrected``: no correction layers;
+- ``fixed``: the middle half of the blocks (L/4 .. 3L/4 - 1; 8 of 16 for ``tinyllama``)
+  corrected by a constant add (``h + v``, 1 op);
+- ``regap``: the same blocks with the folded gated correction (``h + sigmoid(h.w + b) v``,
+  5 ops in fp32, 7 in fp16), random w/b/v scaled so that the gates of real block outputs
+  lie in about 0.2-0.8 (checked and reported).
+
+(a) Timing: ONNX Runtime with IO binding (inputs, KV cache and preallocated outputs live on
+the device; ``synchronize_outputs`` after every run), a prefill of ``--prefill`` tokens and
+one decode step after ``--past`` tokens of cache, for each batch in ``--batches``. Every
+repetition runs the variants in a freshly shuffled order. Reported: medians, p10-p90, the
+ratio of medians to ``uncorrected`` and a paired bootstrap 95 % CI of that ratio
+(repetitions resampled together, so slow drifts of the machine cancel).
+
+(b) Profiler: a separate session per variant with ``enable_profiling``; the kernel time of
+the correction nodes (by node name, from ``onnx_graph.correction_chains``) as a share of all
+kernel time, per case, warm-up runs excluded. On CUDA the per-node times ONNX Runtime
+records are host-side launch times unless the wheel was built with CUDA profiling: read
+them as a proxy there.
+
+(c) Fusions: the ORT_ENABLE_ALL-optimized graph of each variant
+(``SessionOptions.optimized_model_filepath``), op counts compared with ``uncorrected``;
+any fused op type (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
+RotaryEmbedding, GroupQueryAttention, MatMulNBits, ...) that the corrected graph has fewer
+of is reported as a lost fusion.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import emit, environment, median_and_spread, peak_rss_mib  # noqa: E402
+from _synthetic import SHAPES, block_outputs, gated_constants, random_llama  # noqa: E402
+
+VARIANTS = ("uncorrected", "fixed", "regap")
+FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+             "SkipLayerNormalization", "RotaryEmbedding", "GroupQueryAttention", "MultiHeadAttention",
+             "Attention", "MatMulNBits", "FusedMatMul", "Gemm", "FastGelu", "BiasGelu", "QuickGelu",
+             "SkipGroupNorm", "GemmaRotaryEmbedding", "SparseAttention", "FusedConv", "BiasSoftmax")
+
+
+# --------------------------------------------------------------------------------------
+# building and exporting
+# --------------------------------------------------------------------------------------
+def corrected_layers(num_layers: int, spec: str | None) -> list[int]:
+    if spec:
+        start, end = (int(x) for x in spec.split(":"))
+        return list(range(start, end))
+    return list(range(num_layers // 4, (3 * num_layers) // 4))
+
+
+def make_corrections(model, adapter, layers: list[int], seed: int):
+    """LayerCorrection lists for the fixed and regap variants (same layers, same v)."""
+    from regap_export.folding import FIXED, GATED, LayerCorrection
+
+    hs = block_outputs(model, adapter, tokens=64, batch=2, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    fixed, gated, gates = [], [], {}
+    for layer in layers:
+        w, b, v, g = gated_constants(hs[layer], gen)
+        fixed.append(LayerCorrection(layer, FIXED, v))
+        gated.append(LayerCorrection(layer, GATED, v, w, b))
+        gates[layer] = g
+    allg = torch.cat(list(gates.values()))
+    gate_stats = {"min": float(allg.min()), "p10": float(torch.quantile(allg, 0.1)),
+                  "median": float(allg.median()), "p90": float(torch.quantile(allg, 0.9)),
+                  "max": float(allg.max()),
+                  "share_in_0.2_0.8": float(((allg >= 0.2) & (allg <= 0.8)).double().mean())}
+    return {"uncorrected": [], "fixed": fixed, "regap": gated}, gate_stats
+
+
+def export_variants(model, adapter, corrections: dict, workdir: Path, dtype: torch.dtype,
+                    variants: list[str]) -> dict[str, dict[str, Any]]:
+    from regap_export.export.onnx_export import export_text_decoder
+    from regap_export.export.onnx_graph import correction_nodes
+    from regap_export.rewrite import insert_corrections, remove_corrections
+
+    out = {}
+    for name in variants:
+        folder = workdir / name
+        start = time.perf_counter()
+        if corrections[name]:
+            insert_corrections(model, adapter, corrections[name])
+        try:
+            path = export_text_decoder(model, adapter, folder, dtype=dtype)
+        finally:
+            remove_corrections(model, adapter)
+        seconds = time.perf_counter() - start
+        ops = correction_nodes(path)
+        out[name] = {"path": path, "export_seconds": seconds, "correction_ops": ops,
+                     "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
+        print(f"exported {name}: {seconds:.1f} s, {out[name]['bytes'] / 2**20:.0f} MiB, "
+              f"ops per corrected layer: {sorted(set(tuple(v) for v in ops.values())) or '-'}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# ONNX Runtime
+# --------------------------------------------------------------------------------------
+def providers_for(device: str) -> list:
+    import onnxruntime as ort
+
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SystemExit(f"error: this onnxruntime ({ort.__version__}, {ort.__file__}) has no "
+                             f"CUDAExecutionProvider; providers: {ort.get_available_providers()}")
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None, *, profile_prefix: Path | None = None,
+                    optimized_path: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+        # Graphs over 2 GB cannot be one protobuf: write the optimized weights next to it.
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    optimized_path.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return so
+
+
+def open_session(path: Path, device: str, so):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=providers_for(device))
+    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit(f"error: {path}: ONNX Runtime did not start the CUDA provider ({sess.get_providers()})")
+    return sess
+
+
+class Case:
+    """One input configuration (prefill or decode, batch), bound once per variant."""
+
+    def __init__(self, phase: str, batch: int, seq: int, past: int, info: dict, device: str, np_dtype, seed: int):
+        import onnxruntime as ort
+
+        self.phase, self.batch, self.seq, self.past = phase, batch, seq, past
+        self.name = f"{phase} b{batch} " + (f"s{seq}" if phase == "prefill" else f"past{past}")
+        rng = np.random.default_rng(seed)
+        total = past + seq
+        L, kv, hd, vocab = info["num_layers"], info["num_key_value_heads"], info["head_dim"], info["vocab_size"]
+        feeds = {
+            "input_ids": rng.integers(3, vocab, size=(batch, seq), dtype=np.int64),
+            "attention_mask": np.ones((batch, total), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, total, dtype=np.int64), (batch, seq)).copy(),
+        }
+        for i in range(L):
+            for part in ("key", "value"):
+                feeds[f"past_key_values.{i}.{part}"] = (0.5 * rng.standard_normal((batch, kv[i], past, hd[i]))
+                                                       ).astype(np_dtype)
+        dev = "cuda" if device == "cuda" else "cpu"
+        self.inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), dev, 0) for k, v in feeds.items()}
+        self.outputs = {"logits": ort.OrtValue.ortvalue_from_shape_and_type([batch, seq, vocab], np_dtype, dev, 0)}
+        for i in range(L):
+            for part in ("key", "value"):
+                self.outputs[f"present.{i}.{part}"] = ort.OrtValue.ortvalue_from_shape_and_type(
+                    [batch, kv[i], total, hd[i]], np_dtype, dev, 0)
+        self.tokens = batch * seq
+
+    def bind(self, sess):
+        binding = sess.io_binding()
+        for name, value in self.inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self.outputs.items():
+            binding.bind_ortvalue_output(name, value)
+        return binding
+
+
+def run_once(sess, binding) -> float:
+    start = time.perf_counter()
+    sess.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    return time.perf_counter() - start
+
+
+def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """95 % CI of median(other) / median(base), resampling repetitions (pairs) together."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), size=(n, len(base)))
+    ratios = np.median(other[idx], axis=1) / np.median(base[idx], axis=1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------
+# profiler
+# --------------------------------------------------------------------------------------
+def correction_node_names(path: Path) -> dict[str, str]:
+    from regap_export.export.onnx_graph import correction_chains
+
+    names = {}
+    for layer, chain in correction_chains(path).items():
+        for node in chain:
+            names[node.name] = f"{layer}:{node.op_type}"
+    return names
+
+
+def parse_profile(profile_file: str, run_case: list[str | None], corr_names: dict[str, str]) -> dict[str, Any]:
+    """Kernel time per case (warm-up runs, marked None in ``run_case``, dropped)."""
+    events = json.loads(Path(profile_file).read_text())
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if len(runs) != len(run_case):
+        raise RuntimeError(f"profile has {len(runs)} model_run events, expected {len(run_case)}")
+    starts = np.array([r["ts"] for r in runs])
+    ends = np.array([r["ts"] + r["dur"] for r in runs])
+    per_case: dict[str, dict[str, Any]] = {}
+    seen = set()
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if i < 0 or e["ts"] > ends[i] or run_case[i] is None:
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        c = per_case.setdefault(run_case[i], {"total_us": 0, "correction_us": 0, "runs": set(),
+                                                "by_op": collections.Counter()})
+        c["total_us"] += e["dur"]
+        c["runs"].add(i)
+        if node in corr_names:
+            c["correction_us"] += e["dur"]
+            c["by_op"][e["args"].get("op_name", "?")] += e["dur"]
+            seen.add(node)
+    out = {}
+    for case, c in per_case.items():
+        n = max(1, len(c["runs"]))
+        out[case] = {"kernel_ms_per_run": c["total_us"] / n / 1000,
+                     "correction_ms_per_run": c["correction_us"] / n / 1000,
+                     "correction_share": c["correction_us"] / c["total_us"] if c["total_us"] else 0.0,
+                     "correction_us_by_op": {k: v / n for k, v in c["by_op"].items()}}
+    missing = sorted(set(corr_names) - seen)
+    return {"cases": out, "correction_nodes": len(corr_names), "correction_nodes_seen": len(seen),
+            "correction_nodes_not_seen": [f"{n} ({corr_names[n]})" for n in missing][:40]}
+
+
+def op_counts(path: Path) -> collections.Counter:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    counts = collections.Counter()
+    for node in proto.graph.node:
+        counts[(f"{node.domain}." if node.domain and node.domain != "ai.onnx" else "") + node.op_type] += 1
+    return counts
+
+
+def fusion_report(counts: dict[str, collections.Counter], corrected_layers: int) -> dict[str, Any]:
+    base = counts.get("uncorrected")
+    out: dict[str, Any] = {}
+    if base is None:
+        return out
+    for name, c in counts.items():
+        if name == "uncorrected":
+            continue
+        diff = {op: c[op] - base[op] for op in set(c) | set(base) if c[op] != base[op]}
+        lost = {op: d for op, d in diff.items()
+                if d < 0 and (op.split(".")[-1] in FUSED_OPS or op.startswith("com.microsoft."))}
+        out[name] = {"diff_vs_uncorrected": dict(sorted(diff.items())), "fusions_lost": lost}
+    out["uncorrected_fused_ops"] = {op: n for op, n in sorted(base.items())
+                                    if op.split(".")[-1] in FUSED_OPS or op.startswith("com.microsoft.")}
+    out["corrected_layers"] = corrected_layers
+    return out
+
+
+# --------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu",
+                        help="model preset (cpu: 512/1408/8 layers; tinyllama: 2048/5632/16 layers)")
+    for flag in ("hidden", "intermediate", "layers", "heads", "kv-heads", "vocab"):
+        parser.add_argument(f"--{flag}", type=int, default=None, help=f"override the preset's {flag}")
+    parser.add_argument("--corrected", default=None, help="START:END blocks to correct (default: the middle half)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="fp16 needs CUDA (exported on the GPU)")
+    parser.add_argument("--prefill", type=int, default=512, help="prefill tokens")
+    parser.add_argument("--past", type=int, default=1024, help="cache length before the decode step")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=60, help="timed repetitions per case and variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
+    parser.add_argument("--profile-runs", type=int, default=5, help="profiled runs per case (0: skip the profiler)")
+    parser.add_argument("--no-fusions", action="store_true", help="skip saving/comparing the optimized graphs")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the graphs here (default: a temp folder)")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON result here")
+    args = parser.parse_args()
+
+    shape = dict(SHAPES[args.shape])
+    for key in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.dtype == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("error: --dtype fp16 is exported on a CUDA GPU (torch.cuda is not available here)")
+    if args.device == "cuda":
+        providers_for("cuda")  # fail before the long export
+    threads = args.threads if args.threads is not None else (os.cpu_count() if args.device == "cpu" else None)
+    torch_dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    np_dtype = np.float16 if args.dtype == "fp16" else np.float32
+
+    from regap_export.models import adapter_for_model
+
+    t0 = time.perf_counter()
+    model = random_llama(**shape, max_positions=max(2048, args.past + args.prefill + 8), seed=args.seed)
+    adapter = adapter_for_model(model)
+    layers = corrected_layers(shape["layers"], args.corrected)
+    corrections, gate_stats = make_corrections(model, adapter, layers, args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"random Llama {shape}: {params / 1e6:.0f} M parameters, built in {time.perf_counter() - t0:.1f} s; "
+          f"corrected blocks {layers[0]}..{layers[-1]} ({len(layers)} of {shape['layers']}); "
+          f"gates on random tokens: {gate_stats}", flush=True)
+    if args.dtype == "fp16":
+        model.to("cuda")
+
+    cleanup = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="ort_overhead_")) if cleanup else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, list(VARIANTS))
+        del model
+        info = json.loads((workdir / "uncorrected" / "regap_onnx.json").read_text())
+
+        # (a) timing -------------------------------------------------------------------
+        sessions = {v: open_session(exports[v]["path"], args.device, session_options(threads)) for v in VARIANTS}
+        cases = []
+        for b in batches:
+            cases.append(Case("prefill", b, args.prefill, 0, info, args.device, np_dtype, args.seed + b))
+            cases.append(Case("decode", b, 1, args.past, info, args.device, np_dtype, args.seed + 100 + b))
+        bindings = {(c.name, v): c.bind(sessions[v]) for c in cases for v in VARIANTS}
+        for c in cases:
+            for v in VARIANTS:
+                for _ in range(args.warmup):
+                    run_once(sessions[v], bindings[(c.name, v)])
+        times = {(c.name, v): [] for c in cases for v in VARIANTS}
+        order_rng = random.Random(args.seed)
+        t_loop = time.perf_counter()
+        for rep in range(args.repeats):
+            for c in cases:
+                order = list(VARIANTS)
+                order_rng.shuffle(order)
+                for v in order:
+                    times[(c.name, v)].append(run_once(sessions[v], bindings[(c.name, v)]))
+        loop_seconds = time.perf_counter() - t_loop
+        del bindings, sessions
+
+        timing: dict[str, Any] = {}
+        rows = []
+        for c in cases:
+            base = np.array(times[(c.name, "uncorrected")])
+            timing[c.name] = {}
+            for v in VARIANTS:
+                arr = np.array(times[(c.name, v)])
+                s = median_and_spread(list(arr * 1000))
+                ratio = float(np.median(arr) / np.median(base))
+                ci = paired_bootstrap(base, arr, args.bootstrap, args.seed) if v != "uncorrected" else (1.0, 1.0)
+                timing[c.name][v] = {"ms": s, "ratio": ratio, "ratio_ci95": ci,
+                                     "tokens_per_second": c.tokens / float(np.median(arr))}
+                rows.append((c.name, v, f"{s['median']:.2f}", f"{s['p10']:.2f}-{s['p90']:.2f}",
+                             f"{ratio:.3f}x", "-" if v == "uncorrected" else f"{ci[0]:.3f}-{ci[1]:.3f}"))
+
+        # (b) profiler and (c) fusions: one analysis session per variant ------------------
+        profile: dict[str, Any] = {}
+        counts: dict[str, collections.Counter] = {}
+        if args.profile_runs > 0 or not args.no_fusions:
+            optdir = workdir / "optimized"
+            optdir.mkdir(exist_ok=True)
+            for v in VARIANTS:
+                so = session_options(threads, profile_prefix=workdir / f"profile_{v}" if args.profile_runs else None,
+                                     optimized_path=None if args.no_fusions else optdir / f"{v}.onnx")
+                sess = open_session(exports[v]["path"], args.device, so)
+                if args.profile_runs > 0:
+                    run_case: list[str | None] = []
+                    for c in cases:
+                        binding = c.bind(sess)
+                        run_once(sess, binding)
+                        run_case.append(None)
+                        for _ in range(args.profile_runs):
+                            run_once(sess, binding)
+                            run_case.append(c.name)
+                    profile_file = sess.end_profiling()
+                    profile[v] = parse_profile(profile_file, run_case, correction_node_names(exports[v]["path"])
+                                               if v != "uncorrected" else {})
+                    Path(profile_file).unlink(missing_ok=True)
+                del sess
+                if not args.no_fusions:
+                    counts[v] = op_counts(optdir / f"{v}.onnx")
+            if not args.no_fusions:
+                shutil.rmtree(optdir, ignore_errors=True)
+        fusions = fusion_report(counts, len(layers)) if counts else {}
+
+        results = {
+            "device": args.device, "dtype": args.dtype, "shape": args.shape, "config": shape,
+            "parameters": params, "corrected_layers": layers, "gates_on_random_tokens": gate_stats,
+            "prefill_tokens": args.prefill, "past_tokens": args.past, "batches": batches,
+            "repeats": args.repeats, "warmup": args.warmup, "ort_threads": threads,
+            "loop_seconds": loop_seconds, "timing": timing,
+            "exports": {v: {"export_seconds": e["export_seconds"], "bytes": e["bytes"],
+                            "ops_per_corrected_layer": sorted({" ".join(x) for x in e["correction_ops"].values()})}
+                        for v, e in exports.items()},
+            "profile": profile, "fusions": fusions,
+            "op_counts_optimized": {v: dict(sorted(c.items())) for v, c in counts.items()},
+            "load_average": os.getloadavg(), "peak_rss_mib": peak_rss_mib(),
+        }
+        emit(f"ort_overhead ({args.device}, {args.dtype}, {args.shape})", results, rows,
+             ("case", "variant", "median ms", "p10-p90 ms", "vs uncorrected", "ratio 95% CI"))
+        if profile:
+            print("profiler: correction kernels as a share of all kernel time")
+            for v in ("fixed", "regap"):
+                for case, p in profile.get(v, {}).get("cases", {}).items():
+                    print(f"  {v:6s} {case:22s} {100 * p['correction_share']:6.2f} %  "
+                          f"({p['correction_ms_per_run']:.3f} of {p['kernel_ms_per_run']:.2f} ms per run)")
+                pv = profile.get(v, {})
+                print(f"  {v:6s} correction nodes seen in the profile: {pv.get('correction_nodes_seen')} of "
+                      f"{pv.get('correction_nodes')}")
+        if fusions:
+            print("fusions (ORT_ENABLE_ALL optimized graphs, op counts vs uncorrected):")
+            print(f"  uncorrected fused ops: {fusions['uncorrected_fused_ops']}")
+            for v in ("fixed", "regap"):
+                f = fusions.get(v, {})
+                print(f"  {v:6s} diff {f.get('diff_vs_uncorrected')}  lost: {f.get('fusions_lost') or 'none'}")
+        if args.json_out:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps({"benchmark": "ort_overhead", "environment": environment(),
+                                                 **results}, indent=2, sort_keys=True, default=str))
+    finally:
+        if cleanup:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
