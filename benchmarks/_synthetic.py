@@ -117,8 +117,8 @@ def synthetic_directions(model, adapter, *, seed: int = 0, drift_scale: float = 
     L = len(hs)
     c_neg_t, c_pos_t = torch.tensor(c_neg), torch.tensor(c_pos)
     return Directions(rhat=torch.stack(rhat).float(), drift=torch.stack(drift).float(),
-                      anchor_text_harmful=c_pos_t.float(), anchor_text_harmless=c_neg_t.float(),
-                      anchor_probe_harmful=c_pos_t.float(), anchor_probe_harmless=c_neg_t.float(),
+                      anchor_text_harmful=c_pos_t.float().clone(), anchor_text_harmless=c_neg_t.float().clone(),
+                      anchor_probe_harmful=c_pos_t.float().clone(), anchor_probe_harmless=c_neg_t.float().clone(),
                       kappa=torch.full((L,), KAPPA, dtype=torch.float32))
 
 

@@ -118,6 +118,116 @@ def export_variants(model, adapter, corrections: dict, workdir: Path, dtype: tor
     return out
 
 
+def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
+    """``uncorrected`` and ``fixed`` graphs cut out of the exported ``regap`` graph.
+
+    Each gated chain ([Cast] MatMul Add Sigmoid Mul Add [Cast]) is removed and its output
+    rewired to the block output h (uncorrected) or replaced by one ``Add(h, regap.{l}.v)``
+    with v in the model's dtype (fixed): exactly the graphs the exporter writes for those
+    modes (``--derive-check`` compares them). The derived graphs sit next to the regap graph
+    and share its external weight file, so one export serves all three variants.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from regap_export.export.onnx_graph import correction_chains, correction_values
+
+    regap_path = Path(regap_path)
+    base = onnx.load(str(regap_path), load_external_data=False)
+    values = correction_values(regap_path)
+    out = {}
+    for variant in ("uncorrected", "fixed"):
+        start = time.perf_counter()
+        proto = onnx.ModelProto()
+        proto.CopyFrom(base)
+        graph = proto.graph
+        chains = correction_chains(proto)
+        drop_nodes, drop_inits, add_inits, replace_at, rename = set(), set(), [], {}, {}
+        model_dtype = None
+        for layer, chain in chains.items():
+            if [n.op_type for n in chain if n.op_type != "Cast"] != ["MatMul", "Add", "Sigmoid", "Mul", "Add"]:
+                raise RuntimeError(f"layer {layer}: not a gated chain: {[n.op_type for n in chain]}")
+            h = chain[0].input[0]  # the Cast's input in fp16, the MatMul's in fp32
+            tail = chain[-1].output[0]
+            inside = {o for n in chain for o in n.output}
+            ids = {id(n) for n in chain}
+            for node in graph.node:  # only the tail may leave the chain
+                if id(node) not in ids and any(i in inside and i != tail for i in node.input):
+                    raise RuntimeError(f"layer {layer}: {node.op_type} {node.name} reads inside the correction")
+            drop_nodes.update(id(n) for n in chain)
+            drop_inits.update(f"regap.{layer}.{k}" for k in ("w", "b", "v"))
+            if variant == "uncorrected":
+                rename[tail] = h
+            else:
+                v = values[layer]["v"].reshape(-1)
+                if model_dtype is None:
+                    model_dtype = np.float16 if chain[0].op_type == "Cast" else np.float32
+                name = f"regap.{layer}.v"
+                add_inits.append(numpy_helper.from_array(v.astype(model_dtype), name))
+                replace_at[id(chain[0])] = onnx.helper.make_node("Add", [h, name], [tail],
+                                                                 name=f"regap_fixed_add_{layer}")
+        nodes = []
+        for node in graph.node:
+            if id(node) in replace_at:
+                nodes.append(replace_at[id(node)])
+            elif id(node) not in drop_nodes:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                for i, name in enumerate(new.input):
+                    if name in rename:
+                        new.input[i] = rename[name]
+                nodes.append(new)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        for value in graph.output:
+            if value.name in rename:
+                raise RuntimeError(f"a correction output is a graph output ({value.name})")
+        kept = [init for init in graph.initializer if init.name not in drop_inits]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + add_inits)
+        path = regap_path.with_name(f"model_{variant}.onnx")
+        onnx.save(proto, str(path))
+        out[variant] = {"path": path, "export_seconds": time.perf_counter() - start, "derived": True,
+                        "correction_ops": correction_nodes_of(path), "bytes": path.stat().st_size}
+        print(f"derived {variant} from the regap graph ({out[variant]['export_seconds']:.1f} s)", flush=True)
+    return out
+
+
+def correction_nodes_of(path: Path) -> dict[int, list[str]]:
+    from regap_export.export.onnx_graph import correction_nodes
+
+    return correction_nodes(path)
+
+
+def derive_check(exports: dict, derived: dict, device: str, threads: int | None, np_dtype) -> dict[str, Any]:
+    """Derived vs exported graphs: op counts and outputs on one small prefill."""
+    import onnx
+
+    report = {}
+    info = json.loads((Path(exports["uncorrected"]["path"]).parent / "regap_onnx.json").read_text())
+    case = Case("prefill", 2, 8, 0, info, device, np_dtype, 123)
+    for variant in ("uncorrected", "fixed"):
+        counts = {}
+        outs = {}
+        for kind, path in (("exported", exports[variant]["path"]), ("derived", derived[variant]["path"])):
+            proto = onnx.load(str(path), load_external_data=False)
+            counts[kind] = collections.Counter(n.op_type for n in proto.graph.node)
+            sess = open_session(path, device, session_options(threads))
+            binding = case.bind(sess)
+            run_once(sess, binding)
+            outs[kind] = binding.get_outputs()[0].numpy().astype(np.float32)
+            del sess
+        diff = float(np.abs(outs["exported"] - outs["derived"]).max())
+        report[variant] = {"same_op_counts": counts["exported"] == counts["derived"],
+                           "op_count_diff": {k: counts["derived"][k] - counts["exported"][k]
+                                             for k in set(counts["derived"]) | set(counts["exported"])
+                                             if counts["derived"][k] != counts["exported"][k]},
+                           "max_abs_logit_diff": diff}
+        print(f"derive check {variant}: same op counts {report[variant]['same_op_counts']}, "
+              f"max |logit diff| {diff:.3g}", flush=True)
+    return report
+
+
 # --------------------------------------------------------------------------------------
 # ONNX Runtime
 # --------------------------------------------------------------------------------------
@@ -296,6 +406,51 @@ def fusion_report(counts: dict[str, collections.Counter], corrected_layers: int)
     return out
 
 
+def prepare_exports(args, shape: dict, workdir: Path, torch_dtype, threads, np_dtype) -> dict[str, Any]:
+    """Build the random model and export the variants into ``workdir`` (or, with --reuse,
+    read back what an earlier --export-only run left there). Returns the state saved in
+    ``workdir/exports.json``."""
+    state_file = workdir / "exports.json"
+    layers = corrected_layers(shape["layers"], args.corrected)
+    derive = bool(args.derive or args.derive_check)
+    want = {"config": shape, "dtype": args.dtype, "corrected_layers": layers, "seed": args.seed, "derive": derive}
+    if args.reuse and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if {k: state.get(k) for k in want} != want:
+            raise SystemExit(f"error: {state_file} was written for {({k: state.get(k) for k in want})}, "
+                             f"this run wants {want}")
+        print(f"reusing the graphs in {workdir} (exported in {state['exports']['regap']['export_seconds']:.0f} s)",
+              flush=True)
+        return state
+    if args.reuse:
+        print(f"note: --reuse, but {state_file} is missing: exporting now", flush=True)
+
+    from regap_export.models import adapter_for_model
+
+    t0 = time.perf_counter()
+    model = random_llama(**shape, max_positions=max(2048, args.past + args.prefill + 8), seed=args.seed)
+    adapter = adapter_for_model(model)
+    corrections, gate_stats = make_corrections(model, adapter, layers, args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"random Llama {shape}: {params / 1e6:.0f} M parameters, built in {time.perf_counter() - t0:.1f} s; "
+          f"corrected blocks {layers[0]}..{layers[-1]} ({len(layers)} of {shape['layers']}); "
+          f"gates on random tokens: {gate_stats}", flush=True)
+    derive_report = None
+    if derive:
+        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, ["regap"])
+        exports.update(derive_variants(exports["regap"]["path"]))
+        if args.derive_check:
+            exported = export_variants(model, adapter, corrections, workdir, torch_dtype, ["uncorrected", "fixed"])
+            derive_report = derive_check(exported, exports, args.device, threads, np_dtype)
+    else:
+        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, list(VARIANTS))
+    del model
+    state = dict(want, gate_stats=gate_stats, parameters=params, derive_check=derive_report,
+                 exports={v: dict(e, path=str(e["path"])) for v, e in exports.items()})
+    state_file.write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    return state
+
+
 # --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -307,7 +462,7 @@ def main() -> None:
     parser.add_argument("--corrected", default=None, help="START:END blocks to correct (default: the middle half)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
-                        help="fp16 needs CUDA (exported on the GPU)")
+                        help="fp16 graphs are meant for --device cuda (ORT CPU has few fp16 kernels)")
     parser.add_argument("--prefill", type=int, default=512, help="prefill tokens")
     parser.add_argument("--past", type=int, default=1024, help="cache length before the decode step")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -316,6 +471,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
     parser.add_argument("--profile-runs", type=int, default=5, help="profiled runs per case (0: skip the profiler)")
     parser.add_argument("--no-fusions", action="store_true", help="skip saving/comparing the optimized graphs")
+    parser.add_argument("--derive", action="store_true",
+                        help="export only the regap graph and cut the uncorrected and fixed graphs out of it "
+                             "(one export instead of three: for tight GPU budgets)")
+    parser.add_argument("--derive-check", action="store_true",
+                        help="--derive, and also export the other two and compare (op counts, logits)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="build and export into --workdir, then stop (time them later with --reuse)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="time the graphs an earlier --export-only run left in --workdir")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the graphs here (default: a temp folder)")
@@ -327,35 +491,29 @@ def main() -> None:
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    if args.dtype == "fp16" and not torch.cuda.is_available():
-        raise SystemExit("error: --dtype fp16 is exported on a CUDA GPU (torch.cuda is not available here)")
+    if args.dtype == "fp16" and args.device == "cpu":
+        print("warning: fp16 on ONNX Runtime's CPU provider is for smoke tests only (few fp16 CPU kernels)",
+              flush=True)
     if args.device == "cuda":
         providers_for("cuda")  # fail before the long export
     threads = args.threads if args.threads is not None else (os.cpu_count() if args.device == "cpu" else None)
     torch_dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     np_dtype = np.float16 if args.dtype == "fp16" else np.float32
 
-    from regap_export.models import adapter_for_model
-
-    t0 = time.perf_counter()
-    model = random_llama(**shape, max_positions=max(2048, args.past + args.prefill + 8), seed=args.seed)
-    adapter = adapter_for_model(model)
-    layers = corrected_layers(shape["layers"], args.corrected)
-    corrections, gate_stats = make_corrections(model, adapter, layers, args.seed)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"random Llama {shape}: {params / 1e6:.0f} M parameters, built in {time.perf_counter() - t0:.1f} s; "
-          f"corrected blocks {layers[0]}..{layers[-1]} ({len(layers)} of {shape['layers']}); "
-          f"gates on random tokens: {gate_stats}", flush=True)
-    if args.dtype == "fp16":
-        model.to("cuda")
-
+    if args.export_only and args.workdir is None:
+        raise SystemExit("error: --export-only needs --workdir (where the graphs are kept)")
     cleanup = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="ort_overhead_")) if cleanup else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, list(VARIANTS))
-        del model
-        info = json.loads((workdir / "uncorrected" / "regap_onnx.json").read_text())
+        state = prepare_exports(args, shape, workdir, torch_dtype, threads, np_dtype)
+        if args.export_only:
+            print(f"graphs written to {workdir} (run again with --reuse --workdir {workdir} to time them)")
+            return
+        exports = {v: dict(e, path=Path(e["path"])) for v, e in state["exports"].items()}
+        layers, gate_stats, params = state["corrected_layers"], state["gate_stats"], state["parameters"]
+        derive_report = state.get("derive_check")
+        info = json.loads((workdir / "regap" / "regap_onnx.json").read_text())
 
         # (a) timing -------------------------------------------------------------------
         sessions = {v: open_session(exports[v]["path"], args.device, session_options(threads)) for v in VARIANTS}
@@ -398,29 +556,34 @@ def main() -> None:
         # (b) profiler and (c) fusions: one analysis session per variant ------------------
         profile: dict[str, Any] = {}
         counts: dict[str, collections.Counter] = {}
+        analysis_errors: dict[str, str] = {}
         if args.profile_runs > 0 or not args.no_fusions:
             optdir = workdir / "optimized"
             optdir.mkdir(exist_ok=True)
             for v in VARIANTS:
-                so = session_options(threads, profile_prefix=workdir / f"profile_{v}" if args.profile_runs else None,
-                                     optimized_path=None if args.no_fusions else optdir / f"{v}.onnx")
-                sess = open_session(exports[v]["path"], args.device, so)
-                if args.profile_runs > 0:
-                    run_case: list[str | None] = []
-                    for c in cases:
-                        binding = c.bind(sess)
-                        run_once(sess, binding)
-                        run_case.append(None)
-                        for _ in range(args.profile_runs):
+                try:
+                    so = session_options(threads, profile_prefix=workdir / f"profile_{v}" if args.profile_runs else None,
+                                         optimized_path=None if args.no_fusions else optdir / f"{v}.onnx")
+                    sess = open_session(exports[v]["path"], args.device, so)
+                    if args.profile_runs > 0:
+                        run_case: list[str | None] = []
+                        for c in cases:
+                            binding = c.bind(sess)
                             run_once(sess, binding)
-                            run_case.append(c.name)
-                    profile_file = sess.end_profiling()
-                    profile[v] = parse_profile(profile_file, run_case, correction_node_names(exports[v]["path"])
-                                               if v != "uncorrected" else {})
-                    Path(profile_file).unlink(missing_ok=True)
-                del sess
-                if not args.no_fusions:
-                    counts[v] = op_counts(optdir / f"{v}.onnx")
+                            run_case.append(None)
+                            for _ in range(args.profile_runs):
+                                run_once(sess, binding)
+                                run_case.append(c.name)
+                        profile_file = sess.end_profiling()
+                        profile[v] = parse_profile(profile_file, run_case, correction_node_names(exports[v]["path"])
+                                                   if v != "uncorrected" else {})
+                        Path(profile_file).unlink(missing_ok=True)
+                    del sess
+                    if not args.no_fusions:
+                        counts[v] = op_counts(optdir / f"{v}.onnx")
+                except Exception as exc:  # keep the timing results whatever the profiler does
+                    analysis_errors[v] = f"{type(exc).__name__}: {str(exc)[:500]}"
+                    print(f"warning: profiler/fusion analysis of {v} failed: {analysis_errors[v]}", flush=True)
             if not args.no_fusions:
                 shutil.rmtree(optdir, ignore_errors=True)
         fusions = fusion_report(counts, len(layers)) if counts else {}
@@ -431,10 +594,12 @@ def main() -> None:
             "prefill_tokens": args.prefill, "past_tokens": args.past, "batches": batches,
             "repeats": args.repeats, "warmup": args.warmup, "ort_threads": threads,
             "loop_seconds": loop_seconds, "timing": timing,
+            "variants_from": "derived from the regap export" if state["derive"] else
+                             "three exports", "derive_check": derive_report,
             "exports": {v: {"export_seconds": e["export_seconds"], "bytes": e["bytes"],
                             "ops_per_corrected_layer": sorted({" ".join(x) for x in e["correction_ops"].values()})}
                         for v, e in exports.items()},
-            "profile": profile, "fusions": fusions,
+            "profile": profile, "fusions": fusions, "analysis_errors": analysis_errors,
             "op_counts_optimized": {v: dict(sorted(c.items())) for v, c in counts.items()},
             "load_average": os.getloadavg(), "peak_rss_mib": peak_rss_mib(),
         }
