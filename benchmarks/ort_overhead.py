@@ -94,7 +94,7 @@ def make_corrections(model, adapter, layers: list[int], seed: int):
 
 
 def export_variants(model, adapter, corrections: dict, workdir: Path, dtype: torch.dtype,
-                    variants: list[str]) -> dict[str, dict[str, Any]]:
+                    variants: list[str], external_data: bool | None = None) -> dict[str, dict[str, Any]]:
     from regap_export.export.onnx_export import export_text_decoder
     from regap_export.export.onnx_graph import correction_nodes
     from regap_export.rewrite import insert_corrections, remove_corrections
@@ -106,7 +106,7 @@ def export_variants(model, adapter, corrections: dict, workdir: Path, dtype: tor
         if corrections[name]:
             insert_corrections(model, adapter, corrections[name])
         try:
-            path = export_text_decoder(model, adapter, folder, dtype=dtype)
+            path = export_text_decoder(model, adapter, folder, dtype=dtype, external_data=external_data)
         finally:
             remove_corrections(model, adapter)
         seconds = time.perf_counter() - start
@@ -436,14 +436,16 @@ def prepare_exports(args, shape: dict, workdir: Path, torch_dtype, threads, np_d
           f"corrected blocks {layers[0]}..{layers[-1]} ({len(layers)} of {shape['layers']}); "
           f"gates on random tokens: {gate_stats}", flush=True)
     derive_report = None
+    ext = True if args.external_data else None
     if derive:
-        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, ["regap"])
+        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, ["regap"], ext)
         exports.update(derive_variants(exports["regap"]["path"]))
         if args.derive_check:
-            exported = export_variants(model, adapter, corrections, workdir, torch_dtype, ["uncorrected", "fixed"])
+            exported = export_variants(model, adapter, corrections, workdir, torch_dtype, ["uncorrected", "fixed"],
+                                       ext)
             derive_report = derive_check(exported, exports, args.device, threads, np_dtype)
     else:
-        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, list(VARIANTS))
+        exports = export_variants(model, adapter, corrections, workdir, torch_dtype, list(VARIANTS), ext)
     del model
     state = dict(want, gate_stats=gate_stats, parameters=params, derive_check=derive_report,
                  exports={v: dict(e, path=str(e["path"])) for v, e in exports.items()})
@@ -480,6 +482,8 @@ def main() -> None:
                         help="build and export into --workdir, then stop (time them later with --reuse)")
     parser.add_argument("--reuse", action="store_true",
                         help="time the graphs an earlier --export-only run left in --workdir")
+    parser.add_argument("--external-data", action="store_true",
+                        help="force ONNX external data (automatic above ~1.8 GB of weights)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the graphs here (default: a temp folder)")

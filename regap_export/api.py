@@ -110,10 +110,31 @@ def describe(path: Path) -> dict[str, Any]:
             info["best_layer"] = data.get("best_layer")
             info["best_auroc_T"] = data.get("best_auroc_T")
         return json_safe(info)
-    raise ArtifactError("not a directions folder (no directions.safetensors)", path=path)
+    from .export.manifest import MANIFEST_FILENAME, read_manifest
+
+    if (path / MANIFEST_FILENAME).is_file():
+        manifest = read_manifest(path)
+        parity = manifest.get("parity")
+        return json_safe({
+            "kind": "exported", "path": str(path), "model": manifest["model"], "mode": manifest["mode"],
+            "dtype": manifest["dtype"], "formats": manifest["formats"],
+            "options": json.loads(manifest["options"]), "calibration_sha256": manifest["calibration_sha256"],
+            "files": {rel: entry["bytes"] for rel, entry in manifest["files"].items()},
+            "parity_ok": None if parity is None else parity["ok"],
+        })
+    raise ArtifactError("neither a directions folder (directions.safetensors) nor an exported folder "
+                        "(regap_manifest.json)", path=path)
 
 
 def describe_lines(info: dict[str, Any]) -> list[str]:
+    if info["kind"] == "exported":
+        parity = {None: "not validated yet", True: "passed", False: "FAILED"}[info["parity_ok"]]
+        lines = [f"exported {info['path']}",
+                 f"  model {info['model']['source']} ({info['model']['family']}, fingerprint {info['model']['fingerprint']})",
+                 f"  mode {info['mode']}, dtype {info['dtype']}, formats {', '.join(info['formats'])}, parity {parity}",
+                 "  options " + ", ".join(f"{k}={v}" for k, v in sorted(info["options"].items()))]
+        lines += [f"  {size:>12,d}  {rel}" for rel, size in info["files"].items()]
+        return lines
     lines = [f"{info['kind']} {info['path']}",
              f"  model {info['model_source']} (fingerprint {info['model_fingerprint']})",
              f"  calibration set sha256 {info['calibration_sha256']}",

@@ -215,6 +215,14 @@ def test_validate_of_a_folder_without_manifest(tmp_path):
     assert_refused(invoke("validate", tmp_path), "regap_manifest.json", "no manifest")
 
 
+def test_inspect_an_exported_folder(exported):
+    result = invoke("inspect", exported, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["kind"] == "exported" and info["mode"] == "regap" and "onnx/model.onnx" in info["files"]
+    assert "mode regap" in invoke("inspect", exported).output
+
+
 def test_generate_prints_a_reply(exported):
     result = invoke("generate", exported, "--prompt", "Say hello.", "--max-new-tokens", "5", "--json")
     assert result.exit_code == 0, result.output
