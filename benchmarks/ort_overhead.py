@@ -467,7 +467,9 @@ def main() -> None:
                         help="fp16 graphs are meant for --device cuda (ORT CPU has few fp16 kernels)")
     parser.add_argument("--prefill", type=int, default=512, help="prefill tokens")
     parser.add_argument("--past", type=int, default=1024, help="cache length before the decode step")
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (prefill and decode)")
+    parser.add_argument("--prefill-batches", default=None, help="batch sizes for the prefill only (default: --batches)")
+    parser.add_argument("--decode-batches", default=None, help="batch sizes for the decode step only (default: --batches)")
     parser.add_argument("--repeats", type=int, default=60, help="timed repetitions per case and variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
@@ -495,6 +497,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    prefill_batches = [int(b) for b in (args.prefill_batches or args.batches).split(",") if b.strip()]
+    decode_batches = [int(b) for b in (args.decode_batches or args.batches).split(",") if b.strip()]
     if args.dtype == "fp16" and args.device == "cpu":
         print("warning: fp16 on ONNX Runtime's CPU provider is for smoke tests only (few fp16 CPU kernels)",
               flush=True)
@@ -522,8 +526,9 @@ def main() -> None:
         # (a) timing -------------------------------------------------------------------
         sessions = {v: open_session(exports[v]["path"], args.device, session_options(threads)) for v in VARIANTS}
         cases = []
-        for b in batches:
+        for b in prefill_batches:
             cases.append(Case("prefill", b, args.prefill, 0, info, args.device, np_dtype, args.seed + b))
+        for b in decode_batches:
             cases.append(Case("decode", b, 1, args.past, info, args.device, np_dtype, args.seed + 100 + b))
         bindings = {(c.name, v): c.bind(sessions[v]) for c in cases for v in VARIANTS}
         for c in cases:
@@ -595,7 +600,8 @@ def main() -> None:
         results = {
             "device": args.device, "dtype": args.dtype, "shape": args.shape, "config": shape,
             "parameters": params, "corrected_layers": layers, "gates_on_random_tokens": gate_stats,
-            "prefill_tokens": args.prefill, "past_tokens": args.past, "batches": batches,
+            "prefill_tokens": args.prefill, "past_tokens": args.past,
+            "prefill_batches": prefill_batches, "decode_batches": decode_batches,
             "repeats": args.repeats, "warmup": args.warmup, "ort_threads": threads,
             "loop_seconds": loop_seconds, "timing": timing,
             "variants_from": "derived from the regap export" if state["derive"] else
