@@ -13,6 +13,10 @@ high-water mark of the process, so nothing between samples is missed). Steps per
 - with the breakdown (default): ``export onnx`` and ``export safetensors`` alone.
 
 Target: peak RSS of the full export <= 2.5 x the fp32 size of the model's parameters.
+Each child also reports where its RSS peaked (a 20 ms sampler; short spikes can slip
+between samples, ``ru_maxrss`` never misses them) and which torch.export capture
+torch.onnx used (it tries non-strict first and silently falls back to strict, which
+costs time and memory).
 The directions are synthetic (``_synthetic.py``: random, scaled to the model, carrying the
 model's fingerprint), so no calibration run is part of the measurement; the export mode is
 regap (probe band fixed, adaptive band gated; METHOD defaults).
@@ -91,6 +95,30 @@ class PeakLocator:
         self._thread.join()
 
 
+def watch_capture_strategies(log: list[dict[str, Any]]) -> None:
+    """Record which torch.export capture torch.onnx used (non-strict first, then a silent
+    fallback to strict), with the reason a strategy failed. Private torch API: best effort."""
+    try:
+        from torch.onnx._internal.exporter import _capture_strategies as cs
+    except ImportError:
+        return
+    for cls in getattr(cs, "CAPTURE_STRATEGIES", ()):
+        original = cls._capture
+
+        def wrapped(self, *a, _original=original, _name=cls.__name__, **k):
+            start = time.perf_counter()
+            try:
+                out = _original(self, *a, **k)
+            except Exception as exc:
+                log.append({"strategy": _name, "ok": False, "seconds": round(time.perf_counter() - start, 1),
+                            "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+                raise
+            log.append({"strategy": _name, "ok": True, "seconds": round(time.perf_counter() - start, 1)})
+            return out
+
+        cls._capture = wrapped
+
+
 def child(step: str, model: str, directions: str, out: str) -> None:
     """One measured step. Prints one JSON line with in-process timings."""
     locator = PeakLocator().__enter__()
@@ -99,6 +127,9 @@ def child(step: str, model: str, directions: str, out: str) -> None:
 
     t_import = time.perf_counter() - t0
     result: dict[str, Any] = {"import_seconds": t_import}
+    captures: list[dict[str, Any]] = []
+    watch_capture_strategies(captures)
+    result["torch_export_captures"] = captures
     if step == "load":
         from regap_export.models.loading import load_model
 
@@ -232,6 +263,8 @@ def main() -> None:
                 rows.append((label, step, f"{fp32_bytes / 2**20:.0f}", f"{r['wall_seconds']:.1f}",
                              f"{r['step_seconds']:.1f}", f"{r['peak_rss_mib']:.0f}",
                              f"{r['peak_over_fp32_size']:.2f}x", verdict))
+                for c in r.get("torch_export_captures", []):
+                    print(f"    torch.export capture: {c}", file=sys.stderr, flush=True)
                 print(f"    {step}: {r['wall_seconds']:.1f} s, peak {r['peak_rss_mib']:.0f} MiB "
                       f"({r['peak_over_fp32_size']:.2f}x); sampled peak {r['sampled_peak_mib']:.0f} MiB at "
                       f"{' > '.join(r['peak_where']) or '?'}", file=sys.stderr, flush=True)
