@@ -485,7 +485,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="time the graphs an earlier --export-only run left in --workdir")
     parser.add_argument("--external-data", action="store_true",
-                        help="force ONNX external data (automatic above ~1.8 GB of weights)")
+                        help="force ONNX external data (automatic above 64 MiB of weights)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the graphs here (default: a temp folder)")

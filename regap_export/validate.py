@@ -21,6 +21,7 @@ from .directions_io import load_directions
 from .errors import RegapError
 from .export.manifest import read_manifest, record_parity, verify_files
 from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
+from .models.positions import PositionScheme, position_config, position_scheme
 from .options import RegapOptions
 
 PARITY_FILENAME = "parity.json"
@@ -78,17 +79,35 @@ def _batches(loaded, multimodal: bool) -> dict[str, dict[str, Any]]:
                          for _ in VALIDATION_PROMPTS[:2]]
         images = [render_text(p) for p in VALIDATION_PROMPTS[:2]]
         batches["image"] = dict(adapter.encode(processor, image_prompts, images))
+    # Explicit position ids, the runtime's (models/positions.py), so that the reference, the
+    # rewritten model and ONNX Runtime see the same positions (Qwen2-VL would otherwise derive
+    # its own, and keep rope_deltas from one batch to the next).
+    positions = _positions(loaded)
     for inputs in batches.values():
-        mask = inputs["attention_mask"]
-        if "position_ids" not in inputs and loaded.adapter.family not in ("qwen2_vl", "qwen2_5_vl"):
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if "position_ids" not in inputs:
+            image = {k: v.numpy() for k, v in inputs.items() if k in ("image_grid_thw", "mm_token_type_ids")}
+            inputs["position_ids"] = torch.from_numpy(
+                positions.prefill(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), **image))
     return batches
 
 
+def _positions(loaded) -> PositionScheme:
+    return position_scheme(position_config(loaded.adapter.family, loaded.model.config))
+
+
+def _cache_of(out) -> Any:
+    # transformers 5 names it ``cache`` in most outputs, ``past_key_values`` in some.
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 @torch.no_grad()
-def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: dict[str, Any]) -> Trace:
+def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: dict[str, Any],
+                positions: PositionScheme | None = None) -> Trace:
+    """``positions`` continues ``inputs["position_ids"]`` at every decode step (default: text)."""
+    positions = position_scheme(None) if positions is None else positions
     out = model(**inputs, **extra, use_cache=True)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     prefill = out.logits.float().numpy()
     presents = []
     for layer in cache.layers:
@@ -103,24 +122,26 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
         if step == greedy - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        kwargs = dict(input_ids=token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
+        kwargs = dict(input_ids=token[:, None], attention_mask=mask, cache=cache, use_cache=True, **extra)
         if position is not None:
-            position = position[:, -1:] + 1
+            position = torch.from_numpy(positions.next(position.numpy()))
             kwargs["position_ids"] = position
         out = model(**kwargs)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = _cache_of(out), out.logits[:, -1]
         if step < steps:
             step_logits.append(logits.float().numpy())
     return Trace(prefill, step_logits, torch.stack(tokens, 1).numpy(), presents)
 
 
 def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None) -> Trace:
-    from .runtime.generate import generate, position_ids_from_mask
+    from .runtime.generate import generate
 
     ids = inputs["input_ids"].numpy()
     mask = inputs["attention_mask"].numpy().astype(np.int64)
     pixels = {k: v.numpy() for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
-    position = position_ids_from_mask(mask)
+    # The runtime's own positions, from regap_onnx.json (image tokens found by their id).
+    positions = sessions.positions
+    position = positions.prefill(ids, mask, **pixels)
     main = sessions.prompt_embeds(ids, **pixels) if sessions.multimodal else ids
     out = sessions.run_decoder(main, mask, position, sessions.empty_past(ids.shape[0]), regap_alpha=alpha)
     presents = [np.asarray(p) for p in out.presents]
@@ -130,7 +151,7 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     for step in range(steps):
         token = logits.argmax(-1).astype(np.int64)
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        position = position[:, -1:] + 1
+        position = positions.next(position)
         main = sessions.embed(token[:, None]) if sessions.multimodal else token[:, None]
         out = sessions.run_decoder(main, mask, position, out.presents, regap_alpha=alpha)
         logits = out.logits[:, -1]
@@ -197,20 +218,21 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
 
         sessions = OrtSessions.open(out_dir / ONNX_DIR, device=device)
     checks: list[Check] = []
+    positions = _positions(plain)
     for name, inputs in _batches(plain, plain.adapter.multimodal).items():
         extra: dict[str, Any] = {}
         alpha = None
         if options.mode == "regap-seq":
             alpha = reference_sequence_alpha(plain.model, plain.adapter, bundle.directions, options, inputs).float()
         with reference_corrections(plain.model, plain.adapter, bundle.directions, options, sequence_alpha=alpha):
-            reference = torch_trace(plain.model, inputs, decode_steps, greedy_tokens, {})
+            reference = torch_trace(plain.model, inputs, decode_steps, greedy_tokens, {}, positions)
         if alpha is not None:
             reference.alpha = alpha.numpy()
             extra["regap_alpha"] = alpha
         torch_tol = TOLERANCES["fp32"]
         mask = inputs["attention_mask"].numpy()
-        checks += compare(reference, torch_trace(rewritten.model, inputs, decode_steps, greedy_tokens, extra), mask,
-                          target="pytorch", inputs=name, tol=torch_tol)
+        checks += compare(reference, torch_trace(rewritten.model, inputs, decode_steps, greedy_tokens, extra,
+                                                 positions), mask, target="pytorch", inputs=name, tol=torch_tol)
         if sessions is not None:
             checks += compare(reference, ort_trace(sessions, inputs, decode_steps, greedy_tokens,
                                                    None if alpha is None else alpha.numpy()), mask,

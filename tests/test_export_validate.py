@@ -18,7 +18,10 @@ from regap_testing import batch_inputs, options_for, realistic_directions
 from tiny_models import save_tiny
 
 runner = CliRunner()
-ONNX_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "idefics3"]
+ONNX_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "llava_next", "idefics3"]
+MULTIMODAL = {"llava", "llava_next", "idefics3"}
+# regap: probe band fixed + adaptive band gated; fixed: both bands fixed; regap-seq: both bands scaled
+EXPECTED_KINDS = {"regap": {"fixed", "gated"}, "fixed": {"fixed"}, "regap-seq": {"scaled"}}
 
 
 def invoke(*args):
@@ -59,24 +62,22 @@ def assert_all_ok(report: dict) -> None:
         assert ("onnxruntime-cpu", quantity) in targets and ("pytorch", quantity) in targets
 
 
+@pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])
 @pytest.mark.parametrize("family", ONNX_FAMILIES)
-def test_regap_mode_parity(models, tmp_path, family):
+def test_export_parity(models, tmp_path, family, mode):
+    """Every family x every mode: rewritten PyTorch (reloaded from the safetensors folder) and
+    ONNX Runtime match the hook reference on prefill, KV cache, decode steps, greedy tokens."""
     directions = write_directions(models[family], tmp_path / "dirs")
-    report = export_and_validate(models[family], directions, tmp_path / "out")
+    report = export_and_validate(models[family], directions, tmp_path / "out", "--mode", mode)
     assert_all_ok(report)
+    assert report["mode"] == mode
     assert (tmp_path / "out" / "parity.json").is_file()
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILENAME).read_text())
     assert manifest["parity"]["ok"] is True
     inputs = {c["inputs"] for c in report["checks"]}
-    assert inputs == ({"text", "image"} if family in ("llava", "idefics3") else {"text"})
-
-
-@pytest.mark.parametrize("family", ["llama", "idefics3"])
-@pytest.mark.parametrize("mode", ["fixed", "regap-seq"])
-def test_other_modes_parity(models, tmp_path, family, mode):
-    directions = write_directions(models[family], tmp_path / "dirs")
-    report = export_and_validate(models[family], directions, tmp_path / "out", "--mode", mode)
-    assert_all_ok(report)
+    assert inputs == ({"text", "image"} if family in MULTIMODAL else {"text"})
+    kinds = {c["kind"] for c in json.loads((tmp_path / "out" / "onnx" / "regap_onnx.json").read_text())["corrections"]}
+    assert kinds == EXPECTED_KINDS[mode]
     if mode == "regap-seq":
         assert any(c["quantity"] == "regap_alpha" for c in report["checks"])
 

@@ -46,3 +46,27 @@ def test_multimodal_calibration_on_real_text_weights():
     assert all(row["drift_norm"] > 0 for row in rows)
     assert all("collapse_ratio" in row and "auroc_M_probe" in row for row in rows)
     assert len(result.report["after"]["layers"]) == loaded.adapter.num_layers(loaded.model)
+
+
+@pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])
+def test_real_weights_export_parity(two_runs, tmp_path, mode):
+    """Export the real SmolLM2 weights with the directions calibrated above, in each mode, and
+    validate: rewritten PyTorch (reloaded from the safetensors folder) and ONNX Runtime match
+    the hook reference on prefill logits, KV cache, 8 decode steps and 32 greedy tokens."""
+    from regap_export.export.pipeline import export_to_folder
+    from regap_export.validate import validate_folder
+
+    out = tmp_path / "corrected"
+    export_to_folder("embedded:smollm2", two_runs[0], out, formats=("onnx", "safetensors"),
+                     overrides={"mode": mode})
+    report = validate_folder(out)
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, failed
+    assert report["mode"] == mode
+    quantities = {(c["target"], c["quantity"]) for c in report["checks"]}
+    for quantity in ("prefill logits", "present", "decode logits", "greedy tokens"):
+        assert ("onnxruntime-cpu", quantity) in quantities and ("pytorch", quantity) in quantities
+    kinds = {c["kind"] for c in json.loads((out / "onnx" / "regap_onnx.json").read_text())["corrections"]}
+    assert kinds == {"regap": {"fixed", "gated"}, "fixed": {"fixed"}, "regap-seq": {"scaled"}}[mode]
+    for c in report["checks"]:
+        print(f"{mode}: {c['target']} {c['inputs']} {c['quantity']}: {c['max_abs_diff']:.3e}")

@@ -36,6 +36,7 @@ from ..folding import FIXED, SCALED, ScoreReadout
 from ..models.base import ModelAdapter
 from ..options import RegapOptions
 from ..rewrite import CorrectedBlock
+from ..models.positions import position_config
 from ..models.vision_export import VisionSpec, vision_spec
 from .onnx_graph import SCORE_B, SCORE_W, public_name
 
@@ -48,8 +49,10 @@ DECODER_FILE = "decoder_model_merged.onnx"
 EMBED_FILE = "embed_tokens.onnx"
 VISION_FILE = "vision_encoder.onnx"
 CONFIG_FILE = "regap_onnx.json"
-# Above this many bytes of weights a graph is written with external data (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_BYTES = 1_800_000_000
+# Above this many bytes of weights a graph is written with external data. Protobuf's own limit
+# is 2 GiB, but an inline save also holds a serialized copy of every weight: the 135M embedded
+# model peaked at 5.3x its size inline and 2.3x with external data (benchmarks/RESULTS.md).
+EXTERNAL_DATA_BYTES = 64 * 2**20
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 NUM_IMAGES = "num_images"
@@ -72,7 +75,7 @@ def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, 
     ``readout`` it also returns ``regap_score`` [batch, seq]. ``options`` (the export's
     RegapOptions) are recorded for the runtime's two-pass loop. When ``dtype`` differs from
     the model's, the model's parameters are cast **in place** (the gate constants stay
-    float32). ``external_data``: None = automatic (weights over ~1.8 GB).
+    float32). ``external_data``: None = automatic (weights over 64 MiB).
     """
     _check_dtype(dtype)
     out_dir = Path(out_dir)
@@ -103,7 +106,7 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
     Returns ``{"vision_encoder": path, "embed_tokens": path, "decoder": path}``.
     """
     _check_dtype(dtype)
-    spec = vision_spec(adapter.family)
+    spec = vision_spec(adapter.family, model.config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -390,6 +393,10 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
         main = torch.randint(0, vocab, (B, S), dtype=torch.long)
     mask = torch.ones(B, P + S, dtype=torch.long)
     position_ids = torch.arange(P, P + S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous()
+    # M-RoPE families take [3, batch, seq] (temporal, height, width) position ids.
+    mrope = position_config(adapter.family, model.config)["rank"] == 3
+    if mrope:
+        position_ids = position_ids.unsqueeze(0).expand(3, B, S).contiguous()
     past = []
     for i in range(num_layers):
         past += [torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype) for _ in range(2)]
@@ -404,7 +411,7 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     dynamic_shapes = {
         "main": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: Dim.AUTO},
-        "position_ids": {0: batch, 1: seq},
+        "position_ids": {1: batch, 2: seq} if mrope else {0: batch, 1: seq},
         "rest": tuple(([{0: batch}] if alpha else []) + [{0: batch, 2: past_len}] * (2 * num_layers)),
     }
 
@@ -420,7 +427,8 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     ir_model = program.model
     _bind_initializers(ir_model, sentinels)
     dims = {main_name: [BATCH, SEQ] + ([] if not embeds else [None]),
-            "attention_mask": [BATCH, TOTAL], "position_ids": [BATCH, SEQ], "logits": [BATCH, SEQ, None]}
+            "attention_mask": [BATCH, TOTAL], "position_ids": [None, BATCH, SEQ] if mrope else [BATCH, SEQ],
+            "logits": [BATCH, SEQ, None]}
     if alpha:
         dims["regap_alpha"] = [BATCH]
     if readout is not None:
@@ -458,12 +466,16 @@ def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_d
     n = Dim(NUM_IMAGES)
     args = tuple(a.to(_device(model)) for a in spec.sample(model, _SAMPLE_IMAGES))
     wrapper = _VisionWrapper(model, spec).eval()
-    dynamic_shapes = {"inputs": tuple({0: n} for _ in args)}
+    per_input = spec.dynamic(model, Dim) if spec.dynamic is not None else tuple({0: n} for _ in args)
+    dynamic_shapes = {"inputs": per_input}
     with spec.patches():
         program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=list(spec.inputs),
                                      output_names=list(spec.outputs), opset=opset)
-    dims = {name: [NUM_IMAGES] + [None] * (a.dim() - 1) for name, a in zip(spec.inputs, args)}
-    dims["image_features"] = [NUM_IMAGES, None, None]
+    if spec.dim_names is not None:
+        dims = dict(spec.dim_names)
+    else:
+        dims = {name: [NUM_IMAGES] + [None] * (a.dim() - 1) for name, a in zip(spec.inputs, args)}
+        dims["image_features"] = [NUM_IMAGES, None, None]
     _name_dims(program.model, dims)
     _drop_intermediate_shapes(program.model)
     _set_metadata(program.model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "vision_encoder"})
@@ -576,6 +588,7 @@ def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, in
         "options": None if options is None else json.loads(options.to_json()),
         "eos_token_id": [eos] if isinstance(eos, int) else (list(eos) if eos is not None else []),
         "pad_token_id": pad,
+        "position_ids": position_config(adapter.family, model.config),
         "decoder_inputs": info.input_names,
         "decoder_outputs": info.output_names,
         "export_seconds": round(info.seconds, 2),

@@ -107,10 +107,9 @@ def load_model(source: str | Path | None = None, *, dtype: str = "fp32", device:
 
 
 def _load_processor(folder: Path, adapter: ModelAdapter, trust_remote_code: bool) -> Any:
-    from transformers import AutoProcessor, AutoTokenizer
-
-    loader = AutoProcessor if adapter.multimodal else AutoTokenizer
+    # The adapter's loader: Qwen2-VL's processor needs a video processor (torchvision) unless
+    # the adapter builds an image-only one.
     try:
-        return loader.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return adapter.load_processor(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"the tokenizer/processor cannot be loaded ({exc})", path=folder) from None

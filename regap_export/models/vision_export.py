@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,11 @@ class VisionSpec:
     outputs: tuple[str, ...] = ("image_features",)
     # Family settings the runtime needs to place the features (written to regap_onnx.json).
     runtime_config: Callable[[Any], dict[str, Any]] = field(default=lambda config: {})
+    # dynamic(model, Dim) -> per input {axis: torch.export dim}, and dim_names: the contract's
+    # names of the inputs' and outputs' dimensions. None: dimension 0 of every input and output
+    # is the number of images, outputs are [num_images, tokens, hidden].
+    dynamic: Callable[[nn.Module, Any], tuple[dict[int, Any], ...]] | None = None
+    dim_names: dict[str, list[str | None]] | None = None
 
     def image_token_id(self, config: Any) -> int:
         for name in ("image_token_id", "image_token_index"):
@@ -127,6 +133,122 @@ def _llava_next_runtime(config: Any) -> dict[str, Any]:
             "patch_size": int(config.vision_config.patch_size)}
 
 
+# -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------
+# The tower takes every image's patches as one sequence [patches, C*T*P*P]. What transformers
+# derives from image_grid_thw with data-dependent shapes (vision_utils: patch positions,
+# segment offsets, Qwen2.5-VL's window order) is a graph input, computed by the runtime
+# (vision_runtime.py); the tower pops these precomputed tensors from its kwargs.
+QWEN_PATCHES, QWEN_MERGED, QWEN_SEGMENTS, QWEN_WINDOWS = ("num_patches", "num_merged_patches",
+                                                          "num_segments_plus_1", "num_windows_plus_1")
+
+
+def _qwen_vl_encode(model: nn.Module, pixel_values: torch.Tensor, vision_position_ids: torch.Tensor,
+                    cu_seqlens: torch.Tensor, *window: torch.Tensor) -> torch.Tensor:
+    """Merged patch features [image tokens, hidden] in token order (the tower's pooler output,
+    Qwen2VLModel.get_image_features before its per-image split)."""
+    precomputed = {"position_ids": vision_position_ids, "cu_seqlens": cu_seqlens}
+    if window:
+        precomputed["window_index"], precomputed["cu_window_seqlens"] = window
+    visual = model.model.visual
+    return visual(pixel_values.to(_model_dtype(model)), grid_thw=None, **precomputed).pooler_output
+
+
+def _qwen_vl_sample(model: nn.Module, n: int) -> tuple[torch.Tensor, ...]:
+    from .vision_runtime import qwen_vl_cu_seqlens, qwen_vl_patch_positions, qwen_vl_window_index
+
+    vision = model.config.vision_config
+    merge = vision.spatial_merge_size
+    # Distinct, non-square grids (torch.export specialises sizes 0 and 1 and equal sizes).
+    grid = np.array([[1, merge * (i + 2), merge * (i + 3)] for i in range(n)], dtype=np.int64)
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    inputs = [torch.randn(int(grid.prod(axis=1).sum()), width),
+              torch.from_numpy(qwen_vl_patch_positions(grid, merge)),
+              torch.from_numpy(qwen_vl_cu_seqlens(grid))]
+    if _windowed(model.config):
+        inputs += [torch.from_numpy(a) for a in qwen_vl_window_index(grid, merge, vision.window_size,
+                                                                     vision.patch_size)]
+    return tuple(inputs)
+
+
+def _windowed(config: Any) -> bool:
+    return getattr(config, "model_type", None) == "qwen2_5_vl"
+
+
+def _qwen_vl_dynamic(model: nn.Module, Dim: Any) -> tuple[dict[int, Any], ...]:
+    # Patches come in spatial-merge units (the merger and the window order reshape by them).
+    merged = Dim(QWEN_MERGED)
+    patches = model.config.vision_config.spatial_merge_size ** 2 * merged
+    shapes = ({0: patches}, {0: patches}, {0: Dim(QWEN_SEGMENTS)})
+    return shapes + (({0: merged}, {0: Dim(QWEN_WINDOWS)}) if _windowed(model.config) else ())
+
+
+def _qwen_vl_spec(model_type: str) -> VisionSpec:
+    windowed = model_type == "qwen2_5_vl"
+    inputs = ("pixel_values", "vision_position_ids", "cu_seqlens")
+    dims: dict[str, list[str | None]] = {
+        "pixel_values": [QWEN_PATCHES, None], "vision_position_ids": [QWEN_PATCHES, None],
+        "cu_seqlens": [QWEN_SEGMENTS], "image_features": ["num_image_tokens", None]}
+    if windowed:
+        inputs += ("window_index", "cu_window_seqlens")
+        dims.update(window_index=[QWEN_MERGED], cu_window_seqlens=[QWEN_WINDOWS])
+    return VisionSpec(
+        family="qwen2_vl",
+        inputs=inputs,
+        encode=_qwen_vl_encode,
+        sample=_qwen_vl_sample,
+        input_dtypes=("float32",) + ("int64",) * (len(inputs) - 1),
+        patches=patched_qwen_vl_attention,
+        runtime_config=_qwen_vl_runtime,
+        dynamic=_qwen_vl_dynamic,
+        dim_names=dims,
+    )
+
+
+def _qwen_vl_runtime(config: Any) -> dict[str, Any]:
+    vision = config.vision_config
+    return {"spatial_merge_size": int(vision.spatial_merge_size), "patch_size": int(vision.patch_size),
+            "window_size": int(vision.window_size) if _windowed(config) else None}
+
+
+def _block_diagonal_attention(self: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              **_: Any) -> torch.Tensor:
+    """Qwen-VL vision attention without its data-dependent split into segments
+    (``torch.split(..., lengths.tolist())``): one attention over all patches with a
+    block-diagonal mask built from ``cu_seqlens``. Masked scores get zero weight, so each
+    segment attends exactly to itself, as in the split."""
+    import sys
+
+    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    seq = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rotary(q, k, cos, sin)
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    index = torch.arange(seq, device=hidden_states.device)
+    # segment of patch i = how many segment ends lie at or before it
+    segment = (cu_seqlens[1:].unsqueeze(0) <= index.unsqueeze(1)).sum(dim=-1)
+    same = segment.unsqueeze(0) == segment.unsqueeze(1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=same, scale=self.scaling)
+    return self.proj(out.squeeze(0).transpose(0, 1).reshape(seq, -1))
+
+
+@contextlib.contextmanager
+def patched_qwen_vl_attention() -> Iterator[None]:
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    classes = [modeling_qwen2_vl.VisionAttention, modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention]
+    originals = [cls.forward for cls in classes]
+    for cls in classes:
+        cls.forward = _block_diagonal_attention
+    try:
+        yield
+    finally:
+        for cls, forward in zip(classes, originals):
+            cls.forward = forward
+
+
 VISION_FAMILIES: dict[str, VisionSpec] = {
     "idefics3": VisionSpec(
         family="idefics3",
@@ -152,18 +274,19 @@ VISION_FAMILIES: dict[str, VisionSpec] = {
         outputs=("image_features", "image_newline"),
         runtime_config=_llava_next_runtime,
     ),
+    # one adapter family, two model types: Qwen2.5-VL adds windowed attention
+    "qwen2_vl": _qwen_vl_spec("qwen2_vl"),
+    "qwen2_5_vl": _qwen_vl_spec("qwen2_5_vl"),
 }
 
 # Families the split does not cover yet, with the reason (shown to the user).
-UNSUPPORTED_VISION: dict[str, str] = {
-    "qwen2_vl": "Qwen2-VL's 3-D rotary positions (position_ids [3, batch, seq]) and patch-sequence vision input "
-                "are not exported yet",
-    "qwen2_5_vl": "Qwen2.5-VL's 3-D rotary positions and windowed vision attention are not exported yet",
-}
+UNSUPPORTED_VISION: dict[str, str] = {}
 
 
-def vision_spec(family: str) -> VisionSpec:
-    spec = VISION_FAMILIES.get(family)
+def vision_spec(family: str, config: Any = None) -> VisionSpec:
+    """The spec for a model of ``family``; ``config`` (the Hugging Face config) picks a
+    model type's own spec where a family has several."""
+    spec = VISION_FAMILIES.get(getattr(config, "model_type", None)) or VISION_FAMILIES.get(family)
     if spec is None:
         from ..errors import ModelError
 

@@ -116,6 +116,76 @@ def _llava_next_pack(config: dict, outputs: dict[str, np.ndarray], image_sizes: 
     return np.concatenate(packed, axis=0)
 
 
+# Qwen2-VL / Qwen2.5-VL: the vision tower takes all images' patches as one sequence. What
+# transformers derives from image_grid_thw with data-dependent shapes (vision_utils) is
+# computed here and fed to the graph.
+def qwen_vl_patch_positions(grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    """(row, column) of every patch [patches, 2], patches in spatial-merge-block order
+    (transformers' ``vision_utils.get_vision_position_ids``)."""
+    out = []
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3).tolist():
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        blocks = (h // merge, merge, w // merge, merge)
+        rows = rows.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+        cols = cols.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+        out.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
+    return np.concatenate(out, axis=0).astype(np.int64)
+
+
+def qwen_vl_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
+    """Patch offsets of the attention segments (one per frame), [segments + 1]."""
+    grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def qwen_vl_window_index(grid_thw: np.ndarray, merge: int, window_size: int, patch_size: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's windowed attention (transformers' ``vision_utils.get_vision_window_index``):
+    the order of the merged patches grouped by window [merged patches], and the patch offsets
+    of the windows [windows + 1]."""
+    side = window_size // merge // patch_size
+    unit = merge * merge
+    index, cu, offset = [], [0], 0
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3).tolist():
+        gh, gw = h // merge, w // merge
+        pad_h, pad_w = side - gh % side, side - gw % side
+        nh, nw = (gh + pad_h) // side, (gw + pad_w) // side
+        grid = np.full((t, gh + pad_h, gw + pad_w), -100, dtype=np.int64)
+        grid[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
+        grid = grid.reshape(t, nh, side, nw, side).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, side, side)
+        counts = (grid != -100).sum(axis=(2, 3)).reshape(-1)
+        flat = grid.reshape(-1)
+        index.append(flat[flat != -100] + offset)
+        cu.extend((np.cumsum(counts) * unit + cu[-1]).tolist())
+        offset += t * gh * gw
+    cu_arr = np.asarray(cu, dtype=np.int64)
+    keep = np.concatenate([[True], np.diff(cu_arr) != 0])  # torch.unique_consecutive: empty windows
+    return np.concatenate(index).astype(np.int64), cu_arr[keep]
+
+
+def _qwen_vl_images(config: dict, pixel_values: np.ndarray, image_grid_thw: np.ndarray | None = None,
+                    **_: Any) -> dict[str, np.ndarray]:
+    """Processor output (``pixel_values`` [patches, C*T*P*P], ``image_grid_thw``) -> the
+    vision encoder's feeds."""
+    if image_grid_thw is None:
+        raise RegapError("Qwen2-VL needs image_grid_thw (the processor returns it)")
+    vision = config["vision_config"]
+    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    pv = np.asarray(pixel_values, dtype=np.float32)
+    if pv.ndim != 2 or pv.shape[0] != int(grid.prod(axis=1).sum()):
+        raise RegapError(f"pixel_values {pv.shape} do not hold the {int(grid.prod(axis=1).sum())} patches "
+                         "image_grid_thw describes")
+    merge = int(vision["spatial_merge_size"])
+    feeds = {"pixel_values": np.ascontiguousarray(pv),
+             "vision_position_ids": qwen_vl_patch_positions(grid, merge),
+             "cu_seqlens": qwen_vl_cu_seqlens(grid)}
+    if vision.get("window_size") is not None:
+        feeds["window_index"], feeds["cu_window_seqlens"] = qwen_vl_window_index(
+            grid, merge, int(vision["window_size"]), int(vision["patch_size"]))
+    return feeds
+
+
 @dataclass(frozen=True)
 class VisionRuntime:
     # prepare(config, **pixel inputs) -> the vision encoder's feeds
@@ -128,4 +198,6 @@ VISION_RUNTIME: dict[str, VisionRuntime] = {
     "idefics3": VisionRuntime(_idefics3_images),
     "llava": VisionRuntime(_llava_images),
     "llava_next": VisionRuntime(_llava_next_images, _llava_next_pack),
+    # image_features [image tokens, hidden] come out in token order already
+    "qwen2_vl": VisionRuntime(_qwen_vl_images),
 }

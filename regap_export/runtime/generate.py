@@ -1,7 +1,8 @@
 """Text generation on ONNX Runtime with a KV cache (greedy or sampling), regap-seq's two passes.
 
 Batches are left-padded (as ``ModelAdapter.encode`` makes them). Position ids follow
-transformers: ``cumsum(attention_mask) - 1`` with padding positions set to 1.
+transformers, per the export's scheme (``regap_export.models.positions``): ``cumsum(attention_mask)
+- 1`` with padding positions set to 1, or Qwen2-VL's 3-D M-RoPE positions.
 
 regap-seq (graph input ``regap_alpha``): unless ``regap_alpha`` is given,
   1. probe pass over the prompt with ``regap_alpha = alpha0`` (options), reading
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import RegapError
 from ..folding import ScoreReadout, sequence_strength
+from ..models.positions import text_positions
 from ..options import RegapOptions
 from .session import OrtSessions
 
@@ -33,10 +35,8 @@ class GenerationResult:
 
 
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    mask = np.asarray(attention_mask, dtype=np.int64)
-    pos = np.cumsum(mask, axis=-1) - 1
-    pos[mask == 0] = 1
-    return pos
+    """Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``)."""
+    return text_positions(attention_mask)
 
 
 def regap_options(sessions: OrtSessions) -> RegapOptions:
@@ -101,10 +101,11 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
              pad_token_id: int | None = None, **pixel_extras: Any) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for a left-padded batch.
 
-    ``pixel_values`` (+ family extras such as ``pixel_attention_mask``) as the processor
-    returns them, for multimodal exports. ``regap_alpha`` (float or [batch]) fixes the
-    regap-seq strength and skips the probe pass. ``eos_token_id`` / ``pad_token_id``
-    default to the exported config's; pass ``eos_token_id=[]`` to never stop early.
+    ``pixel_values`` (+ family extras such as ``pixel_attention_mask``, ``image_grid_thw``,
+    ``mm_token_type_ids``) as the processor returns them, for multimodal exports.
+    ``regap_alpha`` (float or [batch]) fixes the regap-seq strength and skips the probe pass.
+    ``eos_token_id`` / ``pad_token_id`` default to the exported config's; pass
+    ``eos_token_id=[]`` to never stop early.
     """
     input_ids = np.asarray(input_ids, dtype=np.int64)
     if input_ids.ndim != 2:
@@ -122,7 +123,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
         pad = eos[0] if eos else 0
     rng = np.random.default_rng(seed) if do_sample else None
 
-    position_ids = position_ids_from_mask(mask)
+    positions = sessions.positions
+    position_ids = positions.prefill(input_ids, mask, **pixel_extras)
     if sessions.multimodal:
         main = sessions.prompt_embeds(input_ids, pixel_values=pixel_values, **pixel_extras)
     else:
@@ -152,7 +154,7 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
         if not unfinished.any() or step == max_new_tokens - 1:
             break
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        position_ids = position_ids[:, -1:] + 1
+        position_ids = positions.next(position_ids)
         step_ids = tokens[:, None]
         main = sessions.embed(step_ids) if sessions.multimodal else step_ids
         out = sessions.run_decoder(main, mask, position_ids, out.presents, regap_alpha=alpha)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ArtifactError, RegapError
 from ..export.onnx_export import read_config
+from ..models.positions import PositionScheme, position_scheme
 from ..models.vision_runtime import VISION_RUNTIME
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
@@ -113,6 +114,11 @@ class OrtSessions:
     def embeds_dtype(self) -> Any:
         return self._input_types.get("inputs_embeds", np.float32)
 
+    @property
+    def positions(self) -> PositionScheme:
+        """How this export's ``position_ids`` are computed (prefill and next step)."""
+        return position_scheme(self.config.get("position_ids"))
+
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
@@ -160,7 +166,12 @@ class OrtSessions:
 
     def run_decoder(self, main: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                     past: Sequence[Any], regap_alpha: np.ndarray | None = None) -> DecoderOutput:
-        """One decoder call: ``main`` is input_ids (text) or inputs_embeds (multimodal)."""
+        """One decoder call: ``main`` is input_ids (text) or inputs_embeds (multimodal);
+        ``position_ids`` [batch, seq], or [3, batch, seq] for M-RoPE exports (``positions``)."""
+        rank = self.positions.rank
+        if np.ndim(position_ids) != rank:
+            raise RegapError(f"this graph takes position_ids of rank {rank}, got shape {np.shape(position_ids)}",
+                             hint="compute them with OrtSessions.positions")
         main_name = "inputs_embeds" if self.multimodal else "input_ids"
         main_dtype = self.embeds_dtype if self.multimodal else np.int64
         feeds: dict[str, Any] = {
