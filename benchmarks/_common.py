@@ -8,6 +8,8 @@ import statistics
 import sys
 from typing import Any
 
+import numpy as np
+
 
 def environment() -> dict[str, Any]:
     import torch
@@ -51,3 +53,12 @@ def emit(name: str, results: dict[str, Any], rows: list[tuple[str, ...]], header
         print("  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)))
     print(json.dumps({"benchmark": name, "environment": environment(), **results}, sort_keys=True))
     sys.stdout.flush()
+
+
+def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """95 % CI of median(other) / median(base), resampling repetitions (pairs) together."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), size=(n, len(base)))
+    ratios = np.median(other[idx], axis=1) / np.median(base[idx], axis=1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)

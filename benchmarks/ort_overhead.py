@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import emit, environment, median_and_spread, peak_rss_mib  # noqa: E402
+from _common import emit, environment, median_and_spread, paired_bootstrap, peak_rss_mib  # noqa: E402
 from _synthetic import SHAPES, block_outputs, gated_constants, random_llama  # noqa: E402
 
 VARIANTS = ("uncorrected", "fixed", "regap")
@@ -316,15 +316,6 @@ def run_once(sess, binding) -> float:
     sess.run_with_iobinding(binding)
     binding.synchronize_outputs()
     return time.perf_counter() - start
-
-
-def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int) -> tuple[float, float]:
-    """95 % CI of median(other) / median(base), resampling repetitions (pairs) together."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), size=(n, len(base)))
-    ratios = np.median(other[idx], axis=1) / np.median(base[idx], axis=1)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------------------

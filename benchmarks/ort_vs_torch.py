@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import emit, median_and_spread, peak_rss_mib  # noqa: E402
+from _common import emit, median_and_spread, paired_bootstrap, peak_rss_mib  # noqa: E402
 
 PROMPTS = (
     "Give me three tips for keeping basil alive on a windowsill.",
@@ -69,14 +69,6 @@ def torch_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> np.ndarray:
         cache = _cache_of(out)
         token = out.logits[:, -1].argmax(-1)
     return torch.stack(tokens, 1).numpy()
-
-
-def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), size=(n, len(base)))
-    ratios = np.median(other[idx], axis=1) / np.median(base[idx], axis=1)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from .directions_io import load_directions
 from .errors import RegapError
 from .export.manifest import read_manifest, record_parity, verify_files
 from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
+from .models.base import cache_of
 from .models.positions import PositionScheme, position_config, position_scheme
 from .options import RegapOptions
 
@@ -95,19 +96,13 @@ def _positions(loaded) -> PositionScheme:
     return position_scheme(position_config(loaded.adapter.family, loaded.model.config))
 
 
-def _cache_of(out) -> Any:
-    # transformers 5 names it ``cache`` in most outputs, ``past_key_values`` in some.
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
-
-
 @torch.no_grad()
 def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: dict[str, Any],
                 positions: PositionScheme | None = None) -> Trace:
     """``positions`` continues ``inputs["position_ids"]`` at every decode step (default: text)."""
     positions = position_scheme(None) if positions is None else positions
     out = model(**inputs, **extra, use_cache=True)
-    cache = _cache_of(out)
+    cache = cache_of(out)
     prefill = out.logits.float().numpy()
     presents = []
     for layer in cache.layers:
@@ -127,7 +122,7 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
             position = torch.from_numpy(positions.next(position.numpy()))
             kwargs["position_ids"] = position
         out = model(**kwargs)
-        cache, logits = _cache_of(out), out.logits[:, -1]
+        cache, logits = cache_of(out), out.logits[:, -1]
         if step < steps:
             step_logits.append(logits.float().numpy())
     return Trace(prefill, step_logits, torch.stack(tokens, 1).numpy(), presents)

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..correction import RegapCorrection
 from ..folding import FIXED, SCALED, ScoreReadout
-from ..models.base import ModelAdapter
+from ..models.base import ModelAdapter, cache_of
 from ..options import RegapOptions
 from ..rewrite import CorrectedBlock
 from ..models.positions import position_config
@@ -217,9 +217,7 @@ class DecoderWrapper(nn.Module):
         if alpha is not None:
             kwargs["regap_alpha"] = alpha
         out = self.model(**kwargs)
-        cache = getattr(out, "cache", None)
-        if cache is None:
-            cache = out.past_key_values
+        cache = cache_of(out)
         outputs = [out.logits]
         if self.readout_layer is not None:
             h = self._captured.pop("h")
@@ -253,9 +251,7 @@ def _cache_geometry(model: nn.Module, adapter: ModelAdapter, embeds: bool, alpha
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with torch.no_grad():
         out = model(**kwargs)
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = out.past_key_values
+    cache = cache_of(out)
     n = adapter.num_layers(model)
     layers = cache.layers[:n]
     return len(layers), [int(l.keys.shape[1]) for l in layers], [int(l.keys.shape[3]) for l in layers]

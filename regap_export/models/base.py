@@ -145,3 +145,10 @@ def _chat_template_owner(processor: Any) -> Any:
     if getattr(processor, "chat_template", None) is not None:
         return processor
     return tokenizer_of(processor) if getattr(tokenizer_of(processor), "chat_template", None) else processor
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache of a model output: transformers 5 names it ``cache`` in most output
+    classes and ``past_key_values`` in some."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache

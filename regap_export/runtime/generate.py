@@ -21,7 +21,8 @@ import torch
 
 from ..errors import RegapError
 from ..folding import ScoreReadout, sequence_strength
-from ..models.positions import text_positions
+# Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
+from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)
 from ..options import RegapOptions
 from .session import OrtSessions
 
@@ -32,11 +33,6 @@ class GenerationResult:
     new_tokens: np.ndarray           # [batch, new] (pad_token_id after a row's EOS)
     regap_alpha: np.ndarray | None   # [batch] the strength used (regap-seq graphs)
     regap_score: np.ndarray | None   # [batch] the probe pass's z at the last prompt token
-
-
-def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``)."""
-    return text_positions(attention_mask)
 
 
 def regap_options(sessions: OrtSessions) -> RegapOptions:

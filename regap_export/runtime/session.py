@@ -8,6 +8,7 @@ the host.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,7 +115,7 @@ class OrtSessions:
     def embeds_dtype(self) -> Any:
         return self._input_types.get("inputs_embeds", np.float32)
 
-    @property
+    @functools.cached_property
     def positions(self) -> PositionScheme:
         """How this export's ``position_ids`` are computed (prefill and next step)."""
         return position_scheme(self.config.get("position_ids"))
