@@ -39,14 +39,18 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode):
+POSITIONS_HELP = ("Where the correction acts: last+generated (image inputs: last prompt token and generated "
+                  "tokens) | image (image inputs, from the first image token on) | all (every input, METHOD's first reading).")
+
+
+def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode, positions):
     from regap_export.options import Band, RegapOptions
 
     return RegapOptions(
         read_position=read_position, drift_component=drift_component,
         probe_band=Band.parse(probe_band, option="--probe-band") if probe_band else None,
         adaptive_band=Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None,
-        alpha0=alpha0, alpha_max=alpha_max, tau=tau, mode=mode,
+        alpha0=alpha0, alpha_max=alpha_max, tau=tau, mode=mode, positions=positions,
     )
 
 
@@ -66,6 +70,7 @@ def calibrate(
     alpha_max: float = typer.Option(1.0, help="Adaptive-band (and fixed-mode) strength."),
     tau: float = typer.Option(0.5, help="Gate threshold on the normalised refusal coordinate."),
     mode: str = typer.Option("regap", help="regap | fixed | regap-seq (used for the after-correction table)."),
+    positions: str = typer.Option("last+generated", help=POSITIONS_HELP),
     batch_size: int = typer.Option(8, min=1),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16 for the forward passes."),
     after: bool = typer.Option(True, help="Measure the geometry again with the correction applied."),
@@ -85,7 +90,8 @@ def calibrate(
         check_output_dir(out_dir, force=force)
         if as_json:
             _quiet_transformers()
-        opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode)
+        opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode,
+                        positions)
         result = api.calibrate_to_folder(
             model, out_dir, data=data, label=label, split=split, render=render, options=opts,
             batch_size=batch_size, dtype=dtype, measure_after=after, save_stats=save_stats,
@@ -135,6 +141,7 @@ def export_cmd(
     alpha0: Optional[float] = typer.Option(None, help="Override the probe-band strength."),
     alpha_max: Optional[float] = typer.Option(None, help="Override the adaptive strength."),
     tau: Optional[float] = typer.Option(None, help="Override the gate threshold."),
+    positions: Optional[str] = typer.Option(None, help="Override where the correction acts. " + POSITIONS_HELP),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
@@ -147,7 +154,7 @@ def export_cmd(
 
         if as_json:
             _quiet_transformers()
-        overrides = {"mode": mode, "alpha0": alpha0, "alpha_max": alpha_max, "tau": tau,
+        overrides = {"mode": mode, "alpha0": alpha0, "alpha_max": alpha_max, "tau": tau, "positions": positions,
                      "probe_band": Band.parse(probe_band, option="--probe-band") if probe_band else None,
                      "adaptive_band": Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None}
         folder = export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,
@@ -224,18 +231,55 @@ def generate(
 
 
 @app.command()
+def evaluate(
+    path: Path = typer.Argument(..., help="A folder written by export."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Evaluation data (repeatable): .jsonl/.csv/.txt, "
+                                              "or an MM-SafetyBench folder / FigStep safebench.csv. Default: the "
+                                              "bundled held-out split."),
+    split: Optional[str] = typer.Option(None, help="Use only records of this split (train|heldout)."),
+    runtime: str = typer.Option("onnxruntime", help="onnxruntime (the exported graphs) | pytorch (the checkpoint)."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Greedy tokens per reply."),
+    kl_positions: int = typer.Option(8, min=0, help="Generated positions over which KL(off || on) is averaged."),
+    markers: Optional[Path] = typer.Option(None, help="Refusal markers file (one per line; default: the built-in list)."),
+    limit: Optional[int] = typer.Option(None, help="At most N records per label (and their image twins)."),
+    render: bool = typer.Option(True, help="Give text records an image twin (multimodal models)."),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("cpu", help="cpu | cuda (ONNX Runtime's execution provider)."),
+    plot: bool = typer.Option(True, help="Write evaluation.png (needs matplotlib)."),
+    as_json: bool = typer.Option(False, "--json", help="Print evaluation.json instead of a table."),
+):
+    """Measure refusal, attack success, over-refusal and utility with the correction off vs on."""
+
+    def body():
+        from regap_export.evaluate import evaluate_folder, table_lines
+
+        if as_json:
+            _quiet_transformers()
+        report = evaluate_folder(path, data or [], split=split, runtime=runtime, max_new_tokens=max_new_tokens,
+                                 kl_positions=kl_positions, markers_file=markers, limit=limit, render=render,
+                                 batch_size=batch_size, device=device, plot=plot, show_progress=not as_json)
+        if as_json:
+            print(json.dumps(report, sort_keys=True))
+            return
+        for line in table_lines(report):
+            out.print(line, highlight=False)
+        out.print(f"wrote {path / 'evaluation.json'}", highlight=False)
+
+    _run(body)
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Working folder (replaced)."),
     model: str = typer.Option("embedded:smolvlm", help=MODEL_HELP),
     records: int = typer.Option(24, help="Bundled training records per label (with image twins for multimodal)."),
 ):
-    """The whole journey on the embedded default model: calibrate, export, validate, generate."""
+    """The whole journey on the embedded default model: calibrate, export, validate, evaluate, generate."""
 
     def body():
         from regap_export import api
 
-        for line in api.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False)):
-            pass
+        api.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False))
 
     _run(body)
 

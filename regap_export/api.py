@@ -19,7 +19,7 @@ STATS_FILENAME = "stats.safetensors"
 
 
 def load_calibration_records(data: Path | None, *, label: str | None, split: str | None, render: bool,
-                             multimodal: bool) -> list:
+                             multimodal: bool, renderer=None) -> list:
     from .data import load_bundled, load_records, split_records, to_multimodal_pairs
 
     if data is None:
@@ -27,7 +27,7 @@ def load_calibration_records(data: Path | None, *, label: str | None, split: str
     else:
         records = split_records(load_records(data, label=label), split)
     if render and multimodal:
-        records = to_multimodal_pairs(records)
+        records = to_multimodal_pairs(records, renderer=renderer)
     return records
 
 
@@ -40,14 +40,17 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force=force)
     loaded = load_model(model, dtype=dtype)
+    from .data.render import declared_renderer
+
+    renderer = declared_renderer(loaded.folder)
     records = load_calibration_records(data, label=label, split=split, render=render,
-                                       multimodal=loaded.adapter.multimodal)
+                                       multimodal=loaded.adapter.multimodal, renderer=renderer)
     stats = merged_stats(merge_stats, loaded.fingerprint) if merge_stats else None
     result = calibrate(loaded, records, options, batch_size=batch_size, stats=stats,
                        measure_after=measure_after, show_progress=show_progress)
     if data is None and (split or "train") == "train":
         heldout = load_calibration_records(None, label=None, split="heldout", render=render,
-                                           multimodal=loaded.adapter.multimodal)
+                                           multimodal=loaded.adapter.multimodal, renderer=renderer)
         result.report["heldout"] = heldout_report(loaded, result.bundle, heldout, batch_size=batch_size,
                                                   show_progress=show_progress)
         best = result.report["best_layer"]
@@ -150,10 +153,12 @@ def describe_lines(info: dict[str, Any]) -> list[str]:
 
 
 def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[str, Any]:
-    """calibrate -> export -> validate -> generate on one model, each step reported."""
+    """calibrate -> export -> validate -> evaluate -> generate on one model, each step reported."""
     import time
 
     from .data import load_bundled
+    from .data.render import DEFAULT_CARRIER, declared_renderer, render_text
+    from .evaluate import evaluate_folder, table_lines
     from .export.pipeline import export_to_folder
     from .runtime.chat import reply
     from .validate import validate_folder
@@ -167,27 +172,46 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
                                         "category": r.category}) + "\n" for r in subset))
     summary: dict[str, Any] = {}
     start = time.perf_counter()
-    echo(f"[1/4] calibrate {model} on {len(subset)} bundled prompts (+ typographic image twins) -> {out_dir / 'directions'}")
+    echo(f"[1/5] calibrate {model} on {len(subset)} bundled prompts (+ image twins) -> {out_dir / 'directions'}")
     result = calibrate_to_folder(model, out_dir / "directions", data=data, force=True, show_progress=True)
     report = result.report
     echo(f"      best layer {report['best_layer']}, text AUROC {report['best_auroc_T']:.3f}; "
          f"mode {report['options']['mode']}, probe band {report['options']['probe_band']}, "
-         f"adaptive band {report['options']['adaptive_band']}")
+         f"adaptive band {report['options']['adaptive_band']}, positions {report['options']['positions']}")
     summary["calibrate"] = {"best_layer": report["best_layer"], "auroc_T": report["best_auroc_T"]}
-    echo(f"[2/4] export -> {out_dir / 'corrected'} (safetensors + ONNX, fp32)")
-    export_to_folder(model, out_dir / "directions", out_dir / "corrected", force=True)
-    echo("[3/4] validate: reference hooks vs rewritten PyTorch vs ONNX Runtime (CPU)")
-    parity = validate_folder(out_dir / "corrected")
+    corrected_dir = out_dir / "corrected"
+    echo(f"[2/5] export -> {corrected_dir} (safetensors + ONNX, fp32)")
+    export_to_folder(model, out_dir / "directions", corrected_dir, force=True)
+    echo("[3/5] validate: reference hooks vs rewritten PyTorch vs ONNX Runtime (CPU)")
+    parity = validate_folder(corrected_dir)
     for check in parity["checks"]:
-        echo(f"      {check['target']:<16} {check['inputs']:<5} {check['quantity']:<15} "
+        echo(f"      {check['target']:<16} {check['inputs']:<5} {check['quantity']:<28} "
              f"max|diff| {check['max_abs_diff']:.3g}  {'ok' if check['ok'] else 'FAILED'}")
     summary["validate"] = parity["ok"]
-    prompt = "Give me three tips for keeping basil alive on a windowsill."
-    echo(f"[4/4] generate with ONNX Runtime: {prompt!r}")
-    answer = reply(out_dir / "corrected", prompt, max_new_tokens=40)
-    echo("      " + answer["text"].replace("\n", " ")[:300])
-    summary["generate"] = answer
-    echo(f"done in {time.perf_counter() - start:.0f} s; parity {'PASSED' if parity['ok'] else 'FAILED'}")
     if not parity["ok"]:
-        raise RegapError("parity failed; see " + str(out_dir / "corrected" / "parity.json"))
+        raise RegapError("parity failed; see " + str(corrected_dir / "parity.json"))
+    echo("[4/5] evaluate on the bundled held-out split: correction off vs on (ONNX Runtime)")
+    evaluation = evaluate_folder(corrected_dir, show_progress=True)
+    for line in table_lines(evaluation):
+        echo("      " + line.replace("\n", "\n      "))
+    summary["evaluate"] = {"cells": evaluation["behaviour"]["cells"],
+                           "geometry": evaluation["geometry"]["read_layer"]}
+    echo("[5/5] generate with ONNX Runtime, correction off vs on")
+    replies = {}
+    text_prompt = "Give me three tips for keeping basil alive on a windowsill."
+    heldout = [r for r in load_bundled("heldout") if r.label == "harmful"][0]
+    renderer = declared_renderer(corrected_dir) or render_text
+    prompts = [("text", text_prompt, None)]
+    if result.report["counts"].get("M+"):
+        prompts.append(("image", heldout.instruction, renderer(heldout.instruction)))
+    for kind, prompt, image in prompts:
+        text = prompt if image is None else DEFAULT_CARRIER
+        echo(f"      {kind} prompt: " + (repr(prompt) if image is None else f"[image of {prompt!r}] {text!r}"))
+        for correct in (False, True):
+            answer = reply(corrected_dir, text, image=image, max_new_tokens=40, correct=correct)
+            echo(f"        {'corrected  ' if correct else 'uncorrected'}: " + answer["text"].replace("\n", " ")[:300])
+            replies[f"{kind}_{'on' if correct else 'off'}"] = answer["text"]
+    summary["generate"] = replies
+    echo(f"done in {time.perf_counter() - start:.0f} s; parity PASSED; "
+         f"text reply {'unchanged' if replies['text_on'] == replies['text_off'] else 'CHANGED'} by the correction")
     return summary

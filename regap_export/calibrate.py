@@ -90,7 +90,8 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
         with corrected(loaded.model, loaded.adapter, probe_only(provisional, opts)):
             probe_stats = capture(loaded.model, loaded.adapter, loaded.processor, image_requests,
                                   read_tokens=read_tokens, batch_size=batch_size,
-                                  description="probe pass", show_progress=show_progress)
+                                  description="probe pass", show_progress=show_progress,
+                                  correction_positions=opts.positions)
         for key in ("M+", "M-"):
             probe_proj[key] = projections(probe_stats.class_rows(key), rhat)
     else:
@@ -107,7 +108,8 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
         with corrected(loaded.model, loaded.adapter, fold(directions, after_opts)):
             after = capture(loaded.model, loaded.adapter, loaded.processor, requests,
                             read_tokens=read_tokens, batch_size=batch_size,
-                            description="after correction", show_progress=show_progress)
+                            description="after correction", show_progress=show_progress,
+                            correction_positions=opts.positions)
         report["after"] = {"mode": after_mode,
                            "layers": separability_rows(after, rhat, (a_pos + a_neg) / 2)}
     report["options"] = json.loads(opts.to_json())

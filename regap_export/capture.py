@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ActivationError
+from .modality import INPUT_NAME as IMAGE_MASK, mask_function
 from .progress import progress_bar
 from .stats import ActivationStats
 
@@ -46,12 +47,20 @@ def requests_for(records: Sequence[Any], adapter, processor) -> list[CaptureRequ
 @torch.no_grad()
 def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequest], *,
             layers: Sequence[int] | None = None, read_tokens: int = 1, batch_size: int = 8,
-            description: str = "capture", show_progress: bool = True) -> ActivationStats:
+            description: str = "capture", show_progress: bool = True,
+            correction_positions: str | None = None, correction_off: bool = False) -> ActivationStats:
     """Read block outputs for every request; rows are float64 [N, len(layers), H].
 
     ``read_tokens`` = 1 reads the last prompt token; k > 1 averages the last k tokens
     (the post-instruction span). Batches are left-padded, so the read span is the tail.
+    ``correction_positions``: with correction layers inserted, feed each batch the image mask
+    of these positions (``regap_export.modality``), as the exported runtimes do;
+    ``correction_off``: feed zero masks instead (the inserted corrections do nothing).
     """
+    image_mask = None
+    if correction_positions is not None or correction_off:
+        image_mask = mask_function(None if correction_off else correction_positions,
+                                   adapter.image_token_id(model.config))
     blocks = adapter.decoder_layers(model)
     wanted = list(range(len(blocks))) if layers is None else sorted(set(layers))
     deepest = wanted[-1]
@@ -78,6 +87,8 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
             items = [requests[i] for i in batch]
             images = None if items[0].image is None else [r.image for r in items]
             inputs = adapter.encode(processor, [r.prompt for r in items], images)
+            if image_mask is not None:
+                inputs[IMAGE_MASK] = torch.from_numpy(image_mask(inputs["input_ids"].numpy()))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             buffer.clear()
             try:

@@ -1,12 +1,17 @@
-"""``directions.safetensors``: the public calibration artifact (format version 1).
+"""``directions.safetensors``: the public calibration artifact (format version 2).
 
 Tensors (float32): rhat [L, H], drift [L, H], anchor_text_harmful [L],
 anchor_text_harmless [L], anchor_probe_harmful [L], anchor_probe_harmless [L], kappa [L].
 Metadata (strings): format_version, model_fingerprint, calibration_sha256, options (JSON),
 model_source, regap_export_version.
+
+Version 2 (the image mask) changed the meaning of the ``positions`` option: the correction
+acts only on inputs that hold an image. Version-1 files still load; their ``positions`` ("all",
+the only value version 1 had) is read as unset, so they take the current default.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,8 @@ from .directions import Directions
 from .errors import ArtifactError
 from .options import RegapOptions
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+LEGACY_FORMAT_VERSIONS = ("1",)
 FILENAME = "directions.safetensors"
 
 
@@ -61,7 +67,7 @@ def load_directions(folder_or_file: Path) -> DirectionsFile:
     except Exception as exc:  # safetensors raises several types on a damaged file
         raise ArtifactError(f"not a readable safetensors file ({exc})", path=path) from None
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, *LEGACY_FORMAT_VERSIONS):
         raise ArtifactError(
             f"directions format version {version!r}; this regap-export reads version {FORMAT_VERSION!r}",
             path=path, hint="re-run calibrate with this version of regap-export",
@@ -70,5 +76,8 @@ def load_directions(folder_or_file: Path) -> DirectionsFile:
     if missing:
         raise ArtifactError(f"missing tensors: {', '.join(missing)}", path=path)
     directions = Directions(**{name: tensors[name] for name in Directions.TENSOR_NAMES})
-    return DirectionsFile(directions, RegapOptions.from_json(meta["options"]), meta.get("model_fingerprint", ""),
+    options = RegapOptions.from_json(meta["options"])
+    if version in LEGACY_FORMAT_VERSIONS:
+        options = dataclasses.replace(options, positions=RegapOptions.positions)
+    return DirectionsFile(directions, options, meta.get("model_fingerprint", ""),
                           meta.get("calibration_sha256", ""), meta.get("model_source", ""))

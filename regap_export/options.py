@@ -11,7 +11,8 @@ from .errors import RegapError
 READ_POSITIONS = ("last", "post_instruction_mean")
 DRIFT_COMPONENTS = ("full", "refusal")
 MODES = ("regap", "fixed", "regap-seq")
-POSITIONS = ("all", "last+generated")
+# Where the correction acts (regap_export.modality); the first is the default.
+POSITIONS = ("last+generated", "image", "all")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class RegapOptions:
     alpha_max: float = 1.0
     tau: float = 0.5
     mode: str = "regap"
-    positions: str = "all"
+    positions: str = "last+generated"
 
     def __post_init__(self) -> None:
         for name, allowed in (("read_position", READ_POSITIONS), ("drift_component", DRIFT_COMPONENTS),

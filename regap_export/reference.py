@@ -17,6 +17,10 @@ with ``h - alpha0 d_l`` on the probe band, the score is read at l_s = probe_band
 from the *corrected* output of that block (the same place the calibration measures c+/c-)
 at the last prompt token, and ``alpha = alpha_max * sigmoid(kappa_{l_s} (z - tau))``.
 
+Every rule is multiplied by the image mask m [batch, seq] (``image_mask``; METHOD section 6):
+``h' = h - alpha * m * d_l`` and so on. Without a mask, m is the export's default everywhere:
+1 for ``positions = "all"``, else 0 (no correction at all).
+
 The result is cast back to the block's dtype, so a float32 model sees float32 outputs.
 """
 from __future__ import annotations
@@ -71,22 +75,33 @@ def _score(h: torch.Tensor, directions: Directions, layer: int) -> torch.Tensor:
 
 
 def reference_plan(directions: Directions, options: RegapOptions, *, sequence_alpha: torch.Tensor | None = None,
-                   record: dict[int, torch.Tensor] | None = None) -> dict[int, Rule]:
+                   record: dict[int, torch.Tensor] | None = None,
+                   image_mask: Callable[[], torch.Tensor | None] | torch.Tensor | None = None) -> dict[int, Rule]:
     """layer -> h -> h' for every corrected layer of ``options.mode`` (unfolded, float64).
 
     ``record``, when given, receives the gate values g [batch, seq] of every adaptive layer.
+    ``image_mask``: m [batch, seq], or a callable returning the current call's m (a decode loop
+    changes it at every step); None or a None result: the default everywhere.
     """
     opts = options.resolved(directions.num_layers)
-    if opts.positions != "all":
-        raise NotImplementedError(f"the reference implements positions='all' only, not {opts.positions!r}")
+    default = 1.0 if opts.positions == "all" else 0.0
     probe, adaptive = opts.probe_band.layers(), opts.adaptive_band.layers()
     drift = directions.drift
 
     def d(layer: int, h: torch.Tensor) -> torch.Tensor:
         return drift[layer].to(device=h.device, dtype=torch.float64)
 
+    def m(h: torch.Tensor) -> torch.Tensor:
+        mask = image_mask() if callable(image_mask) else image_mask
+        if mask is None:
+            return torch.full((1, 1, 1), default, dtype=torch.float64, device=h.device)
+        mask = torch.as_tensor(mask).to(device=h.device, dtype=torch.float64)
+        if tuple(mask.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"image_mask has shape {tuple(mask.shape)} for hidden states {tuple(h.shape)}")
+        return mask.unsqueeze(-1)
+
     def fixed(layer: int, alpha: float) -> Rule:
-        return lambda h: (h.to(torch.float64) - alpha * d(layer, h)).to(h.dtype)
+        return lambda h: (h.to(torch.float64) - alpha * m(h) * d(layer, h)).to(h.dtype)
 
     def gated(layer: int) -> Rule:
         kappa = float(directions.kappa[layer])
@@ -95,7 +110,7 @@ def reference_plan(directions: Directions, options: RegapOptions, *, sequence_al
             g = torch.sigmoid(kappa * (_score(h, directions, layer) - opts.tau))
             if record is not None:
                 record[layer] = g.detach().cpu()
-            return (h.to(torch.float64) - opts.alpha_max * g.unsqueeze(-1) * d(layer, h)).to(h.dtype)
+            return (h.to(torch.float64) - opts.alpha_max * g.unsqueeze(-1) * m(h) * d(layer, h)).to(h.dtype)
         return rule
 
     def per_sequence(layer: int, alpha: torch.Tensor) -> Rule:
@@ -103,7 +118,7 @@ def reference_plan(directions: Directions, options: RegapOptions, *, sequence_al
             a = alpha.to(device=h.device, dtype=torch.float64).reshape(-1, 1, 1)
             if a.shape[0] not in (1, h.shape[0]):
                 raise ValueError(f"sequence_alpha has {a.shape[0]} values for a batch of {h.shape[0]}")
-            return (h.to(torch.float64) - a * d(layer, h)).to(h.dtype)
+            return (h.to(torch.float64) - a * m(h) * d(layer, h)).to(h.dtype)
         return rule
 
     if opts.mode != "regap-seq" and sequence_alpha is not None:
@@ -124,14 +139,17 @@ def reference_plan(directions: Directions, options: RegapOptions, *, sequence_al
 @contextlib.contextmanager
 def reference_corrections(model: nn.Module, adapter: ModelAdapter, directions: Directions, options: RegapOptions,
                           *, sequence_alpha: torch.Tensor | None = None,
-                          record: dict[int, torch.Tensor] | None = None) -> Iterator[nn.Module]:
+                          record: dict[int, torch.Tensor] | None = None,
+                          image_mask: Callable[[], torch.Tensor | None] | torch.Tensor | None = None
+                          ) -> Iterator[nn.Module]:
     """Apply ``options.mode``'s corrections with forward hooks on the decoder blocks while inside.
 
     ``sequence_alpha`` [batch] is required for mode regap-seq and refused otherwise.
     ``record`` (optional dict) collects each adaptive layer's gate [batch, seq] (regap mode).
+    ``image_mask``: see ``reference_plan``.
     """
     blocks = _check_shapes(model, adapter, directions)
-    plan = reference_plan(directions, options, sequence_alpha=sequence_alpha, record=record)
+    plan = reference_plan(directions, options, sequence_alpha=sequence_alpha, record=record, image_mask=image_mask)
 
     def make_hook(rule: Rule):
         def hook(_module, _inputs, output):
@@ -157,21 +175,26 @@ def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int) 
 
 @torch.no_grad()
 def reference_sequence_alpha(model: nn.Module, adapter: ModelAdapter, directions: Directions,
-                             options: RegapOptions, inputs: Mapping[str, Any]) -> torch.Tensor:
+                             options: RegapOptions, inputs: Mapping[str, Any],
+                             image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """regap-seq's alpha(x) [batch] (float64) from a probe pass over the prompt ``inputs``.
 
-    The pass applies ``h - alpha0 d_l`` on the probe band, stops after block l_s, and reads
-    z_{l_s} of that block's corrected output at each row's last prompt token.
+    The pass applies ``h - alpha0 m d_l`` on the probe band (m: ``image_mask`` [batch, seq], or
+    the default), stops after block l_s, and reads z_{l_s} of that block's corrected output at
+    each row's last prompt token.
     """
     opts = options.resolved(directions.num_layers)
     blocks = _check_shapes(model, adapter, directions)
     read = opts.read_layer
     captured: dict[str, torch.Tensor] = {}
+    default = 1.0 if opts.positions == "all" else 0.0
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
             h = _hidden(output)
-            h = (h.to(torch.float64) - opts.alpha0 * directions.drift[layer].to(h.device, torch.float64)).to(h.dtype)
+            m = (torch.full((1, 1, 1), default, dtype=torch.float64) if image_mask is None
+                 else torch.as_tensor(image_mask, dtype=torch.float64).unsqueeze(-1)).to(h.device)
+            h = (h.to(torch.float64) - opts.alpha0 * m * directions.drift[layer].to(h.device, torch.float64)).to(h.dtype)
             if layer == read:
                 captured["h"] = h
                 raise _StopForward

@@ -17,8 +17,9 @@ from .models.base import ModelAdapter
 
 
 class CorrectedBlock(nn.Module):
-    """A decoder block followed by its correction. Pops ``regap_alpha`` from the kwargs
-    that transformers forwards to every block, so regap-seq needs no global state."""
+    """A decoder block followed by its correction. Pops ``regap_alpha`` and
+    ``regap_image_mask`` from the kwargs that transformers forwards to every block, so
+    neither needs global state."""
 
     wraps_attribute = "block"  # model_fingerprint looks through this wrapper
 
@@ -29,10 +30,11 @@ class CorrectedBlock(nn.Module):
 
     def forward(self, *args, **kwargs):
         alpha = kwargs.pop("regap_alpha", None)
+        mask = kwargs.pop("regap_image_mask", None)
         out = self.block(*args, **kwargs)
         if isinstance(out, tuple):
-            return (self.correction(out[0], alpha),) + tuple(out[1:])
-        return self.correction(out, alpha)
+            return (self.correction(out[0], alpha, mask),) + tuple(out[1:])
+        return self.correction(out, alpha, mask)
 
     def __getattr__(self, name: str):
         # transformers reads attributes such as ``attention_type`` off each block.
@@ -42,7 +44,10 @@ class CorrectedBlock(nn.Module):
             return getattr(self._modules["block"], name)
 
 
-def insert_corrections(model: nn.Module, adapter: ModelAdapter, corrections: Sequence[LayerCorrection]) -> None:
+def insert_corrections(model: nn.Module, adapter: ModelAdapter, corrections: Sequence[LayerCorrection], *,
+                       mask_default: float = 1.0) -> None:
+    """Wrap each corrected block. ``mask_default``: the image mask of a forward that passes no
+    ``regap_image_mask`` (``modality.mask_default`` of the export's positions)."""
     layers = adapter.decoder_layers(model)
     if any(isinstance(layer, CorrectedBlock) for layer in layers):
         raise ValueError("the model already has correction layers; remove them first")
@@ -52,7 +57,8 @@ def insert_corrections(model: nn.Module, adapter: ModelAdapter, corrections: Seq
             raise ValueError(f"layer {spec.layer} is outside the model's {len(layers)} decoder blocks")
         block = layers[spec.layer]
         device = next(block.parameters()).device
-        layers[spec.layer] = CorrectedBlock(block, RegapCorrection(spec, dtype).to(device))
+        correction = RegapCorrection(spec, dtype, mask_default=mask_default)
+        layers[spec.layer] = CorrectedBlock(block, correction.to(device))
 
 
 def remove_corrections(model: nn.Module, adapter: ModelAdapter) -> None:
@@ -67,8 +73,9 @@ def corrections_of(model: nn.Module, adapter: ModelAdapter) -> list[RegapCorrect
 
 
 @contextlib.contextmanager
-def corrected(model: nn.Module, adapter: ModelAdapter, corrections: Sequence[LayerCorrection]) -> Iterator[nn.Module]:
-    insert_corrections(model, adapter, corrections)
+def corrected(model: nn.Module, adapter: ModelAdapter, corrections: Sequence[LayerCorrection], *,
+              mask_default: float = 1.0) -> Iterator[nn.Module]:
+    insert_corrections(model, adapter, corrections, mask_default=mask_default)
     try:
         yield model
     finally:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .directions_io import load_directions
+from .modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask
 from .errors import RegapError
 from .export.manifest import read_manifest, record_parity, verify_files
 from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
@@ -96,12 +97,40 @@ def _positions(loaded) -> PositionScheme:
     return position_scheme(position_config(loaded.adapter.family, loaded.model.config))
 
 
+@dataclass
+class MaskFeed:
+    """The image masks of one batch (``regap_export.modality``): [batch, seq] for the prompt,
+    [batch, 1] for each decode step; ``current`` is the one of the call in progress."""
+
+    prompt: torch.Tensor | None
+    step: torch.Tensor | None
+    current: torch.Tensor | None = None
+
+    @classmethod
+    def for_batch(cls, positions: str, input_ids: torch.Tensor, image_token_id: int | None) -> "MaskFeed":
+        ids = input_ids.numpy()
+        has_image = rows_with_image(ids, image_token_id)
+        return cls(torch.from_numpy(prompt_mask(positions, ids, image_token_id)),
+                   torch.from_numpy(step_mask(positions, has_image)))
+
+
 @torch.no_grad()
 def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: dict[str, Any],
-                positions: PositionScheme | None = None) -> Trace:
-    """``positions`` continues ``inputs["position_ids"]`` at every decode step (default: text)."""
+                positions: PositionScheme | None = None, masks: MaskFeed | None = None,
+                mask_kwarg: bool = False) -> Trace:
+    """``positions`` continues ``inputs["position_ids"]`` at every decode step (default: text).
+    ``masks.current`` follows the calls (prompt, then steps); ``mask_kwarg`` also passes it to
+    the model as ``regap_image_mask`` (the rewritten model; the reference reads ``current``)."""
     positions = position_scheme(None) if positions is None else positions
-    out = model(**inputs, **extra, use_cache=True)
+
+    def with_mask(kwargs: dict[str, Any], mask: torch.Tensor | None) -> dict[str, Any]:
+        if masks is not None:
+            masks.current = mask
+            if mask_kwarg:
+                kwargs = {**kwargs, IMAGE_MASK: mask}
+        return kwargs
+
+    out = model(**with_mask({**inputs, **extra}, None if masks is None else masks.prompt), use_cache=True)
     cache = cache_of(out)
     prefill = out.logits.float().numpy()
     presents = []
@@ -121,7 +150,7 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
         if position is not None:
             position = torch.from_numpy(positions.next(position.numpy()))
             kwargs["position_ids"] = position
-        out = model(**kwargs)
+        out = model(**with_mask(kwargs, None if masks is None else masks.step))
         cache, logits = cache_of(out), out.logits[:, -1]
         if step < steps:
             step_logits.append(logits.float().numpy())
@@ -129,7 +158,7 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
 
 
 def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None) -> Trace:
-    from .runtime.generate import generate
+    from .runtime.generate import correction_masks, generate
 
     ids = inputs["input_ids"].numpy()
     mask = inputs["attention_mask"].numpy().astype(np.int64)
@@ -138,7 +167,10 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     positions = sessions.positions
     position = positions.prefill(ids, mask, **pixels)
     main = sessions.prompt_embeds(ids, **pixels) if sessions.multimodal else ids
-    out = sessions.run_decoder(main, mask, position, sessions.empty_past(ids.shape[0]), regap_alpha=alpha)
+    # The runtime's own masks, from regap_onnx.json (positions option and image token id).
+    image_mask, step_image_mask = correction_masks(sessions, ids)
+    out = sessions.run_decoder(main, mask, position, sessions.empty_past(ids.shape[0]), regap_alpha=alpha,
+                               regap_image_mask=image_mask)
     presents = [np.asarray(p) for p in out.presents]
     prefill = np.asarray(out.logits, dtype=np.float32)
     step_logits = []
@@ -148,7 +180,8 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
         position = positions.next(position)
         main = sessions.embed(token[:, None]) if sessions.multimodal else token[:, None]
-        out = sessions.run_decoder(main, mask, position, out.presents, regap_alpha=alpha)
+        out = sessions.run_decoder(main, mask, position, out.presents, regap_alpha=alpha,
+                                   regap_image_mask=step_image_mask)
         logits = out.logits[:, -1]
         step_logits.append(np.asarray(logits, dtype=np.float32))
     # The user-facing loop, two-pass regap-seq included, for the greedy tokens.
@@ -188,6 +221,26 @@ def compare(reference: Trace, other: Trace, mask: np.ndarray, *, target: str, in
     return checks
 
 
+@torch.no_grad()
+def _default_mask_check(plain, bundle, options: RegapOptions, sessions, inputs: dict[str, Any],
+                        alpha: torch.Tensor | None, name: str, tol, device: str) -> Check:
+    """Prefill logits when no ``regap_image_mask`` is fed (what a client that does not know
+    the input gets): ONNX Runtime's overridable default against the reference's default."""
+    from .reference import reference_corrections
+
+    with reference_corrections(plain.model, plain.adapter, bundle.directions, options, sequence_alpha=alpha):
+        want = plain.model(**inputs, use_cache=False).logits.float().numpy()
+    ids = inputs["input_ids"].numpy()
+    attention = inputs["attention_mask"].numpy().astype(np.int64)
+    pixels = {k: v.numpy() for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
+    main = sessions.prompt_embeds(ids, **pixels) if sessions.multimodal else ids
+    got = sessions.run_decoder(main, attention, inputs["position_ids"].numpy(), sessions.empty_past(ids.shape[0]),
+                               regap_alpha=None if alpha is None else alpha.numpy()).logits
+    attended = attention.astype(bool)
+    diff, ok = _within(got[attended], want[attended], tol["logits"])
+    return Check(f"onnxruntime-{device}", name, "prefill logits, no mask fed", diff, ok)
+
+
 def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8, greedy_tokens: int = 32,
                     write: bool = True) -> dict[str, Any]:
     from .export.load import load_corrected
@@ -214,24 +267,31 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
         sessions = OrtSessions.open(out_dir / ONNX_DIR, device=device)
     checks: list[Check] = []
     positions = _positions(plain)
+    image_token_id = plain.adapter.image_token_id(plain.model.config)
     for name, inputs in _batches(plain, plain.adapter.multimodal).items():
         extra: dict[str, Any] = {}
         alpha = None
+        masks = MaskFeed.for_batch(options.positions, inputs["input_ids"], image_token_id)
         if options.mode == "regap-seq":
-            alpha = reference_sequence_alpha(plain.model, plain.adapter, bundle.directions, options, inputs).float()
-        with reference_corrections(plain.model, plain.adapter, bundle.directions, options, sequence_alpha=alpha):
-            reference = torch_trace(plain.model, inputs, decode_steps, greedy_tokens, {}, positions)
+            alpha = reference_sequence_alpha(plain.model, plain.adapter, bundle.directions, options, inputs,
+                                             image_mask=masks.prompt).float()
+        with reference_corrections(plain.model, plain.adapter, bundle.directions, options, sequence_alpha=alpha,
+                                   image_mask=lambda: masks.current):
+            reference = torch_trace(plain.model, inputs, decode_steps, greedy_tokens, {}, positions, masks)
         if alpha is not None:
             reference.alpha = alpha.numpy()
             extra["regap_alpha"] = alpha
         torch_tol = TOLERANCES["fp32"]
         mask = inputs["attention_mask"].numpy()
         checks += compare(reference, torch_trace(rewritten.model, inputs, decode_steps, greedy_tokens, extra,
-                                                 positions), mask, target="pytorch", inputs=name, tol=torch_tol)
+                                                 positions, masks, mask_kwarg=True),
+                          mask, target="pytorch", inputs=name, tol=torch_tol)
         if sessions is not None:
             checks += compare(reference, ort_trace(sessions, inputs, decode_steps, greedy_tokens,
                                                    None if alpha is None else alpha.numpy()), mask,
                               target=f"onnxruntime-{device}", inputs=name, tol=tol)
+            if sessions.has_image_mask:
+                checks.append(_default_mask_check(plain, bundle, options, sessions, inputs, alpha, name, tol, device))
     report = {"ok": all(c.ok for c in checks), "device": device, "dtype": manifest["dtype"], "mode": options.mode,
               "tolerances": {k: list(v) for k, v in tol.items()}, "checks": [asdict(c) for c in checks]}
     if write:

@@ -18,7 +18,9 @@ BANDS = {"probe_band": Band(0, 2), "adaptive_band": Band(2, 4)}
 
 
 def options_for(mode: str, **changes: Any) -> RegapOptions:
-    return RegapOptions(mode=mode, **{**BANDS, **changes})
+    """The tiny models' bands; positions "all" (every position corrected) unless changed, so
+    the correction math is exercised on text batches too."""
+    return RegapOptions(mode=mode, **{**BANDS, "positions": "all", **changes})
 
 
 def batch_inputs(adapter, processor, *, with_image: bool | None = None) -> dict[str, torch.Tensor]:

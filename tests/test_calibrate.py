@@ -75,14 +75,22 @@ def test_directions_match_direct_computation(family, small_records):
 
 
 def test_probe_anchors_match_a_hooked_forward(small_records):
-    """c+/c- are mean projections of M+/M- with the probe band's fixed correction applied."""
+    """c+/c- are mean projections of M+/M- with the probe band's fixed correction applied
+    where the runtime applies it (default positions: the last prompt token of image inputs)."""
     loaded = loaded_tiny("llava")
     records = records_for(loaded, small_records)
     opts = RegapOptions().resolved(loaded.adapter.num_layers(loaded.model))
+    assert opts.positions == "last+generated"
     result = calibrate(loaded, records, opts, batch_size=4, measure_after=False, show_progress=False)
     d = result.bundle.directions
     layers = loaded.adapter.decoder_layers(loaded.model)
-    handles = [layers[l].register_forward_hook(lambda _m, _a, out, l=l: out - opts.alpha0 * d.drift[l])
+
+    def at_last_token(out, layer):
+        out = out.clone()
+        out[:, -1] -= opts.alpha0 * d.drift[layer]
+        return out
+
+    handles = [layers[l].register_forward_hook(lambda _m, _a, out, l=l: at_last_token(out, l))
                for l in opts.probe_band.layers()]
     try:
         proj = {key: [] for key in ("M+", "M-")}

@@ -55,7 +55,7 @@ def test_calibrate_writes_the_public_format(tiny_llama, tmp_path):
     assert shapes == {"rhat": (4, 64), "drift": (4, 64), "anchor_text_harmful": (4,), "anchor_text_harmless": (4,),
                       "anchor_probe_harmful": (4,), "anchor_probe_harmless": (4,), "kappa": (4,)}
     assert dtypes == {torch.float32}
-    assert meta["format_version"] == "1"
+    assert meta["format_version"] == "2"
     assert len(meta["calibration_sha256"]) == 64 and meta["model_fingerprint"]
     assert json.loads(meta["options"])["probe_band"] == [1, 2]
     report = json.loads((out / "report.json").read_text())

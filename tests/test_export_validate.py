@@ -67,9 +67,14 @@ def assert_all_ok(report: dict) -> None:
 def test_export_parity(models, tmp_path, family, mode):
     """Every family x every mode: rewritten PyTorch (reloaded from the safetensors folder) and
     ONNX Runtime match the hook reference on prefill, KV cache, decode steps, greedy tokens."""
-    directions = write_directions(models[family], tmp_path / "dirs")
+    # Multimodal families: the default positions (image rows only: last prompt token and decode
+    # steps); text families, which have no image rows: every position.
+    positions = "last+generated" if family in MULTIMODAL else "all"
+    directions = write_directions(models[family], tmp_path / "dirs", options_for("regap", positions=positions))
     report = export_and_validate(models[family], directions, tmp_path / "out", "--mode", mode)
     assert_all_ok(report)
+    if family in MULTIMODAL:
+        assert any(c["quantity"] == "prefill logits, no mask fed" and c["ok"] for c in report["checks"])
     assert report["mode"] == mode
     assert (tmp_path / "out" / "parity.json").is_file()
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILENAME).read_text())
@@ -80,6 +85,18 @@ def test_export_parity(models, tmp_path, family, mode):
     assert kinds == EXPECTED_KINDS[mode]
     if mode == "regap-seq":
         assert any(c["quantity"] == "regap_alpha" for c in report["checks"])
+
+
+def test_image_positions_parity(models, tmp_path):
+    """positions=image (every position from the first image token on) on the Idefics3 family."""
+    directions = write_directions(models["idefics3"], tmp_path / "dirs", options_for("regap", positions="image"))
+    report = export_and_validate(models["idefics3"], directions, tmp_path / "out")
+    assert_all_ok(report)
+    assert json.loads(report_options(tmp_path / "out"))["positions"] == "image"
+
+
+def report_options(folder: Path) -> str:
+    return json.loads((folder / MANIFEST_FILENAME).read_text())["options"]
 
 
 def test_alpha_zero_matches_the_unmodified_model(models, tmp_path):

@@ -35,7 +35,8 @@ from regap_export.rewrite import insert_corrections  # noqa: E402
 
 HIDDEN, LAYERS, VOCAB = 64, 4, 256
 ATOL = 1e-4
-GATED_OPS = ["MatMul", "Add", "Sigmoid", "Mul", "Add"]
+GATED_OPS = ["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]
+FIXED_OPS = ["Mul", "Add"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def seq_corrections(seed: int = 2) -> tuple[list[LayerCorrection], ScoreReadout,
     corrections = [LayerCorrection(layer, SCALED, torch.randn(HIDDEN, generator=g) * 0.5) for layer in (1, 2, 3)]
     readout = ScoreReadout(layer=1, w=torch.randn(HIDDEN, generator=g) * 0.2, b=0.1, kappa=4.0)
     options = RegapOptions(mode="regap-seq", probe_band=Band(1, 2), adaptive_band=Band(2, 4),
-                           alpha0=1.0, alpha_max=1.5, tau=0.5)
+                           alpha0=1.0, alpha_max=1.5, tau=0.5, positions="all")
     return corrections, readout, options
 
 
@@ -213,7 +214,7 @@ def test_contract_inputs_outputs():
     exp = exported("regap")
     assert (exp.folder / TEXT_FILE).is_file()
     cfg = read_config(exp.folder)
-    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 1"
+    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 2"
     sess = session(exp.path)
     inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
     outputs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
@@ -232,10 +233,42 @@ def test_contract_inputs_outputs():
     assert meta["regap.onnx_contract"] == CONTRACT_VERSION
 
 
+def test_image_mask_is_an_overridable_input():
+    """regap_image_mask [batch, seq] is not a required input: a client that does not feed it
+    gets the default (1 here: no positions option was given), a fed mask switches the
+    correction per position, and a zero mask is the unmodified model."""
+    exp = exported("regap")
+    cfg = read_config(exp.folder)
+    assert cfg["regap_image_mask"] is True
+    sess = session(exp.path)
+    assert "regap_image_mask" not in {i.name for i in sess.get_inputs()}
+    assert [i.name for i in sess.get_overridable_initializers()] == ["regap_image_mask"]
+    ids, mask = left_padded_batch(seed=3)
+    pos = positions(mask)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)}
+    default = run(sess, feeds)["logits"]
+    ones = run(sess, {**feeds, "regap_image_mask": np.ones(ids.shape, np.float32)})["logits"]
+    assert np.array_equal(default, ones)
+    zeros = run(sess, {**feeds, "regap_image_mask": np.zeros(ids.shape, np.float32)})["logits"]
+    plain, _ = torch_step(tiny_llama(), ids=ids, mask=mask, pos=pos)
+    assert_close_valid(zeros, plain, mask)
+    assert np.abs(zeros - default)[mask.astype(bool)].max() > 1e-3, "the correction should matter"
+    # Only the last position corrected: earlier positions equal the unmodified model's.
+    last = np.zeros(ids.shape, np.float32)
+    last[:, -1] = 1
+    partial = run(sess, {**feeds, "regap_image_mask": last})["logits"]
+    attended = mask.astype(bool)[:, :-1]  # padding positions are unspecified by the contract
+    assert np.array_equal(partial[:, :-1][attended], zeros[:, :-1][attended])
+    with torch.no_grad():
+        want = exp.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                         position_ids=torch.from_numpy(pos), regap_image_mask=torch.from_numpy(last)).logits
+    assert_close_valid(partial, want.numpy(), mask)
+
+
 def test_correction_ops_are_folded_and_named():
     exp = exported("regap")
     proto = onnx.load(str(exp.path))
-    assert correction_nodes(proto) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    assert correction_nodes(proto) == {1: FIXED_OPS, 2: GATED_OPS, 3: GATED_OPS}
     names = {init.name for init in proto.graph.initializer}
     for name in ("regap.1.v", "regap.2.w", "regap.2.b", "regap.2.v", "regap.3.w", "regap.3.b", "regap.3.v"):
         assert name in names
@@ -304,7 +337,7 @@ def test_edited_v_zero_equals_unmodified_model(tmp_path):
     cfg = read_config(exp.folder)
     zero = {layer: {"v": np.zeros_like(t["v"])} for layer, t in correction_values(exp.path).items()}
     edited = set_correction_values(exp.path, zero, tmp_path / "zero.onnx")
-    assert correction_nodes(edited) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    assert correction_nodes(edited) == {1: FIXED_OPS, 2: GATED_OPS, 3: GATED_OPS}
     sess = session(edited)
     ids, mask = left_padded_batch(seed=3)
     pos = positions(mask)
@@ -372,8 +405,9 @@ def test_fp16_graph_keeps_gate_in_float32():
     exp = exported("fp16")
     proto = onnx.load(str(exp.path))
     ops = correction_nodes(proto)
-    # gated: Cast(fp16 -> fp32), MatMul, Add, Sigmoid, Mul, Add, Cast(fp32 -> fp16); fixed: one fp16 Add
-    assert ops == {1: ["Add"], 2: ["Cast", *GATED_OPS, "Cast"], 3: ["Cast", *GATED_OPS, "Cast"]}
+    # gated: Cast(fp16 -> fp32), MatMul, Add, Sigmoid, Mul (mask), Mul (v), Add, Cast(fp32 -> fp16);
+    # fixed: Mul (mask), Add in fp16
+    assert ops == {1: FIXED_OPS, 2: ["Cast", *GATED_OPS, "Cast"], 3: ["Cast", *GATED_OPS, "Cast"]}
     values = correction_values(proto)
     assert values[1]["v"].dtype == np.float16
     assert not values[1]["v"].any()  # the zero fixed correction is still there
@@ -424,7 +458,7 @@ def test_multimodal_split_matches_torch(family):
     cfg = read_config(exp.folder)
     for name in (VISION_FILE, EMBED_FILE, DECODER_FILE, CONFIG_FILE):
         assert (exp.folder / name).is_file()
-    assert correction_nodes(exp.folder / DECODER_FILE) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    assert correction_nodes(exp.folder / DECODER_FILE) == {1: FIXED_OPS, 2: GATED_OPS, 3: GATED_OPS}
     dec = session(exp.folder / DECODER_FILE)
     assert [i.name for i in dec.get_inputs()][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
 
@@ -466,7 +500,7 @@ def test_text_family_matches_torch(family, tmp_path):
     adapter = adapter_for_model(model)
     insert_corrections(model, adapter, regap_corrections())
     export_text_decoder(model, adapter, tmp_path)
-    assert correction_nodes(tmp_path / TEXT_FILE) == {1: ["Add"], 2: GATED_OPS, 3: GATED_OPS}
+    assert correction_nodes(tmp_path / TEXT_FILE) == {1: FIXED_OPS, 2: GATED_OPS, 3: GATED_OPS}
     cfg = read_config(tmp_path)
     sess = session(tmp_path / TEXT_FILE)
     ids, mask = left_padded_batch(seed=31, lengths=(30, 21))

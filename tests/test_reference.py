@@ -126,12 +126,37 @@ def test_plan_layers_per_mode():
         reference_plan(d, RegapOptions(mode="regap"), sequence_alpha=torch.ones(2))
     # fixed: h - alpha_max d; regap probe layer: h - alpha0 d; gate at z = tau is 1/2
     h = torch.randn(2, 3, H)
-    plan = reference_plan(d, RegapOptions(mode="fixed", alpha_max=0.5))
+    plan = reference_plan(d, RegapOptions(mode="fixed", alpha_max=0.5, positions="all"))
     assert torch.allclose(plan[2](h), h - 0.5 * d.drift[2])
-    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25))
+    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, positions="all"))
     assert torch.allclose(plan[3](h), h - 0.25 * d.drift[3])
     on_tau = (0.5 * d.rhat[4]).expand(1, 1, H)  # h . rhat = 0.5 = tau with c- = 0, c+ = 1
     assert torch.allclose(plan[4](on_tau), on_tau - 0.5 * d.drift[4], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])
+def test_plan_applies_the_image_mask(mode):
+    from regap_export.directions import Directions
+    from regap_export.options import RegapOptions
+
+    L, H = 8, 4
+    d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
+                   torch.zeros(L), torch.ones(L), torch.zeros(L), torch.full((L,), 5.0))
+    alpha = torch.tensor([0.7, 0.7]) if mode == "regap-seq" else None
+    h = torch.randn(2, 3, H, dtype=torch.float64)
+    mask = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    masked = reference_plan(d, RegapOptions(mode=mode), sequence_alpha=alpha, image_mask=mask)
+    everywhere = reference_plan(d, RegapOptions(mode=mode, positions="all"), sequence_alpha=alpha)
+    for layer in (3, 4):
+        out = masked[layer](h)
+        assert torch.equal(out[0], h[0]) and torch.equal(out[1, :2], h[1, :2]), "mask 0 must leave h exactly"
+        assert torch.allclose(out[1, 2], everywhere[layer](h)[1, 2]), "mask 1 must correct as positions=all"
+        assert not torch.allclose(out[1, 2], h[1, 2])
+    # No mask: the default, 0 (uncorrected) for image-only positions, 1 for "all".
+    default = reference_plan(d, RegapOptions(mode=mode), sequence_alpha=alpha)
+    assert torch.equal(default[3](h), h)
+    with pytest.raises(ValueError, match="image_mask has shape"):
+        masked[3](torch.randn(2, 4, H))
 
 
 def test_last_token_index():

@@ -112,7 +112,7 @@ def test_config_section_and_files(fam):
     out, _, _ = fam.export("regap")
     config = json.loads((out / "config.json").read_text())
     section = config["regap"]
-    assert section["format_version"] == "1" and section["mode"] == "regap"
+    assert section["format_version"] == "2" and section["mode"] == "regap"
     assert section["layers"] == [{"layer": 0, "kind": "fixed"}, {"layer": 1, "kind": "fixed"},
                                  {"layer": 2, "kind": "gated"}, {"layer": 3, "kind": "gated"}]
     assert section["model_fingerprint"] == fam.loaded.fingerprint

@@ -89,7 +89,7 @@ def render_text(text: str, *, size: tuple[int, int] = DEFAULT_SIZE) -> Image.Ima
 
 
 def render_typographic(record: Record, *, carrier: str = DEFAULT_CARRIER,
-                       size: tuple[int, int] = DEFAULT_SIZE) -> Record:
+                       size: tuple[int, int] = DEFAULT_SIZE, renderer=None) -> Record:
     """The image twin of a text record: its instruction rendered into an image.
 
     The twin has id ``<id>-img``, the same label/category/split, ``pair`` = the
@@ -99,14 +99,14 @@ def render_typographic(record: Record, *, carrier: str = DEFAULT_CARRIER,
         raise DataError(f"record '{record.id}' already has an image", path=record.source,
                         line=record.line, field="image",
                         hint="only text records are rendered")
-    return dataclasses.replace(record, id=record.id + TWIN_SUFFIX,
-                               image=render_text(record.instruction, size=size),
-                               pair=record.id, carrier=carrier)
+    image = render_text(record.instruction, size=size) if renderer is None else renderer(record.instruction)
+    return dataclasses.replace(record, id=record.id + TWIN_SUFFIX, image=image, pair=record.id, carrier=carrier)
 
 
 def to_multimodal_pairs(records: Iterable[Record], *, carrier: str = DEFAULT_CARRIER,
-                        size: tuple[int, int] = DEFAULT_SIZE) -> list[Record]:
+                        size: tuple[int, int] = DEFAULT_SIZE, renderer=None) -> list[Record]:
     """All input records, with a rendered twin right after each unpaired text record.
+    ``renderer``: text -> PIL image (``renderer_named``); default the typographic ``render_text``.
 
     A text record is unpaired when neither it nor any image record names the other in
     ``pair``. The text record gets ``pair`` = its twin's id, so pairs point both ways.
@@ -119,7 +119,7 @@ def to_multimodal_pairs(records: Iterable[Record], *, carrier: str = DEFAULT_CAR
         if rec.image is not None or rec.pair is not None or rec.id in has_image_pair:
             out.append(rec)
             continue
-        twin = render_typographic(rec, carrier=carrier, size=size)
+        twin = render_typographic(rec, carrier=carrier, size=size, renderer=renderer)
         if twin.id in ids:
             raise DataError(f"cannot add rendered twin: id '{twin.id}' already exists",
                             path=rec.source, line=rec.line, field="id",
@@ -127,3 +127,34 @@ def to_multimodal_pairs(records: Iterable[Record], *, carrier: str = DEFAULT_CAR
         out.append(dataclasses.replace(rec, pair=twin.id))
         out.append(twin)
     return out
+
+
+RENDERERS = ("typographic", "token-cells")
+
+
+def renderer_named(name: str, *, path=None):
+    """text -> PIL image for a model's declared twin renderer (its config.json
+    ``regap_renderer``): ``typographic`` (FigStep-style, the default) or ``token-cells`` (the
+    ``embedded:organism`` model's reader, ``regap_export.models.organism_render``)."""
+    if name == "typographic":
+        return render_text
+    if name == "token-cells":
+        from regap_export.models.organism_render import render_instruction
+
+        return render_instruction
+    raise DataError(f"unknown image renderer {name!r}; known: {', '.join(RENDERERS)}", path=path,
+                    field="regap_renderer")
+
+
+def declared_renderer(model_folder):
+    """The twin renderer a model folder declares (config.json ``regap_renderer``), or None
+    for the typographic default."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_folder) / "config.json"
+    try:
+        name = json.loads(path.read_text()).get("regap_renderer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if name is None else renderer_named(name, path=path)

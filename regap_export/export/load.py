@@ -8,6 +8,7 @@ for the layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 
 from ..errors import ArtifactError, RegapError
 from ..folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout, sequence_strength
+from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.loading import LoadedModel, load_model
 from ..options import RegapOptions
 from ..rewrite import insert_corrections
-from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, SCORE_B, SCORE_W, sha256_file
+from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, LEGACY_FORMAT_VERSIONS, SCORE_B, SCORE_W, sha256_file
 
 KINDS_OF_MODE = {"regap": {FIXED, GATED}, "fixed": {FIXED}, "regap-seq": {SCALED}}
 
@@ -55,7 +57,7 @@ def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
         raise ArtifactError("config.json has no 'regap' section: not a corrected checkpoint", path=config_path,
                             hint="write one with `regap-export export --format safetensors`")
     version = str(section.get("format_version"))
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, *LEGACY_FORMAT_VERSIONS):
         raise ArtifactError(f"corrected-checkpoint format version {section.get('format_version')!r}; this "
                             f"regap-export reads version {FORMAT_VERSION!r}", path=config_path,
                             field="regap.format_version")
@@ -66,6 +68,9 @@ def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
         options = RegapOptions.from_json(json.dumps(section["options"]))
     except (RegapError, TypeError, ValueError) as exc:
         raise ArtifactError(f"invalid options ({exc})", path=config_path, field="regap.options") from None
+    if version in LEGACY_FORMAT_VERSIONS:
+        # Format 1 predates the image mask: its corrections act on every position of every input.
+        options = dataclasses.replace(options, positions="all")
     if options.mode != section["mode"]:
         raise ArtifactError(f"mode {section['mode']!r} disagrees with the options' {options.mode!r}",
                             path=config_path, field="regap.mode")
@@ -145,7 +150,7 @@ def load_corrected(out_dir: str | Path, *, dtype: str = "fp32", device: str = "c
     if bad:
         raise ArtifactError(f"layers {bad} are outside the model's {num_layers} blocks", path=config_path,
                             field="regap.layers")
-    insert_corrections(model, adapter, checkpoint.corrections)
+    insert_corrections(model, adapter, checkpoint.corrections, mask_default=mask_default(checkpoint.options.positions))
     return loaded
 
 
@@ -154,8 +159,8 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def sequence_alpha(loaded: LoadedModel, inputs: Mapping[str, Any], checkpoint: RegapCheckpoint | None = None
-                   ) -> torch.Tensor:
+def sequence_alpha(loaded: LoadedModel, inputs: Mapping[str, Any], checkpoint: RegapCheckpoint | None = None,
+                   image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """regap-seq's alpha(x) [batch] (float64) on a ``load_corrected`` model: the probe pass runs
     the prompt with regap_alpha = alpha0, stops after block l_s and reads
     z = h . w + b at each row's last prompt token; alpha = alpha_max sigmoid(kappa (z - tau))."""
@@ -174,6 +179,8 @@ def sequence_alpha(loaded: LoadedModel, inputs: Mapping[str, Any], checkpoint: R
     reference = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
     alpha0 = torch.full((reference.shape[0],), float(options.alpha0), dtype=torch.float32, device=reference.device)
     handle = block.register_forward_hook(hook)
+    if image_mask is not None:
+        inputs[IMAGE_MASK] = image_mask
     try:
         loaded.model(**inputs, regap_alpha=alpha0, use_cache=False)
     except _Stop:

@@ -8,11 +8,18 @@ and safetensors only (it never imports regap_export):
 
 The model is the original transformers class, loaded with the original weights. After
 loading, each corrected decoder block gets a ``regap_correction`` child and a forward hook
-that applies it to the block output h (the residual stream), at every position:
+that applies it to the block output h (the residual stream):
 
-    gated:  h' = h + sigmoid(h . w + b) * v      (adaptive layers of mode "regap")
-    fixed:  h' = h + v                           (probe layers; mode "fixed")
-    scaled: h' = h + alpha * v                   (mode "regap-seq"; alpha [batch] per sequence)
+    gated:  h' = h + m * sigmoid(h . w + b) * v      (adaptive layers of mode "regap")
+    fixed:  h' = h + m * v                           (probe layers; mode "fixed")
+    scaled: h' = h + m * alpha * v                   (mode "regap-seq"; alpha [batch] per sequence)
+
+m is the image mask [batch, seq]: the correction removes the image-induced drift, so it acts
+only on rows that hold an image token, at the positions ``regap.options.positions`` names
+("last+generated": the last prompt token and every generated token; "image": from the first
+image token on; "all": everywhere, images or not). ``generate()`` computes it from
+``input_ids``; ``forward`` takes it as ``regap_image_mask`` and, without it, uses the default
+(1 for "all", else 0: the uncorrected model), exactly as the exported ONNX graph does.
 
 The constants are in ``regap.safetensors`` (``regap.{layer}.v|w|b``; for regap-seq also the
 score readout ``regap.score.w|b``). config.json's ``regap`` section lists the layers and their
@@ -40,7 +47,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaForCausalLM as RegapBase  # regap-export: base class
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+LEGACY_FORMAT_VERSIONS = ("1",)  # corrected every position of every input
 TENSORS_FILENAME = "regap.safetensors"
 FIXED, GATED, SCALED = "fixed", "gated", "scaled"
 
@@ -55,7 +63,12 @@ class _RegapState:
     def __init__(self, section: dict[str, Any]):
         self.section = section
         self.mode = section["mode"]
+        positions = section["options"].get("positions", "all")
+        self.positions = "all" if str(section.get("format_version")) in LEGACY_FORMAT_VERSIONS else positions
+        self.image_token_id = section.get("image_token_id")
         self.alpha: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.generation: dict[str, Any] | None = None  # masks of the generate() call in progress
         self.read_layer: int | None = None
         self.captured: torch.Tensor | None = None
         self.handles: list[Any] = []
@@ -79,18 +92,21 @@ class RegapCorrection(nn.Module):
             self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, 1).clone(), persistent=False)
             self.register_buffer("b", b.detach().to(torch.float32).reshape(1).clone(), persistent=False)
 
-    def forward(self, h: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, alpha: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = (torch.ones(1, 1, 1, device=h.device) if mask is None
+                else mask.to(device=h.device, dtype=torch.float32).reshape(h.shape[0], -1, 1))
         if self.kind == FIXED:
-            return h + self.v.to(h.dtype)
+            return h + mask.to(h.dtype) * self.v.to(h.dtype)
         wide = h if h.dtype == torch.float32 else h.to(torch.float32)
         if self.kind == GATED:
-            out = wide + torch.sigmoid(wide @ self.w.float() + self.b.float()) * self.v.float()
+            out = wide + torch.sigmoid(wide @ self.w.float() + self.b.float()) * mask * self.v.float()
         else:
             if alpha is None:
                 raise ValueError("this ReGap model (mode regap-seq) needs regap_alpha [batch] at every forward; "
                                  "get it with model.regap_sequence_alpha(**inputs), or call generate(), "
                                  "which computes it")
-            out = wide + alpha.to(device=h.device, dtype=torch.float32).reshape(-1, 1, 1) * self.v.float()
+            out = wide + alpha.to(device=h.device, dtype=torch.float32).reshape(-1, 1, 1) * mask * self.v.float()
         return out if h.dtype == torch.float32 else out.to(h.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -122,6 +138,24 @@ def _tensors_path(name_or_path: Any, kwargs: dict[str, Any]) -> str:
     return cached_file(path, TENSORS_FILENAME, subfolder=subfolder, cache_dir=kwargs.get("cache_dir"),
                        revision=kwargs.get("revision"), token=kwargs.get("token"),
                        local_files_only=kwargs.get("local_files_only", False))
+
+
+def _image_masks(positions: str, input_ids: torch.Tensor, image_token_id: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt batch."""
+    batch, seq = input_ids.shape
+    if positions == "all":
+        return torch.ones(batch, seq), torch.ones(batch, 1)
+    is_image = (input_ids == int(image_token_id)) if image_token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+    has_image = is_image.any(dim=1, keepdim=True).cpu()
+    if positions == "last+generated":
+        covered = torch.zeros(batch, seq, dtype=torch.bool)
+        covered[:, -1] = True
+    elif positions == "image":
+        covered = is_image.long().cumsum(dim=1).cpu() > 0
+    else:
+        raise ValueError(f"unknown ReGap positions {positions!r}")
+    return (covered & has_image).float(), has_image.float()
 
 
 def _last_token(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +194,7 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         section = getattr(self.config, "regap", None)
         if not isinstance(section, dict):
             raise ValueError("config.json has no 'regap' section: not a ReGap-corrected checkpoint")
-        if str(section.get("format_version")) != FORMAT_VERSION:
+        if str(section.get("format_version")) not in (FORMAT_VERSION, *LEGACY_FORMAT_VERSIONS):
             raise ValueError(f"config.json: ReGap format version {section.get('format_version')!r}; "
                              f"this code reads version {FORMAT_VERSION!r}")
         if not os.path.isfile(tensors_path):
@@ -210,7 +244,12 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
     def _regap_hook(state: _RegapState, correction: RegapCorrection):
         def hook(_module, _args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = correction(hidden, state.alpha)
+            mask = state.mask
+            if mask is None and state.positions == "all":
+                mask = None  # the default, 1 everywhere
+            elif mask is None:
+                mask = torch.zeros(hidden.shape[0], hidden.shape[1])  # the default: uncorrected
+            hidden = correction(hidden, state.alpha, mask)
             if state.read_layer == correction.layer:
                 state.captured = hidden
                 raise _RegapStop
@@ -239,15 +278,25 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         return [blocks[int(e["layer"])].regap_correction for e in state.section["layers"]]
 
     # -- running ---------------------------------------------------------------------
-    def forward(self, *args, regap_alpha: torch.Tensor | None = None, **kwargs):
+    def forward(self, *args, regap_alpha: torch.Tensor | None = None,
+                regap_image_mask: torch.Tensor | None = None, **kwargs):
         state = getattr(self, "_regap_state", None)
         if state is None:
             return super().forward(*args, **kwargs)
-        previous, state.alpha = state.alpha, regap_alpha
+        if regap_image_mask is None and state.generation is not None:
+            key = "prompt" if state.generation["first"] else "step"
+            regap_image_mask, state.generation["first"] = state.generation[key], False
+        previous = state.alpha, state.mask
+        state.alpha, state.mask = regap_alpha, regap_image_mask
         try:
             return super().forward(*args, **kwargs)
         finally:
-            state.alpha = previous
+            state.alpha, state.mask = previous
+
+    def regap_image_masks(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt."""
+        state = self._regap_state
+        return _image_masks(state.positions, input_ids, state.image_token_id)
 
     @torch.no_grad()
     def regap_sequence_alpha(self, **inputs) -> torch.Tensor:
@@ -257,6 +306,8 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
             raise ValueError("regap_sequence_alpha is for ReGap models of mode regap-seq")
         options = state.section["options"]
         inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "past_key_values", "regap_alpha")}
+        if inputs.get("regap_image_mask") is None and inputs.get("input_ids") is not None:
+            inputs["regap_image_mask"] = self.regap_image_masks(inputs["input_ids"])[0]
         reference = inputs.get("input_ids")
         if reference is None:
             reference = inputs["inputs_embeds"]
@@ -280,14 +331,23 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
 
     def generate(self, *args, **kwargs):
         state = getattr(self, "_regap_state", None)
-        if state is not None and state.mode == "regap-seq" and kwargs.get("regap_alpha") is None:
-            probe = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
-            if "inputs" in probe:
-                probe["input_ids"] = probe.pop("inputs")
-            if args and torch.is_tensor(args[0]):
-                probe.setdefault("input_ids", args[0])
-            kwargs["regap_alpha"] = self.regap_sequence_alpha(**probe)
-        return super().generate(*args, **kwargs)
+        if state is None:
+            return super().generate(*args, **kwargs)
+        tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+        if "inputs" in tensors:
+            tensors["input_ids"] = tensors.pop("inputs")
+        if args and torch.is_tensor(args[0]):
+            tensors.setdefault("input_ids", args[0])
+        if state.mode == "regap-seq" and kwargs.get("regap_alpha") is None:
+            kwargs["regap_alpha"] = self.regap_sequence_alpha(**tensors)
+        if tensors.get("input_ids") is None:
+            return super().generate(*args, **kwargs)
+        prompt, step = self.regap_image_masks(tensors["input_ids"])
+        state.generation = {"prompt": prompt, "step": step, "first": True}
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            state.generation = None
 
     # -- saving ----------------------------------------------------------------------
     def regap_tensors(self) -> dict[str, torch.Tensor]:
@@ -311,13 +371,14 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
 
 
 def _forward_signature(base_forward) -> inspect.Signature:
-    """The base forward's signature plus ``regap_alpha``, so generate() accepts and forwards it
-    and still sees the base's own parameters (logits_to_keep, ...)."""
+    """The base forward's signature plus ``regap_alpha`` and ``regap_image_mask``, so generate()
+    accepts and forwards them and still sees the base's own parameters (logits_to_keep, ...)."""
     signature = inspect.signature(base_forward)
     params = list(signature.parameters.values())
-    extra = inspect.Parameter("regap_alpha", inspect.Parameter.KEYWORD_ONLY, default=None)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("regap_alpha", "regap_image_mask")]
     cut = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-    return signature.replace(parameters=params[:cut] + [extra] + params[cut:])
+    return signature.replace(parameters=params[:cut] + extra + params[cut:])
 
 
 RegapLlamaForCausalLM.forward.__signature__ = _forward_signature(RegapBase.forward)  # regap-export: class

@@ -1,4 +1,4 @@
-"""ONNX export of a (corrected) Hugging Face model: "onnx contract 1" (docs/ONNX_CONTRACT.md).
+"""ONNX export of a (corrected) Hugging Face model: "onnx contract 2" (docs/ONNX_CONTRACT.md).
 
 Text LLMs give one graph, ``model.onnx``; multimodal LLMs give the split existing ONNX
 runtimes consume: ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
@@ -13,8 +13,9 @@ exporter's optimizer (constant folding, initializer de-duplication, no-op rewrit
 ``x + 0``) from touching them, every correction buffer carries a unique random *sentinel*
 value while tracing; afterwards the sentinels are found by value, renamed to their public
 names, and given their real values. The graph stays folded: per gated layer exactly
-MatMul, Add, Sigmoid, Mul, Add (plus one Cast in, one Cast out in float16); per fixed
-layer one Add.
+MatMul, Add, Sigmoid, Mul (image mask), Mul, Add (plus one Cast in, one Cast out in
+float16); per fixed layer Mul (image mask), Add. The decoder's ``regap_image_mask`` input is
+an overridable initializer (its default: ``modality.mask_default``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..correction import RegapCorrection
 from ..folding import FIXED, SCALED, ScoreReadout
+from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of
 from ..options import RegapOptions
 from ..rewrite import CorrectedBlock
@@ -42,7 +44,7 @@ from .onnx_graph import SCORE_B, SCORE_W, public_name
 
 log = logging.getLogger(__name__)
 
-CONTRACT_VERSION = "onnx contract 1"
+CONTRACT_VERSION = "onnx contract 2"
 DEFAULT_OPSET = 18
 TEXT_FILE = "model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
@@ -56,6 +58,7 @@ EXTERNAL_DATA_BYTES = 64 * 2**20
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 NUM_IMAGES = "num_images"
+MASK_BATCH, MASK_SEQ = "regap_mask_batch", "regap_mask_sequence"
 
 # Sample sizes used for tracing: distinct, and none of them 0 or 1 (torch.export specialises those).
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST, _SAMPLE_IMAGES = 2, 7, 5, 2
@@ -84,7 +87,7 @@ def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, 
     cast_model(model, dtype)
     path = out_dir / file_name
     info = _export_decoder(model, adapter, path, embeds=False, readout=readout,
-                           external_data=external_data, opset=opset)
+                           external_data=external_data, opset=opset, options=options)
     config = _config_json(model, adapter, dtype, info, readout, options, opset,
                           files={"decoder": file_name}, kind="text")
     _write_json(out_dir / CONFIG_FILE, config)
@@ -119,7 +122,7 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
     _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset)
     _export_embeddings(model, paths["embed_tokens"], external_data=external_data, opset=opset)
     info = _export_decoder(model, adapter, paths["decoder"], embeds=True, readout=readout,
-                           external_data=external_data, opset=opset)
+                           external_data=external_data, opset=opset, options=options)
     config = _config_json(model, adapter, dtype, info, readout, options, opset,
                           files={k: p.name for k, p in paths.items()}, kind="multimodal")
     config["image_token_id"] = spec.image_token_id(model.config)
@@ -171,19 +174,21 @@ class _DecoderInfo:
     input_names: list[str]
     output_names: list[str]
     seconds: float
+    has_image_mask: bool = False
 
 
 class DecoderWrapper(nn.Module):
-    """(input_ids | inputs_embeds, attention_mask, position_ids, [regap_alpha], *past)
+    """(input_ids | inputs_embeds, attention_mask, position_ids, [regap_image_mask], [regap_alpha], *past)
     -> (logits, [regap_score], *presents). Builds a DynamicCache from the flat past."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, *, num_layers: int, embeds: bool,
-                 alpha: bool, readout: ScoreReadout | None):
+                 alpha: bool, readout: ScoreReadout | None, image_mask: bool = False):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
         self.embeds = embeds
         self.alpha = alpha
+        self.image_mask = image_mask
         self.readout_layer = None if readout is None else readout.layer
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = None
@@ -205,10 +210,10 @@ class DecoderWrapper(nn.Module):
                 *rest: torch.Tensor):
         from transformers import DynamicCache
 
-        if self.alpha:
-            alpha, past = rest[0], rest[1:]
-        else:
-            alpha, past = None, rest
+        rest = list(rest)
+        image_mask = rest.pop(0) if self.image_mask else None
+        alpha = rest.pop(0) if self.alpha else None
+        past = rest
         torch._check(attention_mask.shape[1] == past[0].shape[2] + main.shape[1])
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         kwargs: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids,
@@ -216,6 +221,8 @@ class DecoderWrapper(nn.Module):
         kwargs["inputs_embeds" if self.embeds else "input_ids"] = main
         if alpha is not None:
             kwargs["regap_alpha"] = alpha
+        if image_mask is not None:
+            kwargs[IMAGE_MASK] = image_mask
         out = self.model(**kwargs)
         cache = cache_of(out)
         outputs = [out.logits]
@@ -233,6 +240,10 @@ def _device(model: nn.Module) -> torch.device:
 
 def _has_scaled(model: nn.Module) -> bool:
     return any(isinstance(m, RegapCorrection) and m.kind == SCALED for m in model.modules())
+
+
+def _has_corrections(model: nn.Module) -> bool:
+    return any(isinstance(m, RegapCorrection) for m in model.modules())
 
 
 def _cache_geometry(model: nn.Module, adapter: ModelAdapter, embeds: bool, alpha: bool
@@ -384,11 +395,13 @@ def _warn_on_capture_fallback(program, what: str) -> None:
 
 
 def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embeds: bool,
-                    readout: ScoreReadout | None, external_data: bool | None, opset: int) -> _DecoderInfo:
+                    readout: ScoreReadout | None, external_data: bool | None, opset: int,
+                    options: RegapOptions | None = None) -> _DecoderInfo:
     from torch.export import Dim
 
     start = time.perf_counter()
     alpha = _has_scaled(model)
+    image_mask = _has_corrections(model)
     num_layers, kv_heads, head_dims = _cache_geometry(model, adapter, embeds, alpha)
     dtype = next(model.parameters()).dtype
     B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
@@ -408,11 +421,14 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     past = []
     for i in range(num_layers):
         past += [torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype) for _ in range(2)]
-    extra = [torch.ones(B, dtype=torch.float32)] if alpha else []
+    # A sample mask with both values, so that no branch of the trace sees a constant.
+    extra = [(torch.arange(S) % 2).to(torch.float32).expand(B, S).contiguous()] if image_mask else []
+    extra += [torch.ones(B, dtype=torch.float32)] if alpha else []
     args = tuple(a.to(_device(model)) for a in (main, mask, position_ids, *extra, *past))
 
     main_name = "inputs_embeds" if embeds else "input_ids"
-    input_names = [main_name, "attention_mask", "position_ids"] + (["regap_alpha"] if alpha else [])
+    input_names = [main_name, "attention_mask", "position_ids"] + ([IMAGE_MASK] if image_mask else [])
+    input_names += ["regap_alpha"] if alpha else []
     input_names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     output_names = ["logits"] + (["regap_score"] if readout is not None else [])
     output_names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
@@ -420,10 +436,12 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
         "main": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: Dim.AUTO},
         "position_ids": {1: batch, 2: seq} if mrope else {0: batch, 1: seq},
-        "rest": tuple(([{0: batch}] if alpha else []) + [{0: batch, 2: past_len}] * (2 * num_layers)),
+        "rest": tuple(([{0: batch, 1: seq}] if image_mask else []) + ([{0: batch}] if alpha else [])
+                      + [{0: batch, 2: past_len}] * (2 * num_layers)),
     }
 
-    wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout).eval()
+    wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout,
+                             image_mask=image_mask).eval()
     entries = _correction_entries(model, adapter)
     try:
         score_entries = [(SCORE_W, wrapper, "score_w"), (SCORE_B, wrapper, "score_b")] if readout is not None else []
@@ -439,6 +457,10 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
             "logits": [BATCH, SEQ, None]}
     if alpha:
         dims["regap_alpha"] = [BATCH]
+    if image_mask:
+        # Dimension names of its own: the [1, 1] default broadcasts, and ONNX Runtime would
+        # otherwise plan every [batch, seq] buffer for batch 1 and length 1.
+        dims[IMAGE_MASK] = [MASK_BATCH, MASK_SEQ]
     if readout is not None:
         dims["regap_score"] = [BATCH, SEQ]
     for i in range(num_layers):
@@ -446,6 +468,10 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
             dims[f"past_key_values.{i}.{kv}"] = [BATCH, None, PAST, None]
             dims[f"present.{i}.{kv}"] = [BATCH, None, TOTAL, None]
     _name_dims(ir_model, dims)
+    if image_mask:
+        default = mask_default(options.positions) if options is not None else 1.0
+        _make_overridable(ir_model, IMAGE_MASK, np.full((1, 1), default, dtype=np.float32))
+        _drop_shapes_downstream(ir_model, IMAGE_MASK)
     _set_metadata(ir_model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "decoder"})
     _save(program, path, external_data)
     corrections = []
@@ -455,7 +481,7 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", path.name, seconds)
     return _DecoderInfo(num_layers, kv_heads, head_dims, corrections, alpha, readout is not None,
-                        input_names, output_names, seconds)
+                        input_names, output_names, seconds, image_mask)
 
 
 class _VisionWrapper(nn.Module):
@@ -544,6 +570,44 @@ def _drop_intermediate_shapes(ir_model) -> None:
                 value.shape = None
 
 
+def _make_overridable(ir_model, name: str, default: np.ndarray) -> None:
+    """Give graph input ``name`` a default value: an initializer of the same name (ONNX IR >= 4).
+    ONNX Runtime then lists it among the overridable initializers instead of the required
+    inputs, uses the default when the input is not fed, and the fed value otherwise."""
+    import onnx_ir as ir
+
+    value = next((v for v in ir_model.graph.inputs if v.name == name), None)
+    if value is None:
+        raise RuntimeError(f"the exported graph has no input {name!r}")
+    value.const_value = ir.tensor(default, name=name)
+    ir_model.graph.register_initializer(value)
+
+
+_BROADCASTING = ("Add", "Mul", "Sub", "Div")
+
+
+def _drop_shapes_downstream(ir_model, name: str) -> None:
+    """Forget the traced shapes of every value computed from input ``name`` (graph outputs
+    keep theirs): traced as [batch, seq, ...], they are [1, 1, ...] when the [1, 1] default
+    feeds them, and ONNX Runtime plans buffers from recorded shapes."""
+    outputs = {id(v) for v in ir_model.graph.outputs}
+    tainted = {id(v) for v in ir_model.graph.inputs if v.name == name}
+    for node in ir_model.graph:  # topological order
+        if not any(v is not None and id(v) in tainted for v in node.inputs):
+            continue
+        if node.op_type in _BROADCASTING and len(node.outputs) == 1:
+            # An elementwise op with an untainted operand of the output's full shape (the
+            # residual add h + m v, the gate g * m) has that shape whatever the mask's is.
+            shape = node.outputs[0].shape
+            if shape is not None and any(v is not None and id(v) not in tainted and v.shape == shape
+                                         for v in node.inputs):
+                continue
+        for value in node.outputs:
+            tainted.add(id(value))
+            if id(value) not in outputs:
+                value.shape = None
+
+
 def _set_metadata(ir_model, props: dict[str, str]) -> None:
     ir_model.metadata_props.update(props)
 
@@ -592,6 +656,7 @@ def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, in
         "corrections": info.corrections,
         "regap_alpha": info.has_alpha,
         "regap_score": info.has_score,
+        "regap_image_mask": info.has_image_mask,
         "readout": None if readout is None else {"layer": readout.layer, "kappa": float(readout.kappa)},
         "options": None if options is None else json.loads(options.to_json()),
         "eos_token_id": [eos] if isinstance(eos, int) else (list(eos) if eos is not None else []),

@@ -71,12 +71,14 @@ def _cast_to(node: onnx.NodeProto) -> int | None:
 def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
     """The nodes of every correction, in execution order, keyed by layer.
 
-    gated:  [Cast?] MatMul(h, w) -> Add(., b) -> Sigmoid -> Mul(., v) -> Add(h, .) [Cast?]
-    fixed:  Add(h, v)
-    scaled: [Cast?] Mul(alpha, v) -> Add(h, .) [Cast?]   (alpha's Reshape is shared by all layers)
+    gated:  [Cast?] MatMul(h, w) -> Add(., b) -> Sigmoid -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast?]
+    fixed:  Mul(m, v) -> Add(h, .)
+    scaled: [Cast?] Mul(s, v) -> Add(h, .) [Cast?]
 
-    Casts appear only in half-precision graphs: one into float32 before the projection,
-    one back to the model's dtype after the residual add.
+    m is the image mask ``regap_image_mask`` unsqueezed to [batch, seq, 1] and s = alpha * m:
+    both are computed once per graph and shared by every layer, so they are not part of a
+    chain. Casts appear only in half-precision graphs: one into float32 before the
+    projection, one back to the model's dtype after the residual add.
     Raises ``ValueError`` when a correction is not in its folded form.
     """
     proto = load_graph(model)
@@ -86,6 +88,11 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
         v_users = consumers.get(names.get("v", ""), [])
         if "v" not in names or len(v_users) != 1:
             raise ValueError(f"regap.{layer}.v must feed exactly one node, feeds {len(v_users)}")
+        scale_v = v_users[0]
+        if scale_v.op_type != "Mul":
+            raise ValueError(f"regap.{layer}.v feeds a {scale_v.op_type}, expected Mul")
+        residual = _only(consumers.get(scale_v.output[0], []), "Add", f"after layer {layer}'s Mul by v")
+        h = next(i for i in residual.input if i != scale_v.output[0])
         if "w" in names:  # gated
             if "b" not in names:
                 raise ValueError(f"regap.{layer}.w without regap.{layer}.b")
@@ -94,31 +101,20 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
             if names["b"] not in add_b.input:
                 raise ValueError(f"layer {layer}: the Add after the MatMul does not add regap.{layer}.b")
             sigmoid = _only(consumers.get(add_b.output[0], []), "Sigmoid", f"after layer {layer}'s gate Add")
-            mul = _only(consumers.get(sigmoid.output[0], []), "Mul", f"after layer {layer}'s Sigmoid")
-            if mul is not v_users[0]:
-                raise ValueError(f"layer {layer}: the gate does not scale regap.{layer}.v")
-            residual = _only(consumers.get(mul.output[0], []), "Add", f"after layer {layer}'s Mul")
-            h = matmul.input[0]
-            if h not in residual.input:
+            mask_mul = _only(consumers.get(sigmoid.output[0], []), "Mul", f"after layer {layer}'s Sigmoid")
+            if mask_mul.output[0] not in scale_v.input:
+                raise ValueError(f"layer {layer}: the masked gate does not scale regap.{layer}.v")
+            if matmul.input[0] != h:
                 raise ValueError(f"layer {layer}: the residual Add does not add the gate's input")
-            chain = [matmul, add_b, sigmoid, mul, residual]
+            chain = [matmul, add_b, sigmoid, mask_mul, scale_v, residual]
         else:
-            first = v_users[0]
-            if first.op_type == "Add":  # fixed
-                chain = [first]
-                h = next(i for i in first.input if i != names["v"])
-            elif first.op_type == "Mul":  # scaled
-                residual = _only(consumers.get(first.output[0], []), "Add", f"after layer {layer}'s Mul")
-                chain = [first, residual]
-                h = next(i for i in residual.input if i != first.output[0])
-            else:
-                raise ValueError(f"regap.{layer}.v feeds a {first.op_type}, expected Add or Mul")
+            chain = [scale_v, residual]
         # Half precision: a Cast into float32 before, a Cast back after.
         head = producer.get(h)
-        if head is not None and head.op_type == "Cast" and len(chain) > 1 and _cast_to(head) == onnx.TensorProto.FLOAT:
+        if head is not None and head.op_type == "Cast" and _cast_to(head) == onnx.TensorProto.FLOAT:
             chain.insert(0, head)
         tail_users = consumers.get(chain[-1].output[0], [])
-        if len(tail_users) == 1 and tail_users[0].op_type == "Cast" and len(chain) > 1:
+        if len(tail_users) == 1 and tail_users[0].op_type == "Cast" and chain[0].op_type == "Cast":
             chain.append(tail_users[0])
         chains[layer] = chain
     return chains
@@ -127,8 +123,9 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
 def correction_nodes(model: OnnxLike) -> dict[int, list[str]]:
     """``{layer: [op_type, ...]}``: the ops of each correction, in order (see ``correction_chains``).
 
-    A float32 graph gives ``["MatMul", "Add", "Sigmoid", "Mul", "Add"]`` per gated layer and
-    ``["Add"]`` per fixed layer; a float16 graph adds a ``Cast`` at each end of a gated chain.
+    A float32 graph gives ``["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]`` per gated layer
+    and ``["Mul", "Add"]`` per fixed or scaled layer; a float16 graph adds a ``Cast`` at each end of
+    a gated or scaled chain.
     """
     return {layer: [n.op_type for n in chain] for layer, chain in correction_chains(model).items()}
 

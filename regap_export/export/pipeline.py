@@ -13,6 +13,7 @@ from ..directions_io import FILENAME as DIRECTIONS_FILENAME
 from ..directions_io import load_directions
 from ..errors import ArtifactError, RegapError
 from ..folding import fold, score_readout
+from ..modality import mask_default
 from ..models.loading import load_model
 from ..options import MODES, RegapOptions
 from ..rewrite import insert_corrections, remove_corrections
@@ -87,7 +88,8 @@ def _write_onnx(loaded, bundle, options: RegapOptions, folder: Path, dtype: torc
     from .onnx_export import export_multimodal, export_text_decoder
 
     readout = score_readout(bundle.directions, options) if options.mode == "regap-seq" else None
-    insert_corrections(loaded.model, loaded.adapter, fold(bundle.directions, options))
+    insert_corrections(loaded.model, loaded.adapter, fold(bundle.directions, options),
+                       mask_default=mask_default(options.positions))
     try:
         export = export_multimodal if loaded.adapter.multimodal else export_text_decoder
         export(loaded.model, loaded.adapter, folder, dtype=dtype, readout=readout, options=options)

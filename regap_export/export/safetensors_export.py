@@ -41,7 +41,9 @@ from ..models.loading import LoadedModel, model_fingerprint
 from ..options import RegapOptions
 from ..rewrite import checkpoint_tensors, corrections_of, insert_corrections, remove_corrections
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Still read: format 1 corrected every position of every input (options.positions = "all").
+LEGACY_FORMAT_VERSIONS = ("1",)
 TENSORS_FILENAME = "regap.safetensors"
 CODE_FILENAME = "modeling_regap.py"
 CONFIG_FILENAME = "config.json"
@@ -98,9 +100,6 @@ def write_corrected_checkpoint(loaded: LoadedModel, directions_file: DirectionsF
     remove_corrections(model, adapter)
     try:
         opts = options.resolved(adapter.num_layers(model))
-        if opts.positions != "all":
-            raise RegapError(f"positions={opts.positions!r} is not supported by the safetensors export yet",
-                             hint="use --positions all")
         if directions.num_layers != adapter.num_layers(model) or directions.hidden_size != adapter.hidden_size(model):
             raise ArtifactError(
                 f"the directions are for {directions.num_layers} layers of width {directions.hidden_size}, "
@@ -148,6 +147,7 @@ def write_corrected_checkpoint(loaded: LoadedModel, directions_file: DirectionsF
             "decoder_layers_path": f"{adapter.language_model_path}.{adapter.layers_attr}",
             "hidden_size": adapter.hidden_size(model),
             "num_layers": adapter.num_layers(model),
+            "image_token_id": adapter.image_token_id(model.config),
             "base_class": base_class,
             "auto_class": adapter.auto_class_name,
         }

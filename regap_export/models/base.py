@@ -57,6 +57,10 @@ class ModelAdapter:
     def hidden_size(self, model: nn.Module) -> int:
         return int(self.text_config(model.config).hidden_size)
 
+    def image_token_id(self, config: Any) -> int | None:
+        """The token id that marks image positions in ``input_ids``; None for text families."""
+        return image_token_id_of(config) if self.multimodal else None
+
     # -- processor files -------------------------------------------------------------
     def load_processor(self, path: str | Path, **kwargs: Any) -> Any:
         """The tokenizer (text families) or processor (multimodal families) saved in ``path``."""
@@ -129,6 +133,14 @@ class ModelAdapter:
     def images_argument(self, images: Sequence[Any]) -> Any:
         """How this family's processor wants a batch of images (flat list by default)."""
         return list(images)
+
+
+def image_token_id_of(config: Any) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{getattr(config, 'model_type', '?')}: the config names no image token id")
 
 
 def read_template(name: str) -> str:

@@ -44,11 +44,9 @@ class VisionSpec:
     dim_names: dict[str, list[str | None]] | None = None
 
     def image_token_id(self, config: Any) -> int:
-        for name in ("image_token_id", "image_token_index"):
-            value = getattr(config, name, None)
-            if value is not None:
-                return int(value)
-        raise ValueError(f"{self.family}: the config names no image token id")
+        from .base import image_token_id_of
+
+        return image_token_id_of(config)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

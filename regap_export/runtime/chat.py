@@ -19,8 +19,10 @@ def _processor_and_adapter(folder: Path):
     return adapter.load_processor(folder), adapter
 
 
-def reply(folder: str | Path, prompt: str, *, image: str | Path | None = None, max_new_tokens: int = 64,
-          device: str = "cpu") -> dict[str, Any]:
+def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens: int = 64,
+          device: str = "cpu", correct: bool = True) -> dict[str, Any]:
+    """One greedy reply. ``image``: a file path or a PIL image. ``correct=False``: the same
+    graphs with the correction switched off (the uncorrected model)."""
     from PIL import Image, UnidentifiedImageError
 
     from .generate import generate
@@ -33,16 +35,19 @@ def reply(folder: str | Path, prompt: str, *, image: str | Path | None = None, m
     if image is not None:
         if not adapter.multimodal:
             raise DataError(f"{adapter.family} is a text-only model and takes no image", path=image, field="--image")
-        try:
-            with Image.open(image) as im:
-                images = [im.convert("RGB")]
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"not a readable image ({exc})", path=image, field="--image") from None
+        if isinstance(image, Image.Image):
+            images = [image.convert("RGB")]
+        else:
+            try:
+                with Image.open(image) as im:
+                    images = [im.convert("RGB")]
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"not a readable image ({exc})", path=image, field="--image") from None
     text = adapter.render_prompt(processor, prompt, with_image=images is not None)
     inputs = {k: v.numpy() for k, v in adapter.encode(processor, [text], images).items()}
     pixels = {k: v for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
     result = generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
-                      **pixels)
+                      correct=correct, **pixels)
     tokenizer = getattr(processor, "tokenizer", processor)
     answer = tokenizer.decode(result.new_tokens[0], skip_special_tokens=True).strip()
     out: dict[str, Any] = {"text": answer, "new_tokens": int(result.new_tokens.shape[1])}

@@ -4,6 +4,10 @@ Batches are left-padded (as ``ModelAdapter.encode`` makes them). Position ids fo
 transformers, per the export's scheme (``regap_export.models.positions``): ``cumsum(attention_mask)
 - 1`` with padding positions set to 1, or Qwen2-VL's 3-D M-RoPE positions.
 
+Every call feeds ``regap_image_mask`` (``regap_export.modality``): the correction acts on
+rows that hold an image, at the positions the export's options say; ``correct=False`` feeds
+zeros, which runs the uncorrected model exactly.
+
 regap-seq (graph input ``regap_alpha``): unless ``regap_alpha`` is given,
   1. probe pass over the prompt with ``regap_alpha = alpha0`` (options), reading
      ``regap_score`` z at the last prompt token;
@@ -21,6 +25,7 @@ import torch
 
 from ..errors import RegapError
 from ..folding import ScoreReadout, sequence_strength
+from ..modality import prompt_mask, rows_with_image, step_mask
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
 from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)
 from ..options import RegapOptions
@@ -33,6 +38,7 @@ class GenerationResult:
     new_tokens: np.ndarray           # [batch, new] (pad_token_id after a row's EOS)
     regap_alpha: np.ndarray | None   # [batch] the strength used (regap-seq graphs)
     regap_score: np.ndarray | None   # [batch] the probe pass's z at the last prompt token
+    first_logits: np.ndarray | None = None  # [batch, vocab] logits of the first generated token
 
 
 def regap_options(sessions: OrtSessions) -> RegapOptions:
@@ -51,15 +57,31 @@ def sequence_alpha(sessions: OrtSessions, score: np.ndarray) -> np.ndarray:
 
 
 def probe_score(sessions: OrtSessions, main: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray, alpha0: float | None = None) -> np.ndarray:
+                position_ids: np.ndarray, alpha0: float | None = None,
+                regap_image_mask: np.ndarray | None = None) -> np.ndarray:
     """regap-seq's first pass: z at the last prompt token, with the band at strength alpha0."""
     if not (sessions.has_regap_alpha and sessions.has_regap_score):
         raise RegapError("probe_score needs a regap-seq graph with regap_alpha and regap_score")
     batch = attention_mask.shape[0]
     a0 = regap_options(sessions).alpha0 if alpha0 is None else float(alpha0)
     out = sessions.run_decoder(main, attention_mask, position_ids, sessions.empty_past(batch),
-                               regap_alpha=np.full(batch, a0, dtype=np.float32))
+                               regap_alpha=np.full(batch, a0, dtype=np.float32), regap_image_mask=regap_image_mask)
     return out.regap_score[:, -1].astype(np.float32)
+
+
+def correction_masks(sessions: OrtSessions, input_ids: np.ndarray, *, correct: bool = True,
+                     prompt_length: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(prompt mask [batch, seq], decode-step mask [batch, 1]) for this export, or (None, None)
+    for a graph without corrections. ``correct=False``: zeros (the uncorrected model)."""
+    if not sessions.has_image_mask:
+        return None, None
+    ids = np.asarray(input_ids)
+    if not correct:
+        return np.zeros(ids.shape, dtype=np.float32), np.zeros((ids.shape[0], 1), dtype=np.float32)
+    positions = sessions.correction_positions
+    has_image = rows_with_image(ids, sessions.image_token_id)
+    return (prompt_mask(positions, ids, sessions.image_token_id, prompt_length=prompt_length),
+            step_mask(positions, has_image))
 
 
 def _select(logits: np.ndarray, rng: np.random.Generator | None, do_sample: bool, temperature: float,
@@ -94,14 +116,15 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
              pixel_values: np.ndarray | None = None, max_new_tokens: int = 32, regap_alpha: Any = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, **pixel_extras: Any) -> GenerationResult:
+             pad_token_id: int | None = None, correct: bool = True, **pixel_extras: Any) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for a left-padded batch.
 
     ``pixel_values`` (+ family extras such as ``pixel_attention_mask``, ``image_grid_thw``,
     ``mm_token_type_ids``) as the processor returns them, for multimodal exports.
     ``regap_alpha`` (float or [batch]) fixes the regap-seq strength and skips the probe pass.
     ``eos_token_id`` / ``pad_token_id`` default to the exported config's; pass
-    ``eos_token_id=[]`` to never stop early.
+    ``eos_token_id=[]`` to never stop early. ``correct=False`` runs the same graphs with the
+    correction switched off (image mask 0): the uncorrected model.
     """
     input_ids = np.asarray(input_ids, dtype=np.int64)
     if input_ids.ndim != 2:
@@ -128,17 +151,20 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
             raise RegapError("this export is a text model: it takes no image")
         main = input_ids
 
+    image_mask, step_image_mask = correction_masks(sessions, input_ids, correct=correct)
     alpha = score = None
     if sessions.has_regap_alpha:
         if regap_alpha is None:
-            score = probe_score(sessions, main, mask, position_ids)
+            score = probe_score(sessions, main, mask, position_ids, regap_image_mask=image_mask)
             alpha = sequence_alpha(sessions, score)
         else:
             alpha = np.broadcast_to(np.asarray(regap_alpha, dtype=np.float32), (batch,)).copy()
     elif regap_alpha is not None:
         raise RegapError("this graph takes no regap_alpha (it was not exported in regap-seq mode)")
 
-    out = sessions.run_decoder(main, mask, position_ids, sessions.empty_past(batch), regap_alpha=alpha)
+    out = sessions.run_decoder(main, mask, position_ids, sessions.empty_past(batch), regap_alpha=alpha,
+                               regap_image_mask=image_mask)
+    first_logits = np.asarray(out.logits[:, -1, :], dtype=np.float32)
     unfinished = np.ones(batch, dtype=bool)
     new: list[np.ndarray] = []
     for step in range(max_new_tokens):
@@ -153,7 +179,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
         position_ids = positions.next(position_ids)
         step_ids = tokens[:, None]
         main = sessions.embed(step_ids) if sessions.multimodal else step_ids
-        out = sessions.run_decoder(main, mask, position_ids, out.presents, regap_alpha=alpha)
+        out = sessions.run_decoder(main, mask, position_ids, out.presents, regap_alpha=alpha,
+                                   regap_image_mask=step_image_mask)
     new_tokens = np.stack(new, axis=1) if new else np.zeros((batch, 0), dtype=np.int64)
     return GenerationResult(sequences=np.concatenate([input_ids, new_tokens], axis=1), new_tokens=new_tokens,
-                            regap_alpha=alpha, regap_score=score)
+                            regap_alpha=alpha, regap_score=score, first_logits=first_logits)

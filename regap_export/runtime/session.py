@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for the graphs of "onnx contract 1" (docs/ONNX_CONTRACT.md).
+"""ONNX Runtime sessions for the graphs of "onnx contract 2" (docs/ONNX_CONTRACT.md).
 
 ``OrtSessions.open(folder, device="cpu"|"cuda")`` opens ``model.onnx`` (text) or the
 multimodal split. On CUDA the decoder runs with IO binding: inputs are copied to the GPU
@@ -71,6 +71,9 @@ class OrtSessions:
                 opts = ort.SessionOptions()
                 if intra_op_threads is not None:
                     opts.intra_op_num_threads = intra_op_threads
+                # Errors only: ONNX Runtime warns at every load that the overridable
+                # regap_image_mask initializer (contract 2) is not folded as a constant.
+                opts.log_severity_level = 3
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types, one per failure
@@ -102,6 +105,20 @@ class OrtSessions:
     @property
     def has_regap_score(self) -> bool:
         return bool(self.config["regap_score"])
+
+    @property
+    def has_image_mask(self) -> bool:
+        return bool(self.config.get("regap_image_mask"))
+
+    @property
+    def correction_positions(self) -> str:
+        """Where the correction acts (``RegapOptions.positions``; ``regap_export.modality``)."""
+        return (self.config.get("options") or {}).get("positions", "all")
+
+    @property
+    def image_token_id(self) -> int | None:
+        value = self.config.get("image_token_id")
+        return None if value is None else int(value)
 
     @property
     def num_layers(self) -> int:
@@ -166,9 +183,12 @@ class OrtSessions:
         return merge_image_features(embeds, input_ids, features, int(self.config["image_token_id"]))
 
     def run_decoder(self, main: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                    past: Sequence[Any], regap_alpha: np.ndarray | None = None) -> DecoderOutput:
+                    past: Sequence[Any], regap_alpha: np.ndarray | None = None,
+                    regap_image_mask: np.ndarray | None = None) -> DecoderOutput:
         """One decoder call: ``main`` is input_ids (text) or inputs_embeds (multimodal);
-        ``position_ids`` [batch, seq], or [3, batch, seq] for M-RoPE exports (``positions``)."""
+        ``position_ids`` [batch, seq], or [3, batch, seq] for M-RoPE exports (``positions``).
+        ``regap_image_mask`` [batch, seq] (``regap_export.modality``): None feeds nothing, so
+        the graph's default applies."""
         rank = self.positions.rank
         if np.ndim(position_ids) != rank:
             raise RegapError(f"this graph takes position_ids of rank {rank}, got shape {np.shape(position_ids)}",
@@ -186,6 +206,10 @@ class OrtSessions:
             feeds["regap_alpha"] = np.asarray(regap_alpha, dtype=np.float32).reshape(-1)
         elif regap_alpha is not None:
             raise RegapError("this graph takes no regap_alpha (it was not exported in regap-seq mode)")
+        if regap_image_mask is not None:
+            if not self.has_image_mask:
+                raise RegapError("this graph takes no regap_image_mask (it has no correction layers)")
+            feeds["regap_image_mask"] = np.asarray(regap_image_mask, dtype=np.float32)
         for name, value in zip(self.past_names(), past):
             feeds[name] = value
         outputs = ["logits"] + (["regap_score"] if self.has_regap_score else []) + self.present_names()

@@ -1,0 +1,131 @@
+"""`evaluate` end to end on a tiny Idefics3 export: the report, text inputs left exactly
+alone, both runtimes agreeing, the teacher-forced alignment behind KL, and every bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from regap_export_cli.main import app
+from regap_testing import options_for
+from tiny_models import save_tiny
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from test_export_validate import write_directions
+
+    root = tmp_path_factory.mktemp("evaluate")
+    model = save_tiny("idefics3", root / "model")
+    directions = write_directions(model, root / "dirs", options_for("regap", positions="last+generated"))
+    result = invoke("export", model, "--directions", directions, "--out", root / "out")
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def report(exported):
+    result = invoke("evaluate", exported, "--limit", "3", "--max-new-tokens", "6", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def cell(report, modality, label):
+    return next(c for c in report["behaviour"]["cells"] if c["modality"] == modality and c["label"] == label)
+
+
+def test_report_covers_every_cell_and_is_written(exported, report):
+    assert [(c["modality"], c["label"], c["n"]) for c in report["behaviour"]["cells"]] == [
+        ("text", "harmful", 3), ("text", "harmless", 3), ("image", "harmful", 3), ("image", "harmless", 3)]
+    assert json.loads((exported / "evaluation.json").read_text()) == report
+    assert (exported / "evaluation.png").stat().st_size > 0
+    assert report["options"]["positions"] == "last+generated" and report["runtime"] == "onnxruntime"
+    assert len(report["generations"]) == 12
+
+
+def test_text_inputs_are_left_exactly_alone(report):
+    """The drift is image-minus-text: text rows get mask 0, so their replies, first-token
+    distributions and next-token distributions are those of the uncorrected model, exactly."""
+    for label in ("harmful", "harmless"):
+        text = cell(report, "text", label)
+        assert text["identical_share"] == 1.0
+        assert text["mean_kl"] == 0.0
+        assert text["mean_log_odds_off"] == text["mean_log_odds_on"]
+
+
+def test_image_inputs_are_corrected(report):
+    for label in ("harmful", "harmless"):
+        assert cell(report, "image", label)["mean_kl"] > 1e-4
+    geometry = report["geometry"]["read_layer"]
+    gap = geometry["image_text_gap"]
+    assert abs(gap["on"]) < abs(gap["off"])
+    assert geometry["gap_shrink"] == pytest.approx(1 - abs(gap["on"]) / abs(gap["off"]))
+
+
+def test_pytorch_runtime_agrees_with_onnxruntime(exported, report):
+    result = invoke("evaluate", exported, "--limit", "3", "--max-new-tokens", "6", "--runtime", "pytorch",
+                    "--json", "--no-plot")
+    assert result.exit_code == 0, result.output
+    torch_report = json.loads(result.stdout)
+    ort = {g["id"]: g for g in report["generations"]}
+    for g in torch_report["generations"]:
+        assert g["tokens_off"] == ort[g["id"]]["tokens_off"] and g["tokens_on"] == ort[g["id"]]["tokens_on"]
+        assert np.allclose(g["kl"], ort[g["id"]]["kl"], atol=1e-5)
+        assert g["log_odds_on"] == pytest.approx(ort[g["id"]]["log_odds_on"], abs=1e-3)
+
+
+def test_teacher_forced_logits_line_up_with_greedy_tokens(exported):
+    """The KL positions: logits at prompt-1+k of the forced pass predict generated token k."""
+    from regap_export.evaluate import Batch, OrtEngine, evaluation_records, _batches
+    from regap_export.export.load import load_corrected
+
+    loaded = load_corrected(exported)
+    records = [r for r in evaluation_records(multimodal=True) if r.label == "harmless"][:4]
+    batch = _batches(records, loaded.adapter, loaded.processor, 8)[-1]  # the image batch
+    assert isinstance(batch, Batch) and batch.records[0].modality == "image"
+    engine = OrtEngine(exported)
+    for correct in (False, True):
+        tokens, first, alpha = engine.generate(batch, 5, correct=correct)
+        logits = engine.forced_logits(batch, tokens[:, :4], correct, alpha)
+        prompt = batch.ids.shape[1]
+        assert np.array_equal(logits[:, prompt - 1: prompt + 4].argmax(-1), tokens)
+        assert np.allclose(logits[:, prompt - 1], first, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+def assert_refused(result, *fragments):
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+
+
+def test_unknown_runtime(exported):
+    assert_refused(invoke("evaluate", exported, "--runtime", "tensorrt"), "unknown runtime 'tensorrt'")
+
+
+def test_data_without_both_labels(exported, tmp_path):
+    data = tmp_path / "harmful.jsonl"
+    data.write_text(json.dumps({"id": "a", "instruction": "Explain how to pick a lock.", "label": "harmful"}) + "\n")
+    assert_refused(invoke("evaluate", exported, "--data", data), str(data), "needs harmful and harmless",
+                   "no harmless record")
+
+
+def test_a_folder_that_is_not_an_export(tmp_path):
+    assert_refused(invoke("evaluate", tmp_path), str(tmp_path), "not an exported folder")
+
+
+def test_bad_markers_file(exported, tmp_path):
+    markers = tmp_path / "markers.txt"
+    markers.write_text("# only a comment\n\n")
+    assert_refused(invoke("evaluate", exported, "--markers", markers), str(markers))
