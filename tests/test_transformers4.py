@@ -141,19 +141,43 @@ def _export(family: str, root: Path, edit) -> tuple[Path, dict, str]:
     return out, dict(inputs), loaded.adapter.auto_class_name
 
 
+def _theta(value: float):
+    return lambda c: c["rope_parameters"].update(rope_theta=value)
+
+
+def _gemma3(c):
+    c["rope_parameters"]["full_attention"].update(rope_type="linear", factor=4.0, rope_theta=500000.0)
+    c["rope_parameters"]["sliding_attention"].update(rope_theta=20000.0)
+
+
+# The families transformers 4.57 reads as the same model (config.json's min_transformers
+# "4.57.0"), each with RoPE that 4.x's defaults would get wrong, and the text rope_theta 4.x
+# must read.
+SAME_UNDER_4X = {
+    "llama": (lambda c: c.update(rope_parameters=dict(LLAMA_ROPE)), LLAMA_ROPE["rope_theta"]),
+    "qwen2": (_theta(200000.0), 200000.0),
+    "qwen3": (_theta(200000.0), 200000.0),
+    "mistral": (_theta(200000.0), 200000.0),
+    "gemma2": (_theta(200000.0), 200000.0),
+    "gemma3_text": (_gemma3, 500000.0),
+    "qwen2_vl": (_theta(QWEN_VL_THETA), QWEN_VL_THETA),
+    "qwen2_5_vl": (_theta(QWEN_VL_THETA), QWEN_VL_THETA),
+}
+REFUSED_UNDER_4X = ["llava", "llava_next", "idefics3"]
+assert sorted(REFUSED_UNDER_4X) == sorted(V4_UNREADABLE)
+assert sorted([*SAME_UNDER_4X, *REFUSED_UNDER_4X]) == sorted(TINY_FAMILIES)
+
+
 @pytest.fixture(scope="module")
 def under_4x(tf4, tmp_path_factory):
-    """Every folder below loaded once under transformers 4.57 (one interpreter): the tiny Llama
-    (RoPE theta 100000, llama3 scaling), Qwen2-VL (text theta 300000), LLaVA, and two damaged
-    copies of the Llama folder. Returns {name: (result, v4 logits, v5 logits, inputs)}."""
+    """Every family's corrected folder, and two damaged copies of the Llama one, loaded once
+    under transformers 4.57 (one interpreter). Returns {name: (result, v4 logits, v5 logits
+    (None for refused folders), inputs)}."""
     from transformers4 import run_transformers4
 
     root = tmp_path_factory.mktemp("tf4")
-    folders = {
-        "llama": _export("llama", root, lambda c: c.update(rope_parameters=dict(LLAMA_ROPE))),
-        "qwen2_vl": _export("qwen2_vl", root, lambda c: c["rope_parameters"].update(rope_theta=QWEN_VL_THETA)),
-        "llava": _export("llava", root, lambda c: c["rope_parameters"].update(rope_theta=100000.0)),
-    }
+    folders = {family: _export(family, root, edit) for family, (edit, _) in SAME_UNDER_4X.items()}
+    folders.update({family: _export(family, root, _theta(100000.0)) for family in REFUSED_UNDER_4X})
     out, inputs, auto = folders["llama"]
     # As regap-export wrote it before the v4 keys: no min_transformers, no rope_theta.
     legacy = root / "llama-legacy"
@@ -186,15 +210,16 @@ def under_4x(tf4, tmp_path_factory):
     for (name, (folder, inputs, _)), result in zip(folders.items(), results):
         assert result["transformers"] == "4.57.6"
         v4 = torch.load(root / f"{name}-v4.pt") if "error" not in result else None
-        v5 = logits_of(load_corrected(folder).model, inputs) if name in ("llama", "qwen2_vl") else None
+        v5 = logits_of(load_corrected(folder).model, inputs) if name in SAME_UNDER_4X else None
         out[name] = (result, v4, v5, inputs)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,theta", [("llama", LLAMA_ROPE["rope_theta"]), ("qwen2_vl", QWEN_VL_THETA)])
-def test_transformers4_reads_the_same_corrected_model(under_4x, name, theta):
+@pytest.mark.parametrize("name", list(SAME_UNDER_4X))
+def test_transformers4_reads_the_same_corrected_model(under_4x, name):
     result, v4, v5, inputs = under_4x[name]
+    theta = SAME_UNDER_4X[name][1]
     assert "error" not in result, result
     assert result["class"].startswith("Regap") and result["corrections"] == 4
     real = inputs["attention_mask"].bool()  # padded positions are not compared
@@ -203,11 +228,12 @@ def test_transformers4_reads_the_same_corrected_model(under_4x, name, theta):
 
 
 @pytest.mark.slow
-def test_transformers4_refuses_llava(under_4x):
-    result = under_4x["llava"][0]
+@pytest.mark.parametrize("name", REFUSED_UNDER_4X)
+def test_transformers4_refuses_families_it_reads_differently(under_4x, name):
+    result = under_4x[name][0]
     assert result.get("error", "").startswith("ValueError: this ReGap-corrected checkpoint needs transformers >= "
                                               "5.0.0, found 4.57.6: "), result
-    assert V4_UNREADABLE["llava"] in result["error"]
+    assert V4_UNREADABLE[name] in result["error"]
 
 
 @pytest.mark.slow
