@@ -247,3 +247,38 @@ def test_transformers4_refuses_a_folder_without_v4_keys(under_4x):
 def test_transformers4_refuses_a_disagreeing_rope_theta(under_4x):
     result = under_4x["edited"][0]
     assert "rope_theta 10000.0 disagrees with rope_parameters.rope_theta 100000.0" in result.get("error", ""), result
+
+
+@pytest.mark.slow
+def test_transformers4_reads_the_real_smollm2_checkpoint(tf4, tmp_path):
+    """The issue's case: the corrected SmolLM2-135M folder (RoPE theta 100000, which transformers
+    5 writes only inside rope_parameters) under transformers 4.57: theta 100000 and the same
+    logits as transformers 5, not a silently different model (without the v4 keys, 4.57 reads
+    theta 10000 and the logits differ by up to 14.6)."""
+    from transformers4 import run_transformers4
+
+    loaded = load_model("embedded:smollm2")
+    assert loaded.model.config.rope_parameters["rope_theta"] == 100000.0
+    inputs = dict(batch_inputs(loaded.adapter, loaded.processor))
+    options = options_for("regap")
+    directions = realistic_directions(loaded.model, loaded.adapter, inputs, options)
+    out = tmp_path / "corrected"
+    out.mkdir()
+    write_corrected_checkpoint(loaded, DirectionsFile(directions, options, loaded.fingerprint, "ab" * 32,
+                                                      "embedded:smollm2"), options, out)
+    del loaded
+    v5 = logits_of(load_corrected(out).model, inputs)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    jobs = [{"folder": str(out), "auto_class": "AutoModelForCausalLM", "inputs": str(tmp_path / "inputs.pt"),
+             "out": str(tmp_path / "v4.pt")}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    proc = run_transformers4(Path(__file__).with_name("transformers4_load.py"), tmp_path / "jobs.json",
+                             modules_cache=tmp_path / "modules")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "jobs.json.result.json").read_text())[0]
+    assert "error" not in result, result
+    v4 = torch.load(tmp_path / "v4.pt")
+    real = inputs["attention_mask"].bool()
+    assert (v4 - v5)[real].abs().max().item() <= TOL
+    assert torch.equal(v4[real].argmax(-1), v5[real].argmax(-1))
+    assert result["class"] == "RegapLlamaForCausalLM" and result["rope_theta"] == 100000.0
