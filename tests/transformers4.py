@@ -22,7 +22,8 @@ from pathlib import Path
 TRANSFORMERS4 = "4.57.6"
 PACKAGES = (f"transformers=={TRANSFORMERS4}", "tokenizers==0.22.2", "huggingface_hub==0.36.0")
 _NETWORK_ERRORS = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
-                   "Name or service not known", "ConnectTimeoutError", "ReadTimeoutError", "Connection refused")
+                   "Name or service not known", "ConnectTimeoutError", "ReadTimeoutError", "Connection refused",
+                   "(from versions: none)")  # no index answered at all
 
 
 class Transformers4Unavailable(Exception):
