@@ -42,6 +42,7 @@ import os
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
@@ -169,8 +170,57 @@ def _last_token(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.T
     return h[torch.arange(batch, device=h.device), index]
 
 
+def _release(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version string ("5.0.0.dev0" -> (5, 0, 0))."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+def regap_check_transformers(config: Any) -> None:
+    """Refuse a transformers version that would read this checkpoint as another model.
+
+    config.json's ``regap.min_transformers`` is the lowest version that reads the same model
+    (``"4.57.0"`` when config.json carries transformers 4.x's keys beside transformers 5's,
+    ``"5.0.0"`` when 4.x cannot read it, with ``min_transformers_reason``). A folder without
+    it predates those keys: only transformers 5 reads it right. Under 4.x, the text config's
+    ``rope_theta`` must also agree with transformers 5's ``rope_parameters``.
+    """
+    section = getattr(config, "regap", None)
+    if not isinstance(section, dict):
+        return
+    need = str(section.get("min_transformers") or "5.0.0")
+    have = transformers.__version__
+    if _release(have) < _release(need):
+        why = section.get("min_transformers_reason") or (
+            "config.json lacks the keys transformers 4.x reads (rope_theta, rope_scaling): it would build "
+            "another model" if "min_transformers" not in section else "older versions are not tested")
+        raise ValueError(f"this ReGap-corrected checkpoint needs transformers >= {need}, found {have}: {why} "
+                         f"(pip install 'transformers>={need}')")
+    if _release(have) < (5, 0, 0):
+        for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+            rope = getattr(sub, "rope_parameters", None)
+            if isinstance(rope, dict) and "rope_theta" in rope and float(getattr(sub, "rope_theta", -1.0)) != float(
+                    rope["rope_theta"]):
+                raise ValueError(f"config.json: rope_theta {getattr(sub, 'rope_theta', None)} disagrees with "
+                                 f"rope_parameters.rope_theta {rope['rope_theta']}; transformers {have} would "
+                                 "build another model (export the checkpoint again)")
+
+
 class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
     """The original model class with ReGap's correction layers attached after loading."""
+
+    def __init__(self, config, *args, **kwargs):
+        regap_check_transformers(config)  # before any weight is read
+        super().__init__(config, *args, **kwargs)
 
     @classmethod
     def is_custom_code(cls) -> bool:

@@ -20,7 +20,11 @@ Layout of the folder ``write_corrected_checkpoint`` fills:
   layers ([{"layer", "kind"}], kind fixed | gated | scaled), readout ({"layer", "kappa"} for
   regap-seq, else null), model_fingerprint (of the unmodified model), calibration_sha256,
   model_source, tensors_file, tensors_sha256, decoder_layers_path, hidden_size, num_layers,
-  base_class, auto_class.
+  base_class, auto_class, min_transformers (the lowest transformers version that reads the
+  same model: "4.57.0", or "5.0.0" with min_transformers_reason saying why 4.x cannot;
+  ``modeling_regap.py`` refuses to load under an older one).
+  Beside transformers 5's keys, config.json also carries the keys transformers 4.x reads
+  for the same values (rope_theta, rope_scaling, ...; see ``config_compat``).
 - the tokenizer / processor files, and ``modeling_regap.py`` (custom code for
   ``trust_remote_code``; needs only torch, transformers, safetensors).
 """
@@ -40,6 +44,7 @@ from ..folding import fold, score_readout
 from ..models.loading import LoadedModel, model_fingerprint
 from ..options import RegapOptions
 from ..rewrite import checkpoint_tensors, corrections_of, insert_corrections, remove_corrections
+from .config_compat import transformers4_compat
 
 FORMAT_VERSION = "2"
 # Still read: format 1 corrected every position of every input (options.positions = "all").
@@ -153,7 +158,9 @@ def write_corrected_checkpoint(loaded: LoadedModel, directions_file: DirectionsF
         }
         (out_dir / CODE_FILENAME).write_text(render_remote_code(base_class), encoding="utf-8")
         config_path = out_dir / CONFIG_FILENAME
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config, min_transformers, reason = transformers4_compat(json.loads(config_path.read_text(encoding="utf-8")))
+        section["min_transformers"] = min_transformers
+        section["min_transformers_reason"] = reason
         config["regap"] = section
         config["auto_map"] = {adapter.auto_class_name: f"{Path(CODE_FILENAME).stem}.{remote_class_name(base_class)}"}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

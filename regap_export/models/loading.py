@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import ModelError
 from . import adapter_for_config
 from .base import ModelAdapter
+from .quantization import check_dense, check_source_quantization, strip_quantization
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -89,18 +90,29 @@ def load_model(source: str | Path | None = None, *, dtype: str = "fp32", device:
     from transformers import AutoConfig
 
     name, folder = resolve_source(source)
+    config_path = folder / "config.json"
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"config.json cannot be read ({exc})", path=config_path) from None
+    quantized = check_source_quantization(config_path, raw) if isinstance(raw, dict) else None
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"config.json cannot be read ({exc})", path=folder / "config.json") from None
-    adapter = adapter_for_config(config, source=str(folder / "config.json"))
+        raise ModelError(f"config.json cannot be read ({exc})", path=config_path) from None
+    if quantized:
+        strip_quantization(config)  # the weights are dense already (models/quantization.py)
+    adapter = adapter_for_config(config, source=str(config_path))
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
     auto_class = getattr(transformers, adapter.auto_class_name)
     try:
-        model = auto_class.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        extra = {"config": config} if quantized else {}
+        model = auto_class.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"the model cannot be loaded ({exc})", path=folder) from None
+    if quantized:
+        check_dense(model, quantized, folder)
     processor = _load_processor(folder, adapter, trust_remote_code)
     model.to(device).eval()
     return LoadedModel(model, processor, adapter, name, folder)
