@@ -129,3 +129,64 @@ def test_bad_markers_file(exported, tmp_path):
     markers = tmp_path / "markers.txt"
     markers.write_text("# only a comment\n\n")
     assert_refused(invoke("evaluate", exported, "--markers", markers), str(markers))
+
+
+REMOTE_GENERATE = '''
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
+
+folder, inputs_file, out_file = sys.argv[1:4]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+inputs = load_file(inputs_file)
+with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+save_file({"tokens": out.sequences[:, inputs["input_ids"].shape[1]:].contiguous(),
+           "first_logits": out.logits[0].float().contiguous(), "second_logits": out.logits[1].float().contiguous()},
+          out_file)
+'''
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_remote_code_generate_masks_like_the_runtime(exported, tmp_path, with_image):
+    """Plain transformers with trust_remote_code computes the image mask itself in generate()
+    and gives the tokens the ONNX runtime gives (which feeds the mask it computes)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from regap_export.evaluate import OrtEngine, _batches, evaluation_records
+    from regap_export.export.load import load_corrected
+    from regap_export.runtime.generate import generate
+
+    loaded = load_corrected(exported)
+    records = [r for r in evaluation_records(multimodal=True) if r.modality == ("image" if with_image else "text")][:3]
+    batch = _batches(records, loaded.adapter, loaded.processor, 8)[0]
+    save_file({k: __import__("torch").from_numpy(np.ascontiguousarray(v)) for k, v in batch.inputs.items()},
+              str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "remote.py").write_text(REMOTE_GENERATE)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, str(tmp_path / "remote.py"), str(exported), str(tmp_path / "inputs.safetensors"),
+                           str(tmp_path / "out.safetensors")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = {k: v.numpy() for k, v in load_file(str(tmp_path / "out.safetensors")).items()}
+    engine = OrtEngine(exported)
+    on = generate(engine.sessions, batch.ids, batch.inputs["attention_mask"], max_new_tokens=5, eos_token_id=[],
+                  **batch.pixels)
+    off = generate(engine.sessions, batch.ids, batch.inputs["attention_mask"], max_new_tokens=5, eos_token_id=[],
+                   correct=False, **batch.pixels)
+    assert np.array_equal(remote["tokens"][:, :5], on.new_tokens)
+    # The prompt's mask (first logits) and a decode step's (second logits, teacher-forced).
+    prompt = batch.ids.shape[1]
+    second = engine.forced_logits(batch, on.new_tokens[:, :1], True, None)[:, prompt]
+    np.testing.assert_allclose(remote["first_logits"], on.first_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(remote["second_logits"], second, atol=1e-4, rtol=1e-4)
+    # Text rows: the correction does nothing; image rows: it moves the logits, so the
+    # agreement above means the remote code applied the mask the runtime applies.
+    moved = np.abs(on.first_logits - off.first_logits).max()
+    assert (moved > 1e-3) if with_image else (moved == 0.0)

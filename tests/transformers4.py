@@ -50,11 +50,12 @@ def transformers4_dir() -> Path:
                 raise Transformers4Unavailable(f"pip cannot reach the package index: {output.strip()[-300:]}")
             raise RuntimeError(f"pip install {' '.join(PACKAGES)} failed:\n{output[-3000:]}")
         (tmp / ".complete").write_text(" ".join(PACKAGES) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race
-            pass
+        if not (folder / ".complete").is_file():  # else another process (an xdist worker) won the race
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process won the race just now
+                pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -69,8 +69,9 @@ class OrtSessions:
             opts = session_options
             if opts is None:
                 opts = ort.SessionOptions()
-                if intra_op_threads is not None:
-                    opts.intra_op_num_threads = intra_op_threads
+                threads = intra_op_threads if intra_op_threads is not None else _threads_from_environment()
+                if threads is not None:
+                    opts.intra_op_num_threads = threads
                 # Errors only: ONNX Runtime warns at every load that the overridable
                 # regap_image_mask initializer (contract 2) is not folded as a constant.
                 opts.log_severity_level = 3
@@ -248,6 +249,16 @@ class OrtSessions:
     def to_host(self, value: Any) -> np.ndarray:
         """A present (numpy or OrtValue) as a numpy array."""
         return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def _threads_from_environment() -> int | None:
+    """``OMP_NUM_THREADS``, which ONNX Runtime itself ignores: processes that share the
+    cores (parallel test workers, several servers on one host) set it to avoid spinning
+    thread pools competing for the same cores."""
+    import os
+
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def merge_image_features(embeds: np.ndarray, input_ids: np.ndarray, features: np.ndarray,

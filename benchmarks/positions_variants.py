@@ -1,0 +1,80 @@
+"""Where should the correction act? Export one set of directions with each candidate and
+evaluate each on the same held-out data (issue: "a correction that leaves text-only inputs
+alone"). Prints one row per variant: text-only replies left identical and their KL, image
+replies changed, the image-text gap shrink at the read layer, and refusal off -> on.
+
+    .venv/bin/python benchmarks/positions_variants.py runs/demo/directions [--model embedded:smolvlm]
+        [--out runs/variants] [--limit N] [--refusal-directions DIR]
+
+``--refusal-directions`` adds the ShiftDC-style candidate: directions calibrated with
+``--drift-component refusal`` (only the drift's component along the refusal direction),
+applied at every position. Results and the command go to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "last+generated (default)": {"positions": "last+generated"},
+    "image (from first image token)": {"positions": "image"},
+    "all (METHOD's first reading)": {"positions": "all"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directions", type=Path)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/variants"))
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--refusal-directions", type=Path, default=None)
+    args = parser.parse_args()
+
+    from regap_export.evaluate import evaluate_folder
+    from regap_export.export.pipeline import export_to_folder
+
+    runs = [(name, args.directions, overrides) for name, overrides in VARIANTS.items()]
+    if args.refusal_directions is not None:
+        runs.append(("all, drift component along rhat only", args.refusal_directions, {"positions": "all"}))
+    rows = []
+    for name, directions, overrides in runs:
+        folder = args.out / name.split(" ")[0].replace("+", "_") / ("refusal" if directions != args.directions else "full")
+        start = time.perf_counter()
+        export_to_folder(args.model, directions, folder, formats=("onnx", "safetensors"), overrides=overrides,
+                         force=True)
+        report = evaluate_folder(folder, limit=args.limit, show_progress=False, plot=False)
+        cells = {(c["modality"], c["label"]): c for c in report["behaviour"]["cells"]}
+        text = [cells[("text", label)] for label in ("harmful", "harmless")]
+        image = [cells[(("image", label))] for label in ("harmful", "harmless") if ("image", label) in cells]
+        geometry = report["geometry"]["read_layer"]
+        rows.append({
+            "variant": name,
+            "text_identical": sum(c["identical_share"] * c["n"] for c in text) / sum(c["n"] for c in text),
+            "text_kl": max((c["mean_kl"] or 0.0) for c in text),
+            "image_identical": (sum(c["identical_share"] * c["n"] for c in image) / sum(c["n"] for c in image))
+            if image else None,
+            "image_kl": max((c["mean_kl"] or 0.0) for c in image) if image else None,
+            "gap_off": geometry["image_text_gap"]["off"], "gap_on": geometry["image_text_gap"]["on"],
+            "gap_shrink": geometry.get("gap_shrink"),
+            "refusal": {f"{c['modality']} {c['label']}": [c["refusal_off"], c["refusal_on"]]
+                        for c in report["behaviour"]["cells"]},
+            "seconds": round(time.perf_counter() - start, 1),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    print()
+    print("| variant | text replies identical | text KL (max cell) | image replies identical | image KL | "
+          "gap at l_s off -> on (shrink) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        image = "-" if r["image_identical"] is None else f"{100 * r['image_identical']:.0f} %"
+        image_kl = "-" if r["image_kl"] is None else f"{r['image_kl']:.3g}"
+        shrink = "-" if r["gap_shrink"] is None else f"{100 * r['gap_shrink']:.0f} %"
+        print(f"| {r['variant']} | {100 * r['text_identical']:.0f} % | {r['text_kl']:.3g} | {image} | {image_kl} | "
+              f"{r['gap_off']:.3f} -> {r['gap_on']:.3f} ({shrink}) |")
+
+
+if __name__ == "__main__":
+    main()
