@@ -35,7 +35,9 @@ from .errors import RegapError
 # report.PLOT_FILENAME, api.STATS_FILENAME); an export lists its files in its manifest.
 CALIBRATION_FILES = ("directions.safetensors", "report.json", "separability.png", "stats.safetensors")
 MANIFEST_FILE = "regap_manifest.json"
-EXPORT_EXTRA_FILES = (MANIFEST_FILE, "parity.json")
+# written into an export after it: validate's report, evaluate's report and plot, and their temporaries
+EXPORT_EXTRA_FILES = (MANIFEST_FILE, "parity.json", "evaluation.json", "evaluation.png")
+EXPORT_EXTRA_TEMPORARIES = ("regap_manifest.json.tmp", ".evaluation.json.tmp-")
 FS_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
              errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent is not a directory",
@@ -133,7 +135,10 @@ def check_replaceable(out: Path, inputs: Iterable[Path | str | None] = ()) -> No
         raise RegapError(f"--force refuses to replace a folder regap-export did not write; it would delete "
                          f"{present[0]}", path=out, hint="remove it yourself or choose another --out")
     for path in present:
-        if path.relative_to(out).as_posix() not in allowed:
+        rel = path.relative_to(out).as_posix()
+        if manifest.is_file() and rel.startswith(EXPORT_EXTRA_TEMPORARIES):
+            continue
+        if rel not in allowed:
             raise RegapError(f"--force refuses: {path} was not written by regap-export and would be deleted",
                              path=out, hint="move it away or choose another --out")
 

@@ -451,6 +451,7 @@ def test_check_replaceable_rules(tmp_path):
     ours.mkdir(parents=True)
     (ours / MANIFEST_FILENAME).write_text(json.dumps({"files": {"a.bin": {}}}))
     (ours / "a.bin").write_text("x")
+    (ours / "evaluation.json").write_text("{}")
     (ours / "__pycache__").mkdir()
     (ours / "__pycache__" / "m.pyc").write_text("x")
     atomic.check_replaceable(ours, [tmp_path / "model"])          # inside the model folder: fine
