@@ -24,12 +24,18 @@ def _fail(exc: Exception) -> None:
 
 def _run(fn):
     """Run a command body; user errors print one clear line and exit 2."""
+    from regap_export.atomic import filesystem_error_in
     from regap_export.errors import RegapError
 
     try:
         return fn()
     except RegapError as exc:
         _fail(exc)
+    except OSError as exc:  # read-only, not a directory, no space, permission: the user's file system
+        user_error = filesystem_error_in(exc)
+        if user_error is None:
+            raise
+        _fail(user_error)
 
 
 def _quiet_transformers() -> None:
@@ -77,7 +83,7 @@ def calibrate(
     save_stats: bool = typer.Option(False, help="Also write stats.safetensors (mergeable per-record activations)."),
     merge_stats: Optional[List[Path]] = typer.Option(None, help="Skip capture: merge these stats.safetensors files (shards of --data)."),
     plot: bool = typer.Option(True, help="Write separability.png (needs matplotlib, the `plot` extra)."),
-    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    force: bool = typer.Option(False, help="Replace --out if it is a folder regap-export wrote (never one holding other files or inputs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ):
     """Fit the refusal and drift directions and report the geometry per layer."""
@@ -87,7 +93,7 @@ def calibrate(
         from regap_export.atomic import check_output_dir
         from regap_export.report import geometry_table, summary_lines
 
-        check_output_dir(out_dir, force=force)
+        check_output_dir(out_dir, force=force, inputs=[data, model, *(merge_stats or [])])
         if as_json:
             _quiet_transformers()
         opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode,
@@ -142,7 +148,7 @@ def export_cmd(
     alpha_max: Optional[float] = typer.Option(None, help="Override the adaptive strength."),
     tau: Optional[float] = typer.Option(None, help="Override the gate threshold."),
     positions: Optional[str] = typer.Option(None, help="Override where the correction acts. " + POSITIONS_HELP),
-    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    force: bool = typer.Option(False, help="Replace --out if it is a folder regap-export wrote (never one holding other files or inputs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Write the corrected model: safetensors checkpoint and ONNX graphs, with a manifest."""
@@ -176,7 +182,11 @@ def validate(
     device: str = typer.Option("cpu", help="cpu | cuda (ONNX Runtime's execution provider)."),
     as_json: bool = typer.Option(False, "--json", help="Print parity.json instead of a table."),
 ):
-    """Prove parity: the reference vs the rewritten PyTorch model and ONNX Runtime. Exit 1 on failure."""
+    """Prove parity: the reference vs the rewritten PyTorch model and ONNX Runtime.
+
+    Exit 0: parity holds; 1: a parity check failed; 2: the folder is missing, tampered with
+    (size or sha256 differs from the manifest), corrupt, or an option is invalid.
+    """
 
     def body():
         from regap_export.validate import validate_folder
@@ -214,6 +224,8 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="An image for multimodal exports."),
     max_new_tokens: int = typer.Option(64, min=1),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    verify_hashes: bool = typer.Option(True, help="Check every file's sha256 against the manifest first "
+                                       "(sizes and the constants' finiteness are always checked)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Generate a reply with ONNX Runtime (greedy, KV cache, no PyTorch model)."""
@@ -221,7 +233,8 @@ def generate(
     def body():
         from regap_export.runtime.chat import reply
 
-        answer = reply(path, prompt, image=image, max_new_tokens=max_new_tokens, device=device)
+        answer = reply(path, prompt, image=image, max_new_tokens=max_new_tokens, device=device,
+                       verify_hashes=verify_hashes)
         if as_json:
             print(json.dumps(answer, sort_keys=True))
         else:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .atomic import atomic_output_dir, check_output_dir
+from .checks import check_tensors_finite
 from .calibrate import CalibrationResult, calibrate, heldout_report
 from .directions_io import FILENAME as DIRECTIONS_FILENAME
 from .directions_io import load_directions, save_directions
@@ -38,7 +39,8 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
                         force: bool = False, show_progress: bool = True) -> CalibrationResult:
     """calibrate MODEL --data FILE --out DIR: directions.safetensors, report.json (+ plot, stats)."""
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, force=force)
+    inputs = [data, model, *merge_stats]
+    check_output_dir(out_dir, force=force, inputs=inputs)
     loaded = load_model(model, dtype=dtype)
     from .data.render import declared_renderer
 
@@ -55,7 +57,9 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
                                                   show_progress=show_progress)
         best = result.report["best_layer"]
         result.report["heldout"]["auroc_T_at_best_layer"] = result.report["heldout"]["layers"][best]["auroc_T"]
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    check_tensors_finite(result.bundle.directions.tensors(), path=data, what="the fitted directions'",
+                         hint="the calibration data or options give a degenerate fit; nothing was written")
+    with atomic_output_dir(out_dir, force=force, inputs=[*inputs, loaded.folder]) as tmp:
         save_directions(tmp, result.bundle)
         write_report(tmp, result.report)
         if plot:

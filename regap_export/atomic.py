@@ -1,40 +1,283 @@
-"""Write an output folder completely or not at all: build it in a temporary sibling, then rename."""
+"""Write an output folder completely or not at all: build it in a temporary sibling, then rename.
+
+What an output folder may cost (the README's "What we guarantee"):
+
+- ``--force`` replaces only a folder this tool wrote (an export's ``regap_manifest.json``
+  lists its files; a calibration holds ``directions.safetensors`` and its known companions)
+  and holds nothing else; it never replaces a folder that is or holds a path the command
+  reads (``--data``, ``--directions``, the model folder, ``--merge-stats``).
+- One writer at a time: ``.<name>.lock`` beside the output is locked while the folder is
+  written and renamed; a second writer is refused, and a writer that finds the output
+  created meanwhile (without ``--force``) is refused instead of replacing it.
+- Temporary ``.<name>.partial-<pid>-<hex>`` folders of killed runs are removed by the next
+  run that writes the same output.
+- File-system failures (read-only, not a directory, no space, permission) are one-line
+  ``RegapError``s; the temporary folder is removed.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
+import json
 import os
 import shutil
+import stat
+import sys
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import RegapError
 
+# Files a calibration folder may hold (directions_io.FILENAME, report.REPORT_FILENAME,
+# report.PLOT_FILENAME, api.STATS_FILENAME); an export lists its files in its manifest.
+CALIBRATION_FILES = ("directions.safetensors", "report.json", "separability.png", "stats.safetensors")
+MANIFEST_FILE = "regap_manifest.json"
+# written into an export after it: validate's report, evaluate's report and plot, and their temporaries
+EXPORT_EXTRA_FILES = (MANIFEST_FILE, "parity.json", "evaluation.json", "evaluation.png")
+EXPORT_EXTRA_TEMPORARIES = ("regap_manifest.json.tmp", ".evaluation.json.tmp-")
+FS_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent is not a directory",
+             errno.EEXIST: "a file is in the way (is a parent not a directory?)", errno.EISDIR: "is a directory",
+             errno.ENAMETOOLONG: "file name too long"}
 
-def check_output_dir(out: Path, *, force: bool) -> None:
-    """Refuse an existing output before any work is done (so a refusal costs nothing)."""
-    if out.exists() and not force:
+
+def filesystem_error(exc: OSError, path: Path | str | None = None) -> RegapError | None:
+    """A one-line RegapError for an OSError the user's file system caused, else None."""
+    if exc.errno not in FS_ERRNOS:
+        return None
+    where = path if path is not None else (exc.filename or None)
+    return RegapError(f"cannot write: {FS_ERRNOS[exc.errno]} ({exc.strerror or exc})", path=where,
+                      hint="choose another --out or free the space" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                      else "choose another --out")
+
+
+# Writers that are not Python's own (safetensors' Rust code, protobuf) report the OS error
+# in their message only.
+_MESSAGE_ERRNOS = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC),
+                   ("Read-only file system", errno.EROFS), ("os error 30", errno.EROFS),
+                   ("Disk quota exceeded", errno.EDQUOT), ("os error 122", errno.EDQUOT))
+
+
+def filesystem_error_in(exc: BaseException) -> RegapError | None:
+    """``filesystem_error`` for an OSError, or for another exception whose message carries
+    a file-system errno (no space, read-only, quota); else None."""
+    if isinstance(exc, OSError):
+        return filesystem_error(exc)
+    text = str(exc)
+    for fragment, code in _MESSAGE_ERRNOS:
+        if fragment in text:
+            return filesystem_error(OSError(code, os.strerror(code)))
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path("/")
+
+
+def check_writable_location(out: Path) -> None:
+    """The folder ``out`` would be created in exists (or can be) and is writable."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    anchor = _nearest_existing(parent)
+    if not anchor.is_dir():
+        raise RegapError("cannot create the output: a parent is not a directory", path=anchor,
+                         hint="choose another --out")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(anchor) else "permission denied"
+        raise RegapError(f"cannot create the output: {reason}", path=anchor, hint="choose another --out")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_replaceable(out: Path, inputs: Iterable[Path | str | None] = ()) -> None:
+    """What ``--force`` may replace: a folder this tool wrote, holding nothing else, that is
+    not and does not hold any of ``inputs``. Refusals name what would be lost."""
+    out = Path(out)
+    real_out = out.resolve()
+    for item in inputs:
+        if item is None or not os.path.lexists(str(item)):
+            continue
+        real_in = Path(item).resolve()
+        if _is_within(real_in, real_out):
+            raise RegapError(f"--force would delete {item}, which this command reads", path=out,
+                             hint="write to another --out")
+    if not out.is_dir():
+        return
+    present = sorted(p for p in out.rglob("*") if not p.is_dir() and "__pycache__" not in p.parts)
+    if not present:
+        return
+    manifest = out / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            allowed = set(json.loads(manifest.read_text())["files"]) | set(EXPORT_EXTRA_FILES)
+        except (ValueError, KeyError, TypeError, OSError):
+            raise RegapError("--force refuses: the manifest is unreadable, so this may not be a folder "
+                             "regap-export wrote", path=manifest, hint="remove it yourself or choose another --out") from None
+    elif (out / CALIBRATION_FILES[0]).is_file():
+        allowed = set(CALIBRATION_FILES)
+    else:
+        raise RegapError(f"--force refuses to replace a folder regap-export did not write; it would delete "
+                         f"{present[0]}", path=out, hint="remove it yourself or choose another --out")
+    for path in present:
+        rel = path.relative_to(out).as_posix()
+        if manifest.is_file() and rel.startswith(EXPORT_EXTRA_TEMPORARIES):
+            continue
+        if rel not in allowed:
+            raise RegapError(f"--force refuses: {path} was not written by regap-export and would be deleted",
+                             path=out, hint="move it away or choose another --out")
+
+
+def check_output_dir(out: Path, *, force: bool, inputs: Iterable[Path | str | None] = ()) -> None:
+    """Refuse an output before any work is done (so a refusal costs nothing): existing without
+    --force, not ours, one of the inputs, unwritable, or being written by another process."""
+    out = Path(out)
+    if os.path.lexists(out) and not force:
         raise RegapError("output directory exists", path=out, hint="pass --force to replace it")
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise RegapError("output path exists and is not a directory", path=out)
+    if os.path.lexists(out):
+        check_replaceable(out, inputs)
+    check_writable_location(out)
+    if out.parent.is_dir():
+        with _output_lock(out):
+            pass
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
-    out = Path(out)
-    check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive, non-blocking lock on ``.<name>.lock`` beside ``out``; removed on release."""
+    path = _lock_path(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise (filesystem_error(exc, out.parent) or exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RegapError("another regap-export process is writing this output now", path=out,
+                             hint=f"wait for it to finish, or choose another --out (lock file {path})") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and lock: retry
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove temporary folders of earlier, killed runs for ``out``. Call with the lock held:
+    a live writer holds it, so every partial found then is stale (a live pid is kept anyway)."""
+    removed = []
+    for pattern in (f".{glob.escape(out.name)}.partial-*", f".{glob.escape(out.name)}.old-*"):
+        for path in out.parent.glob(pattern):
+            pid_text = path.name.rsplit("-", 2)[-2] if path.name.count("-") >= 2 else ""
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        print(f"regap-export: removed {len(removed)} unfinished folder(s) of earlier interrupted runs: "
+              + ", ".join(str(p) for p in removed), file=sys.stderr)
+    return removed
+
+
+def normalize_permissions(folder: Path) -> None:
+    """Every file 0666 & ~umask, every folder 0777 & ~umask (some writers create files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = 0o777 if path.is_dir() else 0o666
+        if stat.S_IMODE(path.stat().st_mode) != mode & ~mask:
+            path.chmod(mode & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path | str | None] = ()) -> Iterator[Path]:
+    out = Path(out)
+    inputs = list(inputs)
+    existed = os.path.lexists(out)
+    check_output_dir(out, force=force, inputs=inputs)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (filesystem_error(exc, out.parent) or exc) from None
+    with _output_lock(out):
+        remove_stale_partials(out)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            yield tmp
+            normalize_permissions(tmp)
+            # Re-check under the lock: another run may have written ``out`` since our first check.
+            if os.path.lexists(out):
+                if not force or not existed:
+                    raise RegapError("another run created this output while this one was working; "
+                                     "it was not replaced", path=out, hint="pass --force to replace it")
+                check_replaceable(out, inputs)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise (filesystem_error(exc) or exc) from None
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            user_error = None if isinstance(exc, RegapError) else filesystem_error_in(exc)
+            if user_error is None:
+                raise
+            raise user_error from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        try:
+            if os.path.lexists(out):
+                old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+            os.replace(tmp, out)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not os.path.lexists(out):
+                os.replace(old, out)
+                old = None
+            raise (filesystem_error(exc, out) or exc) from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ from .errors import DataError, RegapError
 from .folding import fold, probe_only
 from .geometry import cosine, separability
 from .models.loading import LoadedModel
+from .models.weight_sample import weight_sample_json
 from .options import RegapOptions
 from .rewrite import corrected
 from .stats import ActivationStats
@@ -46,6 +47,23 @@ def check_records_fit_model(records: Sequence[Any], loaded: LoadedModel) -> None
             )
 
 
+def require_text_classes(records: Sequence[Any]) -> None:
+    """Enough harmful and harmless text records, checked before the capture; names the data file."""
+    from .data.records import CLASS_NAMES
+    from .directions import MIN_PER_CLASS
+
+    if not all(hasattr(r, "class_key") for r in records):
+        return
+    sources = sorted({str(r.source) for r in records if getattr(r, "source", None) is not None})
+    for key in ("T+", "T-"):
+        count = sum(r.class_key == key for r in records)
+        if count < MIN_PER_CLASS:
+            raise DataError(f"the refusal direction needs at least {MIN_PER_CLASS} records of class {key} "
+                            f"({CLASS_NAMES[key]}), the calibration data has {count}",
+                            path=", ".join(sources) or None,
+                            hint=f"add {'harmful' if key == 'T+' else 'harmless'} text records to the data file")
+
+
 def _read_tokens(loaded: LoadedModel, options: RegapOptions) -> int:
     if options.read_position == "last":
         return 1
@@ -67,6 +85,7 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
               show_progress: bool = True) -> CalibrationResult:
     """Fit ReGap's directions on ``records`` and measure the geometry before and after."""
     check_records_fit_model(records, loaded)
+    require_text_classes(records)
     num_layers = loaded.adapter.num_layers(loaded.model)
     opts = options.resolved(num_layers)
     if stats is None:
@@ -118,7 +137,8 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
                        "fingerprint": loaded.fingerprint}
     report["counts"] = {key: stats.count(key) for key in ("T+", "T-", "M+", "M-")}
     report["pairs"] = len(stats.pair_indices())
-    bundle = DirectionsFile(directions, opts, loaded.fingerprint, calibration_sha256(records), loaded.source)
+    bundle = DirectionsFile(directions, opts, loaded.fingerprint, calibration_sha256(records), loaded.source,
+                            weight_sample_json(loaded.model))
     report["calibration_sha256"] = bundle.calibration_sha256
     return CalibrationResult(bundle, report, stats)
 

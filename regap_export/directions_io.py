@@ -19,8 +19,9 @@ from safetensors import safe_open
 from .st_files import save_file_deterministic as save_file
 
 from . import __version__
+from .checks import check_tensors_finite
 from .directions import Directions
-from .errors import ArtifactError
+from .errors import ArtifactError, RegapError
 from .options import RegapOptions
 
 FORMAT_VERSION = "2"
@@ -35,6 +36,7 @@ class DirectionsFile:
     model_fingerprint: str
     calibration_sha256: str
     model_source: str = ""
+    model_weight_sample: str = ""  # models/weight_sample.py: JSON {parameter: sampled values}
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -44,6 +46,7 @@ class DirectionsFile:
             "options": self.options.to_json(),
             "model_source": self.model_source,
             "regap_export_version": __version__,
+            **({"model_weight_sample": self.model_weight_sample} if self.model_weight_sample else {}),
         }
 
 
@@ -75,9 +78,15 @@ def load_directions(folder_or_file: Path) -> DirectionsFile:
     missing = [name for name in Directions.TENSOR_NAMES if name not in tensors]
     if missing:
         raise ArtifactError(f"missing tensors: {', '.join(missing)}", path=path)
+    check_tensors_finite({name: tensors[name] for name in Directions.TENSOR_NAMES}, path=path, what="directions",
+                         hint="re-run calibrate; the model produced non-finite activations or the file was edited")
     directions = Directions(**{name: tensors[name] for name in Directions.TENSOR_NAMES})
-    options = RegapOptions.from_json(meta["options"])
+    try:
+        options = RegapOptions.from_json(meta["options"])
+    except (RegapError, KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"the options stored with the directions are invalid ({exc})", path=path) from None
     if version in LEGACY_FORMAT_VERSIONS:
         options = dataclasses.replace(options, positions=RegapOptions.positions)
     return DirectionsFile(directions, options, meta.get("model_fingerprint", ""),
-                          meta.get("calibration_sha256", ""), meta.get("model_source", ""))
+                          meta.get("calibration_sha256", ""), meta.get("model_source", ""),
+                          meta.get("model_weight_sample", ""))

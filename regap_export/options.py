@@ -60,6 +60,9 @@ class RegapOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise RegapError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(allowed)}")
+        from .checks import check_option_values
+
+        check_option_values(self)
 
     def resolved(self, num_layers: int) -> "RegapOptions":
         """Options with both bands filled in and checked against the model's depth."""

@@ -25,6 +25,7 @@ from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
 from .models.base import cache_of
 from .models.positions import PositionScheme, position_config, position_scheme
 from .options import RegapOptions
+from .report import json_safe
 
 PARITY_FILENAME = "parity.json"
 # |a - b| <= atol + rtol * |b|, elementwise, with b the reference.
@@ -295,6 +296,6 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
     report = {"ok": all(c.ok for c in checks), "device": device, "dtype": manifest["dtype"], "mode": options.mode,
               "tolerances": {k: list(v) for k, v in tol.items()}, "checks": [asdict(c) for c in checks]}
     if write:
-        (out_dir / PARITY_FILENAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        (out_dir / PARITY_FILENAME).write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
         record_parity(out_dir, report)
     return report

@@ -206,8 +206,14 @@ def test_existing_output_needs_force(tiny_llama, tmp_path):
     result = invoke("calibrate", tiny_llama, "--data", data, "--out", out)
     assert result.exit_code == 2 and "output directory exists" in result.output and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only what regap-export wrote: a folder holding someone's file is refused
+    forced = invoke("calibrate", tiny_llama, "--data", data, "--out", out, "--force")
+    assert forced.exit_code == 2 and "keep.txt" in forced.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     assert invoke("calibrate", tiny_llama, "--data", data, "--out", out, "--force").exit_code == 0
-    assert (out / "directions.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert invoke("calibrate", tiny_llama, "--data", data, "--out", out, "--force").exit_code == 0
+    assert (out / "directions.safetensors").is_file()
 
 
 def test_band_outside_the_model(tiny_llama, tmp_path):

@@ -119,6 +119,8 @@ def load_records(path: str | Path, *, label: str | None = None) -> list[Record]:
         raise DataError(f"label must be one of {_quoted(LABELS)}, got {label!r}",
                         path=path, field="label")
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError("is a folder, not a data file", path=path, hint="pass a .jsonl, .csv or .txt file")
     if suffix not in SUFFIXES:
         raise DataError(f"unsupported file type '{path.suffix or '(none)'}'", path=path,
                         hint="use .jsonl (schema 1, see regap_export/data/SCHEMA.md), "
@@ -154,13 +156,31 @@ def _read_text(path: Path) -> str:
                         hint="save the file as UTF-8") from None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def _parse_jsonl(text: str, path: Path, default_label: str | None) -> list[Record]:
     records: list[Record] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as exc:
+            raise DataError(f"the key {exc.key!r} appears twice in one record", path=path, line=lineno,
+                            field=exc.key, hint="keep one of them") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=path,
                             line=lineno, hint="each line must be one JSON object") from None

@@ -11,10 +11,12 @@ import torch
 from ..atomic import atomic_output_dir, check_output_dir
 from ..directions_io import FILENAME as DIRECTIONS_FILENAME
 from ..directions_io import load_directions
+from ..checks import check_corrections_finite, check_strict_json_file
 from ..errors import ArtifactError, RegapError
 from ..folding import fold, score_readout
 from ..modality import mask_default
 from ..models.loading import load_model
+from ..models.weight_sample import samples_match
 from ..options import MODES, RegapOptions
 from ..rewrite import insert_corrections, remove_corrections
 from .manifest import write_manifest
@@ -49,7 +51,8 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
                      dtype: str = "fp32", overrides: dict[str, Any] | None = None, force: bool = False) -> Path:
     """Write OUT: model.safetensors + regap.safetensors + config (+ custom code), onnx/, manifest."""
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, force=force)
+    inputs = [Path(directions), model]
+    check_output_dir(out_dir, force=force, inputs=inputs)
     check_dtype_can_run(dtype, formats)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if overrides.get("mode") is not None and overrides["mode"] not in MODES:
@@ -62,11 +65,17 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
             f"these directions were fitted on another model (fingerprint {bundle.model_fingerprint}, "
             f"this model {loaded.fingerprint})", path=Path(directions),
             hint="calibrate this model first, or pass the model the directions came from")
+    if not samples_match(bundle.model_weight_sample, loaded.model):
+        raise ArtifactError(
+            "these directions were fitted on a model of the same shape but with other weights "
+            f"(fingerprint {loaded.fingerprint} covers shapes; the sampled weight values differ)",
+            path=Path(directions), hint="calibrate this model first, or pass the model the directions came from")
     if bundle.directions.num_layers != loaded.adapter.num_layers(loaded.model):
         raise ArtifactError("directions and model differ in depth", path=Path(directions))
     options = options.resolved(bundle.directions.num_layers)
     bundle = dataclasses.replace(bundle, options=options)
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    check_folded_constants(bundle.directions, options, path=Path(directions))
+    with atomic_output_dir(out_dir, force=force, inputs=[*inputs, loaded.folder]) as tmp:
         src = Path(directions)
         shutil.copyfile(src / DIRECTIONS_FILENAME if src.is_dir() else src, tmp / DIRECTIONS_COPY)
         if "safetensors" in formats:
@@ -75,6 +84,7 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
             write_corrected_checkpoint(loaded, bundle, options, tmp)
         if "onnx" in formats:
             _write_onnx(loaded, bundle, options, tmp / ONNX_DIR, EXPORT_DTYPES[dtype])
+        check_strict_json_file(tmp / "config.json")
         write_manifest(tmp, {
             "model": {"source": loaded.source, "family": loaded.adapter.family, "fingerprint": loaded.fingerprint,
                       "multimodal": loaded.adapter.multimodal},
@@ -82,6 +92,14 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
             "formats": list(formats), "options": options.to_json(),
         })
     return out_dir
+
+
+def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None) -> None:
+    """The constants an export would write are finite (before anything is written)."""
+    corrections = list(fold(directions, options))
+    if options.mode == "regap-seq":
+        corrections.append(score_readout(directions, options))
+    check_corrections_finite(corrections, path=path)
 
 
 def _write_onnx(loaded, bundle, options: RegapOptions, folder: Path, dtype: torch.dtype) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError
 from ..export.onnx_export import read_config
 from ..models.positions import PositionScheme, position_scheme
@@ -51,6 +52,7 @@ class OrtSessions:
         import onnxruntime as ort
 
         folder = Path(folder)
+        verify_runtime_folder(folder)
         config = read_config(folder)
         if device not in ("cpu", "cuda"):
             raise RegapError(f"unknown device {device!r}; choose cpu or cuda")

@@ -1,0 +1,156 @@
+"""Checks at the boundaries: options in range, tensors finite, JSON strict.
+
+Every value that reaches an artifact passes here first: options when they are built
+(``RegapOptions.__post_init__``), directions when they are loaded, the folded correction
+constants before an export writes them, config.json after it is written, and an exported
+folder's correction constants before the runtime runs it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import ArtifactError, RegapError
+
+ALPHA_RANGE = (0.0, 100.0)   # strengths: 0 turns a band off, 1 removes the mean drift
+TAU_RANGE = (0.0, 1.0)       # the gate threshold on the normalised coordinate (0: harmless anchor, 1: harmful)
+
+
+def check_option_values(options: Any) -> None:
+    """Numeric options are real numbers in range (called by ``RegapOptions.__post_init__``)."""
+    for name, (low, high) in (("alpha0", ALPHA_RANGE), ("alpha_max", ALPHA_RANGE), ("tau", TAU_RANGE)):
+        value = getattr(options, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RegapError(f"{flag} must be a number, got {value!r}", field=name)
+        if not math.isfinite(value):
+            raise RegapError(f"{flag} must be a finite number, got {value}", field=name)
+        if not low <= value <= high:
+            raise RegapError(f"{flag} must be between {low:g} and {high:g}, got {value:g}", field=name)
+
+
+def nonfinite_where(tensor) -> str | None:
+    """None if every element is finite, else where the first non-finite one is ("row 2", "index 5")."""
+    import torch
+
+    t = tensor.detach() if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
+    if not t.is_floating_point():
+        return None
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    first = [int(i) for i in bad.nonzero()[0].tolist()]
+    value = float(t[tuple(first)])
+    if t.dim() == 0:
+        return f"value {value}"
+    where = f"layer {first[0]}" if t.dim() == 2 else f"index {first[0]}"
+    return f"{value} at {where}" + (f", element {first[1]}" if t.dim() == 2 else "")
+
+
+def check_tensors_finite(tensors: Mapping[str, Any], *, path: str | Path | None, what: str,
+                         hint: str | None = None) -> None:
+    for name, tensor in tensors.items():
+        where = nonfinite_where(tensor)
+        if where is not None:
+            raise ArtifactError(f"{what} tensor {name!r} is not finite ({where})", path=path, field=name,
+                                hint=hint)
+
+
+def check_corrections_finite(corrections: Iterable[Any], *, path: str | Path | None = None) -> None:
+    """The folded constants (v, w, b of every layer; a ScoreReadout's w, b, kappa) are finite."""
+    for c in corrections:
+        for attr in ("v", "w", "b", "kappa"):
+            value = getattr(c, attr, None)
+            if value is None:
+                continue
+            where = nonfinite_where(value)
+            if where is not None:
+                layer = getattr(c, "layer", "?")
+                raise ArtifactError(f"the correction constant {attr} of layer {layer} is not finite ({where})",
+                                    path=path, hint="check the directions (regap-export inspect) and the options")
+
+
+def _refuse_constant(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
+def strict_json_loads(text: str, *, path: str | Path | None = None) -> Any:
+    """Parse JSON refusing NaN/Infinity (Python's json accepts them) and duplicate keys."""
+    def pairs(items):
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=pairs)
+    except ValueError as exc:
+        raise ArtifactError(f"not strict JSON ({exc})", path=path) from None
+
+
+def check_strict_json_file(path: Path) -> None:
+    if Path(path).is_file():
+        strict_json_loads(Path(path).read_text(encoding="utf-8"), path=path)
+
+
+def check_exported_constants(folder: Path) -> None:
+    """The correction constants of an exported folder are finite: ``regap.safetensors`` and the
+    ``regap.*`` initializers of the ONNX graphs (read without their external weight data)."""
+    folder = Path(folder)
+    hint = "re-export with finite directions and options"
+    tensors_file = folder / "regap.safetensors"
+    if tensors_file.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(tensors_file), framework="pt") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as exc:  # safetensors raises several types on a damaged file
+            raise ArtifactError(f"not a readable safetensors file ({exc})", path=tensors_file) from None
+        check_tensors_finite(tensors, path=tensors_file, what="correction", hint=hint)
+    onnx_dir = folder / "onnx"
+    for graph in sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []:
+        _check_graph_constants(graph)
+
+
+def _check_graph_constants(graph: Path) -> None:
+    """The ``regap.*`` initializers stored in the graph file itself are finite."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"not a readable ONNX graph ({first_line})", path=graph, hint="re-run export") from None
+    for init in model.graph.initializer:
+        if not init.name.startswith("regap.") or init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ArtifactError(f"correction constant {init.name!r} is not finite", path=graph,
+                                field=init.name, hint="re-export with finite directions and options")
+
+
+def verify_runtime_folder(onnx_folder: Path) -> None:
+    """What ``OrtSessions.open`` checks before loading graphs from an exported folder (one
+    with ``regap_manifest.json`` beside ``onnx/``): every file the manifest lists under the
+    graph folder is present with its recorded size, and the graphs' correction constants are
+    finite. (``generate`` also checks sha256; a bare graph folder without manifest is run as is.)"""
+    onnx_folder = Path(onnx_folder)
+    export_folder = onnx_folder.parent
+    if not (export_folder / "regap_manifest.json").is_file():
+        return
+    from .export.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(export_folder)
+    prefix = onnx_folder.name + "/"
+    listed = {rel: entry for rel, entry in (manifest.get("files") or {}).items() if rel.startswith(prefix)}
+    verify_files(export_folder, {**manifest, "files": listed}, hashes=False)
+    for graph in sorted(onnx_folder.glob("*.onnx")):
+        _check_graph_constants(graph)
