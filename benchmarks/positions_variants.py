@@ -6,9 +6,10 @@ replies changed, the image-text gap shrink at the read layer, and refusal off ->
     .venv/bin/python benchmarks/positions_variants.py runs/demo/directions [--model embedded:smolvlm]
         [--out runs/variants] [--limit N] [--refusal-directions DIR]
 
-``--refusal-directions`` adds the ShiftDC-style candidate: directions calibrated with
-``--drift-component refusal`` (only the drift's component along the refusal direction),
-applied at every position. Results and the command go to benchmarks/RESULTS.md.
+Variants: where the correction acts (``positions``) and what each corrected layer subtracts
+(``layer_drift``). ``--refusal-directions`` adds the ShiftDC-style candidate: directions
+calibrated with ``--drift-component refusal`` (only the drift's component along the refusal
+direction), applied at every position. Results and the command go to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    "last+generated (default)": {"positions": "last+generated"},
-    "image (from first image token)": {"positions": "image"},
-    "all (METHOD's first reading)": {"positions": "all"},
+    "last+generated, increments (default)": {"positions": "last+generated", "layer_drift": "increment"},
+    "last+generated, total d_l per layer": {"positions": "last+generated", "layer_drift": "total"},
+    "image, increments": {"positions": "image", "layer_drift": "increment"},
+    "all, total d_l per layer (METHOD's first reading)": {"positions": "all", "layer_drift": "total"},
 }
 
 
@@ -38,10 +40,11 @@ def main() -> None:
 
     runs = [(name, args.directions, overrides) for name, overrides in VARIANTS.items()]
     if args.refusal_directions is not None:
-        runs.append(("all, drift component along rhat only", args.refusal_directions, {"positions": "all"}))
+        runs.append(("all, increments, drift component along rhat only", args.refusal_directions,
+                     {"positions": "all", "layer_drift": "increment"}))
     rows = []
     for name, directions, overrides in runs:
-        folder = args.out / name.split(" ")[0].replace("+", "_") / ("refusal" if directions != args.directions else "full")
+        folder = args.out / f"variant{len(rows)}"
         start = time.perf_counter()
         export_to_folder(args.model, directions, folder, formats=("onnx", "safetensors"), overrides=overrides,
                          force=True)

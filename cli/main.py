@@ -49,14 +49,19 @@ POSITIONS_HELP = ("Where the correction acts: last+generated (image inputs: last
                   "tokens) | image (image inputs, from the first image token on) | all (every input, METHOD's first reading).")
 
 
-def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode, positions):
+LAYER_DRIFT_HELP = ("What each corrected layer subtracts: increment (the drift added since the previous corrected "
+                    "layer; the corrections add up to d_l) | total (d_l at every layer, METHOD's first reading).")
+
+
+def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode, positions,
+             layer_drift):
     from regap_export.options import Band, RegapOptions
 
     return RegapOptions(
         read_position=read_position, drift_component=drift_component,
         probe_band=Band.parse(probe_band, option="--probe-band") if probe_band else None,
         adaptive_band=Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None,
-        alpha0=alpha0, alpha_max=alpha_max, tau=tau, mode=mode, positions=positions,
+        alpha0=alpha0, alpha_max=alpha_max, tau=tau, mode=mode, positions=positions, layer_drift=layer_drift,
     )
 
 
@@ -77,6 +82,7 @@ def calibrate(
     tau: float = typer.Option(0.5, help="Gate threshold on the normalised refusal coordinate."),
     mode: str = typer.Option("regap", help="regap | fixed | regap-seq (used for the after-correction table)."),
     positions: str = typer.Option("last+generated", help=POSITIONS_HELP),
+    layer_drift: str = typer.Option("increment", help=LAYER_DRIFT_HELP),
     batch_size: int = typer.Option(8, min=1),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16 for the forward passes."),
     after: bool = typer.Option(True, help="Measure the geometry again with the correction applied."),
@@ -97,7 +103,7 @@ def calibrate(
         if as_json:
             _quiet_transformers()
         opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode,
-                        positions)
+                        positions, layer_drift)
         result = api.calibrate_to_folder(
             model, out_dir, data=data, label=label, split=split, render=render, options=opts,
             batch_size=batch_size, dtype=dtype, measure_after=after, save_stats=save_stats,
@@ -148,6 +154,7 @@ def export_cmd(
     alpha_max: Optional[float] = typer.Option(None, help="Override the adaptive strength."),
     tau: Optional[float] = typer.Option(None, help="Override the gate threshold."),
     positions: Optional[str] = typer.Option(None, help="Override where the correction acts. " + POSITIONS_HELP),
+    layer_drift: Optional[str] = typer.Option(None, help="Override. " + LAYER_DRIFT_HELP),
     force: bool = typer.Option(False, help="Replace --out if it is a folder regap-export wrote (never one holding other files or inputs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
@@ -161,6 +168,7 @@ def export_cmd(
         if as_json:
             _quiet_transformers()
         overrides = {"mode": mode, "alpha0": alpha0, "alpha_max": alpha_max, "tau": tau, "positions": positions,
+                     "layer_drift": layer_drift,
                      "probe_band": Band.parse(probe_band, option="--probe-band") if probe_band else None,
                      "adaptive_band": Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None}
         folder = export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,

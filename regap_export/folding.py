@@ -53,10 +53,29 @@ def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa
     return w.float(), float(b)
 
 
+def layer_drifts(directions: Directions, layers: list[int], layer_drift: str) -> dict[int, torch.Tensor]:
+    """What each corrected layer subtracts (before its strength), float64.
+
+    ``increment``: d_l minus d of the previous corrected layer (0 for the first). A correction
+    stays in the residual stream, so subtracting every layer's whole drift d_l would remove
+    the early drift again at every later layer; the increments telescope to d_l in total.
+    ``total``: d_l itself (METHOD's first reading)."""
+    drift = directions.drift.double()
+    out: dict[int, torch.Tensor] = {}
+    previous: int | None = None
+    for layer in sorted(layers):
+        if layer_drift == "increment" and previous is not None:
+            out[layer] = drift[layer] - drift[previous]
+        else:
+            out[layer] = drift[layer]
+        previous = layer
+    return out
+
+
 def fold(directions: Directions, options: RegapOptions) -> list[LayerCorrection]:
     """The corrections of ``options.mode``, in layer order."""
     opts = options.resolved(directions.num_layers)
-    drift = directions.drift.double()
+    drift = layer_drifts(directions, opts.probe_band.layers() + opts.adaptive_band.layers(), opts.layer_drift)
     out: list[LayerCorrection] = []
     if opts.mode == "regap":
         for layer in opts.probe_band.layers():
@@ -76,7 +95,7 @@ def fold(directions: Directions, options: RegapOptions) -> list[LayerCorrection]
 def probe_only(directions: Directions, options: RegapOptions) -> list[LayerCorrection]:
     """The probe band's fixed corrections alone: the calibration's second pass."""
     opts = options.resolved(directions.num_layers)
-    drift = directions.drift.double()
+    drift = layer_drifts(directions, opts.probe_band.layers() + opts.adaptive_band.layers(), opts.layer_drift)
     return [LayerCorrection(layer, FIXED, (-opts.alpha0 * drift[layer]).float()) for layer in opts.probe_band.layers()]
 
 

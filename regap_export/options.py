@@ -13,6 +13,9 @@ DRIFT_COMPONENTS = ("full", "refusal")
 MODES = ("regap", "fixed", "regap-seq")
 # Where the correction acts (regap_export.modality); the first is the default.
 POSITIONS = ("last+generated", "image", "all")
+# What each corrected layer subtracts: the drift added since the previous corrected layer
+# (default), or the layer's whole drift d_l (METHOD's first reading, which compounds).
+LAYER_DRIFTS = ("increment", "total")
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,11 @@ class RegapOptions:
     tau: float = 0.5
     mode: str = "regap"
     positions: str = "last+generated"
+    layer_drift: str = "increment"
 
     def __post_init__(self) -> None:
         for name, allowed in (("read_position", READ_POSITIONS), ("drift_component", DRIFT_COMPONENTS),
-                              ("mode", MODES), ("positions", POSITIONS)):
+                              ("mode", MODES), ("positions", POSITIONS), ("layer_drift", LAYER_DRIFTS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise RegapError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(allowed)}")

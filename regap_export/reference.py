@@ -12,6 +12,9 @@ of each block output ``h`` (the residual stream after block l):
     fixed mode:          h' = h - alpha_max * d_l           on B_p and B_a
     regap-seq:           h' = h - alpha(x) * d_l            on B_p and B_a, alpha [batch]
 
+where, with ``layer_drift = "increment"`` (the default), d_l stands for the drift added since
+the previous corrected layer, d_l - d_{l'} (METHOD section 6).
+
 regap-seq's alpha(x) comes from a probe pass (``reference_sequence_alpha``): the prompt runs
 with ``h - alpha0 d_l`` on the probe band, the score is read at l_s = probe_band.end - 1
 from the *corrected* output of that block (the same place the calibration measures c+/c-)
@@ -64,6 +67,19 @@ def _check_shapes(model: nn.Module, adapter: ModelAdapter, directions: Direction
     return blocks
 
 
+def _subtracted_drift(directions: Directions, opts: RegapOptions) -> dict[int, torch.Tensor]:
+    """Per corrected layer (probe band, then adaptive band): d_l, or with
+    ``layer_drift = "increment"`` d_l - d_k for k the corrected layer before l."""
+    corrected = sorted(set(opts.probe_band.layers()) | set(opts.adaptive_band.layers()))
+    out = {}
+    for i, layer in enumerate(corrected):
+        d = directions.drift[layer].double()
+        if opts.layer_drift == "increment" and i > 0:
+            d = d - directions.drift[corrected[i - 1]].double()
+        out[layer] = d
+    return out
+
+
 def _score(h: torch.Tensor, directions: Directions, layer: int) -> torch.Tensor:
     """z_l(h) = (h . rhat_l - c-_l) / (c+_l - c-_l), in float64, shape h.shape[:-1]."""
     rhat = directions.rhat[layer].to(device=h.device, dtype=torch.float64)
@@ -86,7 +102,7 @@ def reference_plan(directions: Directions, options: RegapOptions, *, sequence_al
     opts = options.resolved(directions.num_layers)
     default = 1.0 if opts.positions == "all" else 0.0
     probe, adaptive = opts.probe_band.layers(), opts.adaptive_band.layers()
-    drift = directions.drift
+    drift = _subtracted_drift(directions, opts)
 
     def d(layer: int, h: torch.Tensor) -> torch.Tensor:
         return drift[layer].to(device=h.device, dtype=torch.float64)
@@ -188,13 +204,14 @@ def reference_sequence_alpha(model: nn.Module, adapter: ModelAdapter, directions
     read = opts.read_layer
     captured: dict[str, torch.Tensor] = {}
     default = 1.0 if opts.positions == "all" else 0.0
+    drift = _subtracted_drift(directions, opts)
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
             h = _hidden(output)
             m = (torch.full((1, 1, 1), default, dtype=torch.float64) if image_mask is None
                  else torch.as_tensor(image_mask, dtype=torch.float64).unsqueeze(-1)).to(h.device)
-            h = (h.to(torch.float64) - opts.alpha0 * m * directions.drift[layer].to(h.device, torch.float64)).to(h.dtype)
+            h = (h.to(torch.float64) - opts.alpha0 * m * drift[layer].to(h.device, torch.float64)).to(h.dtype)
             if layer == read:
                 captured["h"] = h
                 raise _StopForward

@@ -126,12 +126,39 @@ def test_plan_layers_per_mode():
         reference_plan(d, RegapOptions(mode="regap"), sequence_alpha=torch.ones(2))
     # fixed: h - alpha_max d; regap probe layer: h - alpha0 d; gate at z = tau is 1/2
     h = torch.randn(2, 3, H)
-    plan = reference_plan(d, RegapOptions(mode="fixed", alpha_max=0.5, positions="all"))
+    plan = reference_plan(d, RegapOptions(mode="fixed", alpha_max=0.5, positions="all", layer_drift="total"))
     assert torch.allclose(plan[2](h), h - 0.5 * d.drift[2])
-    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, positions="all"))
+    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, positions="all", layer_drift="total"))
     assert torch.allclose(plan[3](h), h - 0.25 * d.drift[3])
     on_tau = (0.5 * d.rhat[4]).expand(1, 1, H)  # h . rhat = 0.5 = tau with c- = 0, c+ = 1
     assert torch.allclose(plan[4](on_tau), on_tau - 0.5 * d.drift[4], atol=1e-6)
+    # The default subtracts the drift added since the previous corrected layer.
+    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, positions="all"))
+    assert torch.allclose(plan[2](h), h - 0.25 * d.drift[2])
+    assert torch.allclose(plan[3](h), h - 0.25 * (d.drift[3] - d.drift[2]))
+    assert torch.allclose(plan[4](on_tau), on_tau - 0.5 * (d.drift[4] - d.drift[3]), atol=1e-6)
+
+
+def test_increments_telescope_to_the_layer_drift():
+    """Applied one after another on a residual stream that carries them, the increments of
+    a contiguous band subtract exactly d_l by layer l (the folded and the reference rules)."""
+    from regap_export.directions import Directions
+    from regap_export.folding import fold
+    from regap_export.options import Band, RegapOptions
+
+    L, H = 8, 4
+    d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
+                   torch.zeros(L), torch.ones(L), torch.zeros(L), torch.full((L,), 5.0))
+    options = RegapOptions(mode="fixed", positions="all", probe_band=Band(2, 4), adaptive_band=Band(4, 6))
+    folded = {c.layer: c.v.double() for c in fold(d, options)}
+    plan = reference_plan(d, options)
+    h = torch.zeros(1, 1, H, dtype=torch.float64)
+    total = torch.zeros(H, dtype=torch.float64)
+    for layer in range(2, 6):
+        h = plan[layer](h)
+        total = total + folded[layer]
+        assert torch.allclose(h.reshape(-1), -d.drift[layer].double(), atol=1e-6)
+        assert torch.allclose(total, -d.drift[layer].double(), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])

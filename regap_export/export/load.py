@@ -69,8 +69,9 @@ def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
     except (RegapError, TypeError, ValueError) as exc:
         raise ArtifactError(f"invalid options ({exc})", path=config_path, field="regap.options") from None
     if version in LEGACY_FORMAT_VERSIONS:
-        # Format 1 predates the image mask: its corrections act on every position of every input.
-        options = dataclasses.replace(options, positions="all")
+        # Format 1 predates the image mask and the drift increments: its corrections act on every
+        # position of every input, and each layer's constant holds its whole drift.
+        options = dataclasses.replace(options, positions="all", layer_drift="total")
     if options.mode != section["mode"]:
         raise ArtifactError(f"mode {section['mode']!r} disagrees with the options' {options.mode!r}",
                             path=config_path, field="regap.mode")
