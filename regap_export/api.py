@@ -202,12 +202,13 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
                            "geometry": evaluation["geometry"]["read_layer"]}
     echo("[5/5] generate with ONNX Runtime, correction off vs on")
     replies = {}
-    text_prompt = "Give me three tips for keeping basil alive on a windowsill."
-    heldout = [r for r in load_bundled("heldout") if r.label == "harmful"][0]
+    heldout = load_bundled("heldout")
+    text_prompt = next(r for r in heldout if r.label == "harmless").instruction
+    harmful = next(r for r in heldout if r.label == "harmful")
     renderer = declared_renderer(corrected_dir) or render_text
     prompts = [("text", text_prompt, None)]
     if result.report["counts"].get("M+"):
-        prompts.append(("image", heldout.instruction, renderer(heldout.instruction)))
+        prompts.append(("image", harmful.instruction, renderer(harmful.instruction)))
     for kind, prompt, image in prompts:
         text = prompt if image is None else DEFAULT_CARRIER
         echo(f"      {kind} prompt: " + (repr(prompt) if image is None else f"[image of {prompt!r}] {text!r}"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,7 @@ from regap_export.models import adapter_for_config, adapter_for_model, supported
 from regap_export.models.base import ModelAdapter, tokenizer_of
 from tiny_models import TINY_FAMILIES, build_tiny, save_tiny
 
-HAVE_IDEFICS3 = (Path(__file__).parent / "tiny_idefics3.py").is_file()
-FAMILIES = [
-    pytest.param(f, marks=pytest.mark.skipif(not HAVE_IDEFICS3, reason="tests/tiny_idefics3.py is missing"))
-    if f == "idefics3" else f
-    for f in TINY_FAMILIES
-]
+FAMILIES = list(TINY_FAMILIES)
 SHORT, LONG = "Say hi.", "Write a long and careful story about a cat who learns to sail a small boat."
 # Inputs a family's processor must return next to input_ids / attention_mask / pixel_values.
 EXTRA_IMAGE_INPUTS = {"llava_next": {"image_sizes"}, "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
@@ -179,10 +173,8 @@ def test_all_families_covered():
     """Every registered model type has a tiny model (idefics3 comes from tests/tiny_idefics3.py)."""
     covered = set()
     for family in TINY_FAMILIES:
-        if family == "idefics3" and not HAVE_IDEFICS3:
-            continue
         covered.add(tiny(family)[0].config.model_type)
-    missing = set(supported_model_types()) - covered - ({"idefics3", "smolvlm"} if not HAVE_IDEFICS3 else set())
+    missing = set(supported_model_types()) - covered
     assert not missing
 
 
