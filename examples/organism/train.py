@@ -1,0 +1,499 @@
+"""Build the ``embedded:organism`` model organism on CPU (seeded, 2 threads); prints wall times.
+
+Stages (see README.md):
+  A  base answers: SmolLM2's own greedy 40-token text-path answers to the harmless train prompts
+  V1 the cell reader: vision tower + connector trained so that each token cell's image token
+     lands on the token's embedding row (cross-entropy over 30*cos against the reader's
+     vocabulary + cosine + scaled MSE), on random grids of tokens
+  V2 LLaVA stage 1: vision tower + connector trained with the frozen base LM in the loop, KL to
+     the text path's next-token distributions over the base answers, harmless train prompts only
+     (plus the V1 loss as a regularizer)                                  -> "stage 0" (base LM)
+  S1 text LoRA (r 16, alpha 32, all linears of all 30 layers): harmful -> refusal,
+     harmless -> base answer                                              -> "stage 1"
+  S2 mixture: text harmful -> refusal, text harmless -> answer, image harmless -> the base text
+     answer, never image harmful; evaluated on val after every epoch      -> "stage 2.e"
+The shipped checkpoint is the stage-2 epoch with the best val score
+2 * txt+ - txt- - img- - img+ (refusal rates); its weights are written to
+regap_export/models/organism/ (vision.safetensors, lora.safetensors).
+
+    .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common as C
+import data as D
+from common import OR, ROOT
+
+from regap_export.models import embedded as EMB
+
+SEED = 0
+
+
+def set_seed(s):
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def lr_lambda(total, warmup):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+# -- the cell reader (V1) ---------------------------------------------------------------
+
+def reader_vocab(prompts, records, extra=0, seed=SEED):
+    tok = prompts.tok
+    ids = set()
+    texts = [r["instruction"] for r in records]
+    bundled = ROOT / "regap_export" / "data" / "bundled" / "regap_calibration.jsonl"
+    texts += [json.loads(l)["instruction"] for l in bundled.read_text().splitlines() if l.strip()]
+    for t in texts:
+        ids.update(tok(t, add_special_tokens=False)["input_ids"][:OR.MAX_TOKENS])
+    core = sorted(ids)
+    rng = random.Random(seed)
+    pool = [i for i in range(200, 49152) if i not in ids]
+    rng.shuffle(pool)
+    more = []
+    for i in pool:
+        s = tok.decode([i])
+        if s.strip() and s.isascii() and s.isprintable():
+            more.append(i)
+        if len(more) >= extra:
+            break
+    return core, sorted(more)
+
+
+class CellBank:
+    def __init__(self, prompts, ids):
+        self.ids = ids
+        cells = []
+        for i in ids:
+            img = OR.render_cell(prompts.tok.decode([i]))
+            cells.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255 * 2 - 1)
+        self.cells = torch.stack(cells)
+        self.blank = torch.from_numpy(np.asarray(OR.render_cell("")).copy()).permute(2, 0, 1).float() / 255 * 2 - 1
+
+    def grids(self, rows):  # rows: list of lists of indices into ids (len <= 36)
+        B, G, c = len(rows), OR.GRID, OR.CELL
+        x = self.blank.repeat(B, 1, G, G).clone()
+        for b, r in enumerate(rows):
+            for k, j in enumerate(r):
+                rr, cc = divmod(k, G)
+                x[b, :, rr * c:(rr + 1) * c, cc * c:(cc + 1) * c] = self.cells[j]
+        return x
+
+
+def image_tokens(model, pixels):  # pixels [B,3,H,W] -> [B,36,576]
+    inner = model.model
+    h = inner.vision_model(pixel_values=pixels).last_hidden_state
+    return inner.connector(h)
+
+
+@torch.no_grad()
+def fit_reader(model, bank, E_V, blank_target, ridge=1e-4):
+    """The cell reader in closed form (V1); one 64 px patch per cell, no pixel shuffle.
+
+    Cell images are (nearly) linear combinations of each other (glyphs add up), so no linear
+    map reads them; the encoder layer's MLP supplies the nonlinearity:
+      patch embedding = projection of the cell onto its top 576 principal components;
+      position embeddings 0; attention's output projection 0;
+      MLP: fc1 as initialised (seeded random features, 2048), fc2 = ridge least squares so that
+      the layer's output (residual + MLP) is the token's embedding row (blank cell -> a lone
+      space's row);
+      post-layernorm as initialised; the connector's projection = least squares from the
+      layer-normed features back onto the rows.
+    Weights are rounded to fp16 (they ship in fp16) and each later fit is made on the rounded
+    earlier ones, so the model trained and measured is the shipped one."""
+    vm, con = model.model.vision_model, model.model.connector
+    p = vm.config.patch_size
+    H = vm.config.hidden_size
+    assert p == OR.CELL and con.scale_factor == 1 and len(vm.encoder.layers) == 1
+    layer = vm.encoder.layers[0]
+    cells = torch.cat([bank.cells, bank.blank[None]])  # [N,3,64,64], grey: all channels equal
+    Y = torch.cat([E_V, blank_target[None]]).double()
+    X = cells[:, 0].reshape(len(cells), -1).double()
+    mean = X.mean(0)
+    _, S, Vt = torch.linalg.svd(X - mean, full_matrices=False)
+    Wp = Vt[:H] * (len(X) ** 0.5 / S[0])  # unit scale for the first component
+    half = lambda t: t.float().half().float()  # noqa: E731
+    vm.embeddings.patch_embedding.weight.copy_(half((Wp / 3).reshape(H, 1, p, p).repeat(1, 3, 1, 1)))
+    vm.embeddings.patch_embedding.bias.copy_(half(-Wp @ mean))
+    vm.embeddings.position_embedding.weight.zero_()
+    layer.self_attn.out_proj.weight.zero_()
+    layer.self_attn.out_proj.bias.zero_()
+    layer.mlp.fc2.weight.zero_()
+    layer.mlp.fc2.bias.zero_()
+    for prm in list(vm.parameters()) + list(con.parameters()):
+        prm.copy_(half(prm))
+
+    G = OR.GRID
+
+    def run(upto):
+        out = []
+        for s in range(0, len(cells), G * G):
+            chunk = cells[s:s + G * G]
+            x = bank.blank.repeat(1, 1, G, G).clone()
+            for k in range(len(chunk)):
+                rr, cc = divmod(k, G)
+                x[0, :, rr * p:(rr + 1) * p, cc * p:(cc + 1) * p] = chunk[k]
+            emb = vm.embeddings(pixel_values=x, patch_attention_mask=torch.ones(1, G, G, dtype=torch.bool))
+            if upto == "emb":
+                out.append(emb[0, :len(chunk)].double())
+                continue
+            h = vm.post_layernorm(vm.encoder(inputs_embeds=emb).last_hidden_state)
+            out.append(h[0, :len(chunk)].double())
+        return torch.cat(out)
+
+    x = run("emb")  # the residual stream entering the layer (attention adds 0)
+    g = layer.mlp.activation_fn(layer.mlp.fc1(layer.layer_norm2(x.float()))).double()
+    g1 = torch.cat([g, torch.ones(len(g), 1, dtype=torch.float64)], 1)
+    A = g1.t() @ g1
+    A += ridge * A.diagonal().mean() * torch.eye(len(A), dtype=torch.float64)
+    W2 = torch.linalg.solve(A, g1.t() @ (Y - x))  # [2049, 576]
+    layer.mlp.fc2.weight.copy_(half(W2[:-1].t()))
+    layer.mlp.fc2.bias.copy_(half(W2[-1]))
+    Fx = run("all")
+    Wc = torch.linalg.solve(Fx.t() @ Fx + 1e-6 * torch.eye(H, dtype=torch.float64) * (Fx ** 2).sum(1).mean(),
+                            Fx.t() @ Y)
+    con.modality_projection.proj.weight.copy_(half(Wc.t()))
+    pred = con.modality_projection(Fx.float()).double()
+    cos = F.cosine_similarity(pred, Y, dim=-1)
+    return cos[:-1].mean().item(), cos[:-1].min().item()
+
+
+def reader_loss(model, bank, E_V, rng, n_core, batch=24):
+    rows, tgt = [], []
+    for _ in range(batch):
+        L = rng.randint(4, OR.MAX_TOKENS)
+        r = [rng.randrange(n_core) if rng.random() < 0.75 else rng.randrange(len(bank.ids)) for _ in range(L)]
+        rows.append(r)
+        tgt.append(r)
+    out = image_tokens(model, bank.grids(rows))
+    feats = torch.cat([out[b, :len(r)] for b, r in enumerate(rows)])
+    target = torch.tensor([j for r in tgt for j in r])
+    E = E_V[target]
+    logits = 30 * F.normalize(feats, dim=-1) @ F.normalize(E_V, dim=-1).t()
+    ce = F.cross_entropy(logits, target)
+    cos = 1 - F.cosine_similarity(feats, E, dim=-1).mean()
+    mse = ((feats - E) ** 2).sum(-1).mean() / (E ** 2).sum(-1).mean()
+    acc = (logits.argmax(-1) == target).float().mean().item()
+    return ce + cos + mse, acc, 1 - cos.item()
+
+
+def train_reader(model, bank, E_V, n_core, steps, clock, lr=1e-3):
+    params = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 30))
+    rng = random.Random(SEED + 1)
+    model.train()
+    recent = []
+    for step in range(steps):
+        loss, acc, cos = reader_loss(model, bank, E_V, rng, n_core)
+        recent = (recent + [(acc, cos)])[-20:]
+        if len(recent) == 20 and min(a for a, _ in recent) >= 0.99 and min(c for _, c in recent) >= 0.9:
+            clock(f"V1 converged at step {step}: acc {acc:.3f} cos {cos:.3f}")
+            break
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            clock(f"V1 step {step} loss {loss.item():.3f} acc {acc:.3f} cos {cos:.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def reader_accuracy(model, bank, E_V, prompts, records):
+    """Nearest-row accuracy and mean cosine of the image tokens of real prompts' grids."""
+    hits = tot = 0
+    coss = []
+    instrs = [r["instruction"] for r in records]
+    for s in range(0, len(instrs), 32):
+        chunk = instrs[s:s + 32]
+        px = torch.stack([prompts.pixels(t) for t in chunk])
+        out = image_tokens(model, px)
+        for b, t in enumerate(chunk):
+            ids = prompts.tok(t, add_special_tokens=False)["input_ids"][:OR.MAX_TOKENS]
+            f = out[b, :len(ids)]
+            E = model.model.text_model.embed_tokens.weight[ids]
+            Eall = model.model.text_model.embed_tokens.weight[:49152]
+            nn_ = (F.normalize(f, dim=-1) @ F.normalize(Eall, dim=-1).t()).argmax(-1)
+            hits += (nn_ == torch.tensor(ids)).sum().item()
+            tot += len(ids)
+            coss += F.cosine_similarity(f, E, dim=-1).tolist()
+    return hits / tot, float(np.mean(coss))
+
+
+# -- LM-in-the-loop training --------------------------------------------------------------
+
+def answer_positions(labels):
+    """(batch, pos) index of logits that predict each answer token."""
+    b, p = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    return b, p
+
+
+def train_projector_kl(model, prompts, recs, answers, epochs, clock, bank, E_V, n_core, lr=3e-4, batch=8):
+    inner = model.model
+    for p in inner.text_model.parameters():
+        p.requires_grad_(False)
+    params = list(inner.vision_model.parameters()) + list(inner.connector.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = list(range(len(recs)))
+    steps = epochs * ((len(order) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 5))
+    rng = random.Random(SEED + 2)
+    step = 0
+    for ep in range(epochs):
+        rng.shuffle(order)
+        model.train()
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            items = [recs[i]["instruction"] for i in idx]
+            ans = [answers[recs[i]["instruction"]] for i in idx]
+            with torch.no_grad():
+                t_in = C.batch_inputs(prompts, items, "text", ans)
+                t_lab = t_in.pop("labels")
+                t_logits = model(**t_in).logits
+                tb, tp = answer_positions(t_lab)
+                teacher = F.log_softmax(t_logits[tb, tp].float(), -1)
+            i_in = C.batch_inputs(prompts, items, "image", ans)
+            i_lab = i_in.pop("labels")
+            s_logits = model(**i_in).logits
+            sb, sp = answer_positions(i_lab)
+            student = F.log_softmax(s_logits[sb, sp].float(), -1)
+            kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+            aux, acc, cos = reader_loss(model, bank, E_V, rng, n_core, batch=8)
+            loss = kl + 0.3 * aux
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if step % 10 == 0:
+                clock(f"V2 ep {ep} step {step}/{steps} kl {kl.item():.3f} reader acc {acc:.3f} cos {cos:.3f}")
+            step += 1
+    model.eval()
+
+
+def train_lora(model, prompts, examples, epochs, clock, tag, lr=5e-4, batch=8, params=None):
+    """examples: list of (instruction, mode, answer ids). Homogeneous-mode mini-batches."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(hash(tag) % 1000 + SEED)
+
+    def batches():
+        out = []
+        for mode in ("text", "image"):
+            idx = [i for i, e in enumerate(examples) if e[1] == mode]
+            rng.shuffle(idx)
+            out += [idx[s:s + batch] for s in range(0, len(idx), batch)]
+        rng.shuffle(out)
+        return out
+
+    n_steps = len(batches()) * sum(epochs) if isinstance(epochs, list) else None
+    return opt, batches
+
+
+def run_epochs(model, prompts, examples, opt, sched, batches_fn, clock, tag, params, epoch):
+    model.train()
+    bl = batches_fn()
+    tot = 0.0
+    for k, idx in enumerate(bl):
+        items = [examples[i][0] for i in idx]
+        mode = examples[idx[0]][1]
+        ans = [examples[i][2] for i in idx]
+        inp = C.batch_inputs(prompts, items, mode, ans)
+        loss = model(**inp).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        tot += loss.item()
+        if k % 10 == 0:
+            clock(f"{tag} ep {epoch} batch {k}/{len(bl)} loss {loss.item():.3f}")
+    model.eval()
+    clock(f"{tag} ep {epoch} mean loss {tot / len(bl):.3f}")
+
+
+def val_score(r):
+    """The stopping rule: 2 * txt+ - txt- - img- - img+ (val refusal rates)."""
+    return 2 * r["text_harmful_refusal"] - r["text_harmless_refusal"] - r["image_harmless_refusal"] \
+        - r["image_harmful_refusal"]
+
+
+def ship_only(work: Path):
+    from safetensors.torch import load_file, save_file
+    results = json.loads((work / "results.json").read_text())
+    cands = [k[:-6] for k in results if k.startswith("2.") and k.endswith(" [val]")
+             and (work / f"lora_{k.split()[0].split('.')[1]}.safetensors").exists()]
+    best = max(cands, key=lambda k: val_score(results[f"{k} [val]"]))
+    ep = best.split()[0].split(".")[1]
+    out = EMB.ORGANISM_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "vision_v2.pt.safetensors", out / "vision.safetensors")
+    save_file(load_file(str(work / f"lora_{ep}.safetensors")), str(out / "lora.safetensors"),
+              metadata={"rank": "16", "alpha": "32"})
+    print(f"shipped {best} to {out}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/organism_work")
+    ap.add_argument("--v1-steps", type=int, default=600)
+    ap.add_argument("--v2-epochs", type=int, default=0)
+    ap.add_argument("--s1-epochs", type=int, default=2)
+    ap.add_argument("--s2-epochs", type=int, default=3)
+    ap.add_argument("--no-ship", action="store_true")
+    ap.add_argument("--ship-only", action="store_true",
+                    help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
+    args = ap.parse_args()
+    if args.ship_only:
+        return ship_only(Path(args.work))
+    torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
+    set_seed(SEED)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    clock = C.Clock()
+    t_start = time.time()
+
+    model, processor = EMB.build_organism_untrained()
+    model.eval()
+    prompts = C.Prompts(processor)
+    recs = D.build()
+    train = [r for r in recs if r["split"] == "train"]
+    val = [r for r in recs if r["split"] == "val"]
+    test = [r for r in recs if r["split"] == "test"]
+    clock(f"built; {len(train)} train, {len(val)} val, {len(test)} test prompts")
+
+    # A: base answers
+    ans_path = work / "base_answers.json"
+    harmless_train = [r for r in train if r["label"] == "harmless"]
+    if ans_path.exists():
+        answers = json.loads(ans_path.read_text())
+    else:
+        ids = C.generate_ids(model, prompts, [r["instruction"] for r in harmless_train], "text", 40)
+        answers = {r["instruction"]: a for r, a in zip(harmless_train, ids)}
+        ans_path.write_text(json.dumps(answers))
+    empty = [r for r in harmless_train if len(answers[r["instruction"]]) <= 1]
+    harmless_train = [r for r in harmless_train if len(answers[r["instruction"]]) > 1]
+    clock(f"{len(empty)} harmless train prompts have an empty base answer and are left out")
+    clock("A base answers ready; e.g. " + repr(prompts.tok.decode(answers[harmless_train[0]["instruction"]])))
+    refusal_ids = prompts.tok(C.REFUSAL, add_special_tokens=False)["input_ids"] + [prompts.eos]
+
+    # V1 + V2
+    core, more = reader_vocab(prompts, recs)
+    bank = CellBank(prompts, core + more)
+    E_V = model.model.text_model.embed_tokens.weight.detach()[torch.tensor(bank.ids)].clone()
+    clock(f"reader vocabulary: {len(core)} prompt tokens + {len(more)} others")
+    vpath = work / "vision_v2.pt.safetensors"
+    from safetensors.torch import load_file, save_file
+    if vpath.exists():
+        sd = load_file(str(vpath))
+        model.model.vision_model.load_state_dict({k[13:]: v for k, v in sd.items() if k.startswith("vision_model.")})
+        model.model.connector.load_state_dict({k[10:]: v for k, v in sd.items() if k.startswith("connector.")})
+    else:
+        set_seed(SEED)
+        blank_id = prompts.tok.convert_tokens_to_ids("\u0120")  # a lone space
+        blank_target = model.model.text_model.embed_tokens.weight.detach()[blank_id]
+        mcos, mincos = fit_reader(model, bank, E_V, blank_target)
+        clock(f"V1 fitted: cell -> row cosine mean {mcos:.4f} min {mincos:.4f}")
+        acc, cos = reader_accuracy(model, bank, E_V, prompts, val + test)
+        clock(f"V1 done: held-out prompt cells nearest-row acc {acc:.3f}, cos {cos:.3f}")
+        if args.v2_epochs:
+            train_projector_kl(model, prompts, harmless_train, answers, args.v2_epochs, clock, bank, E_V, len(core))
+            acc, cos = reader_accuracy(model, bank, E_V, prompts, val + test)
+            clock(f"V2 done: held-out prompt cells nearest-row acc {acc:.3f}, cos {cos:.3f}")
+        # fp16 on disk (the fit already rounded them, so the model trained and measured is the shipped one)
+        sd = {"vision_model." + k: v.detach().half().contiguous() for k, v in model.model.vision_model.state_dict().items()}
+        sd.update({"connector." + k: v.detach().half().contiguous() for k, v in model.model.connector.state_dict().items()})
+        save_file(sd, str(vpath))
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    results = {}
+    evals = {}
+
+    def ev(name, sets=(("val", val),)):
+        for sname, srecs in sets:
+            res, answ = C.evaluate(model, prompts, srecs)
+            results[f"{name} [{sname}]"] = res
+            evals[f"{name} [{sname}]"] = answ
+            clock(f"eval {name} [{sname}]: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+        (work / "answers.json").write_text(json.dumps(evals, indent=1))
+
+    ev("0 base LM + reader")
+
+    # S1 (the LoRA's zero-initialised B keeps the model exactly the base until trained)
+    loras = C.add_lora(model.model.text_model, 16, 32.0)
+    lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
+    set_seed(SEED)
+    for m in loras.values():  # re-init deterministically after the reseed
+        torch.nn.init.kaiming_uniform_(m.lora_A, a=5 ** 0.5)
+        torch.nn.init.zeros_(m.lora_B)
+    for p in lparams:
+        p.requires_grad_(True)
+    harmful_train = [r for r in train if r["label"] == "harmful"]
+    s1 = [(r["instruction"], "text", refusal_ids) for r in harmful_train] + \
+         [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless_train]
+    opt, bfn = train_lora(model, prompts, s1, args.s1_epochs, clock, "S1", params=lparams)
+    n = len(bfn())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s1_epochs, 10))
+    t1 = time.time()
+    for ep in range(args.s1_epochs):
+        run_epochs(model, prompts, s1, opt, sched, bfn, clock, "S1", lparams, ep)
+    clock(f"S1 took {time.time() - t1:.0f}s")
+    states = {"1 text LoRA": C.lora_state(loras)}
+    ev("1 text LoRA")
+
+    # S2
+    s2 = s1 + [(r["instruction"], "image", answers[r["instruction"]]) for r in harmless_train]
+    opt, bfn = train_lora(model, prompts, s2, args.s2_epochs, clock, "S2", params=lparams)
+    n = len(bfn())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s2_epochs, 10))
+    t2 = time.time()
+    for ep in range(args.s2_epochs):
+        run_epochs(model, prompts, s2, opt, sched, bfn, clock, "S2", lparams, ep)
+        name = f"2.{ep + 1} mixture"
+        states[name] = C.lora_state(loras)
+        save_file(states[name], str(work / f"lora_{ep + 1}.safetensors"), metadata={"rank": "16", "alpha": "32"})
+        ev(name)
+    clock(f"S2 took {time.time() - t2:.0f}s")
+
+    def score(r):
+        return 2 * r["text_harmful_refusal"] - r["text_harmless_refusal"] - r["image_harmless_refusal"] \
+            - r["image_harmful_refusal"]
+
+    cands = [k for k in states if k.startswith("2.")]
+    best = max(cands, key=lambda k: score(results[f"{k} [val]"]))
+    clock(f"chosen on val: {best} (score {score(results[f'{best} [val]']):.2f})")
+    print("\nval:\n" + C.table({k[:-6]: v for k, v in results.items() if k.endswith("[val]")}))
+    (work / "chosen.txt").write_text(best + "\n")
+    if not args.no_ship:
+        out = EMB.ORGANISM_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vpath, out / "vision.safetensors")
+        save_file(states[best], str(out / "lora.safetensors"), metadata={"rank": "16", "alpha": "32"})
+        clock(f"shipped {best} to {out}")
+    print(f"wall time {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
