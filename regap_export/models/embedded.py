@@ -404,6 +404,9 @@ def build_organism():
     safetensors (see examples/organism/README.md)."""
     model, processor = build_organism_untrained()
     load_organism_weights(model)
+    # calibrate and evaluate render image twins with the renderer the model declares
+    # (regap_export.data.render.declared_renderer): this model reads token cells.
+    model.config.regap_renderer = "token-cells"
     return model.eval(), processor
 
 
