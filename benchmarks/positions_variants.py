@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/variants"))
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--refusal-directions", type=Path, default=None)
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="run only these variants (0-based)")
     args = parser.parse_args()
 
     from regap_export.evaluate import evaluate_folder
@@ -42,6 +43,8 @@ def main() -> None:
     if args.refusal_directions is not None:
         runs.append(("all, increments, drift component along rhat only", args.refusal_directions,
                      {"positions": "all", "layer_drift": "increment"}))
+    if args.only is not None:
+        runs = [run for i, run in enumerate(runs) if i in args.only]
     rows = []
     for name, directions, overrides in runs:
         folder = args.out / f"variant{len(rows)}"

@@ -256,7 +256,9 @@ def test_config_json_is_strict_json(exported):
 def test_folded_constants_are_checked_before_writing(llama, directions, tmp_path):
     """Finite directions whose folded constants overflow (huge drift * alpha) are refused."""
     def huge(t):
+        # Alternating signs: the per-layer increments d_l - d_(l-1) overflow too.
         t[:] = 3e38
+        t[1::2] = -3e38
 
     bad = with_tensor(directions, tmp_path / "bad", "drift", huge)
     out = tmp_path / "out"
