@@ -69,7 +69,7 @@ from pathlib import Path
 from PIL import Image
 
 from regap_export.data.records import (
-    Record, _check_ids_and_pairs, _first_column, _read_text,
+    Record, _check_ids_and_pairs, _first_column, _read_text, csv_rows,
 )
 from regap_export.errors import DataError
 
@@ -327,19 +327,12 @@ def load_figstep(csv_path: str | Path, images_dir: str | Path | None = None, *,
     cat_col = _first_column(columns, (FIGSTEP_CATEGORY_COLUMN,))
     imgs = _figstep_images_dir(csv_path, images_dir)
     records: list[Record] = []
-    prev_end = reader.line_num
-    try:
-        for row in reader:
-            start, prev_end = prev_end + 1, reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            records.extend(_figstep_row(row, start, csv_path, imgs, cols, cat_col,
-                                        skip_missing_images, twins))
-    except csv.Error as exc:
-        raise DataError(f"malformed CSV: {exc}", path=csv_path,
-                        line=reader.line_num) from None
+    rows = 0
+    for start, row in csv_rows(reader, csv_path):
+        rows += 1
+        records.extend(_figstep_row(row, start, csv_path, imgs, cols, cat_col, skip_missing_images, twins))
     if not records:
-        raise DataError("no question with an image" if prev_end > 1
+        raise DataError("no question with an image" if rows
                         else "the file contains no questions", path=csv_path,
                         hint=f"images are read from {imgs}")
     _check_ids_and_pairs(records, csv_path)

@@ -306,18 +306,21 @@ def _parse_csv(text: str, path: Path, label: str | None) -> list[Record]:
     if label_col is None and label is None:
         raise DataError("no 'label' column and no label given", path=path, field="label",
                         hint="pass label='harmful' or 'harmless' (CLI: --label)")
-    records: list[Record] = []
+    return [_csv_record(row, start, path, instr_col, label_col, cat_col, label, header)
+            for start, row in csv_rows(reader, path)]
+
+
+def csv_rows(reader, path: Path):
+    """(first line number, row) of every non-blank row after the header; a malformed row is
+    a DataError naming its line."""
     prev_end = reader.line_num
     try:
         for row in reader:
             start, prev_end = prev_end + 1, reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            records.append(_csv_record(row, start, path, instr_col, label_col, cat_col,
-                                       label, header))
+            if any(cell.strip() for cell in row):
+                yield start, row
     except csv.Error as exc:
         raise DataError(f"malformed CSV: {exc}", path=path, line=reader.line_num) from None
-    return records
 
 
 def _csv_record(row: list[str], lineno: int, path: Path, instr_col: int,

@@ -331,38 +331,32 @@ def build_smollm2():
     return model.eval(), tok
 
 
-def build_smolvlm():
-    """(model, processor): the SmolVLM-shaped embedded model (see the module docstring)."""
+def _smollm2_vlm(vision_config: dict, scale_factor: int):
+    """(model, processor): an Idefics3 model on SmolLM2's real text weights with a seeded
+    vision side of ``vision_config``."""
     config_dict, state = _smollm2_weights()
     tok = build_idefics3_tokenizer()
-    seq_len = image_seq_len_for(SMOLVLM_VISION_CONFIG["image_size"], SMOLVLM_VISION_CONFIG["patch_size"],
-                                SMOLVLM_SCALE_FACTOR)
-    processor = build_idefics3_processor(tok, image_size=SMOLVLM_VISION_CONFIG["image_size"], image_seq_len=seq_len)
+    seq_len = image_seq_len_for(vision_config["image_size"], vision_config["patch_size"], scale_factor)
+    processor = build_idefics3_processor(tok, image_size=vision_config["image_size"], image_seq_len=seq_len)
     text_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     text_config = dict(config_dict, model_type="llama")
-    model = build_idefics3_model(text_config, SMOLVLM_VISION_CONFIG, scale_factor=SMOLVLM_SCALE_FACTOR,
+    model = build_idefics3_model(text_config, vision_config, scale_factor=scale_factor,
                                  tokenizer=tok, text_state_dict=text_state)
     if model.model.image_seq_len != seq_len:
         raise RuntimeError("processor and model disagree on image_seq_len")
     return model, processor
+
+
+def build_smolvlm():
+    """(model, processor): the SmolVLM-shaped embedded model (see the module docstring)."""
+    return _smollm2_vlm(SMOLVLM_VISION_CONFIG, SMOLVLM_SCALE_FACTOR)
 
 
 def build_organism_untrained():
     """(model, processor): the organism's architecture with SmolLM2's text weights and a
     seeded random vision side, before any training (what examples/organism/train.py starts
     from)."""
-    config_dict, state = _smollm2_weights()
-    tok = build_idefics3_tokenizer()
-    seq_len = image_seq_len_for(ORGANISM_VISION_CONFIG["image_size"], ORGANISM_VISION_CONFIG["patch_size"],
-                                ORGANISM_SCALE_FACTOR)
-    processor = build_idefics3_processor(tok, image_size=ORGANISM_VISION_CONFIG["image_size"], image_seq_len=seq_len)
-    text_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    text_config = dict(config_dict, model_type="llama")
-    model = build_idefics3_model(text_config, ORGANISM_VISION_CONFIG, scale_factor=ORGANISM_SCALE_FACTOR,
-                                 tokenizer=tok, text_state_dict=text_state)
-    if model.model.image_seq_len != seq_len:
-        raise RuntimeError("processor and model disagree on image_seq_len")
-    return model, processor
+    return _smollm2_vlm(ORGANISM_VISION_CONFIG, ORGANISM_SCALE_FACTOR)
 
 
 def load_organism_weights(model, folder: Path | str | None = None) -> None:
