@@ -8,6 +8,8 @@ The public API, imported lazily so that ``import regap_export`` stays cheap:
 - ``export_to_folder(model, directions, out)``: safetensors + ONNX + manifest
 - ``load_corrected(out)``: the corrected PyTorch model from an exported folder
 - ``validate_folder(out)``: parity report
+- ``evaluate_folder(out, data)``: behaviour with the correction off vs on
+- ``reply(out, prompt, image=None)``: one ONNX Runtime reply (``regap-export generate``)
 """
 __version__ = "0.1.0"
 
@@ -18,6 +20,8 @@ _LAZY = {
     "export_to_folder": "regap_export.export.pipeline",
     "load_corrected": "regap_export.export.load",
     "validate_folder": "regap_export.validate",
+    "evaluate_folder": "regap_export.evaluate",
+    "reply": "regap_export.runtime.chat",
     "RegapOptions": "regap_export.options",
     "RegapError": "regap_export.errors",
 }
