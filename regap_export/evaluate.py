@@ -167,7 +167,7 @@ class TorchEngine:
         inputs = self._tensors(batch, ids, mask)
         alpha = self._alpha(inputs, prompt)
         extra = {} if alpha is None else {"regap_alpha": alpha}
-        eos = list(self.checkpoint_eos())
+        eos = _eos_ids(self.loaded)
         tokens, unfinished = [], np.ones(ids.shape[0], dtype=bool)
         with torch.no_grad():
             out = self.loaded.model(**inputs, **extra, regap_image_mask=torch.from_numpy(prompt), use_cache=True)
@@ -187,12 +187,6 @@ class TorchEngine:
                                         position_ids=torch.from_numpy(position), cache=cache_of(out),
                                         use_cache=True, regap_image_mask=torch.from_numpy(step), **extra)
         return np.stack(tokens, axis=1).astype(np.int64), first, None if alpha is None else alpha.numpy()
-
-    def checkpoint_eos(self) -> list[int]:
-        generation = self.loaded.model.generation_config
-        eos = generation.eos_token_id if generation.eos_token_id is not None else \
-            self.loaded.adapter.text_config(self.loaded.model.config).eos_token_id
-        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
     def pad_id(self, eos: list[int]) -> int:
         pad = self.loaded.model.generation_config.pad_token_id
@@ -341,15 +335,7 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
     records = evaluation_records(data, split=split, multimodal=loaded.adapter.multimodal, render=render,
                                  renderer=declared_renderer(folder))
     if limit is not None:
-        keep = {r.id for r in records if r.modality == "text"}
-        per_label: dict[str, int] = {}
-        chosen = set()
-        for r in records:
-            if r.modality == "text" and per_label.get(r.label, 0) < limit:
-                per_label[r.label] = per_label.get(r.label, 0) + 1
-                chosen.add(r.id)
-        records = [r for r in records if r.id in chosen or (r.pair in chosen and r.pair in keep)
-                   or (r.modality == "image" and r.pair is None and _count_image(per_label, r, limit))]
+        records = _limited(records, limit)
     tokenizer = tokenizer_of(loaded.processor)
     engine = OrtEngine(folder, device) if runtime == "onnxruntime" else TorchEngine(loaded, checkpoint)
     eos = _eos_ids(loaded)
@@ -381,11 +367,23 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
     return report
 
 
-def _count_image(per_label: dict[str, int], record, limit: int) -> bool:
-    """--limit for unpaired image records (records that carry their own image)."""
-    key = "image:" + record.label
-    per_label[key] = per_label.get(key, 0) + 1
-    return per_label[key] <= limit
+def _limited(records: list, limit: int) -> list:
+    """The first ``limit`` records per label and modality, and the image twins of the kept
+    text records (so pairs stay whole)."""
+    by_id = {r.id: r for r in records}
+    counts: dict[tuple[str, str], int] = {}
+    kept: set[str] = set()
+    for r in records:
+        twin = by_id.get(r.pair) if r.pair else None
+        if r.modality == "image" and twin is not None and twin.modality == "text":
+            continue  # kept with its text record
+        key = (r.modality, r.label)
+        if counts.get(key, 0) < limit:
+            counts[key] = counts.get(key, 0) + 1
+            kept.add(r.id)
+            if twin is not None and twin.modality == "image":
+                kept.add(twin.id)
+    return [r for r in records if r.id in kept]
 
 
 def _eos_ids(loaded) -> list[int]:

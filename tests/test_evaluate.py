@@ -190,3 +190,15 @@ def test_remote_code_generate_masks_like_the_runtime(exported, tmp_path, with_im
     # agreement above means the remote code applied the mask the runtime applies.
     moved = np.abs(on.first_logits - off.first_logits).max()
     assert (moved > 1e-3) if with_image else (moved == 0.0)
+
+
+def test_limit_keeps_pairs_whole():
+    from regap_export.data import Record
+    from regap_export.evaluate import _limited
+
+    records = [Record("t1", "a", "harmful", pair="i1"), Record("i1", "a", "harmful", image=Path("x.png"), pair="t1"),
+               Record("t2", "b", "harmful", pair="i2"), Record("i2", "b", "harmful", image=Path("y.png"), pair="t2"),
+               Record("i3", "c", "harmless", image=Path("z.png")), Record("t3", "c", "harmless"),
+               Record("i4", "d", "harmless", image=Path("w.png")), Record("t4", "d", "harmless")]
+    assert [r.id for r in _limited(records, 1)] == ["t1", "i1", "i3", "t3"]
+    assert [r.id for r in _limited(records, 2)] == [r.id for r in records]
