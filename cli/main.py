@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-MODEL_HELP = "Model folder, or embedded:smolvlm (default) / embedded:smollm2."
+MODEL_HELP = "Model folder, or embedded:smolvlm (default) / embedded:smollm2 / embedded:organism."
 
 
 def _fail(exc: Exception) -> None:
