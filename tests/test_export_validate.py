@@ -155,6 +155,44 @@ def test_directions_of_another_format_version(models, tmp_path):
                    "directions format version '99'", "directions.safetensors", out=out)
 
 
+def test_directions_of_format_version_1_still_load(models, tmp_path):
+    """Version 1 predates the image mask: its positions ("all", the only value it had) is read
+    as unset, so the file takes the current default."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from regap_export.directions_io import load_directions
+
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    path = directions / "directions.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    options = _json.loads(meta["options"])
+    options.pop("layer_drift")
+    save_file(tensors, str(path), metadata={**meta, "format_version": "1", "options": _json.dumps({**options, "positions": "all"})})
+    bundle = load_directions(directions)
+    assert bundle.options.positions == RegapOptions().positions == "last+generated"
+    assert bundle.options.layer_drift == "increment"
+    assert torch.equal(bundle.directions.drift, tensors["drift"])
+
+
+def test_checkpoint_of_format_version_1_reads_as_it_was_written(models, tmp_path):
+    """A format-1 corrected folder corrected every position with each layer's whole drift."""
+    from regap_export.export.load import read_regap_checkpoint
+
+    directions = write_directions(models["llama"], tmp_path / "dirs")
+    out = tmp_path / "out"
+    assert invoke("export", models["llama"], "--directions", directions, "--out", out, "--format",
+                  "safetensors").exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config["regap"]["format_version"] = "1"
+    (out / "config.json").write_text(json.dumps(config))
+    checkpoint = read_regap_checkpoint(out)
+    assert (checkpoint.options.positions, checkpoint.options.layer_drift) == ("all", "total")
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--mode", "sideways", "unknown mode 'sideways'"),
     ("--dtype", "int3", "unknown dtype 'int3'"),
