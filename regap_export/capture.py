@@ -48,7 +48,8 @@ def requests_for(records: Sequence[Any], adapter, processor) -> list[CaptureRequ
 def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequest], *,
             layers: Sequence[int] | None = None, read_tokens: int = 1, batch_size: int = 8,
             description: str = "capture", show_progress: bool = True,
-            correction_positions: str | None = None, correction_off: bool = False) -> ActivationStats:
+            correction_positions: str | None = None, correction_off: bool = False,
+            extra_inputs=None) -> ActivationStats:
     """Read block outputs for every request; rows are float64 [N, len(layers), H].
 
     ``read_tokens`` = 1 reads the last prompt token; k > 1 averages the last k tokens
@@ -56,6 +57,7 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
     ``correction_positions``: with correction layers inserted, feed each batch the image mask
     of these positions (``regap_export.modality``), as the exported runtimes do;
     ``correction_off``: feed zero masks instead (the inserted corrections do nothing).
+    ``extra_inputs``: batch inputs -> more keyword inputs (regap-seq's per-sequence alpha).
     """
     image_mask = None
     if correction_positions is not None or correction_off:
@@ -89,6 +91,8 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
             inputs = adapter.encode(processor, [r.prompt for r in items], images)
             if image_mask is not None:
                 inputs[IMAGE_MASK] = torch.from_numpy(image_mask(inputs["input_ids"].numpy()))
+            if extra_inputs is not None:
+                inputs.update(extra_inputs(inputs))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             buffer.clear()
             try:

@@ -240,7 +240,8 @@ def _generations(engine, batches: list[Batch], tokenizer, *, max_new_tokens: int
         if n > 0:
             prompt = batch.ids.shape[1]
             # Logits at positions prompt-1 .. prompt+n-2 predict the n generated tokens.
-            p = engine.forced_logits(batch, off[:, : n - 1], False, None)[:, prompt - 1: prompt - 1 + n]
+            # (A regap-seq graph needs some alpha even with the correction off; the mask zeroes it.)
+            p = engine.forced_logits(batch, off[:, : n - 1], False, alpha)[:, prompt - 1: prompt - 1 + n]
             q = engine.forced_logits(batch, off[:, : n - 1], True, alpha)[:, prompt - 1: prompt - 1 + n]
             kl = kl_divergence(p, q)
         odds_off = refusal_log_odds(off_first, refusal_ids)
@@ -274,10 +275,20 @@ def _geometry(loaded, checkpoint, directions, records: list, *, batch_size: int,
     pairs = [(i, j) for i, r in enumerate(records) if r.modality == "image" and r.pair
              for j, t in enumerate(records) if t.id == r.pair and t.modality == "text"]
     result: dict[str, Any] = {"read_layer": checkpoint.options.read_layer, "pairs": len(pairs)}
+    extra = None
+    if checkpoint.readout is not None:  # regap-seq: every forward needs its per-sequence alpha
+        from .export.load import sequence_alpha
+
+        def extra(inputs: dict[str, Any]) -> dict[str, Any]:
+            probe = {k: v for k, v in inputs.items() if k != "regap_image_mask"}
+            return {"regap_alpha": sequence_alpha(loaded, probe, checkpoint,
+                                                  image_mask=inputs.get("regap_image_mask")).float()}
+
     for state in ("off", "on"):
         stats = capture(loaded.model, loaded.adapter, loaded.processor, requests, batch_size=batch_size,
                         description=f"geometry ({state})", show_progress=show_progress,
-                        correction_positions=checkpoint.options.positions, correction_off=state == "off")
+                        correction_positions=checkpoint.options.positions, correction_off=state == "off",
+                        extra_inputs=extra)
         rows = separability_rows(stats, rhat, midpoint)
         proj = projections(stats.rows, rhat)  # [N, L]
         if pairs:

@@ -202,3 +202,19 @@ def test_limit_keeps_pairs_whole():
                Record("i4", "d", "harmless", image=Path("w.png")), Record("t4", "d", "harmless")]
     assert [r.id for r in _limited(records, 1)] == ["t1", "i1", "i3", "t3"]
     assert [r.id for r in _limited(records, 2)] == [r.id for r in records]
+
+
+def test_evaluate_a_regap_seq_export(exported, tmp_path):
+    """regap-seq graphs take regap_alpha at every call, the teacher-forced KL passes included."""
+    model = exported.parent / "model"
+    out = tmp_path / "seq"
+    assert invoke("export", model, "--directions", exported.parent / "dirs", "--out", out, "--mode",
+                  "regap-seq").exit_code == 0
+    for runtime in ("onnxruntime", "pytorch"):
+        result = invoke("evaluate", out, "--limit", "1", "--max-new-tokens", "3", "--runtime", runtime, "--json",
+                        "--no-plot")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["mode"] == "regap-seq"
+        text = [c for c in report["behaviour"]["cells"] if c["modality"] == "text"]
+        assert all(c["mean_kl"] == 0.0 and c["identical_share"] == 1.0 for c in text)
