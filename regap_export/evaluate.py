@@ -341,12 +341,13 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
     markers = tuple(markers) if markers is not None else (
         load_markers(markers_file) if markers_file is not None else DEFAULT_REFUSAL_MARKERS)
     start = time.perf_counter()
-    checkpoint = read_regap_checkpoint(folder)
-    loaded = load_corrected(folder)
-    records = evaluation_records(data, split=split, multimodal=loaded.adapter.multimodal, render=render,
-                                 renderer=declared_renderer(folder))
+    # The data first: a bad file is refused before any model is loaded.
+    records = evaluation_records(data, split=split, multimodal=bool(manifest["model"]["multimodal"]),
+                                 render=render, renderer=declared_renderer(folder))
     if limit is not None:
         records = _limited(records, limit)
+    checkpoint = read_regap_checkpoint(folder)
+    loaded = load_corrected(folder)
     tokenizer = tokenizer_of(loaded.processor)
     engine = OrtEngine(folder, device) if runtime == "onnxruntime" else TorchEngine(loaded, checkpoint)
     eos = _eos_ids(loaded)
