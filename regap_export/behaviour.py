@@ -113,23 +113,11 @@ def is_refusal(text: str, markers: Iterable[str] = DEFAULT_REFUSAL_MARKERS) -> b
 
 def load_markers(path: str | Path) -> tuple[str, ...]:
     """Refusal markers from a text file (format in the module docstring), normalised."""
+    from regap_export.data.records import read_text_file
+
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError("marker file not found", path=path, hint="check the path") from None
-    except IsADirectoryError:
-        raise DataError("is a folder, not a marker file", path=path,
-                        hint="pass a text file with one refusal marker per line") from None
-    except OSError as exc:
-        raise DataError(f"cannot read marker file: {exc.strerror or exc}",
-                        path=path) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {exc.start})", path=path, line=line,
-                        hint="save the marker file as UTF-8") from None
+    text = read_text_file(path, kind="marker file", expected="a marker file",
+                          folder_hint="pass a text file with one refusal marker per line")
     markers: list[str] = []
     for raw_line in text.splitlines():
         stripped = raw_line.strip()

@@ -69,7 +69,7 @@ from pathlib import Path
 from PIL import Image
 
 from regap_export.data.records import (
-    Record, _check_ids_and_pairs, _first_column, _read_text, csv_rows,
+    Record, _check_ids_and_pairs, _first_column, read_text_file, csv_rows,
 )
 from regap_export.errors import DataError
 
@@ -242,7 +242,7 @@ def load_mm_safetybench(folder: str | Path, *, image_type: str = "SD_TYPO",
 
 def _mmsb_file(qfile: Path, imgs: Path, kind: str, carrier_key: str, skip: bool,
                twins: bool) -> list[Record]:
-    text = _read_text(qfile)
+    text = read_text_file(qfile)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -302,7 +302,7 @@ def load_figstep(csv_path: str | Path, images_dir: str | Path | None = None, *,
                  skip_missing_images: bool = False, twins: bool = True) -> list[Record]:
     """Records from FigStep's ``safebench.csv`` and its images (module docstring)."""
     csv_path = Path(csv_path)
-    text = _read_text(csv_path)
+    text = read_text_file(csv_path)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

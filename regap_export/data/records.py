@@ -125,7 +125,7 @@ def load_records(path: str | Path, *, label: str | None = None) -> list[Record]:
         raise DataError(f"unsupported file type '{path.suffix or '(none)'}'", path=path,
                         hint="use .jsonl (schema 1, see regap_export/data/SCHEMA.md), "
                              ".csv or .txt")
-    text = _read_text(path)
+    text = read_text_file(path)
     if suffix == ".jsonl":
         records = _parse_jsonl(text, path, label)
     elif suffix == ".csv":
@@ -138,22 +138,24 @@ def load_records(path: str | Path, *, label: str | None = None) -> list[Record]:
     return records
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path, *, kind: str = "file", expected: str = "a data file",
+                   folder_hint: str = "pass a .jsonl, .csv or .txt file") -> str:
+    """A UTF-8 text file (BOM accepted); every failure is a DataError naming the file (and
+    the line of an undecodable byte). ``kind``/``expected`` word the messages."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError("file not found", path=path, hint="check the path") from None
+        raise DataError(f"{kind} not found", path=path, hint="check the path") from None
     except IsADirectoryError:
-        raise DataError("is a folder, not a data file", path=path,
-                        hint="pass a .jsonl, .csv or .txt file") from None
+        raise DataError(f"is a folder, not {expected}", path=path, hint=folder_hint) from None
     except OSError as exc:
-        raise DataError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+        raise DataError(f"cannot read {kind}: {exc.strerror or exc}", path=path) from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise DataError(f"not valid UTF-8 (byte {exc.start})", path=path, line=line,
-                        hint="save the file as UTF-8") from None
+                        hint=f"save the {kind} as UTF-8") from None
 
 
 class _DuplicateKey(ValueError):
