@@ -28,12 +28,12 @@ import numpy as np
 from .behaviour import (DEFAULT_REFUSAL_MARKERS, Generation, kl_divergence, refusal_log_odds,
                         refusal_start_token_ids, summarize)
 from .errors import ArtifactError, DataError, RegapError
+from .models.base import PIXEL_EXTRA_KEYS, pixel_inputs
 
 RUNTIMES = ("onnxruntime", "pytorch")
 EVALUATION_FILENAME = "evaluation.json"
 PLOT_FILENAME = "evaluation.png"
 FORMAT_VERSION = "1"
-PIXEL_KEYS = ("image_sizes", "image_grid_thw")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -80,7 +80,7 @@ class Batch:
 
     @property
     def pixels(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self.inputs.items() if k.startswith("pixel") or k in PIXEL_KEYS}
+        return pixel_inputs(self.inputs)
 
 
 def _continued(batch: Batch, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +141,7 @@ class TorchEngine:
         import torch
 
         extras = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", "attention_mask")}
-        position = self.positions.prefill(ids, mask, **{k: v for k, v in extras.items() if k in PIXEL_KEYS
+        position = self.positions.prefill(ids, mask, **{k: v for k, v in extras.items() if k in PIXEL_EXTRA_KEYS
                                                          or k == "mm_token_type_ids"})
         out = {k: torch.from_numpy(np.asarray(v)) for k, v in extras.items() if k != "mm_token_type_ids"}
         out.update(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),

@@ -22,7 +22,7 @@ from .modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, st
 from .errors import RegapError
 from .export.manifest import read_manifest, record_parity, verify_files
 from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
-from .models.base import cache_of
+from .models.base import cache_of, pixel_inputs
 from .models.positions import PositionScheme, position_config, position_scheme
 from .options import RegapOptions
 from .report import json_safe
@@ -163,7 +163,7 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
 
     ids = inputs["input_ids"].numpy()
     mask = inputs["attention_mask"].numpy().astype(np.int64)
-    pixels = {k: v.numpy() for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
+    pixels = {k: v.numpy() for k, v in pixel_inputs(inputs).items()}
     # The runtime's own positions, from regap_onnx.json (image tokens found by their id).
     positions = sessions.positions
     position = positions.prefill(ids, mask, **pixels)
@@ -233,7 +233,7 @@ def _default_mask_check(plain, bundle, options: RegapOptions, sessions, inputs: 
         want = plain.model(**inputs, use_cache=False).logits.float().numpy()
     ids = inputs["input_ids"].numpy()
     attention = inputs["attention_mask"].numpy().astype(np.int64)
-    pixels = {k: v.numpy() for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
+    pixels = {k: v.numpy() for k, v in pixel_inputs(inputs).items()}
     main = sessions.prompt_embeds(ids, **pixels) if sessions.multimodal else ids
     got = sessions.run_decoder(main, attention, inputs["position_ids"].numpy(), sessions.empty_past(ids.shape[0]),
                                regap_alpha=None if alpha is None else alpha.numpy()).logits

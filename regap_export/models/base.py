@@ -135,6 +135,15 @@ class ModelAdapter:
         return list(images)
 
 
+# Processor outputs beside pixel_* that the image path needs (LLaVA-NeXT, Qwen-VL).
+PIXEL_EXTRA_KEYS = ("image_sizes", "image_grid_thw")
+
+
+def pixel_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The image-side entries of a processor's output (``pixel_*`` and their layout)."""
+    return {k: v for k, v in inputs.items() if k.startswith("pixel") or k in PIXEL_EXTRA_KEYS}
+
+
 def image_token_id_of(config: Any) -> int:
     for name in ("image_token_id", "image_token_index"):
         value = getattr(config, name, None)

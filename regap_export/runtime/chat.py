@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import ArtifactError, DataError
 from ..models import adapter_for_config
+from ..models.base import pixel_inputs
 
 
 def _processor_and_adapter(folder: Path):
@@ -86,7 +87,7 @@ def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens:
     inputs = {k: v.numpy() for k, v in adapter.encode(processor, [text], images).items()}
     check_prompt_length(processor_config(folder), adapter, int(inputs["input_ids"].shape[1]), max_new_tokens)
     sessions = OrtSessions.open(folder / "onnx", device=device)
-    pixels = {k: v for k, v in inputs.items() if k.startswith("pixel") or k in ("image_sizes", "image_grid_thw")}
+    pixels = pixel_inputs(inputs)
     result = generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
                       correct=correct, **pixels)
     tokenizer = getattr(processor, "tokenizer", processor)
