@@ -3,6 +3,10 @@
 Every error a user can cause (bad file, bad option, wrong model) is a ``RegapError``
 whose message says which file, which line or field, and what to do. The CLI prints the
 message and exits with status 2; it never shows a traceback for these.
+
+``ValueError`` is left for programming errors (a caller breaking a function's contract) and
+for ``export/modeling_regap.py``, which ships inside exported folders and runs under
+transformers without regap-export installed, so it cannot import this module.
 """
 from __future__ import annotations
 
