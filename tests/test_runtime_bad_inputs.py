@@ -10,7 +10,7 @@ from test_onnx_export import exported  # noqa: E402
 
 from regap_export.errors import RegapError  # noqa: E402
 from regap_export.export import onnx_export  # noqa: E402
-from regap_export.models.vision_runtime import VISION_RUNTIME  # noqa: E402
+from regap_export.models import vision_runtime_for  # noqa: E402
 from regap_export.runtime import OrtSessions, position_ids_from_mask  # noqa: E402
 
 QWEN_CONFIG = {"vision_config": {"spatial_merge_size": 2, "patch_size": 14, "window_size": None}}
@@ -25,13 +25,13 @@ def test_position_ids_of_the_wrong_rank_are_refused():
 
 
 def test_qwen_vl_images_need_their_grid():
-    prepare = VISION_RUNTIME["qwen2_vl"].prepare
+    prepare = vision_runtime_for("qwen2_vl").prepare
     with pytest.raises(RegapError, match="needs image_grid_thw"):
         prepare(QWEN_CONFIG, pixel_values=np.zeros((16, 1176), np.float32))
 
 
 def test_qwen_vl_patches_must_match_the_grid():
-    prepare = VISION_RUNTIME["qwen2_vl"].prepare
+    prepare = vision_runtime_for("qwen2_vl").prepare
     with pytest.raises(RegapError, match="do not hold the 16 patches"):
         prepare(QWEN_CONFIG, pixel_values=np.zeros((12, 1176), np.float32), image_grid_thw=np.array([[1, 4, 4]]))
     feeds = prepare(QWEN_CONFIG, pixel_values=np.zeros((16, 1176), np.float32), image_grid_thw=np.array([[1, 4, 4]]))

@@ -7,12 +7,18 @@ or generate text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    # Only for annotations: this module loads without torch (see ``regap_export.models``).
+    import torch
+    from torch import nn
+
+    from .positions import PositionKind
+    from .vision_export import VisionSpec
+    from .vision_runtime import VisionRuntime
 
 INSTRUCTION_SENTINEL = "\u2063REGAP_INSTRUCTION\u2063"
 
@@ -37,12 +43,22 @@ class ModelAdapter:
     supports_system_role: bool = True
     # Name of the transformers Auto class that loads this family's checkpoints.
     auto_class_name: str = "AutoModelForCausalLM"
+    # Processor outputs beside ``pixel_*`` that the image path needs (``pixel_inputs``).
+    pixel_extra_keys: tuple[str, ...] = ()
+    # Multimodal ONNX split, export side: model_type -> spec (``vision_export.vision_spec``).
+    vision_export: Mapping[str, VisionSpec] | None = field(default=None, compare=False)
+    # Multimodal ONNX split, runtime side (``regap_export.models.vision_runtime_for``).
+    vision_runtime: VisionRuntime | None = None
+    # Position ids other than the text scheme (``positions.position_config``); None: text.
+    positions: PositionKind | None = None
 
     # -- structure -------------------------------------------------------------------
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.language_model_path)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        from torch import nn
+
         layers = getattr(self.language_model(model), self.layers_attr)
         if not isinstance(layers, nn.ModuleList):
             raise TypeError(f"{self.family}: {self.language_model_path}.{self.layers_attr} is not a ModuleList")
@@ -135,13 +151,22 @@ class ModelAdapter:
         return list(images)
 
 
-# Processor outputs beside pixel_* that the image path needs (LLaVA-NeXT, Qwen-VL).
-PIXEL_EXTRA_KEYS = ("image_sizes", "image_grid_thw")
-
-
 def pixel_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The image-side entries of a processor's output (``pixel_*`` and their layout)."""
-    return {k: v for k, v in inputs.items() if k.startswith("pixel") or k in PIXEL_EXTRA_KEYS}
+    """The image-side entries of a processor's output (``pixel_*`` and their layout, the
+    families' ``pixel_extra_keys``)."""
+    from . import pixel_extra_keys
+
+    extra = pixel_extra_keys()
+    return {k: v for k, v in inputs.items() if k.startswith("pixel") or k in extra}
+
+
+def __getattr__(name: str) -> Any:
+    # ``PIXEL_EXTRA_KEYS`` is built from the registry, which is filled after this module loads.
+    if name == "PIXEL_EXTRA_KEYS":
+        from . import pixel_extra_keys
+
+        return pixel_extra_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def image_token_id_of(config: Any) -> int:
@@ -153,8 +178,13 @@ def image_token_id_of(config: Any) -> int:
 
 
 def read_template(name: str) -> str:
-    """A fallback chat template shipped in ``regap_export/models/templates/<name>.jinja``."""
-    return (Path(__file__).parent / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    """The fallback chat template of the registered family ``name`` (each family module holds its own)."""
+    from . import adapter_for_family
+
+    adapter = adapter_for_family(name)
+    if adapter is None or adapter.fallback_chat_template is None:
+        raise ValueError(f"no registered family {name!r} with a fallback chat template")
+    return adapter.fallback_chat_template
 
 
 def tokenizer_of(processor: Any) -> Any:
