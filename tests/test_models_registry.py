@@ -18,7 +18,7 @@ def test_models_import_without_torch_or_transformers():
     # A fresh interpreter: this test process has torch loaded already.
     code = textwrap.dedent("""
         import sys
-        import regap_export.models, regap_export.models.positions
+        import regap_export.models, regap_export.models.positions, regap_export.models.hooks
         from regap_export.models import vision_runtime_for
         from regap_export.models.base import pixel_inputs
         import regap_export.models.vision_export, regap_export.models.vision_runtime
@@ -91,3 +91,4 @@ def test_ported_select_best_resolution_matches_transformers():
     sizes = [(int(h), int(w)) for h, w in rng.integers(1, 2000, size=(300, 2))] + [(30, 30), (672, 672), (1, 1)]
     for size in sizes:
         assert select_best_resolution(size, pinpoints) == tuple(reference(size, pinpoints)), size
+
