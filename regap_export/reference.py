@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .directions import Directions
+from .errors import ArtifactError
 from .models.base import ModelAdapter
 from .models.hooks import StopForward, block_hidden, block_hooks, last_token_index, replace_hidden, stopped_forward
 from .options import RegapOptions
@@ -48,10 +49,12 @@ Rule = Callable[[torch.Tensor], torch.Tensor]
 def _check_shapes(model: nn.Module, adapter: ModelAdapter, directions: Directions) -> nn.ModuleList:
     blocks = adapter.decoder_layers(model)
     if directions.num_layers != len(blocks):
-        raise ValueError(f"the directions have {directions.num_layers} layers, the model {len(blocks)} blocks")
+        raise ArtifactError(f"the directions have {directions.num_layers} layers, the model {len(blocks)} blocks",
+                            hint="use the directions calibrated on this model")
     hidden = adapter.hidden_size(model)
     if directions.hidden_size != hidden:
-        raise ValueError(f"the directions have hidden size {directions.hidden_size}, the model {hidden}")
+        raise ArtifactError(f"the directions have hidden size {directions.hidden_size}, the model {hidden}",
+                            hint="use the directions calibrated on this model")
     return blocks
 
 
@@ -74,7 +77,8 @@ def _score(h: torch.Tensor, directions: Directions, layer: int) -> torch.Tensor:
     c_pos = float(directions.anchor_probe_harmful[layer])
     c_neg = float(directions.anchor_probe_harmless[layer])
     if c_pos == c_neg:
-        raise ValueError(f"probe anchors coincide at layer {layer}; the gate is undefined")
+        raise ArtifactError(f"probe anchors coincide at layer {layer}; the gate is undefined",
+                            field="anchor_probe_harmful", hint="calibrate again with more or other records")
     return (h.to(torch.float64) @ rhat - c_neg) / (c_pos - c_neg)
 
 

@@ -92,3 +92,16 @@ def test_ported_select_best_resolution_matches_transformers():
     for size in sizes:
         assert select_best_resolution(size, pinpoints) == tuple(reference(size, pinpoints)), size
 
+
+def test_user_errors_in_models_are_regap_errors():
+    from regap_export.models.base import image_token_id_of
+
+    llama = models.adapter_for_family("llama")
+    with pytest.raises(ModelError, match="text-only family"):
+        llama.messages("hi", with_image=True)
+    with pytest.raises(ModelError, match="names no image token id") as info:
+        image_token_id_of(type("C", (), {"model_type": "llava"})())
+    assert info.value.field == "image_token_id"
+    with pytest.raises(RegapError, match="needs image_sizes") as info:
+        models.vision_runtime_for("llava_next").prepare({"vision_config": {}}, pixel_values=np.zeros((1, 2, 3, 4, 4)))
+    assert info.value.field == "image_sizes"

@@ -96,7 +96,10 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
 
 def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None) -> None:
     """The constants an export would write are finite (before anything is written)."""
-    corrections = list(fold(directions, options))
+    try:
+        corrections = list(fold(directions, options))
+    except ArtifactError as exc:  # fold knows the field, not the file
+        raise ArtifactError(str(exc), path=path) from None
     if options.mode == "regap-seq":
         corrections.append(score_readout(directions, options))
     check_corrections_finite(corrections, path=path)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..errors import ModelError
+
 if TYPE_CHECKING:
     # Only for annotations: this module loads without torch (see ``regap_export.models``).
     import torch
@@ -94,7 +96,7 @@ class ModelAdapter:
         """Chat messages for one user turn. Multimodal families put the image first."""
         if not self.multimodal:
             if with_image:
-                raise ValueError(f"{self.family} is a text-only family and takes no image")
+                raise self._no_image()
             return [{"role": "user", "content": instruction}]
         content: list[dict] = []
         if with_image:
@@ -109,7 +111,9 @@ class ModelAdapter:
         kwargs = {}
         if getattr(template, "chat_template", None) is None:
             if self.fallback_chat_template is None:
-                raise ValueError(f"{self.family}: the tokenizer has no chat template and the adapter has no fallback")
+                raise ModelError(f"{self.family}: the tokenizer has no chat template and the family has no fallback",
+                                 field="chat_template",
+                                 hint="add a chat_template to the model folder's tokenizer_config.json")
             kwargs["chat_template"] = self.fallback_chat_template
         return template.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
 
@@ -139,7 +143,7 @@ class ModelAdapter:
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
             return dict(enc)
         if not self.multimodal:
-            raise ValueError(f"{self.family} is a text-only family and takes no image")
+            raise self._no_image()
         if len(images) != len(prompts):
             raise ValueError(f"{self.family}: {len(prompts)} prompts but {len(images)} images")
         enc = processor(text=prompts, images=self.images_argument(images), return_tensors="pt",
@@ -149,6 +153,10 @@ class ModelAdapter:
     def images_argument(self, images: Sequence[Any]) -> Any:
         """How this family's processor wants a batch of images (flat list by default)."""
         return list(images)
+
+    def _no_image(self) -> ModelError:
+        return ModelError(f"{self.family} is a text-only family and takes no image",
+                          hint="drop the image, or use a multimodal model")
 
 
 def pixel_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +182,8 @@ def image_token_id_of(config: Any) -> int:
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
-    raise ValueError(f"{getattr(config, 'model_type', '?')}: the config names no image token id")
+    raise ModelError(f"{getattr(config, 'model_type', '?')}: the config names no image token id",
+                     field="image_token_id", hint="set image_token_id in the model's config.json")
 
 
 def read_template(name: str) -> str:

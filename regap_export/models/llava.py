@@ -164,7 +164,8 @@ def _next_prepare(config: dict, pixel_values: np.ndarray, image_sizes: np.ndarra
                   **_: Any) -> dict[str, np.ndarray]:
     """[num_images, max_patches, 3, S, S] -> the real crops of every image, concatenated."""
     if image_sizes is None:
-        raise RegapError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+        raise RegapError("LLaVA-NeXT needs image_sizes (the processor returns them)", field="image_sizes",
+                         hint="pass the processor's image_sizes with pixel_values")
     vision = config["vision_config"]
     pv = np.asarray(pixel_values, dtype=np.float32)
     if pv.ndim == 4:

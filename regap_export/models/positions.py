@@ -44,6 +44,21 @@ def position_config(family: str, config: Any) -> dict[str, Any]:
     return adapter.positions.settings(config)
 
 
+def check_prompt(input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` [batch, seq] and its ``attention_mask`` (all ones when None) as int64 arrays.
+    Every implementation that takes a prompt (positions, the ONNX runtime's generate) checks it
+    here, so the same bad shape raises the same error everywhere."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if ids.ndim != 2:
+        raise RegapError(f"input_ids must be [batch, seq], got shape {ids.shape}", field="input_ids",
+                         hint="pass a batch, e.g. the tokenizer's output for a list of prompts")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    if mask.shape != ids.shape:
+        raise RegapError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match",
+                         field="attention_mask", hint="pass the mask the tokenizer returned with input_ids")
+    return ids, mask
+
+
 # -- text ---------------------------------------------------------------------------------
 def text_positions(attention_mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(attention_mask, dtype=np.int64)
@@ -73,8 +88,9 @@ class PositionScheme:
     def rank(self) -> int:
         return int(self.settings["rank"])
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, **image_inputs: Any) -> np.ndarray:
-        return self._prefill(self.settings, np.asarray(input_ids), np.asarray(attention_mask), **image_inputs)
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, **image_inputs: Any) -> np.ndarray:
+        ids, mask = check_prompt(input_ids, attention_mask)
+        return self._prefill(self.settings, ids, mask, **image_inputs)
 
 
 def _schemes() -> dict[str, tuple[Callable[..., np.ndarray], Callable[[np.ndarray], np.ndarray]]]:

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import RegapError
 from . import register
 from .base import ModelAdapter
-from .positions import PositionKind
+from .positions import PositionKind, check_prompt
 from .vision_export import VisionSpec, model_dtype
 from .vision_runtime import VisionRuntime
 
@@ -299,7 +299,8 @@ def _qwen_vl_images(config: dict, pixel_values: np.ndarray, image_grid_thw: np.n
     """Processor output (``pixel_values`` [patches, C*T*P*P], ``image_grid_thw``) -> the
     vision encoder's feeds."""
     if image_grid_thw is None:
-        raise RegapError("Qwen2-VL needs image_grid_thw (the processor returns it)")
+        raise RegapError("Qwen2-VL needs image_grid_thw (the processor returns it)", field="image_grid_thw",
+                         hint="pass the processor's image_grid_thw with pixel_values")
     vision = config["vision_config"]
     grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
     pv = np.asarray(pixel_values, dtype=np.float32)
@@ -341,16 +342,14 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray | None, *,
     ``mm_token_type_ids`` (the processor's) or, when absent, ``input_ids == image_token_id``
     says which tokens are image tokens; ``image_grid_thw`` [num_images, 3] gives each image's
     patch grid, in the order the images appear in the batch."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    if ids.ndim != 2:
-        raise RegapError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    ids, mask = check_prompt(input_ids, attention_mask)
     if mm_token_type_ids is None:
         types = np.where(ids == image_token_id, _IMAGE_TOKEN, _TEXT_TOKEN)
     else:
         types = np.asarray(mm_token_type_ids, dtype=np.int64)
-    if types.shape != ids.shape or mask.shape != ids.shape:
-        raise RegapError("input_ids, attention_mask and mm_token_type_ids must have one shape")
+    if types.shape != ids.shape:
+        raise RegapError(f"mm_token_type_ids has shape {types.shape}, input_ids {ids.shape}: they must match",
+                         field="mm_token_type_ids", hint="pass the processor's outputs together")
     if np.any((types != _TEXT_TOKEN) & (types != _IMAGE_TOKEN)):
         raise RegapError("only text and image tokens are supported (videos are not)")
     grids = np.zeros((0, 3), dtype=np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64)
