@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import ActivationError
 from .modality import INPUT_NAME as IMAGE_MASK, mask_function
+from .models.hooks import StopForward, block_hidden, block_hooks, stopped_forward
 from .progress import progress_bar
 from .stats import ActivationStats
 
@@ -27,10 +28,6 @@ class CaptureRequest:
     pair: str | None
     prompt: str
     image: Any | None = None
-
-
-class _StopForward(Exception):
-    pass
 
 
 def requests_for(records: Sequence[Any], adapter, processor) -> list[CaptureRequest]:
@@ -70,20 +67,18 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            buffer[layer] = hidden[:, -read_tokens:, :].to(torch.float64).mean(dim=1).cpu()
+            buffer[layer] = block_hidden(output)[:, -read_tokens:, :].to(torch.float64).mean(dim=1).cpu()
             if layer == deepest:
-                raise _StopForward
+                raise StopForward
         return hook
 
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in wanted]
     device = next(model.parameters()).device
     rows = torch.empty((len(requests), len(wanted), adapter.hidden_size(model)), dtype=torch.float64)
     # Text and image inputs cannot share a processor call; keep file order inside each.
     groups = [[i for i, r in enumerate(requests) if r.image is None],
               [i for i, r in enumerate(requests) if r.image is not None]]
     batches = [group[s:s + batch_size] for group in groups for s in range(0, len(group), batch_size)]
-    try:
+    with block_hooks(blocks, {layer: make_hook(layer) for layer in wanted}):
         for batch in progress_bar(batches, description=description, total_items=len(requests),
                                   enabled=show_progress):
             items = [requests[i] for i in batch]
@@ -95,10 +90,8 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
                 inputs.update(extra_inputs(inputs))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             buffer.clear()
-            try:
+            with stopped_forward():
                 model(**inputs, use_cache=False)
-            except _StopForward:
-                pass
             for column, layer in enumerate(wanted):
                 values = buffer[layer]
                 bad = ~torch.isfinite(values).all(dim=-1)
@@ -109,8 +102,5 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
                         hint="the model overflows on this input; try --dtype float32 or check the weights",
                     )
                 rows[batch, column] = values
-    finally:
-        for handle in handles:
-            handle.remove()
     return ActivationStats([r.id for r in requests], [r.class_key for r in requests],
                            [r.pair for r in requests], rows)

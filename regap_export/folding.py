@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .directions import Directions
+from .errors import ArtifactError
 from .options import RegapOptions
 
 GATED, FIXED, SCALED = "gated", "fixed", "scaled"
@@ -46,7 +47,10 @@ def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa
     c_neg = float(directions.anchor_probe_harmless[layer])
     gap = c_pos - c_neg
     if gap == 0:
-        raise ValueError(f"probe anchors coincide at layer {layer}; the gate is undefined")
+        raise ArtifactError(f"probe anchors coincide at layer {layer}; the gate is undefined",
+                            field="anchor_probe_harmful",
+                            hint="the calibration did not separate the classes at this layer; calibrate again "
+                                 "with more or other records, or move the adaptive band")
     kappa = float(directions.kappa[layer]) if with_kappa else 1.0
     w = kappa * rhat / gap
     b = -kappa * (c_neg / gap + (tau if with_kappa else 0.0))

@@ -1,7 +1,8 @@
 """The parity oracle: ReGap's corrections as plain forward hooks, from the unfolded equations.
 
 This module is deliberately independent of ``folding``, ``correction`` and ``rewrite``
-(it imports none of them). It reads the directions themselves (rhat, drift, probe anchors
+(it imports none of them; it shares only the hook plumbing of ``models.hooks``, which holds
+no correction math). It reads the directions themselves (rhat, drift, probe anchors
 c+/c-, kappa) and applies METHOD section 3 literally, in float64, at every token position
 of each block output ``h`` (the residual stream after block l):
 
@@ -35,7 +36,9 @@ import torch
 from torch import nn
 
 from .directions import Directions
+from .errors import ArtifactError
 from .models.base import ModelAdapter
+from .models.hooks import StopForward, block_hidden, block_hooks, last_token_index, replace_hidden, stopped_forward
 from .options import RegapOptions
 
 __all__ = ["reference_corrections", "reference_sequence_alpha", "reference_plan", "last_token_index"]
@@ -43,27 +46,15 @@ __all__ = ["reference_corrections", "reference_sequence_alpha", "reference_plan"
 Rule = Callable[[torch.Tensor], torch.Tensor]
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (hidden,) + tuple(output[1:])
-    return hidden
-
-
 def _check_shapes(model: nn.Module, adapter: ModelAdapter, directions: Directions) -> nn.ModuleList:
     blocks = adapter.decoder_layers(model)
     if directions.num_layers != len(blocks):
-        raise ValueError(f"the directions have {directions.num_layers} layers, the model {len(blocks)} blocks")
+        raise ArtifactError(f"the directions have {directions.num_layers} layers, the model {len(blocks)} blocks",
+                            hint="use the directions calibrated on this model")
     hidden = adapter.hidden_size(model)
     if directions.hidden_size != hidden:
-        raise ValueError(f"the directions have hidden size {directions.hidden_size}, the model {hidden}")
+        raise ArtifactError(f"the directions have hidden size {directions.hidden_size}, the model {hidden}",
+                            hint="use the directions calibrated on this model")
     return blocks
 
 
@@ -86,7 +77,8 @@ def _score(h: torch.Tensor, directions: Directions, layer: int) -> torch.Tensor:
     c_pos = float(directions.anchor_probe_harmful[layer])
     c_neg = float(directions.anchor_probe_harmless[layer])
     if c_pos == c_neg:
-        raise ValueError(f"probe anchors coincide at layer {layer}; the gate is undefined")
+        raise ArtifactError(f"probe anchors coincide at layer {layer}; the gate is undefined",
+                            field="anchor_probe_harmful", hint="calibrate again with more or other records")
     return (h.to(torch.float64) @ rhat - c_neg) / (c_pos - c_neg)
 
 
@@ -169,24 +161,11 @@ def reference_corrections(model: nn.Module, adapter: ModelAdapter, directions: D
 
     def make_hook(rule: Rule):
         def hook(_module, _inputs, output):
-            return _replace_hidden(output, rule(_hidden(output)))
+            return replace_hidden(output, rule(block_hidden(output)))
         return hook
 
-    handles = [blocks[layer].register_forward_hook(make_hook(rule)) for layer, rule in sorted(plan.items())]
-    try:
+    with block_hooks(blocks, {layer: make_hook(rule) for layer, rule in plan.items()}):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
-    """Index of each row's last real token (left or right padding); seq - 1 without a mask."""
-    if attention_mask is None or attention_mask.shape[-1] != seq:
-        return torch.full((batch,), seq - 1, dtype=torch.long)
-    mask = attention_mask.detach().to("cpu", torch.long)
-    positions = torch.arange(seq, dtype=torch.long).expand_as(mask)
-    return (positions * (mask > 0)).amax(dim=-1)
 
 
 @torch.no_grad()
@@ -208,24 +187,18 @@ def reference_sequence_alpha(model: nn.Module, adapter: ModelAdapter, directions
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
-            h = _hidden(output)
+            h = block_hidden(output)
             m = (torch.full((1, 1, 1), default, dtype=torch.float64) if image_mask is None
                  else torch.as_tensor(image_mask, dtype=torch.float64).unsqueeze(-1)).to(h.device)
             h = (h.to(torch.float64) - opts.alpha0 * m * drift[layer].to(h.device, torch.float64)).to(h.dtype)
             if layer == read:
                 captured["h"] = h
-                raise _StopForward
-            return _replace_hidden(output, h)
+                raise StopForward
+            return replace_hidden(output, h)
         return hook
 
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in opts.probe_band.layers()]
-    try:
+    with block_hooks(blocks, {layer: make_hook(layer) for layer in opts.probe_band.layers()}), stopped_forward():
         model(**dict(inputs), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
     if "h" not in captured:
         raise RuntimeError(f"the probe pass never reached block {read}")
     h = captured["h"]

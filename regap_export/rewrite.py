@@ -14,6 +14,7 @@ from torch import nn
 from .correction import RegapCorrection
 from .folding import LayerCorrection
 from .models.base import ModelAdapter
+from .models.hooks import block_hidden, replace_hidden
 
 
 class CorrectedBlock(nn.Module):
@@ -32,9 +33,7 @@ class CorrectedBlock(nn.Module):
         alpha = kwargs.pop("regap_alpha", None)
         mask = kwargs.pop("regap_image_mask", None)
         out = self.block(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (self.correction(out[0], alpha, mask),) + tuple(out[1:])
-        return self.correction(out, alpha, mask)
+        return replace_hidden(out, self.correction(block_hidden(out), alpha, mask))
 
     def __getattr__(self, name: str):
         # transformers reads attributes such as ``attention_type`` off each block.

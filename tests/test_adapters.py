@@ -104,7 +104,7 @@ def test_render_prompt(family):
         assert other.endswith(generation_suffix)
         assert adapter.post_instruction_length(processor) >= 1
     if not adapter.multimodal:
-        with pytest.raises(ValueError, match="text-only"):
+        with pytest.raises(ModelError, match="text-only"):
             adapter.render_prompt(processor, SHORT, with_image=True)
 
 
@@ -119,7 +119,7 @@ def test_encode_text_batch(family):
     assert logits.shape[:2] == (2, 1) and torch.isfinite(logits).all()
     if not adapter.multimodal:
         prompts = [adapter.render_prompt(processor, SHORT, with_image=False)] * 2
-        with pytest.raises(ValueError, match="text-only"):
+        with pytest.raises(ModelError, match="text-only"):
             adapter.encode(processor, prompts, images())
 
 

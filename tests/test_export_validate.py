@@ -122,6 +122,31 @@ def test_alpha_zero_matches_the_unmodified_model(models, tmp_path):
     np.testing.assert_allclose(got[attended], want[attended], atol=1e-4, rtol=1e-4)
 
 
+def test_export_folds_once_and_rewrites_once(models, tmp_path, monkeypatch):
+    """export_to_folder folds the directions once and inserts each correction layer once;
+    the safetensors and ONNX writers both read that one rewritten model."""
+    from regap_export import rewrite
+    from regap_export.export import pipeline, safetensors_export
+
+    directions = write_directions(models["llama"], tmp_path / "dirs", options_for("regap-seq"))
+    folds, wrapped = [], []
+    for module in (pipeline, safetensors_export):
+        monkeypatch.setattr(module, "fold", lambda *a, _fold=module.fold, **k: folds.append(1) or _fold(*a, **k))
+    init = rewrite.CorrectedBlock.__init__
+
+    def counting_init(self, block, correction):
+        wrapped.append(correction.layer)
+        init(self, block, correction)
+
+    monkeypatch.setattr(rewrite.CorrectedBlock, "__init__", counting_init)
+    result = invoke("export", models["llama"], "--directions", directions, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len(folds) == 1
+    section = json.loads((tmp_path / "out" / "config.json").read_text())["regap"]
+    assert wrapped == [entry["layer"] for entry in section["layers"]], "each corrected layer wrapped exactly once"
+    assert (tmp_path / "out" / "onnx" / "model.onnx").is_file()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def assert_refused(result, *fragments, out: Path | None = None):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from regap_export.models.positions import mrope_positions, position_config, position_scheme
+from regap_export.models.positions import position_config, position_scheme
+from regap_export.models.qwen2_vl import mrope_positions
 from test_export_validate import assert_all_ok, export_and_validate, write_directions
 from tiny_models import build_tiny, save_tiny
 

@@ -203,3 +203,31 @@ def test_reference_does_not_import_the_folded_path():
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     for forbidden in ("folding", "correction", "rewrite"):
         assert not any(name.split(".")[-1] == forbidden for name in imported), forbidden
+
+
+def test_coinciding_probe_anchors_are_a_directions_error_in_product_and_reference():
+    from regap_export.directions import Directions
+    from regap_export.errors import ArtifactError
+    from regap_export.options import RegapOptions
+
+    L, H = 8, 4
+    # anchor_probe_harmful == anchor_probe_harmless at every layer: the gate is undefined
+    d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
+                   torch.zeros(L), torch.ones(L), torch.ones(L), torch.full((L,), 5.0))
+    with pytest.raises(ArtifactError, match="probe anchors coincide") as product:
+        list(fold(d, RegapOptions(mode="regap")))
+    plan = reference_plan(d, RegapOptions(mode="regap", positions="all"))
+    with pytest.raises(ArtifactError, match="probe anchors coincide") as oracle:
+        plan[4](torch.randn(1, 2, H))
+    assert product.value.field == oracle.value.field == "anchor_probe_harmful"
+
+
+def test_directions_of_another_model_are_refused_by_the_reference(setup):
+    from regap_export.errors import ArtifactError
+
+    model, adapter, inputs, directions = setup
+    shorter = dataclasses.replace(directions, **{name: getattr(directions, name)[:-1]
+                                                 for name in directions.TENSOR_NAMES})
+    with pytest.raises(ArtifactError, match="layers, the model"):
+        with reference_corrections(model, adapter, shorter, options_for("regap")):
+            pass

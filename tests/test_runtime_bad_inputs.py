@@ -10,8 +10,9 @@ from test_onnx_export import exported  # noqa: E402
 
 from regap_export.errors import RegapError  # noqa: E402
 from regap_export.export import onnx_export  # noqa: E402
-from regap_export.models.vision_runtime import VISION_RUNTIME  # noqa: E402
-from regap_export.runtime import OrtSessions, position_ids_from_mask  # noqa: E402
+from regap_export.models import vision_runtime_for  # noqa: E402
+from regap_export.models.qwen2_vl import mrope_positions  # noqa: E402
+from regap_export.runtime import OrtSessions, generate, position_ids_from_mask  # noqa: E402
 
 QWEN_CONFIG = {"vision_config": {"spatial_merge_size": 2, "patch_size": 14, "window_size": None}}
 
@@ -24,14 +25,33 @@ def test_position_ids_of_the_wrong_rank_are_refused():
         sessions.run_decoder(ids, mask, mrope_like, sessions.empty_past(1))
 
 
+@pytest.mark.parametrize("ids", [np.array([5, 17, 99]), np.zeros((1, 1, 3), dtype=np.int64)])
+def test_a_bad_input_ids_shape_raises_the_same_error_everywhere(ids):
+    sessions = OrtSessions.open(exported("regap").folder)
+    calls = [lambda: generate(sessions, ids, max_new_tokens=1), lambda: sessions.positions.prefill(ids, None),
+             lambda: mrope_positions(ids, None, image_token_id=9, spatial_merge_size=2)]
+    raised = set()
+    for call in calls:
+        with pytest.raises(RegapError, match=r"input_ids must be \[batch, seq\]") as info:
+            call()
+        raised.add((type(info.value), info.value.field))
+    assert raised == {(RegapError, "input_ids")}
+
+
+def test_a_mask_of_another_shape_is_refused():
+    sessions = OrtSessions.open(exported("regap").folder)
+    with pytest.raises(RegapError, match="attention_mask has shape"):
+        generate(sessions, np.array([[5, 17, 99]]), np.ones((1, 2), dtype=np.int64), max_new_tokens=1)
+
+
 def test_qwen_vl_images_need_their_grid():
-    prepare = VISION_RUNTIME["qwen2_vl"].prepare
+    prepare = vision_runtime_for("qwen2_vl").prepare
     with pytest.raises(RegapError, match="needs image_grid_thw"):
         prepare(QWEN_CONFIG, pixel_values=np.zeros((16, 1176), np.float32))
 
 
 def test_qwen_vl_patches_must_match_the_grid():
-    prepare = VISION_RUNTIME["qwen2_vl"].prepare
+    prepare = vision_runtime_for("qwen2_vl").prepare
     with pytest.raises(RegapError, match="do not hold the 16 patches"):
         prepare(QWEN_CONFIG, pixel_values=np.zeros((12, 1176), np.float32), image_grid_thw=np.array([[1, 4, 4]]))
     feeds = prepare(QWEN_CONFIG, pixel_values=np.zeros((16, 1176), np.float32), image_grid_thw=np.array([[1, 4, 4]]))

@@ -19,6 +19,7 @@ import torch
 from ..errors import ArtifactError, RegapError
 from ..folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout, sequence_strength
 from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
+from ..models.hooks import StopForward, block_hidden, block_hooks, last_token_index, stopped_forward
 from ..models.loading import LoadedModel, load_model
 from ..options import RegapOptions
 from ..rewrite import insert_corrections
@@ -155,10 +156,6 @@ def load_corrected(out_dir: str | Path, *, dtype: str = "fp32", device: str = "c
     return loaded
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def sequence_alpha(loaded: LoadedModel, inputs: Mapping[str, Any], checkpoint: RegapCheckpoint | None = None,
                    image_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,33 +166,23 @@ def sequence_alpha(loaded: LoadedModel, inputs: Mapping[str, Any], checkpoint: R
     if checkpoint.readout is None:
         raise RegapError(f"sequence alpha is for mode regap-seq; this checkpoint is {checkpoint.mode!r}")
     readout, options = checkpoint.readout, checkpoint.options
-    block = loaded.adapter.decoder_layers(loaded.model)[readout.layer]
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
+        captured["h"] = block_hidden(output)
+        raise StopForward
 
     inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "regap_alpha")}
     reference = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
     alpha0 = torch.full((reference.shape[0],), float(options.alpha0), dtype=torch.float32, device=reference.device)
-    handle = block.register_forward_hook(hook)
     if image_mask is not None:
         inputs[IMAGE_MASK] = image_mask
-    try:
+    blocks = loaded.adapter.decoder_layers(loaded.model)
+    with block_hooks(blocks, {readout.layer: hook}), stopped_forward():
         loaded.model(**inputs, regap_alpha=alpha0, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
     h = captured["h"].to(torch.float64)
     batch, seq = h.shape[0], h.shape[1]
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.shape[-1] != seq:
-        index = torch.full((batch,), seq - 1, dtype=torch.long)
-    else:
-        positions = torch.arange(seq).expand(batch, seq)
-        index = (positions * (mask.detach().cpu() > 0)).amax(dim=-1)
+    index = last_token_index(inputs.get("attention_mask"), batch, seq)
     last = h[torch.arange(batch, device=h.device), index.to(h.device)]
     score = last @ readout.w.to(h.device, torch.float64) + readout.b
     return sequence_strength(score, readout, options).cpu()

@@ -38,6 +38,7 @@ from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of
 from ..options import RegapOptions
 from ..rewrite import CorrectedBlock
+from ..models.hooks import block_hidden
 from ..models.positions import position_config
 from ..models.vision_export import VisionSpec, vision_spec
 from .onnx_graph import SCORE_B, SCORE_W, public_name
@@ -199,7 +200,7 @@ class DecoderWrapper(nn.Module):
             self._hook = block.register_forward_hook(self._capture)
 
     def _capture(self, module, args, output) -> None:
-        self._captured["h"] = output[0] if isinstance(output, tuple) else output
+        self._captured["h"] = block_hidden(output)
 
     def remove_hook(self) -> None:
         if self._hook is not None:

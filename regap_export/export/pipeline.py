@@ -13,12 +13,12 @@ from ..directions_io import FILENAME as DIRECTIONS_FILENAME
 from ..directions_io import load_directions
 from ..checks import check_corrections_finite, check_strict_json_file
 from ..errors import ArtifactError, RegapError
-from ..folding import fold, score_readout
+from ..folding import LayerCorrection, ScoreReadout, fold, score_readout
 from ..modality import mask_default
 from ..models.loading import load_model
 from ..models.weight_sample import samples_match
 from ..options import MODES, RegapOptions
-from ..rewrite import insert_corrections, remove_corrections
+from ..rewrite import corrected
 from .manifest import write_manifest
 
 FORMATS = ("onnx", "safetensors")
@@ -74,16 +74,23 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
         raise ArtifactError("directions and model differ in depth", path=Path(directions))
     options = options.resolved(bundle.directions.num_layers)
     bundle = dataclasses.replace(bundle, options=options)
-    check_folded_constants(bundle.directions, options, path=Path(directions))
+    # The one fold: every writer below writes these constants.
+    corrections, readout = check_folded_constants(bundle.directions, options, path=Path(directions))
     with atomic_output_dir(out_dir, force=force, inputs=[*inputs, loaded.folder]) as tmp:
         src = Path(directions)
         shutil.copyfile(src / DIRECTIONS_FILENAME if src.is_dir() else src, tmp / DIRECTIONS_COPY)
+        base = None
         if "safetensors" in formats:
-            from .safetensors_export import write_corrected_checkpoint
+            from .safetensors_export import write_base_checkpoint, write_regap_files
 
-            write_corrected_checkpoint(loaded, bundle, options, tmp)
-        if "onnx" in formats:
-            _write_onnx(loaded, bundle, options, tmp / ONNX_DIR, EXPORT_DTYPES[dtype])
+            # save_pretrained writes the unmodified model, so it runs before the rewrite
+            base = write_base_checkpoint(loaded, bundle, tmp)
+        # The one rewrite: each writer reads the corrected model.
+        with corrected(loaded.model, loaded.adapter, corrections, mask_default=mask_default(options.positions)):
+            if base is not None:
+                write_regap_files(loaded, bundle, options, tmp, base, readout)
+            if "onnx" in formats:
+                _write_onnx(loaded, readout, options, tmp / ONNX_DIR, EXPORT_DTYPES[dtype])
         check_strict_json_file(tmp / "config.json")
         write_manifest(tmp, {
             "model": {"source": loaded.source, "family": loaded.adapter.family, "fingerprint": loaded.fingerprint,
@@ -94,22 +101,22 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
     return out_dir
 
 
-def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None) -> None:
-    """The constants an export would write are finite (before anything is written)."""
-    corrections = list(fold(directions, options))
-    if options.mode == "regap-seq":
-        corrections.append(score_readout(directions, options))
-    check_corrections_finite(corrections, path=path)
+def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None
+                           ) -> tuple[list[LayerCorrection], ScoreReadout | None]:
+    """Fold the corrections (and regap-seq's score readout) and check that the constants an
+    export would write are finite (before anything is written). Returns both."""
+    try:
+        corrections = list(fold(directions, options))
+    except ArtifactError as exc:  # fold knows the field, not the file
+        raise ArtifactError(str(exc), path=path) from None
+    readout = score_readout(directions, options) if options.mode == "regap-seq" else None
+    check_corrections_finite(corrections + ([readout] if readout is not None else []), path=path)
+    return corrections, readout
 
 
-def _write_onnx(loaded, bundle, options: RegapOptions, folder: Path, dtype: torch.dtype) -> None:
+def _write_onnx(loaded, readout: ScoreReadout | None, options: RegapOptions, folder: Path, dtype: torch.dtype) -> None:
+    """The ONNX graphs of ``loaded.model``, which holds the corrections already."""
     from .onnx_export import export_multimodal, export_text_decoder
 
-    readout = score_readout(bundle.directions, options) if options.mode == "regap-seq" else None
-    insert_corrections(loaded.model, loaded.adapter, fold(bundle.directions, options),
-                       mask_default=mask_default(options.positions))
-    try:
-        export = export_multimodal if loaded.adapter.multimodal else export_text_decoder
-        export(loaded.model, loaded.adapter, folder, dtype=dtype, readout=readout, options=options)
-    finally:
-        remove_corrections(loaded.model, loaded.adapter)
+    export = export_multimodal if loaded.adapter.multimodal else export_text_decoder
+    export(loaded.model, loaded.adapter, folder, dtype=dtype, readout=readout, options=options)

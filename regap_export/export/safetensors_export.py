@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,10 @@ import torch
 from .. import __version__
 from ..directions_io import DirectionsFile
 from ..errors import ArtifactError, RegapError
-from ..folding import fold, score_readout
+from ..folding import ScoreReadout, fold, score_readout
 from ..models.loading import LoadedModel, model_fingerprint
 from ..options import RegapOptions
-from ..rewrite import checkpoint_tensors, corrections_of, insert_corrections, remove_corrections
+from ..rewrite import checkpoint_tensors, corrected, corrections_of, insert_corrections, remove_corrections
 from .config_compat import transformers4_compat
 
 FORMAT_VERSION = "2"
@@ -90,6 +91,14 @@ def _base_class_name(model: torch.nn.Module) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class CheckpointBase:
+    """What ``write_base_checkpoint`` found out about the unmodified model, for ``write_regap_files``."""
+
+    fingerprint: str
+    base_class: str
+
+
 def write_corrected_checkpoint(loaded: LoadedModel, directions_file: DirectionsFile, options: RegapOptions,
                                out_dir: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
     """Write the corrected checkpoint of ``loaded`` into ``out_dir`` (an existing, empty folder).
@@ -97,78 +106,102 @@ def write_corrected_checkpoint(loaded: LoadedModel, directions_file: DirectionsF
     The model is saved *without* correction layers (any already inserted are taken out for
     the save and put back). ``max_shard_size`` as in ``save_pretrained`` (None: its default).
     Returns the ``regap`` section written to config.json.
+
+    ``export_to_folder`` calls the two halves itself (``write_base_checkpoint`` before its one
+    rewrite of the model, ``write_regap_files`` on the rewritten model); this function is the
+    same for a caller holding a model without corrections.
     """
-    out_dir = Path(out_dir)
     model, adapter = loaded.model, loaded.adapter
-    directions = directions_file.directions
     inserted = [c.spec() for c in corrections_of(model, adapter)]
     remove_corrections(model, adapter)
     try:
         opts = options.resolved(adapter.num_layers(model))
-        if directions.num_layers != adapter.num_layers(model) or directions.hidden_size != adapter.hidden_size(model):
-            raise ArtifactError(
-                f"the directions are for {directions.num_layers} layers of width {directions.hidden_size}, "
-                f"the model has {adapter.num_layers(model)} of width {adapter.hidden_size(model)}")
-        fingerprint = model_fingerprint(model, adapter)
-        if directions_file.model_fingerprint and directions_file.model_fingerprint != fingerprint:
-            raise ArtifactError(f"the directions were fitted on another model (fingerprint "
-                                f"{directions_file.model_fingerprint}, this model {fingerprint})",
-                                hint="calibrate this model, or export the model the directions came from")
-        base_class = _base_class_name(model)
-        corrections = fold(directions, opts)
-
-        save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        model.save_pretrained(out_dir, **save_kwargs)
-        adapter.save_processor(loaded.processor, out_dir)
-
-        insert_corrections(model, adapter, corrections)
-        try:
-            tensors = checkpoint_tensors(model, adapter)
-        finally:
-            remove_corrections(model, adapter)
-        readout = None
-        if opts.mode == "regap-seq":
-            score = score_readout(directions, opts)
-            tensors[SCORE_W] = score.w.detach().to(torch.float32).reshape(-1).contiguous()
-            tensors[SCORE_B] = torch.tensor([float(score.b)], dtype=torch.float32)
-            readout = {"layer": score.layer, "kappa": float(score.kappa)}
-        from safetensors.torch import save_file
-
-        tensors_path = out_dir / TENSORS_FILENAME
-        save_file(tensors, str(tensors_path), metadata={"format_version": FORMAT_VERSION, "mode": opts.mode})
-
-        section = {
-            "format_version": FORMAT_VERSION,
-            "regap_export_version": __version__,
-            "mode": opts.mode,
-            "options": json.loads(opts.to_json()),
-            "layers": [{"layer": c.layer, "kind": c.kind} for c in corrections],
-            "readout": readout,
-            "model_fingerprint": fingerprint,
-            "calibration_sha256": directions_file.calibration_sha256,
-            "model_source": directions_file.model_source or loaded.source,
-            "tensors_file": TENSORS_FILENAME,
-            "tensors_sha256": sha256_file(tensors_path),
-            "decoder_layers_path": f"{adapter.language_model_path}.{adapter.layers_attr}",
-            "hidden_size": adapter.hidden_size(model),
-            "num_layers": adapter.num_layers(model),
-            "image_token_id": adapter.image_token_id(model.config),
-            "base_class": base_class,
-            "auto_class": adapter.auto_class_name,
-        }
-        (out_dir / CODE_FILENAME).write_text(render_remote_code(base_class), encoding="utf-8")
-        config_path = out_dir / CONFIG_FILENAME
-        config, min_transformers, reason = transformers4_compat(json.loads(config_path.read_text(encoding="utf-8")))
-        section["min_transformers"] = min_transformers
-        section["min_transformers_reason"] = reason
-        config["regap"] = section
-        config["auto_map"] = {adapter.auto_class_name: f"{Path(CODE_FILENAME).stem}.{remote_class_name(base_class)}"}
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return section
+        base = write_base_checkpoint(loaded, directions_file, out_dir, max_shard_size=max_shard_size)
+        readout = score_readout(directions_file.directions, opts) if opts.mode == "regap-seq" else None
+        with corrected(model, adapter, fold(directions_file.directions, opts)):
+            return write_regap_files(loaded, directions_file, opts, out_dir, base, readout)
     finally:
         if inserted and not corrections_of(model, adapter):
             insert_corrections(model, adapter, inserted)
 
 
-__all__ = ["write_corrected_checkpoint", "render_remote_code", "FORMAT_VERSION", "TENSORS_FILENAME",
-           "CODE_FILENAME", "SCORE_W", "SCORE_B"]
+def write_base_checkpoint(loaded: LoadedModel, directions_file: DirectionsFile, out_dir: Path, *,
+                          max_shard_size: int | str | None = None) -> CheckpointBase:
+    """The unmodified model's files (``save_pretrained``'s weights and config, the processor),
+    after checking that the directions fit the model. The model must hold no corrections."""
+    out_dir = Path(out_dir)
+    model, adapter = loaded.model, loaded.adapter
+    if corrections_of(model, adapter):
+        raise ValueError("write the base checkpoint before the corrections are inserted")
+    directions = directions_file.directions
+    if directions.num_layers != adapter.num_layers(model) or directions.hidden_size != adapter.hidden_size(model):
+        raise ArtifactError(
+            f"the directions are for {directions.num_layers} layers of width {directions.hidden_size}, "
+            f"the model has {adapter.num_layers(model)} of width {adapter.hidden_size(model)}")
+    fingerprint = model_fingerprint(model, adapter)
+    if directions_file.model_fingerprint and directions_file.model_fingerprint != fingerprint:
+        raise ArtifactError(f"the directions were fitted on another model (fingerprint "
+                            f"{directions_file.model_fingerprint}, this model {fingerprint})",
+                            hint="calibrate this model, or export the model the directions came from")
+    base_class = _base_class_name(model)
+    save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, **save_kwargs)
+    adapter.save_processor(loaded.processor, out_dir)
+    return CheckpointBase(fingerprint, base_class)
+
+
+def write_regap_files(loaded: LoadedModel, directions_file: DirectionsFile, options: RegapOptions, out_dir: Path,
+                      base: CheckpointBase, readout: ScoreReadout | None) -> dict[str, Any]:
+    """``regap.safetensors``, ``modeling_regap.py`` and config.json's ``regap`` section, read
+    from the corrections inserted in ``loaded.model`` (``rewrite``) and regap-seq's ``readout``.
+    ``options`` resolved; ``out_dir`` holds ``write_base_checkpoint``'s files."""
+    out_dir = Path(out_dir)
+    model, adapter = loaded.model, loaded.adapter
+    corrections = corrections_of(model, adapter)
+    if not corrections:
+        raise ValueError("insert the corrections (rewrite.corrected) before writing their files")
+    tensors = checkpoint_tensors(model, adapter)
+    readout_section = None
+    if readout is not None:
+        tensors[SCORE_W] = readout.w.detach().to(torch.float32).reshape(-1).contiguous()
+        tensors[SCORE_B] = torch.tensor([float(readout.b)], dtype=torch.float32)
+        readout_section = {"layer": readout.layer, "kappa": float(readout.kappa)}
+    from safetensors.torch import save_file
+
+    tensors_path = out_dir / TENSORS_FILENAME
+    save_file(tensors, str(tensors_path), metadata={"format_version": FORMAT_VERSION, "mode": options.mode})
+
+    section = {
+        "format_version": FORMAT_VERSION,
+        "regap_export_version": __version__,
+        "mode": options.mode,
+        "options": json.loads(options.to_json()),
+        # corrections_of reads the blocks in layer order, which is fold's order (the adaptive
+        # band starts where the probe band ends)
+        "layers": [{"layer": c.layer, "kind": c.kind} for c in corrections],
+        "readout": readout_section,
+        "model_fingerprint": base.fingerprint,
+        "calibration_sha256": directions_file.calibration_sha256,
+        "model_source": directions_file.model_source or loaded.source,
+        "tensors_file": TENSORS_FILENAME,
+        "tensors_sha256": sha256_file(tensors_path),
+        "decoder_layers_path": f"{adapter.language_model_path}.{adapter.layers_attr}",
+        "hidden_size": adapter.hidden_size(model),
+        "num_layers": adapter.num_layers(model),
+        "image_token_id": adapter.image_token_id(model.config),
+        "base_class": base.base_class,
+        "auto_class": adapter.auto_class_name,
+    }
+    (out_dir / CODE_FILENAME).write_text(render_remote_code(base.base_class), encoding="utf-8")
+    config_path = out_dir / CONFIG_FILENAME
+    config, min_transformers, reason = transformers4_compat(json.loads(config_path.read_text(encoding="utf-8")))
+    section["min_transformers"] = min_transformers
+    section["min_transformers_reason"] = reason
+    config["regap"] = section
+    config["auto_map"] = {adapter.auto_class_name: f"{Path(CODE_FILENAME).stem}.{remote_class_name(base.base_class)}"}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return section
+
+
+__all__ = ["write_corrected_checkpoint", "write_base_checkpoint", "write_regap_files", "CheckpointBase",
+           "render_remote_code", "FORMAT_VERSION", "TENSORS_FILENAME", "CODE_FILENAME", "SCORE_W", "SCORE_B"]

@@ -7,12 +7,20 @@ or generate text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-from torch import nn
+from ..errors import ModelError
+
+if TYPE_CHECKING:
+    # Only for annotations: this module loads without torch (see ``regap_export.models``).
+    import torch
+    from torch import nn
+
+    from .positions import PositionKind
+    from .vision_export import VisionSpec
+    from .vision_runtime import VisionRuntime
 
 INSTRUCTION_SENTINEL = "\u2063REGAP_INSTRUCTION\u2063"
 
@@ -37,12 +45,22 @@ class ModelAdapter:
     supports_system_role: bool = True
     # Name of the transformers Auto class that loads this family's checkpoints.
     auto_class_name: str = "AutoModelForCausalLM"
+    # Processor outputs beside ``pixel_*`` that the image path needs (``pixel_inputs``).
+    pixel_extra_keys: tuple[str, ...] = ()
+    # Multimodal ONNX split, export side: model_type -> spec (``vision_export.vision_spec``).
+    vision_export: Mapping[str, VisionSpec] | None = field(default=None, compare=False)
+    # Multimodal ONNX split, runtime side (``regap_export.models.vision_runtime_for``).
+    vision_runtime: VisionRuntime | None = None
+    # Position ids other than the text scheme (``positions.position_config``); None: text.
+    positions: PositionKind | None = None
 
     # -- structure -------------------------------------------------------------------
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.language_model_path)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        from torch import nn
+
         layers = getattr(self.language_model(model), self.layers_attr)
         if not isinstance(layers, nn.ModuleList):
             raise TypeError(f"{self.family}: {self.language_model_path}.{self.layers_attr} is not a ModuleList")
@@ -78,7 +96,7 @@ class ModelAdapter:
         """Chat messages for one user turn. Multimodal families put the image first."""
         if not self.multimodal:
             if with_image:
-                raise ValueError(f"{self.family} is a text-only family and takes no image")
+                raise self._no_image()
             return [{"role": "user", "content": instruction}]
         content: list[dict] = []
         if with_image:
@@ -93,7 +111,9 @@ class ModelAdapter:
         kwargs = {}
         if getattr(template, "chat_template", None) is None:
             if self.fallback_chat_template is None:
-                raise ValueError(f"{self.family}: the tokenizer has no chat template and the adapter has no fallback")
+                raise ModelError(f"{self.family}: the tokenizer has no chat template and the family has no fallback",
+                                 field="chat_template",
+                                 hint="add a chat_template to the model folder's tokenizer_config.json")
             kwargs["chat_template"] = self.fallback_chat_template
         return template.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
 
@@ -123,7 +143,7 @@ class ModelAdapter:
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
             return dict(enc)
         if not self.multimodal:
-            raise ValueError(f"{self.family} is a text-only family and takes no image")
+            raise self._no_image()
         if len(images) != len(prompts):
             raise ValueError(f"{self.family}: {len(prompts)} prompts but {len(images)} images")
         enc = processor(text=prompts, images=self.images_argument(images), return_tensors="pt",
@@ -134,14 +154,27 @@ class ModelAdapter:
         """How this family's processor wants a batch of images (flat list by default)."""
         return list(images)
 
-
-# Processor outputs beside pixel_* that the image path needs (LLaVA-NeXT, Qwen-VL).
-PIXEL_EXTRA_KEYS = ("image_sizes", "image_grid_thw")
+    def _no_image(self) -> ModelError:
+        return ModelError(f"{self.family} is a text-only family and takes no image",
+                          hint="drop the image, or use a multimodal model")
 
 
 def pixel_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The image-side entries of a processor's output (``pixel_*`` and their layout)."""
-    return {k: v for k, v in inputs.items() if k.startswith("pixel") or k in PIXEL_EXTRA_KEYS}
+    """The image-side entries of a processor's output (``pixel_*`` and their layout, the
+    families' ``pixel_extra_keys``)."""
+    from . import pixel_extra_keys
+
+    extra = pixel_extra_keys()
+    return {k: v for k, v in inputs.items() if k.startswith("pixel") or k in extra}
+
+
+def __getattr__(name: str) -> Any:
+    # ``PIXEL_EXTRA_KEYS`` is built from the registry, which is filled after this module loads.
+    if name == "PIXEL_EXTRA_KEYS":
+        from . import pixel_extra_keys
+
+        return pixel_extra_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def image_token_id_of(config: Any) -> int:
@@ -149,12 +182,18 @@ def image_token_id_of(config: Any) -> int:
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
-    raise ValueError(f"{getattr(config, 'model_type', '?')}: the config names no image token id")
+    raise ModelError(f"{getattr(config, 'model_type', '?')}: the config names no image token id",
+                     field="image_token_id", hint="set image_token_id in the model's config.json")
 
 
 def read_template(name: str) -> str:
-    """A fallback chat template shipped in ``regap_export/models/templates/<name>.jinja``."""
-    return (Path(__file__).parent / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    """The fallback chat template of the registered family ``name`` (each family module holds its own)."""
+    from . import adapter_for_family
+
+    adapter = adapter_for_family(name)
+    if adapter is None or adapter.fallback_chat_template is None:
+        raise ValueError(f"no registered family {name!r} with a fallback chat template")
+    return adapter.fallback_chat_template
 
 
 def tokenizer_of(processor: Any) -> Any:

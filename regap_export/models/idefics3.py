@@ -16,10 +16,18 @@ mixes prompts with and without images. One ``<image>`` in the prompt expands to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from . import register
 from .base import ModelAdapter
+from .vision_export import VisionSpec, model_dtype, patched_bucketize
+from .vision_runtime import VisionRuntime
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # SmolVLM's chat format: a single ``<|im_start|>`` at the very start, "User:" / "Assistant:"
 # turns closed by ``<end_of_utterance>``; no space after the colon when the turn opens with
@@ -51,6 +59,57 @@ class Idefics3Adapter(ModelAdapter):
         return [[image] for image in images]
 
 
+# -- multimodal ONNX split -------------------------------------------------------------------
+def _encode(model: nn.Module, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+    """Idefics3Model.get_image_features for real images only (the runtime drops the
+    all-zero padding images): patch mask -> vision tower -> connector."""
+    inner = model.model
+    patch = inner.config.vision_config.patch_size
+    pixel_values = pixel_values.to(model_dtype(model))
+    subgrid = pixel_attention_mask.unfold(1, patch, patch).unfold(2, patch, patch)
+    patch_mask = subgrid.sum(dim=(-1, -2)) > 0
+    hidden = inner.vision_model(pixel_values=pixel_values, patch_attention_mask=patch_mask).last_hidden_state
+    return inner.connector(hidden)
+
+
+def _sample(model: nn.Module, n: int) -> tuple[torch.Tensor, ...]:
+    import torch
+
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(n, 3, size, size)
+    mask = torch.ones(n, size, size, dtype=torch.int64)
+    return pixels, mask
+
+
+def _prepare(config: dict, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None = None,
+             **_: Any) -> dict[str, np.ndarray]:
+    """[batch, max_images, 3, H, W] (processor output) -> real images only [n, 3, H, W].
+    Padding images are all zeros, as Idefics3Model.get_image_features decides."""
+    pv = np.asarray(pixel_values, dtype=np.float32)
+    if pv.ndim == 5:
+        b, n = pv.shape[:2]
+        pv = pv.reshape(b * n, *pv.shape[2:])
+        if pixel_attention_mask is not None:
+            pixel_attention_mask = np.asarray(pixel_attention_mask).reshape(b * n, *pv.shape[2:])
+    real = ~(pv == 0.0).all(axis=(1, 2, 3))
+    pv = pv[real]
+    if pixel_attention_mask is None:
+        mask = np.ones((pv.shape[0], pv.shape[2], pv.shape[3]), dtype=np.int64)
+    else:
+        mask = np.asarray(pixel_attention_mask).astype(np.int64)[real]
+    return {"pixel_values": np.ascontiguousarray(pv), "pixel_attention_mask": np.ascontiguousarray(mask)}
+
+
+VISION = VisionSpec(
+    family="idefics3",
+    inputs=("pixel_values", "pixel_attention_mask"),
+    encode=_encode,
+    sample=_sample,
+    input_dtypes=("float32", "int64"),
+    patches=patched_bucketize,
+)
+
+
 IDEFICS3 = register(Idefics3Adapter(
     family="idefics3",
     model_types=("idefics3",),
@@ -58,4 +117,6 @@ IDEFICS3 = register(Idefics3Adapter(
     multimodal=True,
     fallback_chat_template=SMOLVLM_CHAT_TEMPLATE,
     auto_class_name="AutoModelForImageTextToText",
+    vision_export={"idefics3": VISION},
+    vision_runtime=VisionRuntime(_prepare),
 ))

@@ -27,6 +27,7 @@ from ..errors import RegapError
 from ..folding import ScoreReadout, sequence_strength
 from ..modality import prompt_mask, rows_with_image, step_mask
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
+from ..models.positions import check_prompt
 from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)
 from ..options import RegapOptions
 from .session import OrtSessions
@@ -126,13 +127,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
     ``eos_token_id=[]`` to never stop early. ``correct=False`` runs the same graphs with the
     correction switched off (image mask 0): the uncorrected model.
     """
-    input_ids = np.asarray(input_ids, dtype=np.int64)
-    if input_ids.ndim != 2:
-        raise ValueError("input_ids must be [batch, seq]")
+    input_ids, mask = check_prompt(input_ids, attention_mask)
     batch = input_ids.shape[0]
-    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-    if mask.shape != input_ids.shape:
-        raise ValueError("attention_mask must match input_ids")
     if not mask[:, -1].all():
         raise RegapError("generate needs left-padded batches (every row's last token must be attended)")
     eos = (sessions.config.get("eos_token_id") or []) if eos_token_id is None else eos_token_id

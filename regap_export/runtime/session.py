@@ -19,7 +19,7 @@ from ..checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError
 from ..export.onnx_export import read_config
 from ..models.positions import PositionScheme, position_scheme
-from ..models.vision_runtime import VISION_RUNTIME
+from ..models import vision_runtime_for
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -167,9 +167,7 @@ class OrtSessions:
         if self.vision_encoder is None:
             raise RegapError("this export is a text model: it takes no image")
         family = self.config["family"]
-        handler = VISION_RUNTIME.get(family)
-        if handler is None:
-            raise RegapError(f"no image input handling for family {family!r}")
+        handler = vision_runtime_for(family)
         pixel_inputs = {k: np.asarray(v) for k, v in pixel_inputs.items() if v is not None}
         feeds = handler.prepare(self.config, **pixel_inputs)
         names = self.config.get("vision_outputs", ["image_features"])
