@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ArtifactError, DataError, RegapError
 # Family knowledge (multimodal or not, message layout, fallback chat template).
 from ..models import adapter_for_config
-from .image_families import IMAGE_FAMILIES
+from .image_families import IMAGE_FAMILIES, NotPorted
 from .text import FolderTokenizer, read_json
 
 EXPORT_EXTRA = "regap-export[export]"
@@ -100,7 +100,10 @@ def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: st
                                  fallback_template=adapter.fallback_chat_template)
     pixels: dict[str, np.ndarray] = {}
     if image is not None:
-        prepared = IMAGE_FAMILIES[adapter.family](processor_settings(folder), text, image)
+        try:
+            prepared = IMAGE_FAMILIES[adapter.family](processor_settings(folder), text, image)
+        except NotPorted:
+            return _transformers_inputs(folder, adapter, prompt, image)
         text, pixels = prepared.text, prepared.pixels
     ids = np.asarray([tokenizer.encode(text)], dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), **pixels}, tokenizer

@@ -22,7 +22,14 @@ from PIL import Image
 from . import image_ops as ops
 
 IMAGENET_STANDARD = [0.5, 0.5, 0.5]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RESCALE = 1 / 255
+
+
+class NotPorted(Exception):
+    """These processor settings are outside what the composition reproduces: the caller
+    uses the family's transformers processor instead."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,107 @@ def idefics3(settings: dict[str, Any], text: str, image: Image.Image) -> ImageIn
     return ImageInputs(text=text.replace(image_token, expansion, 1), pixels=pixels)
 
 
+# -- LLaVA 1.5 (CLIPImageProcessorPil, LlavaProcessor) --------------------------------------
+def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    """``get_resize_output_image_size(..., default_to_square=False)`` without max_size."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest, int(shortest * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def clip_pixels(cfg: dict[str, Any], image: Image.Image) -> np.ndarray:
+    """The PIL backend's default chain: resize, center crop, rescale, normalize -> [3, H, W]."""
+    if cfg.get("do_pad") or cfg.get("pad_size"):
+        raise NotPorted("padding")
+    array = ops.to_channels_first(image)
+    if cfg.get("do_resize", True):
+        size = cfg.get("size") or {"shortest_edge": 224}
+        if set(size) == {"shortest_edge"}:
+            height, width = _shortest_edge_size(*array.shape[-2:], int(size["shortest_edge"]))
+        elif set(size) == {"height", "width"}:
+            height, width = int(size["height"]), int(size["width"])
+        else:
+            raise NotPorted(f"size {size}")
+        array = ops.resize(array, height, width, int(cfg.get("resample", 3)))  # BICUBIC
+    if cfg.get("do_center_crop", True):
+        crop = cfg.get("crop_size") or {"height": 224, "width": 224}
+        array = ops.center_crop(array, int(crop["height"]), int(crop["width"]))
+    if cfg.get("do_rescale", True):
+        array = ops.rescale(array, float(cfg.get("rescale_factor", RESCALE)))
+    if cfg.get("do_normalize", True):
+        array = ops.normalize(array, cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD))
+    return array.astype(np.float32)
+
+
+def llava(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = _image_settings(settings)
+    if cfg.get("image_processor_type", "CLIPImageProcessor") not in ("CLIPImageProcessor", "CLIPImageProcessorPil"):
+        raise NotPorted(cfg.get("image_processor_type"))
+    pixels = clip_pixels(cfg, image)
+    patch = settings.get("patch_size")
+    if not patch:
+        raise NotPorted("no patch_size")
+    height, width = pixels.shape[-2:]
+    count = (height // int(patch)) * (width // int(patch)) + int(settings.get("num_additional_image_tokens") or 0)
+    if settings.get("vision_feature_select_strategy") == "default":
+        count -= 1
+    token = settings.get("image_token") or "<image>"
+    return ImageInputs(text=text.replace(token, token * count, 1), pixels={"pixel_values": pixels[None]})
+
+
+# -- Qwen2-VL / Qwen2.5-VL (Qwen2VLImageProcessorPil, Qwen2VLProcessor) -----------------------
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Both sides multiples of ``factor``, the area within [min_pixels, max_pixels], the aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise NotPorted("aspect ratio over 200 (transformers refuses it)")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qwen2_vl(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = _image_settings(settings)
+    patch, merge = int(cfg.get("patch_size", 14)), int(cfg.get("merge_size", 2))
+    temporal = int(cfg.get("temporal_patch_size", 2))
+    array = ops.to_channels_first(image)
+    if cfg.get("do_resize", True):
+        size = dict(cfg.get("size") or {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+        if cfg.get("min_pixels") is not None:
+            size["shortest_edge"] = cfg["min_pixels"]
+        if cfg.get("max_pixels") is not None:
+            size["longest_edge"] = cfg["max_pixels"]
+        height, width = _smart_resize(*array.shape[-2:], patch * merge, int(size["shortest_edge"]),
+                                      int(size["longest_edge"]))
+        array = ops.resize(array, height, width, int(cfg.get("resample", 3)))  # BICUBIC
+    if cfg.get("do_rescale", True):
+        array = ops.rescale(array, float(cfg.get("rescale_factor", RESCALE)))
+    if cfg.get("do_normalize", True):
+        array = ops.normalize(array, cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD))
+    # patchify: [grid_h * grid_w, C * temporal * patch * patch], patches in merge-block order
+    array = np.asarray(array, dtype=np.float32)
+    channels, height, width = array.shape
+    grid_h, grid_w = height // patch, width // patch
+    patches = array.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    patches = np.transpose(patches, (1, 4, 2, 5, 0, 3, 6))
+    patches = np.broadcast_to(patches[:, :, :, :, :, None, :, :], (*patches.shape[:5], temporal, *patches.shape[5:]))
+    flat = patches.reshape(grid_h * grid_w, channels * temporal * patch * patch)
+    token = settings.get("image_token") or "<|image_pad|>"
+    count = grid_h * grid_w // (merge * merge)
+    return ImageInputs(text=text.replace(token, token * count, 1),
+                       pixels={"pixel_values": flat, "image_grid_thw": np.array([[1, grid_h, grid_w]], dtype=np.int64)})
+
+
 # family -> composition
 IMAGE_FAMILIES: dict[str, Callable[[dict[str, Any], str, Image.Image], ImageInputs]] = {
     "idefics3": idefics3,
+    "llava": llava,
+    "qwen2_vl": qwen2_vl,
 }
