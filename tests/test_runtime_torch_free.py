@@ -267,6 +267,10 @@ def test_every_torch_import_left_comes_through_regap_export_models(exports):
     out = run_generate_isolated(exports, block=False)
     assert out["codes"] == [0, 0, 0], out["stderr"][-2000:]
     assert len(out["replies"]) == 3 and all(r["new_token_ids"] for r in out["replies"])
+    for r in out["replies"]:  # --json: the existing keys and the token ids
+        assert {"text", "new_tokens", "prompt_token_ids", "new_token_ids"} <= set(r)
+        assert r["new_tokens"] == len(r["new_token_ids"]) and len(r["prompt_token_ids"]) > 5
+    assert len(out["replies"][2]["prompt_token_ids"]) > len(out["replies"][1]["prompt_token_ids"])  # + image tokens
     assert any(a["module"] == "torch" for a in out["attempts"])  # the recorder sees imports
     # every import of torch/transformers by regap-export code is reached through regap_export.models
     outside = [a for a in out["attempts"]
