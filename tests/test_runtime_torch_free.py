@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "llava_next", "qwen2_vl",
                  "qwen2_5_vl", "idefics3"]
 # model types whose images are prepared without transformers (runtime.image_families)
-PORTED_IMAGES = ["idefics3", "llava", "qwen2_vl", "qwen2_5_vl"]
+PORTED_IMAGES = ["idefics3", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 PROMPT = "Describe the steps in detail, please."
 
 
@@ -140,10 +140,19 @@ def test_smolvlm_image_inputs_match_transformers(tmp_path, settings):
             assert theirs["pixel_values"].shape[1] > 1  # the image was split: tiles + the global image
 
 
-def test_a_family_without_a_ported_image_path_falls_back_or_names_the_extra(tiny_folders, monkeypatch):
-    folder = tiny_folders["llava_next"]
-    assert "llava_next" not in image_families.IMAGE_FAMILIES
-    image = picture(40, 30)
+def test_settings_without_a_port_fall_back_to_transformers_or_name_the_extra(tiny_folders, tmp_path, monkeypatch):
+    """A size form the LLaVA composition does not reproduce (shortest and longest edge) goes
+    through transformers; without transformers the error names the extra to install."""
+    import shutil
+
+    folder = tmp_path / "llava"
+    shutil.copytree(tiny_folders["llava"], folder)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    settings["image_processor"]["size"] = {"shortest_edge": 32, "longest_edge": 48}
+    (folder / "processor_config.json").write_text(json.dumps(settings))
+    image = picture(70, 30)
+    with pytest.raises(image_families.NotPorted):
+        image_families.llava(settings, "<image>", image)
     ours, _ = new_inputs(folder, PROMPT, image)
     assert_same_inputs(ours, transformers_inputs(folder, PROMPT, image))
 
@@ -159,7 +168,7 @@ def test_a_family_without_a_ported_image_path_falls_back_or_names_the_extra(tiny
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     from regap_export.errors import RegapError
 
-    with pytest.raises(RegapError, match=r"llava_next.*transformers.*regap-export\[export\]"):
+    with pytest.raises(RegapError, match=r"llava export.*transformers.*longest_edge.*regap-export\[export\]"):
         new_inputs(folder, PROMPT, image)
 
 

@@ -2,7 +2,8 @@
 
 Without PyTorch or transformers: the folder's ``config.json`` is read as JSON, its
 tokenizer and chat template by ``runtime.text``, and images are prepared by
-``runtime.image_families`` for the families ported there. An image for another family goes
+``runtime.image_families`` for the families ported there
+(Idefics3, LLaVA, LLaVA-NeXT, Qwen2-VL) with processor settings it reproduces; any other goes
 through the family's transformers processor, which needs ``regap-export[export]``.
 """
 from __future__ import annotations
@@ -94,7 +95,7 @@ def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: st
     """(model inputs for one prompt: input_ids, attention_mask, pixel inputs; a tokenizer with
     ``decode``), as ``ModelAdapter.encode`` on the folder's transformers processor gives them."""
     if image is not None and adapter.family not in IMAGE_FAMILIES:
-        return _transformers_inputs(folder, adapter, prompt, image)
+        return _transformers_inputs(folder, adapter, prompt, image, why="no numpy port for this family")
     tokenizer = FolderTokenizer.open(folder)
     text = tokenizer.render_chat(adapter.messages(prompt, with_image=image is not None),
                                  fallback_template=adapter.fallback_chat_template)
@@ -102,8 +103,8 @@ def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: st
     if image is not None:
         try:
             prepared = IMAGE_FAMILIES[adapter.family](processor_settings(folder), text, image)
-        except NotPorted:
-            return _transformers_inputs(folder, adapter, prompt, image)
+        except NotPorted as exc:
+            return _transformers_inputs(folder, adapter, prompt, image, why=f"processor settings not ported: {exc}")
         text, pixels = prepared.text, prepared.pixels
     ids = np.asarray([tokenizer.encode(text)], dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), **pixels}, tokenizer
@@ -117,13 +118,13 @@ class _TransformersTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any):
-    """A family whose image preprocessing is not ported (``image_families``): its processor."""
+def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any, *, why: str):
+    """Images ``image_families`` does not reproduce (``why``): the family's transformers processor."""
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise RegapError(f"images for {adapter.family} exports are prepared by transformers, which is not "
-                         "installed", field="--image", hint=f'pip install "{EXPORT_EXTRA}"') from None
+        raise RegapError(f"images for this {adapter.family} export are prepared by transformers ({why}), which "
+                         "is not installed", path=folder, field="--image", hint=f'pip install "{EXPORT_EXTRA}"') from None
     from ..models.base import pixel_inputs
 
     try:

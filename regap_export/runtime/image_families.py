@@ -146,14 +146,7 @@ def clip_pixels(cfg: dict[str, Any], image: Image.Image) -> np.ndarray:
         raise NotPorted("padding")
     array = ops.to_channels_first(image)
     if cfg.get("do_resize", True):
-        size = cfg.get("size") or {"shortest_edge": 224}
-        if set(size) == {"shortest_edge"}:
-            height, width = _shortest_edge_size(*array.shape[-2:], int(size["shortest_edge"]))
-        elif set(size) == {"height", "width"}:
-            height, width = int(size["height"]), int(size["width"])
-        else:
-            raise NotPorted(f"size {size}")
-        array = ops.resize(array, height, width, int(cfg.get("resample", 3)))  # BICUBIC
+        array = _resize_with_size(array, cfg.get("size") or {"shortest_edge": 224}, int(cfg.get("resample", 3)))
     if cfg.get("do_center_crop", True):
         crop = cfg.get("crop_size") or {"height": 224, "width": 224}
         array = ops.center_crop(array, int(crop["height"]), int(crop["width"]))
@@ -178,6 +171,106 @@ def llava(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInput
         count -= 1
     token = settings.get("image_token") or "<image>"
     return ImageInputs(text=text.replace(token, token * count, 1), pixels={"pixel_values": pixels[None]})
+
+
+# -- LLaVA-NeXT (LlavaNextImageProcessorPil, LlavaNextProcessor) --------------------------------
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def select_best_resolution(original_size: tuple[int, int], possible: list[list[int]]) -> tuple[int, int]:
+    """transformers' ``select_best_resolution``: the (height, width) that keeps the most of the
+    image, then wastes the least."""
+    original_height, original_width = original_size
+    best_fit, max_effective, min_wasted = None, 0, float("inf")
+    for height, width in possible:
+        scale = min(width / original_width, height / original_height)
+        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
+        effective = min(downscaled_width * downscaled_height, original_width * original_height)
+        wasted = (width * height) - effective
+        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+            max_effective, min_wasted, best_fit = effective, wasted, (height, width)
+    return best_fit
+
+
+def _resize_with_size(array: np.ndarray, size: dict[str, Any], resample: int) -> np.ndarray:
+    """``PilBackend.resize`` for the two size forms CLIP-style processors save."""
+    if set(size) == {"shortest_edge"}:
+        height, width = _shortest_edge_size(*array.shape[-2:], int(size["shortest_edge"]))
+    elif set(size) == {"height", "width"}:
+        height, width = int(size["height"]), int(size["width"])
+    else:
+        raise NotPorted(f"size {size}")
+    return ops.resize(array, height, width, resample)
+
+
+def _llava_next_token_count(orig: tuple[int, int], crop: tuple[int, int], settings: dict[str, Any],
+                            pinpoints: list[list[int]]) -> int:
+    """``LlavaNextProcessor._get_number_of_features``: the base crop's patches, then the
+    unpadded any-resolution grid with one newline per row."""
+    patch = int(settings["patch_size"])
+    height, width = crop
+    best_height, best_width = select_best_resolution(orig, pinpoints)
+    patches_height, patches_width = height // patch, width // patch
+    current_height = patches_height * (best_height // height)
+    current_width = patches_width * (best_width // width)
+    orig_height, orig_width = orig
+    if orig_width / orig_height > current_width / current_height:
+        new_height = int(round(orig_height * (current_width / orig_width), 7))
+        current_height -= ((current_height - new_height) // 2) * 2
+    else:
+        new_width = int(round(orig_width * (current_height / orig_height), 7))
+        current_width -= ((current_width - new_width) // 2) * 2
+    count = current_height * current_width + current_height
+    count += patches_height * patches_width + int(settings.get("num_additional_image_tokens") or 0)
+    if settings.get("vision_feature_select_strategy") == "default":
+        count -= 1
+    return count
+
+
+def llava_next(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = _image_settings(settings)
+    if cfg.get("image_processor_type", "LlavaNextImageProcessor") not in ("LlavaNextImageProcessor",
+                                                                          "LlavaNextImageProcessorPil"):
+        raise NotPorted(cfg.get("image_processor_type"))
+    if not settings.get("patch_size"):
+        raise NotPorted("no patch_size")
+    resample = int(cfg.get("resample", 3))  # BICUBIC
+    size = cfg.get("size") or {"shortest_edge": 224}
+    crop = cfg.get("crop_size") or {"height": 224, "width": 224}
+    pinpoints = cfg.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS
+    base_size = (size["height"], size["width"]) if size.get("height") else (size["shortest_edge"],) * 2
+    tile = int(crop.get("height") or size.get("height") or size["shortest_edge"])
+    array = ops.to_channels_first(image)
+    orig = tuple(int(x) for x in array.shape[-2:])
+    # get_image_patches: resize into the best grid resolution keeping the aspect, pad centred, cut tiles
+    best_height, best_width = select_best_resolution(orig, pinpoints)
+    scale_w, scale_h = best_width / orig[1], best_height / orig[0]
+    if scale_w < scale_h:
+        new_height, new_width = min(math.ceil(orig[0] * scale_w), best_height), best_width
+    else:
+        new_height, new_width = best_height, min(math.ceil(orig[1] * scale_h), best_width)
+    resized = ops.resize(array, new_height, new_width, resample)
+    pad_x, r_x = divmod(best_width - new_width, 2)
+    pad_y, r_y = divmod(best_height - new_height, 2)
+    padded = np.pad(resized, ((0, 0), (pad_y, pad_y + r_y), (pad_x, pad_x + r_x)), mode="constant", constant_values=0)
+    tiles = [padded[:, i:i + tile, j:j + tile] for i in range(0, best_height, tile) for j in range(0, best_width, tile)]
+    frames = [ops.resize(array, int(base_size[0]), int(base_size[1]), resample)] + tiles
+    out = []
+    for frame in frames:
+        if cfg.get("do_resize", True):
+            frame = _resize_with_size(frame, size, resample)
+        if cfg.get("do_center_crop", True):
+            frame = ops.center_crop(frame, int(crop["height"]), int(crop["width"]))
+        if cfg.get("do_rescale", True):
+            frame = ops.rescale(frame, float(cfg.get("rescale_factor", RESCALE)))
+        if cfg.get("do_normalize", True):
+            frame = ops.normalize(frame, cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD))
+        out.append(frame)
+    pixels = np.array(out).astype(np.float32)
+    count = _llava_next_token_count(orig, tuple(pixels.shape[-2:]), settings, pinpoints)
+    token = settings.get("image_token") or "<image>"
+    return ImageInputs(text=text.replace(token, token * count, 1),
+                       pixels={"pixel_values": pixels[None], "image_sizes": np.array([orig], dtype=np.int64)})
 
 
 # -- Qwen2-VL / Qwen2.5-VL (Qwen2VLImageProcessorPil, Qwen2VLProcessor) -----------------------
@@ -234,5 +327,6 @@ def qwen2_vl(settings: dict[str, Any], text: str, image: Image.Image) -> ImageIn
 IMAGE_FAMILIES: dict[str, Callable[[dict[str, Any], str, Image.Image], ImageInputs]] = {
     "idefics3": idefics3,
     "llava": llava,
+    "llava_next": llava_next,
     "qwen2_vl": qwen2_vl,
 }
