@@ -26,7 +26,6 @@ from regap_export.models import adapter_for_config  # noqa: E402
 from regap_export.models.base import pixel_inputs  # noqa: E402
 from regap_export.runtime import image_families  # noqa: E402
 from regap_export.runtime.chat import encode_prompt, reply  # noqa: E402
-from regap_export.runtime.text import FolderTokenizer  # noqa: E402
 from tiny_models import save_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

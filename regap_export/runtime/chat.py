@@ -2,9 +2,9 @@
 
 Without PyTorch or transformers: the folder's ``config.json`` is read as JSON, its
 tokenizer and chat template by ``runtime.text``, and images are prepared by
-``runtime.image_families`` for the families ported there
-(Idefics3, LLaVA, LLaVA-NeXT, Qwen2-VL) with processor settings it reproduces; any other goes
-through the family's transformers processor, which needs ``regap-export[export]``.
+``runtime.image_families`` (Idefics3, LLaVA, LLaVA-NeXT, Qwen2-VL) when it reproduces the
+folder's processor settings; other images go through the family's transformers processor,
+which needs ``regap-export[export]``.
 """
 from __future__ import annotations
 
@@ -123,8 +123,9 @@ def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any, *,
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise RegapError(f"images for this {adapter.family} export are prepared by transformers ({why}), which "
-                         "is not installed", path=folder, field="--image", hint=f'pip install "{EXPORT_EXTRA}"') from None
+        raise RegapError(f"images for this {adapter.family} export are prepared by transformers ({why}), "
+                         "which is not installed", path=folder, field="--image",
+                         hint=f'pip install "{EXPORT_EXTRA}"') from None
     from ..models.base import pixel_inputs
 
     try:
