@@ -222,7 +222,8 @@ BLOCKER = textwrap.dedent("""
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
                 attempts.append({{"module": name, "importers": chain()}})
-                raise ImportError(f"{{name}} is blocked: the runtime must work without it")
+                # what Python raises for a package that is not installed
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
             return None
 
     real_import = builtins.__import__
@@ -249,13 +250,19 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
-def run_generate_isolated(exports, *, block: bool) -> dict:
+def generate_runs(exports) -> list[list[str]]:
+    """generate --json: a text export, and a multimodal export with and without an image."""
     image = exports["idefics3"].parent / "picture.png"
     picture(45, 33).save(image)
-    runs = [["generate", str(exports["llama"]), "--prompt", PROMPT, "--max-new-tokens", "4", "--json"],
+    return [["generate", str(exports["llama"]), "--prompt", PROMPT, "--max-new-tokens", "4", "--json"],
             ["generate", str(exports["idefics3"]), "--prompt", PROMPT, "--max-new-tokens", "4", "--json"],
             ["generate", str(exports["idefics3"]), "--prompt", PROMPT, "--image", str(image),
              "--max-new-tokens", "4", "--json"]]
+
+
+def run_cli_isolated(runs: list[list[str]], *, block: bool) -> dict:
+    """The CLI commands ``runs`` in a fresh interpreter that records (block=False) or refuses
+    (block=True) every import of torch/transformers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / ".shim"),
                                                         os.environ.get("PYTHONPATH", "")])}
     code = BLOCKER.format(block="True" if block else "False", runs=runs)
@@ -272,7 +279,7 @@ def run_generate_isolated(exports, *, block: bool) -> dict:
 def test_every_torch_import_left_comes_through_regap_export_models(exports):
     """Until the models/ restructure is merged, the family modules still import torch. This
     records who imports torch/transformers during generate and allows only that chain."""
-    out = run_generate_isolated(exports, block=False)
+    out = run_cli_isolated(generate_runs(exports), block=False)
     assert out["codes"] == [0, 0, 0], out["stderr"][-2000:]
     assert len(out["replies"]) == 3 and all(r["new_token_ids"] for r in out["replies"])
     for r in out["replies"]:  # --json: the existing keys and the token ids
@@ -286,10 +293,17 @@ def test_every_torch_import_left_comes_through_regap_export_models(exports):
     assert not outside, outside
 
 
-@pytest.mark.xfail(strict=True, reason="regap_export.models (adapters, positions, vision_runtime) imports torch "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="regap_export.models (adapters, positions, vision_runtime) imports torch "
                    "until the models/ restructure of issue 10 is merged; flip this then")
 def test_generate_runs_with_torch_and_transformers_blocked(exports):
-    out = run_generate_isolated(exports, block=True)
+    out = run_cli_isolated(generate_runs(exports), block=True)
     assert out["codes"] == [0, 0, 0], out["stderr"][-3000:]
     assert out["loaded"] == []
     assert len(out["replies"]) == 3 and all(r["new_token_ids"] for r in out["replies"])
+
+
+def test_commands_that_need_torch_name_the_extra_when_it_is_missing(exports):
+    out = run_cli_isolated([["validate", str(exports["llama"])]], block=True)
+    assert out["codes"] == [2], out["stderr"][-2000:]
+    assert "not installed" in out["stderr"] and 'pip install "regap-export[export]"' in out["stderr"]
+    assert "Traceback" not in out["stderr"]
