@@ -22,6 +22,10 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+# What the [export] extra installs: a runtime-only install (regap-export[runtime]) lacks them.
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "gguf", "accelerate")
+
+
 def _run(fn):
     """Run a command body; user errors print one clear line and exit 2."""
     from regap_export.atomic import filesystem_error_in
@@ -31,6 +35,11 @@ def _run(fn):
         return fn()
     except RegapError as exc:
         _fail(exc)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        _fail(RegapError(f"this command needs {exc.name}, which is not installed (a runtime-only install "
+                         "runs generate only)", hint='pip install "regap-export[export]"'))
     except OSError as exc:  # read-only, not a directory, no space, permission: the user's file system
         user_error = filesystem_error_in(exc)
         if user_error is None:
@@ -236,7 +245,8 @@ def generate(
                                        "(sizes and the constants' finiteness are always checked)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Generate a reply with ONNX Runtime (greedy, KV cache, no PyTorch model)."""
+    """Generate a reply with ONNX Runtime (greedy, KV cache; needs no PyTorch). --json also gives the
+    prompt's and the reply's token ids (prompt_token_ids, new_token_ids)."""
 
     def body():
         from regap_export.runtime.chat import reply

@@ -32,21 +32,33 @@ def check_option_values(options: Any) -> None:
 
 
 def nonfinite_where(tensor) -> str | None:
-    """None if every element is finite, else where the first non-finite one is ("row 2", "index 5")."""
-    import torch
+    """None if every element is finite, else where the first non-finite one is ("row 2", "index 5").
+    A numpy array is checked with numpy (the runtime has no PyTorch), anything else with torch."""
+    import numpy as np
 
-    t = tensor.detach() if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
-    if not t.is_floating_point():
-        return None
-    bad = ~torch.isfinite(t)
-    if not bool(bad.any()):
-        return None
-    first = [int(i) for i in bad.nonzero()[0].tolist()]
+    if isinstance(tensor, np.ndarray):
+        t = tensor
+        if t.dtype.kind != "f":
+            return None
+        bad = ~np.isfinite(t)
+        if not bad.any():
+            return None
+        first = [int(i) for i in np.argwhere(bad)[0]] if t.ndim else []
+    else:
+        import torch
+
+        t = tensor.detach() if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
+        if not t.is_floating_point():
+            return None
+        bad = ~torch.isfinite(t)
+        if not bool(bad.any()):
+            return None
+        first = [int(i) for i in bad.nonzero()[0].tolist()]
     value = float(t[tuple(first)])
-    if t.dim() == 0:
+    if t.ndim == 0:
         return f"value {value}"
-    where = f"layer {first[0]}" if t.dim() == 2 else f"index {first[0]}"
-    return f"{value} at {where}" + (f", element {first[1]}" if t.dim() == 2 else "")
+    where = f"layer {first[0]}" if t.ndim == 2 else f"index {first[0]}"
+    return f"{value} at {where}" + (f", element {first[1]}" if t.ndim == 2 else "")
 
 
 def check_tensors_finite(tensors: Mapping[str, Any], *, path: str | Path | None, what: str,
@@ -107,7 +119,7 @@ def check_exported_constants(folder: Path) -> None:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(tensors_file), framework="pt") as f:
+            with safe_open(str(tensors_file), framework="numpy") as f:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as exc:  # safetensors raises several types on a damaged file
             raise ArtifactError(f"not a readable safetensors file ({exc})", path=tensors_file) from None
@@ -120,21 +132,15 @@ def check_exported_constants(folder: Path) -> None:
 def _check_graph_constants(graph: Path) -> None:
     """The ``regap.*`` initializers stored in the graph file itself are finite."""
     import numpy as np
-    import onnx
-    from onnx import numpy_helper
 
-    try:
-        model = onnx.load(str(graph), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and others
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ArtifactError(f"not a readable ONNX graph ({first_line})", path=graph, hint="re-run export") from None
-    for init in model.graph.initializer:
-        if not init.name.startswith("regap.") or init.data_location == onnx.TensorProto.EXTERNAL:
+    from .artifacts import EXTERNAL, graph_initializers
+
+    for name, location, array in graph_initializers(graph, prefix="regap."):
+        if location == EXTERNAL or array is None:
             continue
-        array = numpy_helper.to_array(init)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ArtifactError(f"correction constant {init.name!r} is not finite", path=graph,
-                                field=init.name, hint="re-export with finite directions and options")
+        if not np.isfinite(array).all():
+            raise ArtifactError(f"correction constant {name!r} is not finite", path=graph,
+                                field=name, hint="re-export with finite directions and options")
 
 
 def verify_runtime_folder(onnx_folder: Path) -> None:
@@ -146,7 +152,7 @@ def verify_runtime_folder(onnx_folder: Path) -> None:
     export_folder = onnx_folder.parent
     if not (export_folder / "regap_manifest.json").is_file():
         return
-    from .export.manifest import read_manifest, verify_files
+    from .artifacts import read_manifest, verify_files
 
     manifest = read_manifest(export_folder)
     prefix = onnx_folder.name + "/"

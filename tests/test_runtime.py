@@ -106,6 +106,21 @@ def test_regap_seq_two_passes():
     np.testing.assert_array_equal(result.sequences, ref)
 
 
+def test_sequence_alpha_is_the_sigmoid_formula_in_numpy():
+    """The runtime's numpy strength (no torch) is alpha_max * sigmoid(kappa (z - tau)),
+    also for scores far out where exp overflows."""
+    from regap_export.folding import sequence_alpha
+    from regap_export.options import RegapOptions
+
+    options = RegapOptions(alpha_max=0.75, tau=0.3)
+    z = np.array([-1e6, -40.0, -1.5, 0.0, 0.3, 2.25, 1e6])
+    got = sequence_alpha(z, 2.5, options)
+    expected = 0.75 * torch.sigmoid(2.5 * (torch.from_numpy(z) - 0.3)).numpy()
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    assert got[0] == 0.0 and got[-1] == 0.75 and got[4] == 0.375
+
+
 def test_regap_seq_explicit_alpha_zero_is_the_unmodified_model():
     sessions = OrtSessions.open(exported("seq").folder)
     ids, mask = left_padded_batch(seed=25)

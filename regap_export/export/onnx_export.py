@@ -37,6 +37,7 @@ from ..folding import FIXED, SCALED, ScoreReadout
 from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of
 from ..options import RegapOptions
+from ..artifacts import CONFIG_FILE, CONTRACT_VERSION, read_config  # noqa: F401  (read_config: public here too)
 from ..rewrite import CorrectedBlock
 from ..models.hooks import block_hidden
 from ..models.positions import position_config
@@ -45,13 +46,11 @@ from .onnx_graph import SCORE_B, SCORE_W, public_name
 
 log = logging.getLogger(__name__)
 
-CONTRACT_VERSION = "onnx contract 2"
 DEFAULT_OPSET = 18
 TEXT_FILE = "model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
 EMBED_FILE = "embed_tokens.onnx"
 VISION_FILE = "vision_encoder.onnx"
-CONFIG_FILE = "regap_onnx.json"
 # Above this many bytes of weights a graph is written with external data. Protobuf's own limit
 # is 2 GiB, but an inline save also holds a serialized copy of every weight: the 135M embedded
 # model peaked at 5.3x its size inline and 2.3x with external data (benchmarks/RESULTS.md).
@@ -673,15 +672,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_config(out_dir: Path) -> dict[str, Any]:
-    """The ``regap_onnx.json`` written next to the graphs."""
-    from ..errors import ArtifactError
-
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError("no regap_onnx.json: this folder holds no regap-export ONNX graphs", path=path.parent)
-    data = json.loads(path.read_text())
-    if data.get("contract") != CONTRACT_VERSION:
-        raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
-                            f"{CONTRACT_VERSION!r})", path=path)
-    return data

@@ -30,7 +30,6 @@ Layout of the folder ``write_corrected_checkpoint`` fills:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..artifacts import sha256_file  # noqa: F401  (public here too)
 from ..directions_io import DirectionsFile
 from ..errors import ArtifactError, RegapError
 from ..folding import ScoreReadout, fold, score_readout
@@ -56,14 +56,6 @@ CONFIG_FILENAME = "config.json"
 SCORE_W, SCORE_B = "regap.score.w", "regap.score.b"
 _TEMPLATE = Path(__file__).with_name("modeling_regap.py")
 _TEMPLATE_BASE, _TEMPLATE_CLASS = "LlamaForCausalLM", "RegapLlamaForCausalLM"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remote_class_name(base_class: str) -> str:

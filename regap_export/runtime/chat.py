@@ -1,47 +1,63 @@
-"""One chat turn on an exported folder with ONNX Runtime: prompt (+ image) in, text out."""
+"""One chat turn on an exported folder with ONNX Runtime: prompt (+ image) in, text out.
+
+Without PyTorch or transformers: the folder's ``config.json`` is read as JSON, its
+tokenizer and chat template by ``runtime.text``, and images are prepared by
+``runtime.image_families`` (Idefics3, LLaVA, LLaVA-NeXT, Qwen2-VL) when it reproduces the
+folder's processor settings; other images go through the family's transformers processor,
+which needs ``regap-export[export]``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from ..errors import ArtifactError, DataError
+import numpy as np
+
+from ..errors import ArtifactError, DataError, RegapError
+# Family knowledge (multimodal or not, message layout, fallback chat template).
 from ..models import adapter_for_config
-from ..models.base import pixel_inputs
+from .image_families import IMAGE_FAMILIES, NotPorted
+from .text import FolderTokenizer, read_json
+
+EXPORT_EXTRA = "regap-export[export]"
 
 
-def _processor_and_adapter(folder: Path):
-    from transformers import AutoConfig
-
-    if not (folder / "config.json").is_file():
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """config.json of an exported folder (written by the safetensors export)."""
+    path = folder / "config.json"
+    if not path.is_file():
         raise ArtifactError("generate needs the tokenizer and config written by the safetensors export",
-                            path=folder / "config.json", hint="export with --format onnx,safetensors")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ArtifactError(f"config.json cannot be read ({exc})", path=folder / "config.json",
-                            hint="re-run export") from None
-    adapter = adapter_for_config(config, source=str(folder / "config.json"))
-    try:
-        return adapter.load_processor(folder), adapter
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ArtifactError(f"the tokenizer/processor cannot be loaded ({first_line})", path=folder,
-                            hint="re-run export") from None
+                            path=path, hint="export with --format onnx,safetensors")
+    config = read_json(path, what="config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise ArtifactError("config.json names no model_type", path=path, hint="re-run export")
+    return config
+
+
+def adapter_of(folder: Path, config: dict[str, Any]):
+    return adapter_for_config(SimpleNamespace(model_type=config["model_type"]), source=str(folder / "config.json"))
 
 
 def verify_export(folder: Path, *, verify_hashes: bool = True) -> None:
     """Before running an exported folder: its manifest lists every file with the right size
     (and sha256 unless ``verify_hashes`` is False), and its correction constants are finite."""
+    from ..artifacts import read_manifest, verify_files
     from ..checks import check_exported_constants
-    from ..export.manifest import read_manifest, verify_files
 
     verify_files(folder, read_manifest(folder), hashes=verify_hashes)
     check_exported_constants(folder)
 
 
-def check_prompt_length(config: Any, adapter, prompt_tokens: int, max_new_tokens: int) -> None:
+def context_length(config: dict[str, Any]) -> int | None:
+    """max_position_embeddings of the text model (a multimodal config nests it in text_config)."""
+    text = config.get("text_config")
+    value = (text if isinstance(text, dict) else config).get("max_position_embeddings")
+    return int(value) if isinstance(value, (int, float)) and value else None
+
+
+def check_prompt_length(limit: int | None, prompt_tokens: int, max_new_tokens: int) -> None:
     """The prompt plus the reply fit the model's context (max_position_embeddings)."""
-    limit = getattr(adapter.text_config(config), "max_position_embeddings", None)
     if not limit or prompt_tokens + max_new_tokens <= int(limit):
         return
     if prompt_tokens >= int(limit):
@@ -52,47 +68,106 @@ def check_prompt_length(config: Any, adapter, prompt_tokens: int, max_new_tokens
                     hint=f"use --max-new-tokens {int(limit) - prompt_tokens} or less")
 
 
-def processor_config(folder: Path):
-    from transformers import AutoConfig
+def processor_settings(folder: Path) -> dict[str, Any]:
+    """The processor's settings: processor_config.json (image processor nested), else
+    preprocessor_config.json (the image processor's own)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            return read_json(folder / name, what=name)
+    raise ArtifactError("the image processor settings are missing", path=folder / "processor_config.json",
+                        hint="re-run export")
 
-    return AutoConfig.from_pretrained(folder)
+
+def load_image(image: Any) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"not a readable image ({exc})", path=image, field="--image") from None
+
+
+def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: str, image: Any = None
+                  ) -> tuple[dict[str, np.ndarray], Any]:
+    """(model inputs for one prompt: input_ids, attention_mask, pixel inputs; a tokenizer with
+    ``decode``), as ``ModelAdapter.encode`` on the folder's transformers processor gives them."""
+    if image is not None and adapter.family not in IMAGE_FAMILIES:
+        return _transformers_inputs(folder, adapter, prompt, image, why="no numpy port for this family")
+    tokenizer = FolderTokenizer.open(folder)
+    text = tokenizer.render_chat(adapter.messages(prompt, with_image=image is not None),
+                                 fallback_template=adapter.fallback_chat_template)
+    pixels: dict[str, np.ndarray] = {}
+    if image is not None:
+        try:
+            prepared = IMAGE_FAMILIES[adapter.family](processor_settings(folder), text, image)
+        except NotPorted as exc:
+            return _transformers_inputs(folder, adapter, prompt, image, why=f"processor settings not ported: {exc}")
+        text, pixels = prepared.text, prepared.pixels
+    ids = np.asarray([tokenizer.encode(text)], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), **pixels}, tokenizer
+
+
+class _TransformersTokenizer:
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any, *, why: str):
+    """Images ``image_families`` does not reproduce (``why``): the family's transformers processor."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise RegapError(f"images for this {adapter.family} export are prepared by transformers ({why}), "
+                         "which is not installed", path=folder, field="--image",
+                         hint=f'pip install "{EXPORT_EXTRA}"') from None
+    from ..models.base import pixel_inputs
+
+    try:
+        processor = adapter.load_processor(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"the tokenizer/processor cannot be loaded ({first_line})", path=folder,
+                            hint="re-run export") from None
+    text = adapter.render_prompt(processor, prompt, with_image=True)
+    inputs = {k: v.numpy() for k, v in adapter.encode(processor, [text], [image]).items()}
+    kept = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], **pixel_inputs(inputs)}
+    return kept, _TransformersTokenizer(getattr(processor, "tokenizer", processor))
 
 
 def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens: int = 64,
           device: str = "cpu", correct: bool = True, verify_hashes: bool = True) -> dict[str, Any]:
     """One greedy reply. ``image``: a file path or a PIL image. ``correct=False``: the same
     graphs with the correction switched off (the uncorrected model). ``verify_hashes=False``:
-    check the manifest's sizes but not its sha256 (faster on large exports)."""
-    from PIL import Image, UnidentifiedImageError
+    check the manifest's sizes but not its sha256 (faster on large exports).
 
+    Returns ``text``, ``new_tokens`` (how many), ``prompt_token_ids``, ``new_token_ids`` and,
+    for regap-seq exports, ``regap_alpha``."""
     from .generate import generate
     from .session import OrtSessions
 
     folder = Path(folder)
     verify_export(folder, verify_hashes=verify_hashes)
-    processor, adapter = _processor_and_adapter(folder)
-    images = None
+    config = read_model_config(folder)
+    adapter = adapter_of(folder, config)
     if image is not None:
         if not adapter.multimodal:
             raise DataError(f"{adapter.family} is a text-only model and takes no image", path=image, field="--image")
-        if isinstance(image, Image.Image):
-            images = [image.convert("RGB")]
-        else:
-            try:
-                with Image.open(image) as im:
-                    images = [im.convert("RGB")]
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"not a readable image ({exc})", path=image, field="--image") from None
-    text = adapter.render_prompt(processor, prompt, with_image=images is not None)
-    inputs = {k: v.numpy() for k, v in adapter.encode(processor, [text], images).items()}
-    check_prompt_length(processor_config(folder), adapter, int(inputs["input_ids"].shape[1]), max_new_tokens)
+        image = load_image(image)
+    inputs, tokenizer = encode_prompt(folder, config, adapter, prompt, image)
+    check_prompt_length(context_length(config), int(inputs["input_ids"].shape[1]), max_new_tokens)
     sessions = OrtSessions.open(folder / "onnx", device=device)
-    pixels = pixel_inputs(inputs)
+    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     result = generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
                       correct=correct, **pixels)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    answer = tokenizer.decode(result.new_tokens[0], skip_special_tokens=True).strip()
-    out: dict[str, Any] = {"text": answer, "new_tokens": int(result.new_tokens.shape[1])}
+    new_ids = [int(t) for t in result.new_tokens[0]]
+    out: dict[str, Any] = {"text": tokenizer.decode(new_ids).strip(), "new_tokens": len(new_ids),
+                           "prompt_token_ids": [int(t) for t in inputs["input_ids"][0]], "new_token_ids": new_ids}
     if result.regap_alpha is not None:
         out["regap_alpha"] = float(result.regap_alpha[0])
     return out

@@ -11,7 +11,7 @@ zeros, which runs the uncorrected model exactly.
 regap-seq (graph input ``regap_alpha``): unless ``regap_alpha`` is given,
   1. probe pass over the prompt with ``regap_alpha = alpha0`` (options), reading
      ``regap_score`` z at the last prompt token;
-  2. ``alpha(x) = alpha_max * sigmoid(kappa (z - tau))`` (``folding.sequence_strength``);
+  2. ``alpha(x) = alpha_max * sigmoid(kappa (z - tau))`` (``folding.sequence_alpha``);
   3. prefill and decode with that alpha.
 """
 from __future__ import annotations
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+from .. import folding
 from ..errors import RegapError
-from ..folding import ScoreReadout, sequence_strength
 from ..modality import prompt_mask, rows_with_image, step_mask
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
 from ..models.positions import check_prompt
@@ -52,9 +51,8 @@ def sequence_alpha(sessions: OrtSessions, score: np.ndarray) -> np.ndarray:
     spec = sessions.config.get("readout")
     if spec is None:
         raise RegapError("this graph has no regap_score readout; pass regap_alpha explicitly")
-    readout = ScoreReadout(layer=int(spec["layer"]), w=torch.empty(0), b=0.0, kappa=float(spec["kappa"]))
-    alpha = sequence_strength(torch.from_numpy(np.asarray(score, dtype=np.float64)), readout, regap_options(sessions))
-    return alpha.numpy().astype(np.float32)
+    alpha = folding.sequence_alpha(score, float(spec["kappa"]), regap_options(sessions))
+    return alpha.astype(np.float32)
 
 
 def probe_score(sessions: OrtSessions, main: np.ndarray, attention_mask: np.ndarray,

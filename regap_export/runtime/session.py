@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..artifacts import read_config
 from ..checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError
-from ..export.onnx_export import read_config
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
 
