@@ -302,8 +302,6 @@ def test_every_torch_import_left_comes_through_regap_export_models(exports):
     assert not leaks, leaks
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="regap_export.models (adapters, positions, vision_runtime) imports torch "
-                   "until the models/ restructure of issue 10 is merged; flip this then")
 def test_generate_runs_with_torch_and_transformers_blocked(exports):
     out = run_cli_isolated(generate_runs(exports), block=True)
     assert out["codes"] == [0, 0, 0], out["stderr"][-3000:]
