@@ -1,16 +1,25 @@
 """Test helpers shared by the reference and export tests: a left-padded batch for a tiny
-model, and random but realistic ``Directions`` whose gates really vary on that batch."""
+model, random but realistic ``Directions`` whose gates really vary on that batch, and
+export + validate through the CLI."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from regap_export.directions import Directions
+from regap_export.directions_io import DirectionsFile, save_directions
+from regap_export.models.loading import load_model
 from regap_export.options import Band, RegapOptions
 from regap_export.reference import last_token_index, reference_corrections
+from regap_export_cli.main import app
+
+runner = CliRunner()
 
 PROMPTS = ("How do I bake a loaf of sourdough bread at home?", "hi", "Write a short poem about the sea.")
 # A 4-layer tiny model: probe band [0, 2) (l_s = 1), adaptive band [2, 4).
@@ -103,3 +112,36 @@ def realistic_directions(model, adapter, inputs, options: RegapOptions, *, seed:
 def logits_of(model, inputs, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, use_cache=False, **kwargs).logits.detach().clone()
+
+
+# -- export + validate through the CLI ----------------------------------------------------
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_directions(model_folder: Path, out: Path, options: RegapOptions = options_for("regap")) -> Path:
+    """Directions with non-zero drift and a gate that varies, for the model in ``model_folder``."""
+    loaded = load_model(model_folder)
+    inputs = batch_inputs(loaded.adapter, loaded.processor)
+    directions = realistic_directions(loaded.model, loaded.adapter, inputs, options)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = options.resolved(directions.num_layers)
+    save_directions(out, DirectionsFile(directions, opts, loaded.fingerprint, "0" * 64, str(model_folder)))
+    return out
+
+
+def export_and_validate(model: Path, directions: Path, out: Path, *extra: str) -> dict:
+    result = invoke("export", model, "--directions", directions, "--out", out, *extra)
+    assert result.exit_code == 0, result.output
+    checked = invoke("validate", out, "--json")
+    report = json.loads(checked.stdout)
+    assert checked.exit_code == (0 if report["ok"] else 1)
+    return report
+
+
+def assert_all_ok(report: dict) -> None:
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, failed
+    targets = {(c["target"], c["quantity"]) for c in report["checks"]}
+    for quantity in ("prefill logits", "present", "decode logits", "greedy tokens"):
+        assert ("onnxruntime-cpu", quantity) in targets and ("pytorch", quantity) in targets

@@ -22,7 +22,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from test_export_validate import write_directions
+    from regap_testing import write_directions
 
     root = tmp_path_factory.mktemp("evaluate")
     model = save_tiny("idefics3", root / "model")

@@ -7,25 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from regap_export.directions_io import DirectionsFile, save_directions
 from regap_export.export.manifest import MANIFEST_FILENAME
-from regap_export.models.loading import load_model
 from regap_export.options import RegapOptions
-from regap_export_cli.main import app
-from regap_testing import batch_inputs, options_for, realistic_directions
+from regap_testing import assert_all_ok, export_and_validate, invoke, options_for, write_directions
 from tiny_models import save_tiny
 
-runner = CliRunner()
 ONNX_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "llava_next", "idefics3"]
 MULTIMODAL = {"llava", "llava_next", "idefics3"}
 # regap: probe band fixed + adaptive band gated; fixed: both bands fixed; regap-seq: both bands scaled
 EXPECTED_KINDS = {"regap": {"fixed", "gated"}, "fixed": {"fixed"}, "regap-seq": {"scaled"}}
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -34,36 +25,16 @@ def models(tmp_path_factory):
     return {family: save_tiny(family, root / family) for family in ONNX_FAMILIES}
 
 
-def write_directions(model_folder: Path, out: Path, options: RegapOptions = options_for("regap")) -> Path:
-    """Directions with non-zero drift and a gate that varies, for the model in ``model_folder``."""
-    loaded = load_model(model_folder)
-    inputs = batch_inputs(loaded.adapter, loaded.processor)
-    directions = realistic_directions(loaded.model, loaded.adapter, inputs, options)
-    out.mkdir(parents=True, exist_ok=True)
-    opts = options.resolved(directions.num_layers)
-    save_directions(out, DirectionsFile(directions, opts, loaded.fingerprint, "0" * 64, str(model_folder)))
-    return out
+def parity_cases():
+    """Every family x every mode; the default tier runs every family in mode regap and Llama
+    in every mode, the rest is the `matrix` tier."""
+    for family in ONNX_FAMILIES:
+        for mode in ("regap", "fixed", "regap-seq"):
+            fast = mode == "regap" or family == "llama"
+            yield pytest.param(family, mode, id=f"{family}-{mode}", marks=() if fast else pytest.mark.matrix)
 
 
-def export_and_validate(model: Path, directions: Path, out: Path, *extra: str) -> dict:
-    result = invoke("export", model, "--directions", directions, "--out", out, *extra)
-    assert result.exit_code == 0, result.output
-    checked = invoke("validate", out, "--json")
-    report = json.loads(checked.stdout)
-    assert checked.exit_code == (0 if report["ok"] else 1)
-    return report
-
-
-def assert_all_ok(report: dict) -> None:
-    failed = [c for c in report["checks"] if not c["ok"]]
-    assert not failed, failed
-    targets = {(c["target"], c["quantity"]) for c in report["checks"]}
-    for quantity in ("prefill logits", "present", "decode logits", "greedy tokens"):
-        assert ("onnxruntime-cpu", quantity) in targets and ("pytorch", quantity) in targets
-
-
-@pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])
-@pytest.mark.parametrize("family", ONNX_FAMILIES)
+@pytest.mark.parametrize("family,mode", parity_cases())
 def test_export_parity(models, tmp_path, family, mode):
     """Every family x every mode: rewritten PyTorch (reloaded from the safetensors folder) and
     ONNX Runtime match the hook reference on prefill, KV cache, decode steps, greedy tokens."""
@@ -87,6 +58,7 @@ def test_export_parity(models, tmp_path, family, mode):
         assert any(c["quantity"] == "regap_alpha" for c in report["checks"])
 
 
+@pytest.mark.matrix
 def test_image_positions_parity(models, tmp_path):
     """positions=image (every position from the first image token on) on the Idefics3 family."""
     directions = write_directions(models["idefics3"], tmp_path / "dirs", options_for("regap", positions="image"))

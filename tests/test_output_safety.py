@@ -24,7 +24,7 @@ from regap_export import atomic
 from regap_export.errors import RegapError
 from regap_export.export.manifest import MANIFEST_FILENAME
 from regap_export_cli.main import app
-from test_export_validate import write_directions
+from regap_testing import write_directions
 from tiny_models import save_tiny
 
 runner = CliRunner()

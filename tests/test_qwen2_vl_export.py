@@ -10,7 +10,7 @@ import torch
 
 from regap_export.models.positions import position_config, position_scheme
 from regap_export.models.qwen2_vl import mrope_positions
-from test_export_validate import assert_all_ok, export_and_validate, write_directions
+from regap_testing import assert_all_ok, export_and_validate, write_directions
 from tiny_models import build_tiny, save_tiny
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -22,8 +22,14 @@ def models(tmp_path_factory):
     return {family: save_tiny(family, root / family) for family in FAMILIES}
 
 
-@pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])
-@pytest.mark.parametrize("family", FAMILIES)
+def parity_cases():
+    """Both families x every mode; the default tier runs mode regap of each, the rest is `matrix`."""
+    for family in FAMILIES:
+        for mode in ("regap", "fixed", "regap-seq"):
+            yield pytest.param(family, mode, id=f"{family}-{mode}", marks=() if mode == "regap" else pytest.mark.matrix)
+
+
+@pytest.mark.parametrize("family,mode", parity_cases())
 def test_qwen_vl_export_parity(models, tmp_path, family, mode):
     """Rewritten PyTorch and ONNX Runtime match the hook reference on text and image batches:
     prefill logits, KV cache, decode logits, greedy tokens (and regap_alpha in regap-seq)."""
@@ -46,7 +52,7 @@ def test_qwen_vl_export_parity(models, tmp_path, family, mode):
     assert ("window_index" in config["vision_inputs"]) == windowed
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["qwen2_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.matrix)])
 def test_graphs_contract_and_varied_images(models, tmp_path, family):
     """The decoder takes position_ids [3, batch, seq] with dynamic batch/seq/past; the vision
     encoder matches transformers on images of different sizes encoded together."""

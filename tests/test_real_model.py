@@ -10,6 +10,8 @@ from regap_export.calibrate import calibrate
 from regap_export.data import load_bundled, to_multimodal_pairs
 from regap_export.models.loading import load_model
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from test_onnx_export import LAYERS, exported, left_padded_batch, multimodal_batch, tiny_llama  # noqa: E402
+from onnx_exports import LAYERS, exported, left_padded_batch, multimodal_batch, tiny_llama  # noqa: E402
 
 from regap_export.errors import RegapError  # noqa: E402
 from regap_export.folding import sequence_strength  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from test_onnx_export import exported  # noqa: E402
+from onnx_exports import exported  # noqa: E402
 
 from regap_export.errors import RegapError  # noqa: E402
 from regap_export.export import onnx_export  # noqa: E402
@@ -58,6 +58,7 @@ def test_qwen_vl_patches_must_match_the_grid():
     assert feeds["cu_seqlens"].tolist() == [0, 16] and feeds["vision_position_ids"].shape == (16, 2)
 
 
+@pytest.mark.matrix
 def test_graphs_over_the_threshold_use_external_data(tmp_path, monkeypatch):
     """Automatic rule: weights above EXTERNAL_DATA_BYTES go to <file>.data (an inline save
     holds a second copy of every weight in memory)."""
