@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="*", default=None, help="run only these variants (0-based)")
     args = parser.parse_args()
 
-    from regap_export.evaluate import evaluate_folder
+    from regap_export.evaluation import evaluate_folder
     from regap_export.export.pipeline import export_to_folder
 
     runs = [(name, args.directions, overrides) for name, overrides in VARIANTS.items()]

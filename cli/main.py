@@ -104,8 +104,9 @@ def calibrate(
     """Fit the refusal and drift directions and report the geometry per layer."""
 
     def body():
-        from regap_export import api
+        import regap_export as rx
         from regap_export.atomic import check_output_dir
+        from regap_export.report import json_safe
         from regap_export.report import geometry_table, summary_lines
 
         check_output_dir(out_dir, force=force, inputs=[data, model, *(merge_stats or [])])
@@ -113,13 +114,13 @@ def calibrate(
             _quiet_transformers()
         opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode,
                         positions, layer_drift)
-        result = api.calibrate_to_folder(
+        result = rx.calibrate_to_folder(
             model, out_dir, data=data, label=label, split=split, render=render, options=opts,
             batch_size=batch_size, dtype=dtype, measure_after=after, save_stats=save_stats,
             merge_stats=merge_stats or [], plot=plot, force=force, show_progress=not as_json,
         )
         if as_json:
-            print(json.dumps(api.json_safe(result.report), sort_keys=True))
+            print(json.dumps(json_safe(result.report), sort_keys=True))
             return
         out.print(geometry_table(result.report))
         for line in summary_lines(result.report):
@@ -137,13 +138,14 @@ def inspect(
     """Show what is inside a directions or exported folder."""
 
     def body():
-        from regap_export import api
+        import regap_export as rx
+        from regap_export.api import describe_lines
 
-        info = api.describe(path)
+        info = rx.describe(path)
         if as_json:
             print(json.dumps(info, sort_keys=True))
             return
-        for line in api.describe_lines(info):
+        for line in describe_lines(info):
             out.print(line, highlight=False)
 
     _run(body)
@@ -171,7 +173,8 @@ def export_cmd(
 
     def body():
         from regap_export.export.manifest import read_manifest
-        from regap_export.export.pipeline import export_to_folder, parse_formats
+        import regap_export as rx
+        from regap_export.export.pipeline import parse_formats
         from regap_export.options import Band
 
         if as_json:
@@ -180,7 +183,7 @@ def export_cmd(
                      "layer_drift": layer_drift,
                      "probe_band": Band.parse(probe_band, option="--probe-band") if probe_band else None,
                      "adaptive_band": Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None}
-        folder = export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,
+        folder = rx.export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,
                                   overrides=overrides, force=force)
         manifest = read_manifest(folder)
         if as_json:
@@ -206,11 +209,11 @@ def validate(
     """
 
     def body():
-        from regap_export.validate import validate_folder
+        import regap_export as rx
 
         if as_json:
             _quiet_transformers()
-        report = validate_folder(path, device=device)
+        report = rx.validate_folder(path, device=device)
         if as_json:
             print(json.dumps(report, sort_keys=True))
         else:
@@ -249,9 +252,9 @@ def generate(
     prompt's and the reply's token ids (prompt_token_ids, new_token_ids)."""
 
     def body():
-        from regap_export.runtime.chat import reply
+        import regap_export as rx
 
-        answer = reply(path, prompt, image=image, max_new_tokens=max_new_tokens, device=device,
+        answer = rx.generate(path, prompt, image=image, max_new_tokens=max_new_tokens, device=device,
                        verify_hashes=verify_hashes)
         if as_json:
             print(json.dumps(answer, sort_keys=True))
@@ -282,11 +285,12 @@ def evaluate(
     """Measure refusal, attack success, over-refusal and utility with the correction off vs on."""
 
     def body():
-        from regap_export.evaluate import evaluate_folder, table_lines
+        import regap_export as rx
+        from regap_export.evaluation import table_lines
 
         if as_json:
             _quiet_transformers()
-        report = evaluate_folder(path, data or [], split=split, runtime=runtime, max_new_tokens=max_new_tokens,
+        report = rx.evaluate_folder(path, data or [], split=split, runtime=runtime, max_new_tokens=max_new_tokens,
                                  kl_positions=kl_positions, markers_file=markers, limit=limit, render=render,
                                  batch_size=batch_size, device=device, plot=plot, show_progress=not as_json)
         if as_json:
@@ -308,9 +312,9 @@ def demo(
     """The whole journey on the embedded default model: calibrate, export, validate, evaluate, generate."""
 
     def body():
-        from regap_export import api
+        import regap_export as rx
 
-        api.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False))
+        rx.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False))
 
     _run(body)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from regap_export import api
 from regap_export.export.pipeline import export_to_folder
 from regap_export.runtime.chat import reply
-from regap_export.validate import validate_folder
+from regap_export.validation import validate_folder
 
 
 def main(out: Path) -> None:

@@ -1,29 +1,39 @@
 """regap-export: fit ReGap's drift-correction directions and export corrected models.
 
-The public API, imported lazily so that ``import regap_export`` stays cheap:
+The public API: one name per CLI command, each taking and writing folders as the command
+does, plus the in-memory pieces they are built from. Imported lazily, so ``import
+regap_export`` stays cheap and ``generate`` needs neither torch nor transformers.
 
-- ``load_model(source)``: a model folder or embedded model, with its processor and adapter
-- ``calibrate(loaded, records, options)``: directions + geometry report
-- ``load_directions(folder)``: read ``directions.safetensors``
-- ``export_to_folder(model, directions, out)``: safetensors + ONNX + manifest
-- ``load_corrected(out)``: the corrected PyTorch model from an exported folder
-- ``validate_folder(out)``: parity report
-- ``evaluate_folder(out, data)``: behaviour with the correction off vs on
-- ``reply(out, prompt, image=None)``: one ONNX Runtime reply (``regap-export generate``)
+- ``calibrate_to_folder(model, out, data=None)``: ``regap-export calibrate``
+- ``export_to_folder(model, directions, out)``: ``regap-export export`` (safetensors + ONNX)
+- ``validate_folder(out)``: ``regap-export validate`` (parity report)
+- ``evaluate_folder(out, data=None)``: ``regap-export evaluate`` (correction off vs on)
+- ``generate(out, prompt, image=None)``: ``regap-export generate`` (ONNX Runtime reply)
+- ``describe(path)``: ``regap-export inspect``
+- ``demo(model, out)``: ``regap-export demo``
+- ``load_corrected(out)``: the corrected PyTorch model of an exported folder
+- ``load_model(source)``, ``calibrate(loaded, records, options)``, ``load_directions(folder)``:
+  a model with its processor and adapter, directions fitted in memory, directions read back
+- ``RegapOptions``, ``RegapError``
 """
 __version__ = "0.1.0"
 
+# Top-level names must differ from submodule names: importing a submodule binds its name on
+# the package, which would replace a function of the same name.
 _LAZY = {
-    "load_model": "regap_export.models.loading",
-    "calibrate": "regap_export.calibrate",
-    "load_directions": "regap_export.directions_io",
-    "export_to_folder": "regap_export.export.pipeline",
-    "load_corrected": "regap_export.export.load",
-    "validate_folder": "regap_export.validate",
-    "evaluate_folder": "regap_export.evaluate",
-    "reply": "regap_export.runtime.chat",
-    "RegapOptions": "regap_export.options",
-    "RegapError": "regap_export.errors",
+    "calibrate_to_folder": ("regap_export.api", "calibrate_to_folder"),
+    "export_to_folder": ("regap_export.export.pipeline", "export_to_folder"),
+    "validate_folder": ("regap_export.validation", "validate_folder"),
+    "evaluate_folder": ("regap_export.evaluation", "evaluate_folder"),
+    "generate": ("regap_export.runtime.chat", "reply"),
+    "describe": ("regap_export.api", "describe"),
+    "demo": ("regap_export.api", "demo"),
+    "load_corrected": ("regap_export.export.load", "load_corrected"),
+    "load_model": ("regap_export.models.loading", "load_model"),
+    "calibrate": ("regap_export.calibration", "calibrate"),
+    "load_directions": ("regap_export.directions_io", "load_directions"),
+    "RegapOptions": ("regap_export.options", "RegapOptions"),
+    "RegapError": ("regap_export.errors", "RegapError"),
 }
 
 
@@ -31,7 +41,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'regap_export' has no attribute {name!r}")
 
 

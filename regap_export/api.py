@@ -1,4 +1,6 @@
-"""The library API behind the CLI: each command is one function here, files at the edges."""
+"""The commands that have no other home (calibrate to a folder, inspect, demo), files at the edges.
+
+The public API is the package's top level (``regap_export/__init__.py``); the CLI calls it."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,7 @@ from typing import Any, Sequence
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checks import check_tensors_finite
-from .calibrate import CalibrationResult, calibrate, heldout_report
+from .calibration import CalibrationResult, calibrate, heldout_report
 from .directions_io import FILENAME as DIRECTIONS_FILENAME
 from .directions_io import load_directions, save_directions
 from .errors import ArtifactError, RegapError
@@ -162,10 +164,10 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
 
     from .data import load_bundled
     from .data.render import DEFAULT_CARRIER, declared_renderer, render_text
-    from .evaluate import evaluate_folder, table_lines
+    from .evaluation import evaluate_folder, table_lines
     from .export.pipeline import export_to_folder
     from .runtime.chat import reply
-    from .validate import validate_folder
+    from .validation import validate_folder
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

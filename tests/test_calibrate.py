@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regap_export.calibrate import calibrate
+from regap_export.calibration import calibrate
 from regap_export.data import to_multimodal_pairs
 from regap_export.models import adapter_for_model
 from regap_export.models.loading import LoadedModel

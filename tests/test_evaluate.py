@@ -85,7 +85,7 @@ def test_pytorch_runtime_agrees_with_onnxruntime(exported, report):
 
 def test_teacher_forced_logits_line_up_with_greedy_tokens(exported):
     """The KL positions: logits at prompt-1+k of the forced pass predict generated token k."""
-    from regap_export.evaluate import Batch, OrtEngine, evaluation_records, _batches
+    from regap_export.evaluation import Batch, OrtEngine, evaluation_records, _batches
     from regap_export.export.load import load_corrected
 
     loaded = load_corrected(exported)
@@ -159,7 +159,7 @@ def test_remote_code_generate_masks_like_the_runtime(exported, tmp_path, with_im
 
     from safetensors.torch import load_file, save_file
 
-    from regap_export.evaluate import OrtEngine, _batches, evaluation_records
+    from regap_export.evaluation import OrtEngine, _batches, evaluation_records
     from regap_export.export.load import load_corrected
     from regap_export.runtime.generate import generate
 
@@ -194,7 +194,7 @@ def test_remote_code_generate_masks_like_the_runtime(exported, tmp_path, with_im
 
 def test_limit_keeps_pairs_whole():
     from regap_export.data import Record
-    from regap_export.evaluate import _limited
+    from regap_export.evaluation import _limited
 
     records = [Record("t1", "a", "harmful", pair="i1"), Record("i1", "a", "harmful", image=Path("x.png"), pair="t1"),
                Record("t2", "b", "harmful", pair="i2"), Record("i2", "b", "harmful", image=Path("y.png"), pair="t2"),

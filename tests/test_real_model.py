@@ -6,7 +6,7 @@ import json
 import pytest
 
 from regap_export import api
-from regap_export.calibrate import calibrate
+from regap_export.calibration import calibrate
 from regap_export.data import load_bundled, to_multimodal_pairs
 from regap_export.models.loading import load_model
 
@@ -56,7 +56,7 @@ def test_real_weights_export_parity(two_runs, tmp_path, mode):
     validate: rewritten PyTorch (reloaded from the safetensors folder) and ONNX Runtime match
     the hook reference on prefill logits, KV cache, 8 decode steps and 32 greedy tokens."""
     from regap_export.export.pipeline import export_to_folder
-    from regap_export.validate import validate_folder
+    from regap_export.validation import validate_folder
 
     out = tmp_path / "corrected"
     export_to_folder("embedded:smollm2", two_runs[0], out, formats=("onnx", "safetensors"),

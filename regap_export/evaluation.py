@@ -265,7 +265,7 @@ def _geometry(loaded, checkpoint, directions, records: list, *, batch_size: int,
     layer; ``read_layer`` (l_s) is where the summary reads them."""
     import torch
 
-    from .calibrate import separability_rows
+    from .calibration import separability_rows
     from .capture import capture, requests_for
     from .directions import projections
 
