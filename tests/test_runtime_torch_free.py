@@ -24,14 +24,14 @@ pytest.importorskip("onnxruntime")
 
 from regap_export.models import adapter_for_config  # noqa: E402
 from regap_export.models.base import pixel_inputs  # noqa: E402
-from regap_export.runtime import image_families  # noqa: E402
+from regap_export.models.image_ops import NotPorted  # noqa: E402
 from regap_export.runtime.chat import encode_prompt, reply  # noqa: E402
 from tiny_models import save_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "llava_next", "qwen2_vl",
                  "qwen2_5_vl", "idefics3"]
-# model types whose images are prepared without transformers (runtime.image_families)
+# model types whose images are prepared without transformers (their adapters' image_inputs)
 PORTED_IMAGES = ["idefics3", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 PROMPT = "Describe the steps in detail, please."
 
@@ -150,8 +150,8 @@ def test_settings_without_a_port_fall_back_to_transformers_or_name_the_extra(tin
     settings["image_processor"]["size"] = {"shortest_edge": 32, "longest_edge": 48}
     (folder / "processor_config.json").write_text(json.dumps(settings))
     image = picture(70, 30)
-    with pytest.raises(image_families.NotPorted):
-        image_families.llava(settings, "<image>", image)
+    with pytest.raises(NotPorted):
+        adapter_for_config(type("C", (), {"model_type": "llava"})()).image_inputs(settings, "<image>", image)
     ours, _ = new_inputs(folder, PROMPT, image)
     assert_same_inputs(ours, transformers_inputs(folder, PROMPT, image))
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .image_ops import ImagePreprocess
     from .positions import PositionKind
     from .vision_export import VisionSpec
     from .vision_runtime import VisionRuntime
@@ -53,6 +54,9 @@ class ModelAdapter:
     vision_runtime: VisionRuntime | None = None
     # Position ids other than the text scheme (``positions.position_config``); None: text.
     positions: PositionKind | None = None
+    # Image preprocessing and prompt expansion without transformers (``image_ops``), used by
+    # ``runtime.chat``; None: images go through the family's transformers processor.
+    image_inputs: ImagePreprocess | None = None
 
     # -- structure -------------------------------------------------------------------
     def language_model(self, model: nn.Module) -> nn.Module:

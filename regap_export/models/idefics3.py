@@ -15,18 +15,22 @@ mixes prompts with and without images. One ``<image>`` in the prompt expands to
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import image_ops as ops
 from . import register
 from .base import ModelAdapter
+from .image_ops import IMAGENET_STANDARD, RESCALE, ImageInputs, image_settings
 from .vision_export import VisionSpec, model_dtype, patched_bucketize
 from .vision_runtime import VisionRuntime
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torch import nn
 
 # SmolVLM's chat format: a single ``<|im_start|>`` at the very start, "User:" / "Assistant:"
@@ -100,6 +104,95 @@ def _prepare(config: dict, pixel_values: np.ndarray, pixel_attention_mask: np.nd
     return {"pixel_values": np.ascontiguousarray(pv), "pixel_attention_mask": np.ascontiguousarray(mask)}
 
 
+# -- image preprocessing without transformers (Idefics3ImageProcessorPil, Idefics3Processor) --
+IDEFICS3_MAX_IMAGE_SIZE = 4096
+
+
+def _idefics3_fit(height: int, width: int, longest: int) -> tuple[int, int]:
+    """The size after scaling the longest edge to ``longest`` (heights/widths rounded up to
+    even), then below 4096 (``get_resize_output_image_size``)."""
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > IDEFICS3_MAX_IMAGE_SIZE:
+        width = IDEFICS3_MAX_IMAGE_SIZE
+        height = int(width / aspect)
+    elif height > width and height > IDEFICS3_MAX_IMAGE_SIZE:
+        height = IDEFICS3_MAX_IMAGE_SIZE
+        width = int(height * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def _idefics3_resize(image: np.ndarray, size: dict[str, Any], resample: int) -> np.ndarray:
+    if size.get("longest_edge"):
+        height, width = _idefics3_fit(*image.shape[-2:], int(size["longest_edge"]))
+    else:
+        height, width = int(size["height"]), int(size["width"])
+    return ops.resize(image, height, width, resample)
+
+
+def _image_inputs(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = image_settings(settings)
+    resample = int(cfg.get("resample", 1))  # LANCZOS
+    tile = int((cfg.get("max_image_size") or {"longest_edge": 364})["longest_edge"])
+    array = ops.to_channels_first(image)
+    if cfg.get("do_resize", True):
+        array = _idefics3_resize(array, cfg.get("size") or {"longest_edge": 4 * 364}, resample)
+    rows = cols = 0
+    if cfg.get("do_image_splitting", True):
+        # resize_for_vision_encoder: both sides up to multiples of the tile
+        height, width = array.shape[-2:]
+        aspect = width / height
+        if width >= height:
+            width = math.ceil(width / tile) * tile
+            height = math.ceil(int(width / aspect) / tile) * tile
+        else:
+            height = math.ceil(height / tile) * tile
+            width = math.ceil(int(height * aspect) / tile) * tile
+        array = ops.resize(array, height, width, resample)
+        frames = []
+        if height > tile or width > tile:
+            rows, cols = (height - tile) // tile + 1, (width - tile) // tile + 1
+            frames = [array[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                      for r in range(rows) for c in range(cols)]
+        frames.append(ops.resize(array, tile, tile, resample) if frames else array)
+    else:
+        frames = [ops.resize(array, tile, tile, resample)]
+    if cfg.get("do_rescale", True):
+        frames = [ops.rescale(f, float(cfg.get("rescale_factor", RESCALE))) for f in frames]
+    if cfg.get("do_normalize", True):
+        frames = [ops.normalize(f, cfg.get("image_mean", IMAGENET_STANDARD), cfg.get("image_std", IMAGENET_STANDARD))
+                  for f in frames]
+    if cfg.get("do_pad", True):
+        height = max(f.shape[-2] for f in frames)
+        width = max(f.shape[-1] for f in frames)
+        padded = [ops.pad_bottom_right(f.astype(np.float32), height, width) for f in frames]
+        pixels = {"pixel_values": np.stack([p for p, _ in padded])[None],
+                  "pixel_attention_mask": np.stack([m for _, m in padded])[None]}
+    else:
+        pixels = {"pixel_values": np.asarray(frames)[None]}
+
+    seq_len = int(settings.get("image_seq_len", 169))
+    fake, image_token, global_tag = "<fake_token_around_image>", "<image>", "<global-img>"
+    expansion = ""
+    if rows or cols:
+        for r in range(rows):
+            for c in range(cols):
+                expansion += f"{fake}<row_{r + 1}_col_{c + 1}>" + image_token * seq_len
+            expansion += "\n"
+        expansion += "\n"
+    expansion += f"{fake}{global_tag}" + image_token * seq_len + fake
+    return ImageInputs(text=text.replace(image_token, expansion, 1), pixels=pixels)
+
+
 VISION = VisionSpec(
     family="idefics3",
     inputs=("pixel_values", "pixel_attention_mask"),
@@ -119,4 +212,5 @@ IDEFICS3 = register(Idefics3Adapter(
     auto_class_name="AutoModelForImageTextToText",
     vision_export={"idefics3": VISION},
     vision_runtime=VisionRuntime(_prepare),
+    image_inputs=_image_inputs,
 ))

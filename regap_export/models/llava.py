@@ -9,21 +9,28 @@ The multimodal ONNX split: the vision encoder graph is tower -> chosen layer(s) 
 projector; LLaVA-NeXT's packing of the any-resolution crops (unpadding, newline columns)
 depends on each image's size and runs in the runtime (numpy ports of transformers'
 llava_next helpers below).
+
+Both families' image preprocessing and ``<image>`` expansion without transformers (the
+adapters' ``image_inputs``, ports of the PIL image processors) are at the end.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import RegapError
+from . import image_ops as ops
 from . import register
 from .base import ModelAdapter
+from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE, ImageInputs, NotPorted, image_settings
 from .vision_export import VisionSpec, model_dtype
 from .vision_runtime import VisionRuntime
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torch import nn
 
 # Used only when the processor ships no chat template of its own.
@@ -209,6 +216,114 @@ def _next_place(config: dict, outputs: dict[str, np.ndarray], image_sizes: np.nd
     return np.concatenate(packed, axis=0)
 
 
+# -- LLaVA 1.5: image preprocessing without transformers (CLIPImageProcessorPil, LlavaProcessor) --
+def _clip_pixels(cfg: dict[str, Any], image: Image.Image) -> np.ndarray:
+    """The PIL backend's default chain: resize, center crop, rescale, normalize -> [3, H, W]."""
+    if cfg.get("do_pad") or cfg.get("pad_size"):
+        raise NotPorted("padding")
+    array = ops.to_channels_first(image)
+    if cfg.get("do_resize", True):
+        array = ops.resize_with_size(array, cfg.get("size") or {"shortest_edge": 224}, int(cfg.get("resample", 3)))
+    if cfg.get("do_center_crop", True):
+        crop = cfg.get("crop_size") or {"height": 224, "width": 224}
+        array = ops.center_crop(array, int(crop["height"]), int(crop["width"]))
+    if cfg.get("do_rescale", True):
+        array = ops.rescale(array, float(cfg.get("rescale_factor", RESCALE)))
+    if cfg.get("do_normalize", True):
+        array = ops.normalize(array, cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD))
+    return array.astype(np.float32)
+
+
+def _image_inputs(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = image_settings(settings)
+    if cfg.get("image_processor_type", "CLIPImageProcessor") not in ("CLIPImageProcessor", "CLIPImageProcessorPil"):
+        raise NotPorted(cfg.get("image_processor_type"))
+    pixels = _clip_pixels(cfg, image)
+    patch = settings.get("patch_size")
+    if not patch:
+        raise NotPorted("no patch_size")
+    height, width = pixels.shape[-2:]
+    count = (height // int(patch)) * (width // int(patch)) + int(settings.get("num_additional_image_tokens") or 0)
+    if settings.get("vision_feature_select_strategy") == "default":
+        count -= 1
+    token = settings.get("image_token") or "<image>"
+    return ImageInputs(text=text.replace(token, token * count, 1), pixels={"pixel_values": pixels[None]})
+
+
+# -- LLaVA-NeXT: image preprocessing without transformers (LlavaNextImageProcessorPil, LlavaNextProcessor)
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _next_token_count(orig: tuple[int, int], crop: tuple[int, int], settings: dict[str, Any],
+                      pinpoints: list[list[int]]) -> int:
+    """``LlavaNextProcessor._get_number_of_features``: the base crop's patches, then the
+    unpadded any-resolution grid with one newline per row."""
+    patch = int(settings["patch_size"])
+    height, width = crop
+    best_height, best_width = select_best_resolution(orig, pinpoints)
+    patches_height, patches_width = height // patch, width // patch
+    current_height = patches_height * (best_height // height)
+    current_width = patches_width * (best_width // width)
+    orig_height, orig_width = orig
+    if orig_width / orig_height > current_width / current_height:
+        new_height = int(round(orig_height * (current_width / orig_width), 7))
+        current_height -= ((current_height - new_height) // 2) * 2
+    else:
+        new_width = int(round(orig_width * (current_height / orig_height), 7))
+        current_width -= ((current_width - new_width) // 2) * 2
+    count = current_height * current_width + current_height
+    count += patches_height * patches_width + int(settings.get("num_additional_image_tokens") or 0)
+    if settings.get("vision_feature_select_strategy") == "default":
+        count -= 1
+    return count
+
+
+def _next_image_inputs(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = image_settings(settings)
+    if cfg.get("image_processor_type", "LlavaNextImageProcessor") not in ("LlavaNextImageProcessor",
+                                                                          "LlavaNextImageProcessorPil"):
+        raise NotPorted(cfg.get("image_processor_type"))
+    if not settings.get("patch_size"):
+        raise NotPorted("no patch_size")
+    resample = int(cfg.get("resample", 3))  # BICUBIC
+    size = cfg.get("size") or {"shortest_edge": 224}
+    crop = cfg.get("crop_size") or {"height": 224, "width": 224}
+    pinpoints = cfg.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS
+    base_size = (size["height"], size["width"]) if size.get("height") else (size["shortest_edge"],) * 2
+    tile = int(crop.get("height") or size.get("height") or size["shortest_edge"])
+    array = ops.to_channels_first(image)
+    orig = tuple(int(x) for x in array.shape[-2:])
+    # get_image_patches: resize into the best grid resolution keeping the aspect, pad centred, cut tiles
+    best_height, best_width = select_best_resolution(orig, pinpoints)
+    scale_w, scale_h = best_width / orig[1], best_height / orig[0]
+    if scale_w < scale_h:
+        new_height, new_width = min(math.ceil(orig[0] * scale_w), best_height), best_width
+    else:
+        new_height, new_width = best_height, min(math.ceil(orig[1] * scale_h), best_width)
+    resized = ops.resize(array, new_height, new_width, resample)
+    pad_x, r_x = divmod(best_width - new_width, 2)
+    pad_y, r_y = divmod(best_height - new_height, 2)
+    padded = np.pad(resized, ((0, 0), (pad_y, pad_y + r_y), (pad_x, pad_x + r_x)), mode="constant", constant_values=0)
+    tiles = [padded[:, i:i + tile, j:j + tile] for i in range(0, best_height, tile) for j in range(0, best_width, tile)]
+    frames = [ops.resize(array, int(base_size[0]), int(base_size[1]), resample)] + tiles
+    out = []
+    for frame in frames:
+        if cfg.get("do_resize", True):
+            frame = ops.resize_with_size(frame, size, resample)
+        if cfg.get("do_center_crop", True):
+            frame = ops.center_crop(frame, int(crop["height"]), int(crop["width"]))
+        if cfg.get("do_rescale", True):
+            frame = ops.rescale(frame, float(cfg.get("rescale_factor", RESCALE)))
+        if cfg.get("do_normalize", True):
+            frame = ops.normalize(frame, cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD))
+        out.append(frame)
+    pixels = np.array(out).astype(np.float32)
+    count = _next_token_count(orig, tuple(pixels.shape[-2:]), settings, pinpoints)
+    token = settings.get("image_token") or "<image>"
+    return ImageInputs(text=text.replace(token, token * count, 1),
+                       pixels={"pixel_values": pixels[None], "image_sizes": np.array([orig], dtype=np.int64)})
+
+
 LLAVA = register(ModelAdapter(
     family="llava",
     model_types=("llava",),
@@ -219,6 +334,7 @@ LLAVA = register(ModelAdapter(
     vision_export={"llava": VisionSpec(family="llava", inputs=("pixel_values",), encode=_encode, sample=_sample,
                                        input_dtypes=("float32",))},
     vision_runtime=VisionRuntime(_prepare),
+    image_inputs=_image_inputs,
 ))
 
 LLAVA_NEXT = register(ModelAdapter(
@@ -234,4 +350,5 @@ LLAVA_NEXT = register(ModelAdapter(
         input_dtypes=("float32",), outputs=("image_features", "image_newline"),
         runtime_config=_next_runtime_config)},
     vision_runtime=VisionRuntime(_next_prepare, _next_place),
+    image_inputs=_next_image_inputs,
 ))

@@ -10,12 +10,13 @@ is built with no video processor (``image_only_processor``) and saved without on
 
 This module also holds the family's multimodal ONNX split (the vision encoder graph takes
 the patch layout that transformers derives from ``image_grid_thw`` as inputs, computed in
-numpy here) and its M-RoPE position ids.
+numpy here), its image preprocessing without transformers and its M-RoPE position ids.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,14 +25,17 @@ from unittest import mock
 import numpy as np
 
 from ..errors import RegapError
+from . import image_ops as ops
 from . import register
 from .base import ModelAdapter
+from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE, ImageInputs, NotPorted, image_settings
 from .positions import PositionKind, check_prompt
 from .vision_export import VisionSpec, model_dtype
 from .vision_runtime import VisionRuntime
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torch import nn
 
 _PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
@@ -317,6 +321,56 @@ def _qwen_vl_images(config: dict, pixel_values: np.ndarray, image_grid_thw: np.n
     return feeds
 
 
+# -- image preprocessing without transformers (Qwen2VLImageProcessorPil, Qwen2VLProcessor) ------
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Both sides multiples of ``factor``, the area within [min_pixels, max_pixels], the aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise NotPorted("aspect ratio over 200 (transformers refuses it)")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _image_inputs(settings: dict[str, Any], text: str, image: Image.Image) -> ImageInputs:
+    cfg = image_settings(settings)
+    patch, merge = int(cfg.get("patch_size", 14)), int(cfg.get("merge_size", 2))
+    temporal = int(cfg.get("temporal_patch_size", 2))
+    array = ops.to_channels_first(image)
+    if cfg.get("do_resize", True):
+        size = dict(cfg.get("size") or {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+        if cfg.get("min_pixels") is not None:
+            size["shortest_edge"] = cfg["min_pixels"]
+        if cfg.get("max_pixels") is not None:
+            size["longest_edge"] = cfg["max_pixels"]
+        height, width = _smart_resize(*array.shape[-2:], patch * merge, int(size["shortest_edge"]),
+                                      int(size["longest_edge"]))
+        array = ops.resize(array, height, width, int(cfg.get("resample", 3)))  # BICUBIC
+    if cfg.get("do_rescale", True):
+        array = ops.rescale(array, float(cfg.get("rescale_factor", RESCALE)))
+    if cfg.get("do_normalize", True):
+        array = ops.normalize(array, cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD))
+    # patchify: [grid_h * grid_w, C * temporal * patch * patch], patches in merge-block order
+    array = np.asarray(array, dtype=np.float32)
+    channels, height, width = array.shape
+    grid_h, grid_w = height // patch, width // patch
+    patches = array.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    patches = np.transpose(patches, (1, 4, 2, 5, 0, 3, 6))
+    patches = np.broadcast_to(patches[:, :, :, :, :, None, :, :], (*patches.shape[:5], temporal, *patches.shape[5:]))
+    flat = patches.reshape(grid_h * grid_w, channels * temporal * patch * patch)
+    token = settings.get("image_token") or "<|image_pad|>"
+    count = grid_h * grid_w // (merge * merge)
+    return ImageInputs(text=text.replace(token, token * count, 1),
+                       pixels={"pixel_values": flat, "image_grid_thw": np.array([[1, grid_h, grid_w]], dtype=np.int64)})
+
+
 # -- position ids: M-RoPE ----------------------------------------------------------------------
 # ``position_ids`` [3, batch, seq] (temporal, height, width), transformers'
 # ``Qwen2VLModel.get_rope_index`` for images: text tokens advance all three axes together, an
@@ -413,4 +467,5 @@ QWEN2_VL = register(Qwen2VLAdapter(
     # image_features [image tokens, hidden] come out in token order already
     vision_runtime=VisionRuntime(_qwen_vl_images),
     positions=PositionKind(MROPE, _mrope_settings, _mrope_prefill, _mrope_next),
+    image_inputs=_image_inputs,
 ))

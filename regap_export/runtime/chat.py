@@ -1,10 +1,11 @@
 """One chat turn on an exported folder with ONNX Runtime: prompt (+ image) in, text out.
 
 Without PyTorch or transformers: the folder's ``config.json`` is read as JSON, its
-tokenizer and chat template by ``runtime.text``, and images are prepared by
-``runtime.image_families`` (Idefics3, LLaVA, LLaVA-NeXT, Qwen2-VL) when it reproduces the
-folder's processor settings; other images go through the family's transformers processor,
-which needs ``regap-export[export]``.
+tokenizer and chat template by ``runtime.text``, and images are prepared by the family's
+``ModelAdapter.image_inputs`` (Idefics3, LLaVA, LLaVA-NeXT, Qwen2-VL: numpy/PIL ports in
+their ``regap_export.models`` modules) when it reproduces the folder's processor settings;
+other images go through the family's transformers processor, which needs
+``regap-export[export]``.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, DataError, RegapError
-# Family knowledge (multimodal or not, message layout, fallback chat template).
+# Family knowledge (multimodal or not, message layout, fallback chat template, image preprocessing).
 from ..models import adapter_for_config
-from .image_families import IMAGE_FAMILIES, NotPorted
+from ..models.image_ops import NotPorted
 from .text import FolderTokenizer, read_json
 
 EXPORT_EXTRA = "regap-export[export]"
@@ -94,7 +95,7 @@ def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: st
                   ) -> tuple[dict[str, np.ndarray], Any]:
     """(model inputs for one prompt: input_ids, attention_mask, pixel inputs; a tokenizer with
     ``decode``), as ``ModelAdapter.encode`` on the folder's transformers processor gives them."""
-    if image is not None and adapter.family not in IMAGE_FAMILIES:
+    if image is not None and adapter.image_inputs is None:
         return _transformers_inputs(folder, adapter, prompt, image, why="no numpy port for this family")
     tokenizer = FolderTokenizer.open(folder)
     text = tokenizer.render_chat(adapter.messages(prompt, with_image=image is not None),
@@ -102,7 +103,7 @@ def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: st
     pixels: dict[str, np.ndarray] = {}
     if image is not None:
         try:
-            prepared = IMAGE_FAMILIES[adapter.family](processor_settings(folder), text, image)
+            prepared = adapter.image_inputs(processor_settings(folder), text, image)
         except NotPorted as exc:
             return _transformers_inputs(folder, adapter, prompt, image, why=f"processor settings not ported: {exc}")
         text, pixels = prepared.text, prepared.pixels
@@ -119,7 +120,7 @@ class _TransformersTokenizer:
 
 
 def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any, *, why: str):
-    """Images ``image_families`` does not reproduce (``why``): the family's transformers processor."""
+    """Images the family's ``image_inputs`` does not reproduce (``why``): its transformers processor."""
     try:
         import transformers  # noqa: F401
     except ImportError:

@@ -1,24 +1,60 @@
 """Image preprocessing in numpy and PIL, as transformers' PIL image processors do it
 (``image_processing_backends.PilBackend`` and ``image_transforms``), so that an exported
-folder's images are prepared without transformers. Images are channels-first arrays
+folder's images are prepared without transformers: the generic part.
+
+Each multimodal family module composes these steps into its processor's preprocessing and
+prompt expansion and declares it on its adapter (``ModelAdapter.image_inputs``, an
+``ImagePreprocess``); ``runtime.chat`` runs it. Images are channels-first arrays
 [channels, height, width]: uint8 until ``rescale``, float32 after.
 
-The per-family compositions of these steps are in ``image_families``.
+PIL is imported inside the functions that use it, so ``regap_export.models`` loads without it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-# transformers' PILImageResampling values are PIL's own (NEAREST 0, LANCZOS 1, BILINEAR 2, BICUBIC 3, ...)
-BILINEAR = int(Image.Resampling.BILINEAR)
+if TYPE_CHECKING:
+    from PIL import Image
+
+IMAGENET_STANDARD = [0.5, 0.5, 0.5]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+RESCALE = 1 / 255
+
+
+class NotPorted(Exception):
+    """These processor settings are outside what the composition reproduces: the caller
+    uses the family's transformers processor instead."""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    text: str                       # the prompt with every image placeholder expanded
+    pixels: dict[str, np.ndarray]   # pixel_values (+ the family's extras), batch axis first
+
+
+# A family's composition: (settings, prompt text, RGB image) -> ImageInputs, matching that
+# family's transformers processor (PIL backend) output exactly. ``settings``: the folder's
+# processor settings, ``processor_config.json`` (the processor's own keys, with the image
+# processor's nested under ``image_processor``) or, as older folders and other writers store
+# them, ``preprocessor_config.json``. Raises ``NotPorted`` for settings it does not reproduce.
+ImagePreprocess = Callable[[dict[str, Any], str, "Image.Image"], ImageInputs]
+
+
+def image_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The image processor's settings: nested in processor_config.json, or the whole file."""
+    nested = settings.get("image_processor")
+    return nested if isinstance(nested, dict) else settings
 
 
 def to_channels_first(image: Image.Image) -> np.ndarray:
     """An RGB PIL image as uint8 [3, height, width] (``PilBackend.process_image``). Images
     with transparency are composited onto white first (``convert_to_rgb``)."""
+    from PIL import Image
+
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -32,11 +68,14 @@ def to_channels_first(image: Image.Image) -> np.ndarray:
 def resize(image: np.ndarray, height: int, width: int, resample: int | None = None) -> np.ndarray:
     """Resize a uint8 [C, H, W] image with PIL (``image_transforms.resize``: PIL's resize on
     the uint8 image, back to channels-first)."""
+    from PIL import Image
+
     if image.dtype != np.uint8:
-        # transformers rescales float images to [0, 255] for PIL and back; every composition
-        # here resizes before rescaling, so only uint8 reaches this point.
+        # transformers rescales float images to [0, 255] for PIL and back; every family's
+        # composition resizes before rescaling, so only uint8 reaches this point.
         raise ValueError(f"resize expects a uint8 image, got {image.dtype}")
-    resample = BILINEAR if resample is None else int(resample)
+    # transformers' PILImageResampling values are PIL's own (NEAREST 0, LANCZOS 1, BILINEAR 2, BICUBIC 3, ...)
+    resample = int(Image.Resampling.BILINEAR) if resample is None else int(resample)
     pil = Image.fromarray(np.moveaxis(image, 0, -1))
     resized = np.array(pil.resize((int(width), int(height)), resample=resample))
     if resized.ndim == 2:
@@ -91,3 +130,21 @@ def pad_bottom_right(image: np.ndarray, height: int, width: int) -> tuple[np.nda
     mask = np.zeros((height, width), dtype=np.int64)
     mask[:h, :w] = 1
     return out, mask
+
+
+def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    """``get_resize_output_image_size(..., default_to_square=False)`` without max_size."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest, int(shortest * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def resize_with_size(array: np.ndarray, size: dict[str, Any], resample: int) -> np.ndarray:
+    """``PilBackend.resize`` for the two size forms CLIP-style processors save."""
+    if set(size) == {"shortest_edge"}:
+        height, width = shortest_edge_size(*array.shape[-2:], int(size["shortest_edge"]))
+    elif set(size) == {"height", "width"}:
+        height, width = int(size["height"]), int(size["width"])
+    else:
+        raise NotPorted(f"size {size}")
+    return resize(array, height, width, resample)
