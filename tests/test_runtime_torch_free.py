@@ -174,7 +174,7 @@ def test_settings_without_a_port_fall_back_to_transformers_or_name_the_extra(tin
 # -- exported tiny models: tokens, and the import boundary ------------------------------------
 @pytest.fixture(scope="module")
 def exports(tiny_folders, tmp_path_factory):
-    from test_export_validate import invoke, write_directions
+    from regap_testing import invoke, write_directions
 
     root = tmp_path_factory.mktemp("exports")
     out = {}
