@@ -44,7 +44,9 @@ from .onnx_graph import SCORE_B, SCORE_W, public_name
 
 log = logging.getLogger(__name__)
 
-CONTRACT_VERSION = "onnx contract 2"
+CONTRACT_VERSION = "onnx contract 3"
+# Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json).
+READABLE_CONTRACTS = ("onnx contract 2", CONTRACT_VERSION)
 DEFAULT_OPSET = 18
 TEXT_FILE = "model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
@@ -680,7 +682,7 @@ def read_config(out_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError("no regap_onnx.json: this folder holds no regap-export ONNX graphs", path=path.parent)
     data = json.loads(path.read_text())
-    if data.get("contract") != CONTRACT_VERSION:
+    if data.get("contract") not in READABLE_CONTRACTS:
         raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
                             f"{CONTRACT_VERSION!r})", path=path)
     return data

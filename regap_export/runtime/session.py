@@ -17,6 +17,7 @@ import numpy as np
 
 from ..checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError
+from ..export.client_layout import runtime_feeds
 from ..export.onnx_export import read_config
 from ..models.positions import PositionScheme, position_scheme
 from ..models.vision_runtime import VISION_RUNTIME
@@ -172,6 +173,8 @@ class OrtSessions:
             raise RegapError(f"no image input handling for family {family!r}")
         pixel_inputs = {k: np.asarray(v) for k, v in pixel_inputs.items() if v is not None}
         feeds = handler.prepare(self.config, **pixel_inputs)
+        # The encoder may take transformers.js's layout (contract 3; export/client_layout.py).
+        feeds = runtime_feeds(self.config, feeds)
         names = self.config.get("vision_outputs", ["image_features"])
         values = self.vision_encoder.run(names, {n: feeds[n] for n in self.config["vision_inputs"]})
         return handler.place(self.config, dict(zip(names, values)), **pixel_inputs)
