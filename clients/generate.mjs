@@ -20,6 +20,13 @@ const config = await AutoConfig.from_pretrained(folder, options);
 const multimodal = config.vision_config !== undefined;
 const image = imageArg === '-' ? null : await RawImage.read(path.resolve(imageArg));
 
+// As transformers' chat templating does: special tokens (a BOS) are added unless the
+// rendered template already starts with the BOS token.
+function tokenize(tokenizer, text) {
+    const bos = tokenizer.bos_token;
+    return tokenizer(text, { add_special_tokens: !(bos && text.startsWith(bos)) });
+}
+
 let inputs, tokenizer, model;
 if (multimodal) {
     const processor = await AutoProcessor.from_pretrained(folder, options);
@@ -27,14 +34,15 @@ if (multimodal) {
     model = await AutoModelForImageTextToText.from_pretrained(folder, options);
     const content = image ? [{ type: 'image' }, { type: 'text', text: prompt }] : [{ type: 'text', text: prompt }];
     const text = processor.apply_chat_template([{ role: 'user', content }], { add_generation_prompt: true });
-    inputs = image ? await processor(text, [image]) : await processor(text);
+    // The processor expands the image token; a text-only prompt goes to the tokenizer.
+    inputs = image ? await processor(text, [image]) : tokenize(tokenizer, text);
 } else {
     tokenizer = await AutoTokenizer.from_pretrained(folder, options);
     model = await AutoModelForCausalLM.from_pretrained(folder, options);
     const text = tokenizer.apply_chat_template([{ role: 'user', content: prompt }], {
         tokenize: false, add_generation_prompt: true,
     });
-    inputs = tokenizer(text, { add_special_tokens: false });
+    inputs = tokenize(tokenizer, text);
 }
 const out = await model.generate({ ...inputs, max_new_tokens: Number(maxArg), do_sample: false });
 const all = Array.from(out.tolist()[0], Number);
