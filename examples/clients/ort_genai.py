@@ -1,5 +1,5 @@
 """ONNX Runtime GenAI (pip install onnxruntime-genai) on an exported text LLM, as written:
-export writes genai_config.json next to config.json.   python onnxruntime_genai.py OUT"""
+export writes genai_config.json next to config.json.   python ort_genai.py OUT"""
 import json
 import sys
 
