@@ -17,5 +17,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
     "optimum-onnx[onnxruntime]==0.1.0" "transformers==4.57.6" "torch==2.13.0"
   touch "$VENV/.complete"
 fi
-"$VENV/bin/python" "$HERE/optimum_generate.py" "$OUT" "$PROMPT" > "$OUT.optimum.json"
-"$TOOL_PYTHON" "$HERE/compare.py" "$OUT" "$PROMPT" "$OUT.optimum.json"
+RESULT="$(mktemp)"
+trap 'rm -f "$RESULT"' EXIT
+"$VENV/bin/python" "$HERE/optimum_generate.py" "$OUT" "$PROMPT" > "$RESULT"
+"$TOOL_PYTHON" "$HERE/compare.py" "$OUT" "$PROMPT" "$RESULT"
