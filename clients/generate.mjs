@@ -35,7 +35,9 @@ if (multimodal) {
     const content = image ? [{ type: 'image' }, { type: 'text', text: prompt }] : [{ type: 'text', text: prompt }];
     const text = processor.apply_chat_template([{ role: 'user', content }], { add_generation_prompt: true });
     // The processor expands the image token; a text-only prompt goes to the tokenizer.
-    inputs = image ? await processor(text, [image]) : tokenize(tokenizer, text);
+    // LLaVA's processor takes (images, text), Idefics3's (text, images).
+    const call = config.model_type === 'llava' ? () => processor([image], text) : () => processor(text, [image]);
+    inputs = image ? await call() : tokenize(tokenizer, text);
 } else {
     tokenizer = await AutoTokenizer.from_pretrained(folder, options);
     model = await AutoModelForCausalLM.from_pretrained(folder, options);

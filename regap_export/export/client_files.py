@@ -108,6 +108,8 @@ def write_client_files(folder: Path, adapter: Any) -> list[ClientNote]:
                 notes.append(ClientNote("transformers.js", TRANSFORMERS_JS_UNSUPPORTED[family]))
             elif family == "idefics3":
                 wrap_vision_encoder(folder / ONNX_SUBFOLDER)
+            elif family == "llava" and (folder / PROCESSOR_CONFIG).is_file():
+                fold_llava_cls_token(folder)
     for note in notes:
         log.warning("%s", note)
     return notes
@@ -145,6 +147,23 @@ def write_preprocessor_config(folder: Path) -> None:
     _write_json(target, data)
 
 
+def fold_llava_cls_token(folder: Path) -> None:
+    """LLaVA's processor writes ``(H/p)(W/p) + num_additional_image_tokens`` image tokens, less
+    one for ``vision_feature_select_strategy`` "default" (the CLS feature is dropped);
+    transformers.js's LlavaProcessor ignores the strategy and would write one token more than
+    there are features. The processor uses the strategy for this count only, so the same count
+    is written as ``num_additional_image_tokens - 1`` with strategy "full": transformers
+    (4.x and 5) and transformers.js then count alike. The model's own strategy (config.json)
+    is unchanged."""
+    path = folder / PROCESSOR_CONFIG
+    data = _read_json(path)
+    if data.get("vision_feature_select_strategy") != "default":
+        return
+    data["num_additional_image_tokens"] = int(data.get("num_additional_image_tokens") or 0) - 1
+    data["vision_feature_select_strategy"] = "full"
+    _write_json(path, data)
+
+
 def write_genai_config(folder: Path, onnx_config: dict[str, Any]) -> ClientNote | None:
     """``genai_config.json`` for ``onnx/model.onnx``, or a note when GenAI cannot run it."""
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
@@ -165,7 +184,6 @@ def write_genai_config(folder: Path, onnx_config: dict[str, Any]) -> ClientNote 
     decoder = onnx_config["files"]["decoder"]
     genai = {
         "model": {
-            "bos_token_id": config.get("bos_token_id"),
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -204,5 +222,7 @@ def write_genai_config(folder: Path, onnx_config: dict[str, Any]) -> ClientNote 
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+    if config.get("bos_token_id") is not None:  # GenAI refuses a null (Qwen has no BOS)
+        genai["model"]["bos_token_id"] = int(config["bos_token_id"])
     _write_json(folder / GENAI_CONFIG, genai)
     return None
