@@ -250,16 +250,22 @@ def test_client_files_of_a_text_export(exports):
     assert GENAI_CONFIG in listed and TOKENIZER_CONFIG in listed
 
 
-def test_transformers5_reads_the_rewritten_tokenizer_config(exports):
-    """transformers 5 reads the rewritten tokenizer as before: same ids, no token_type_ids."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+@pytest.mark.parametrize("family", ["qwen2", "idefics3"])
+def test_transformers5_reads_the_rewritten_tokenizer_config(exports, family):
+    """transformers 5 reads the rewritten tokenizer as the source model's: same special
+    tokens, ids and chat prompt; no token_type_ids."""
+    from transformers import AutoTokenizer
 
-    folder = exports.tiny("qwen2")
+    folder = exports.tiny(family)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    reference = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    source = AutoTokenizer.from_pretrained(exports.root / "models" / family)
     encoded = tokenizer(PROMPT)
     assert set(encoded) == {"input_ids", "attention_mask"}
-    assert encoded["input_ids"] == reference(PROMPT)["input_ids"]
+    assert encoded["input_ids"] == source(PROMPT)["input_ids"]
+    assert tokenizer.all_special_tokens == source.all_special_tokens
+    assert tokenizer.extra_special_tokens == source.extra_special_tokens
+    messages = [{"role": "user", "content": PROMPT}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == source.apply_chat_template(messages, tokenize=False)
 
 
 def test_idefics3_encoder_takes_transformers_js_layout(exports):
@@ -330,24 +336,30 @@ import json, sys
 import transformers
 from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-text = tokenizer.apply_chat_template([{"role": "user", "content": sys.argv[2]}], tokenize=False,
-                                     add_generation_prompt=True)
-encoded = tokenizer(text, add_special_tokens=False)
+text = tokenizer.apply_chat_template(json.loads(sys.argv[2]), tokenize=False, add_generation_prompt=True)
+add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+encoded = tokenizer(text, add_special_tokens=add_special)
 print(json.dumps({"version": transformers.__version__, "class": type(tokenizer).__name__,
                   "keys": sorted(encoded), "ids": encoded["input_ids"]}))
 """
 
 
-def test_transformers4_loads_the_tokenizer_as_written(exports, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "idefics3"])
+def test_transformers4_loads_the_tokenizer_as_written(exports, tmp_path, family):
     """optimum's stack (transformers 4.57) resolves tokenizer_class, finds the chat template and
     returns no token_type_ids; its ids equal the tool's prompt ids."""
     from transformers4 import Transformers4Unavailable, run_transformers4
 
-    folder = exports.tiny("llama")
+    folder = exports.tiny(family)
     script = tmp_path / "tokenizer4.py"
     script.write_text(_TOKENIZER4_SCRIPT)
     try:
-        result = run_transformers4(script, folder, PROMPT, modules_cache=tmp_path / "modules")
+        from transformers import AutoConfig
+
+        from regap_export.models import adapter_for_config
+
+        messages = adapter_for_config(AutoConfig.from_pretrained(folder)).messages(PROMPT, False)
+        result = run_transformers4(script, folder, json.dumps(messages), modules_cache=tmp_path / "modules")
     except Transformers4Unavailable as exc:
         pytest.skip(str(exc))
     assert result.returncode == 0, result.stderr[-3000:]

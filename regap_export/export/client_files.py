@@ -9,7 +9,8 @@ so every file is hashed). It only adds keys / files:
   from here, not from ``chat_template.jinja``); ``tokenizer_class`` ``PreTrainedTokenizerFast``
   where transformers 5 wrote its generic ``TokenizersBackend`` (a name 4.x cannot resolve);
   ``model_input_names`` ``[input_ids, attention_mask]`` (4.x would otherwise return
-  ``token_type_ids``, which the decoder does not take).
+  ``token_type_ids``, which the decoder does not take); a list of ``extra_special_tokens``
+  as ``additional_special_tokens`` (4.x reads the former as a dict).
 - ``preprocessor_config.json`` (multimodal): the image processor settings that transformers 5
   nests in ``processor_config.json``; transformers.js reads only the top-level file.
 - ``genai_config.json`` (text LLMs): ONNX Runtime GenAI's description of ``onnx/model.onnx``,
@@ -128,6 +129,10 @@ def update_tokenizer_config(folder: Path, adapter: Any) -> None:
     if data.get("tokenizer_class") in (None, _GENERIC_V5_CLASS):
         data["tokenizer_class"] = _GENERIC_V4_CLASS
     data.setdefault("model_input_names", list(DECODER_INPUT_NAMES))
+    if isinstance(data.get("extra_special_tokens"), list) and "additional_special_tokens" not in data:
+        # transformers 5 writes the list under extra_special_tokens, which 4.x reads as a
+        # {name: token} dict (and fails on a list); 5 reads additional_special_tokens as the same list.
+        data["additional_special_tokens"] = data.pop("extra_special_tokens")
     _write_json(path, data)
 
 
