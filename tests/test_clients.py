@@ -293,14 +293,13 @@ def test_idefics3_encoder_takes_transformers_js_layout(exports):
     mask[0, 0, :, size // 2:] = False  # a partly padded real image
     got = session.run(["image_features"], {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
     with torch.no_grad():
-        want = loaded.model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
-                                                     pixel_attention_mask=torch.from_numpy(mask))
-    want = want.pooler_output if hasattr(want, "pooler_output") else want
-    want = torch.cat(list(want)) if isinstance(want, (list, tuple)) else want
+        out = loaded.model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
+                                                    pixel_attention_mask=torch.from_numpy(mask))
+    want = torch.cat(list(out.pooler_output))  # per sample [images * tokens, hidden]
     assert got.shape[0] == 3
     np.testing.assert_allclose(got.reshape(-1, got.shape[-1]), want.reshape(-1, got.shape[-1]).numpy(),
                                rtol=1e-4, atol=1e-4)
-    # every image padding: the first is kept, as transformers does
+    # every image padding: the first is kept (as transformers 4.x did; 5.x would encode none)
     zeros = np.zeros((1, 2, 3, size, size), dtype=np.float32)
     kept = session.run(["image_features"], {"pixel_values": zeros,
                                             "pixel_attention_mask": np.ones((1, 2, size, size), dtype=bool)})[0]

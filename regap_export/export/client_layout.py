@@ -6,7 +6,7 @@ where samples with fewer images are padded with all-zero images. The traced enco
 only real images, [n, 3, H, W] and an int64 mask [n, H, W]. ``wrap_vision_encoder`` puts in
 front of it what transformers' ``Idefics3Model.get_image_features`` does: flatten batch and
 images, cast the mask, drop the all-zero images (keeping the first when every image is
-padding). The traced nodes and weights are unchanged.
+padding, as transformers 4.x did). The traced nodes and weights are unchanged.
 
 ``runtime_feeds`` turns the runtime's real-images feeds into that layout (numpy only; the
 runtime imports it).
@@ -81,7 +81,7 @@ def wrap_vision_encoder(onnx_dir: Path) -> None:
         helper.make_node("Not", [n("is_zero")], [n("is_value")]),
         helper.make_node("Cast", [n("is_value")], [n("is_value_i")], to=TensorProto.INT64),
         helper.make_node("ReduceMax", [n("is_value_i"), n("axes123")], [n("real_i")], keepdims=0),
-        # ... and when no image is real, the first one (as transformers does)
+        # ... and when no image is real, the first one (as transformers 4.x did), not an empty batch
         helper.make_node("ReduceMax", [n("real_i")], [n("any_real")], keepdims=0),
         helper.make_node("Shape", [n("real_i")], [n("count")]),
         helper.make_node("Squeeze", [n("count"), n("axes0")], [n("count_s")]),
