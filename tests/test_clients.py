@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from regap_export.export.client_files import (
     GENAI_CONFIG, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, write_client_files,
@@ -99,11 +99,22 @@ def exports(tmp_path_factory) -> Exports:
     return Exports(tmp_path_factory.mktemp("client_exports"))
 
 
-@pytest.fixture(scope="session")
-def image_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("client_image") / "image.png"
-    # Not square, with structure: exercises resizing and padding in each image processor.
-    Image.linear_gradient("L").convert("RGB").resize((64, 48)).save(path)
+def native_image(folder: Path) -> Path:
+    """An image at the size the folder's image processor resizes to (Idefics3: longest_edge
+    square; LLaVA: the crop), so neither processor resamples it: transformers.js resizes with
+    its own kernel, whose pixels differ from PIL's by up to 5/255 (measured on a 64x48 image
+    for SmolVLM), enough to change a greedy token of a random vision tower after ~40 steps.
+    Same pixels, same features: what this file checks is the export."""
+    config = json.loads((folder / PREPROCESSOR_CONFIG).read_text())
+    crop = config.get("crop_size")
+    height, width = (crop["height"], crop["width"]) if crop else (config["size"]["longest_edge"],) * 2
+    path = folder.parent / f"{folder.name}-image-{width}x{height}.png"
+    if not path.is_file():
+        image = Image.linear_gradient("L").convert("RGB").resize((width, height), Image.NEAREST)
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((width // 8, height // 5, width // 2, 3 * height // 4), fill=(200, 30, 30))
+        draw.ellipse((width // 2, height // 8, 7 * width // 8, height // 2), fill=(20, 160, 40))
+        image.save(path)
     return path
 
 
@@ -194,9 +205,9 @@ def test_genai_text_families(exports, family):
 @needs_tjs
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
 @pytest.mark.parametrize("family", VISION_FAMILIES)
-def test_transformers_js_vision_families(exports, image_file, family, with_image):
+def test_transformers_js_vision_families(exports, family, with_image):
     folder = exports.tiny(family)
-    image = image_file if with_image else None
+    image = native_image(folder) if with_image else None
     tool = tool_tokens(folder, PROMPT, image, TINY_TOKENS, correct=True)
     assert_same(transformers_js_tokens(folder, PROMPT, image, TINY_TOKENS), tool,
                 f"transformers.js {family} ({'image' if with_image else 'text'})")
@@ -222,12 +233,12 @@ def test_genai_smollm2(exports):
 @pytest.mark.slow
 @needs_tjs
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
-def test_transformers_js_smolvlm_demo_folder(exports, image_file, with_image):
+def test_transformers_js_smolvlm_demo_folder(exports, with_image):
     """The folder the demo writes (embedded:smolvlm, default options) loads as is. With the
     default positions, a client that does not feed regap_image_mask runs the uncorrected model
     on image prompts (the contract's default), and the same model as the tool on text."""
     folder = exports.embedded("smolvlm")
-    image = image_file if with_image else None
+    image = native_image(folder) if with_image else None
     tool = tool_tokens(folder, PROMPT, image, EMBEDDED_TOKENS, correct=not with_image)
     assert_same(transformers_js_tokens(folder, PROMPT, image, EMBEDDED_TOKENS), tool,
                 f"transformers.js smolvlm ({'image' if with_image else 'text'})")
