@@ -50,7 +50,7 @@ def wrap_vision_encoder(onnx_dir: Path) -> None:
     by_name = {i.name: i for i in graph.input}
     if set(by_name) != {"pixel_values", "pixel_attention_mask"}:
         raise ValueError(f"{path}: unexpected Idefics3 vision inputs {sorted(by_name)}")
-    pv_in, mask_in = by_name["pixel_values"], by_name["pixel_attention_mask"]
+    pv_in = by_name["pixel_values"]
     dims = pv_in.type.tensor_type.shape.dim
     channels, height, width = (d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims[1:])
     inner_pv, inner_mask = _PREFIX + "pixel_values", _PREFIX + "pixel_attention_mask"
