@@ -14,7 +14,9 @@ import numpy as np
 
 from .errors import ArtifactError
 
-CONTRACT_VERSION = "onnx contract 2"
+CONTRACT_VERSION = "onnx contract 3"
+# Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json).
+READABLE_CONTRACTS = ("onnx contract 2", CONTRACT_VERSION)
 CONFIG_FILE = "regap_onnx.json"
 MANIFEST_FILENAME = "regap_manifest.json"
 MANIFEST_VERSION = "1"
@@ -27,7 +29,7 @@ def read_config(out_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError("no regap_onnx.json: this folder holds no regap-export ONNX graphs", path=path.parent)
     data = json.loads(path.read_text())
-    if data.get("contract") != CONTRACT_VERSION:
+    if data.get("contract") not in READABLE_CONTRACTS:
         raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
                             f"{CONTRACT_VERSION!r})", path=path)
     return data

@@ -33,7 +33,7 @@ def test_contract_inputs_outputs():
     exp = exported("regap")
     assert (exp.folder / TEXT_FILE).is_file()
     cfg = read_config(exp.folder)
-    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 2"
+    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 3"
     sess = session(exp.path)
     inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
     outputs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}

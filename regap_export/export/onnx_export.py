@@ -1,4 +1,4 @@
-"""ONNX export of a (corrected) Hugging Face model: "onnx contract 2" (docs/ONNX_CONTRACT.md).
+"""ONNX export of a (corrected) Hugging Face model: "onnx contract 3" (docs/ONNX_CONTRACT.md).
 
 Text LLMs give one graph, ``model.onnx``; multimodal LLMs give the split existing ONNX
 runtimes consume: ``vision_encoder.onnx``, ``embed_tokens.onnx`` and

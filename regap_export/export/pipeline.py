@@ -19,6 +19,7 @@ from ..models.loading import load_model
 from ..models.weight_sample import samples_match
 from ..options import MODES, RegapOptions
 from ..rewrite import corrected
+from .client_files import write_client_files
 from .manifest import write_manifest
 
 FORMATS = ("onnx", "safetensors")
@@ -91,6 +92,8 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
                 write_regap_files(loaded, bundle, options, tmp, base, readout)
             if "onnx" in formats:
                 _write_onnx(loaded, readout, options, tmp / ONNX_DIR, EXPORT_DTYPES[dtype])
+        # What transformers.js, optimum and ONNX Runtime GenAI need to load the folder as written.
+        write_client_files(tmp, loaded.adapter)
         check_strict_json_file(tmp / "config.json")
         write_manifest(tmp, {
             "model": {"source": loaded.source, "family": loaded.adapter.family, "fingerprint": loaded.fingerprint,

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for the graphs of "onnx contract 2" (docs/ONNX_CONTRACT.md).
+"""ONNX Runtime sessions for the graphs of "onnx contract 3" (docs/ONNX_CONTRACT.md).
 
 ``OrtSessions.open(folder, device="cpu"|"cuda")`` opens ``model.onnx`` (text) or the
 multimodal split. On CUDA the decoder runs with IO binding: inputs are copied to the GPU
@@ -18,6 +18,7 @@ import numpy as np
 from ..artifacts import read_config
 from ..checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError
+from ..export.client_layout import runtime_feeds
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
 
@@ -170,6 +171,8 @@ class OrtSessions:
         handler = vision_runtime_for(family)
         pixel_inputs = {k: np.asarray(v) for k, v in pixel_inputs.items() if v is not None}
         feeds = handler.prepare(self.config, **pixel_inputs)
+        # The encoder may take transformers.js's layout (contract 3; export/client_layout.py).
+        feeds = runtime_feeds(self.config, feeds)
         names = self.config.get("vision_outputs", ["image_features"])
         values = self.vision_encoder.run(names, {n: feeds[n] for n in self.config["vision_inputs"]})
         return handler.place(self.config, dict(zip(names, values)), **pixel_inputs)
