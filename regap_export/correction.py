@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import RegapError
 from .folding import FIXED, GATED, SCALED, LayerCorrection
 
 
@@ -44,7 +45,9 @@ class RegapCorrection(nn.Module):
             out = wide + torch.sigmoid(wide @ self.w + self.b) * mask * self.v
         elif self.kind == SCALED:
             if regap_alpha is None:
-                raise ValueError("a regap-seq model needs regap_alpha [batch] at every forward")
+                raise RegapError("a regap-seq model needs regap_alpha [batch] at every forward", field="regap_alpha",
+                                 hint="pass regap_alpha=..., or generate with the exported folder's "
+                                      "modeling_regap.py / regap_export.generate, which compute it")
             out = wide + regap_alpha.to(torch.float32).reshape(-1, 1, 1) * mask * self.v
         else:
             raise ValueError(f"unknown correction kind {self.kind!r}")

@@ -71,3 +71,27 @@ def test_graphs_over_the_threshold_use_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1024)
     large = onnx_export.export_text_decoder(loaded.model, loaded.adapter, tmp_path / "external")
     assert large.with_name(large.name + ".data").is_file()
+
+
+def test_sampling_temperature_must_be_positive():
+    from regap_export.errors import RegapError
+    from regap_export.runtime.generate import _select
+
+    logits = np.zeros((1, 8), dtype=np.float32)
+    with pytest.raises(RegapError, match="temperature must be positive") as caught:
+        _select(logits, np.random.default_rng(0), True, 0.0, 0, 1.0)
+    assert caught.value.field == "temperature"
+
+
+def test_scaled_correction_without_regap_alpha_names_the_input():
+    import torch
+
+    from regap_export.correction import RegapCorrection
+    from regap_export.errors import RegapError
+    from regap_export.folding import SCALED, LayerCorrection
+
+    layer = RegapCorrection(LayerCorrection(0, SCALED, torch.ones(4)))
+    assert torch.equal(layer(torch.zeros(1, 2, 4), regap_alpha=torch.zeros(1)), torch.zeros(1, 2, 4))
+    with pytest.raises(RegapError, match="needs regap_alpha") as caught:
+        layer(torch.zeros(1, 2, 4))
+    assert caught.value.field == "regap_alpha"

@@ -89,7 +89,8 @@ def _select(logits: np.ndarray, rng: np.random.Generator | None, do_sample: bool
     if not do_sample:
         return logits.argmax(axis=-1)
     if temperature <= 0:
-        raise ValueError("temperature must be positive")
+        raise RegapError(f"temperature must be positive, got {temperature}", field="temperature",
+                         hint="sample with a temperature > 0, or decode greedily (do_sample=False)")
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
