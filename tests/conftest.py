@@ -24,3 +24,32 @@ def small_records():
     harmful = [r for r in records if r.label == "harmful"][:6]
     harmless = [r for r in records if r.label == "harmless"][:6]
     return harmful + harmless
+
+
+# -- the tiny Llama and its default export, built once per test process --------------------
+# Read-only: a test that changes files works on regap_testing.copy_of(folder, tmp_path).
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory) -> Path:
+    """The seeded tiny Llama (tests/tiny_models.py), saved with its tokenizer."""
+    from tiny_models import save_tiny
+
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama") / "llama")
+
+
+@pytest.fixture(scope="session")
+def llama_directions(tiny_llama_folder, tmp_path_factory) -> Path:
+    """Realistic regap directions for it (regap_testing.options_for("regap"))."""
+    from regap_testing import write_directions
+
+    return write_directions(tiny_llama_folder, tmp_path_factory.mktemp("llama-directions") / "dirs")
+
+
+@pytest.fixture(scope="session")
+def exported_llama(tiny_llama_folder, llama_directions, tmp_path_factory) -> Path:
+    """`regap-export export` of it with default options (safetensors + ONNX)."""
+    from regap_testing import invoke
+
+    out = tmp_path_factory.mktemp("llama-export") / "out"
+    result = invoke("export", tiny_llama_folder, "--directions", llama_directions, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out

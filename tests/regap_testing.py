@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,10 @@ def assert_all_ok(report: dict) -> None:
     targets = {(c["target"], c["quantity"]) for c in report["checks"]}
     for quantity in ("prefill logits", "present", "decode logits", "greedy tokens"):
         assert ("onnxruntime-cpu", quantity) in targets and ("pytorch", quantity) in targets
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a shared (read-only) folder that a test may change."""
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target

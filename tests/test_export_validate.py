@@ -10,7 +10,7 @@ import torch
 
 from regap_export.export.manifest import MANIFEST_FILENAME
 from regap_export.options import RegapOptions
-from regap_testing import assert_all_ok, export_and_validate, invoke, options_for, write_directions
+from regap_testing import assert_all_ok, copy_of, export_and_validate, invoke, options_for, write_directions
 from tiny_models import save_tiny
 
 ONNX_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "llava_next", "idefics3"]
@@ -219,20 +219,9 @@ def test_existing_out_needs_force(models, tmp_path):
     assert result.exit_code == 2 and "output directory exists" in result.output and "--force" in result.output
 
 
-@pytest.fixture(scope="module")
-def exported(models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exported")
-    directions = write_directions(models["llama"], root / "dirs")
-    assert invoke("export", models["llama"], "--directions", directions, "--out", root / "out").exit_code == 0
-    return root / "out"
-
-
-def copy_of(folder: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    target = tmp_path / "copy"
-    shutil.copytree(folder, target)
-    return target
+@pytest.fixture
+def exported(exported_llama) -> Path:
+    return exported_llama
 
 
 def test_truncated_onnx_is_named(exported, tmp_path):

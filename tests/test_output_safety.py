@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,7 @@ from regap_export import atomic
 from regap_export.errors import RegapError
 from regap_export.export.manifest import MANIFEST_FILENAME
 from regap_export_cli.main import app
-from regap_testing import write_directions
-from tiny_models import save_tiny
+from regap_testing import copy_of, write_directions
 
 runner = CliRunner()
 
@@ -60,30 +58,23 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return save_tiny("llama", tmp_path_factory.mktemp("models") / "llama")
+@pytest.fixture
+def llama(tiny_llama_folder) -> Path:
+    return tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
-def directions(llama, tmp_path_factory) -> Path:
-    folder = write_directions(llama, tmp_path_factory.mktemp("dirs") / "dirs")
+def directions(llama_directions, tmp_path_factory) -> Path:
+    """A calibrate-shaped folder: the shared directions plus a report.json."""
+    folder = tmp_path_factory.mktemp("dirs") / "dirs"
+    shutil.copytree(llama_directions, folder)
     (folder / "report.json").write_text("{}\n")
     return folder
 
 
-@pytest.fixture(scope="module")
-def exported(llama, directions, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exported") / "out"
-    result = invoke("export", llama, "--directions", directions, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def copy_of(folder: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "copy"
-    shutil.copytree(folder, target)
-    return target
+@pytest.fixture
+def exported(exported_llama) -> Path:
+    return exported_llama
 
 
 # ------------------------------------------------------------------ (1) --force and outputs
