@@ -7,24 +7,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from regap_export import api
-from regap_export.export.pipeline import export_to_folder
-from regap_export.runtime.chat import reply
-from regap_export.validation import validate_folder
+import regap_export as rx
 
 
 def main(out: Path) -> None:
     # 1. Fit directions on the bundled training split (text model: refusal direction only).
-    result = api.calibrate_to_folder("embedded:smollm2", out / "directions", force=True)
+    result = rx.calibrate_to_folder("embedded:smollm2", out / "directions", force=True)
     print("best layer", result.report["best_layer"], "held-out AUROC",
           round(result.report["heldout"]["auroc_T_at_best_layer"], 3))
     # 2. Export the corrected model (safetensors + ONNX).
-    export_to_folder("embedded:smollm2", out / "directions", out / "corrected", force=True)
+    rx.export_to_folder("embedded:smollm2", out / "directions", out / "corrected", force=True)
     # 3. Prove parity.
-    parity = validate_folder(out / "corrected")
+    parity = rx.validate_folder(out / "corrected")
     print("parity", "ok" if parity["ok"] else "FAILED")
     # 4. Generate with ONNX Runtime.
-    print(reply(out / "corrected", "Name three colours of the rainbow.", max_new_tokens=24)["text"])
+    print(rx.generate(out / "corrected", "Name three colours of the rainbow.", max_new_tokens=24)["text"])
 
 
 if __name__ == "__main__":
