@@ -172,7 +172,7 @@ def export_cmd(
     """Write the corrected model: safetensors checkpoint and ONNX graphs, with a manifest."""
 
     def body():
-        from regap_export.export.manifest import read_manifest
+        from regap_export.artifacts import read_manifest
         import regap_export as rx
         from regap_export.export.pipeline import parse_formats
         from regap_export.options import Band

@@ -119,7 +119,7 @@ def describe(path: Path) -> dict[str, Any]:
             info["best_layer"] = data.get("best_layer")
             info["best_auroc_T"] = data.get("best_auroc_T")
         return json_safe(info)
-    from .export.manifest import MANIFEST_FILENAME, read_manifest
+    from .artifacts import MANIFEST_FILENAME, read_manifest
 
     if (path / MANIFEST_FILENAME).is_file():
         manifest = read_manifest(path)

@@ -22,13 +22,26 @@ MANIFEST_FILENAME = "regap_manifest.json"
 MANIFEST_VERSION = "1"
 
 
+def read_json(path: Path, *, what: str) -> dict[str, Any]:
+    """A JSON object file of an exported folder (``what`` names it in the error)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{what} is missing", path=path, hint="re-run export") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{what} is not valid JSON ({exc})", path=path, hint="re-run export") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} is not a JSON object", path=path, hint="re-run export")
+    return data
+
+
 # -- regap_onnx.json ------------------------------------------------------------------------
 def read_config(out_dir: Path) -> dict[str, Any]:
     """The ``regap_onnx.json`` written next to the graphs."""
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
         raise ArtifactError("no regap_onnx.json: this folder holds no regap-export ONNX graphs", path=path.parent)
-    data = json.loads(path.read_text())
+    data = read_json(path, what=CONFIG_FILE)
     if data.get("contract") not in READABLE_CONTRACTS:
         raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
                             f"{CONTRACT_VERSION!r})", path=path)

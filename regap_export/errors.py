@@ -33,6 +33,12 @@ class RegapError(Exception):
         super().__init__(text)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): libraries
+    such as protobuf, tokenizers and ONNX Runtime put pages of detail below it."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class DataError(RegapError):
     """A calibration or evaluation data file is malformed."""
 

@@ -321,7 +321,7 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
     from .data.render import declared_renderer
     from .directions_io import load_directions
     from .export.load import load_corrected, read_regap_checkpoint
-    from .export.manifest import MANIFEST_FILENAME, read_manifest
+    from .artifacts import MANIFEST_FILENAME, read_manifest
     from .export.pipeline import DIRECTIONS_COPY
     from .models.base import tokenizer_of
 
@@ -434,12 +434,10 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     """Refusal off vs on per cell, and the image-text gap along rhat per layer."""
-    try:
-        import matplotlib
+    from .report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     cells = report["behaviour"]["cells"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

@@ -92,14 +92,23 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_plot(folder: Path, report: dict[str, Any]) -> Path | None:
-    """A PNG of separability per layer; None when matplotlib (the `plot` extra) is absent."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib (the `plot`
+    extra) is not installed: the plots are optional."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plot(folder: Path, report: dict[str, Any]) -> Path | None:
+    """A PNG of separability per layer; None when matplotlib (the `plot` extra) is absent."""
+    plt = pyplot()
+    if plt is None:
         return None
     rows = report["layers"]
     layers = [r["layer"] for r in rows]

@@ -20,7 +20,8 @@ import torch
 from .directions_io import load_directions
 from .modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask
 from .errors import RegapError
-from .export.manifest import read_manifest, record_parity, verify_files
+from .artifacts import read_manifest, verify_files
+from .export.manifest import record_parity
 from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
 from .models.base import cache_of, pixel_inputs
 from .models.positions import PositionScheme, position_config, position_scheme

@@ -15,7 +15,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from regap_export.export.onnx_export import export_multimodal, export_text_decoder, read_config
+from regap_export.artifacts import read_config
+from regap_export.export.onnx_export import export_multimodal, export_text_decoder
 from regap_export.folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout
 from regap_export.models.base import ModelAdapter
 from regap_export.options import Band, RegapOptions

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from regap_export.export.client_files import (
     GENAI_CONFIG, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, write_client_files,
 )
-from regap_export.export.client_layout import LAYOUT_BATCH_IMAGES, LAYOUT_KEY
+from regap_export.models.idefics3 import LAYOUT_BATCH_IMAGES, LAYOUT_KEY
 
 pytestmark = pytest.mark.clients
 

@@ -15,9 +15,9 @@ from onnx_exports import (  # noqa: E402
     ATOL, FIXED_OPS, GATED_OPS, LAYERS, VOCAB, assert_close_valid, assert_presents_close, empty_past, exported,
     left_padded_batch, multimodal_batch, positions, regap_corrections, run, session, tiny_llama, torch_step,
 )
+from regap_export.artifacts import CONFIG_FILE, CONTRACT_VERSION, read_config  # noqa: E402
 from regap_export.export.onnx_export import (  # noqa: E402
-    CONFIG_FILE, CONTRACT_VERSION, DECODER_FILE, EMBED_FILE, TEXT_FILE, VISION_FILE, export_text_decoder,
-    read_config,
+    DECODER_FILE, EMBED_FILE, TEXT_FILE, VISION_FILE, export_text_decoder,
 )
 from regap_export.export.onnx_graph import (  # noqa: E402
     correction_nodes, correction_values, set_correction_values,

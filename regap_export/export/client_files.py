@@ -16,8 +16,9 @@ so every file is hashed). It only adds keys / files:
 - ``genai_config.json`` (text LLMs): ONNX Runtime GenAI's description of ``onnx/model.onnx``,
   with ``past_present_share_buffer`` off (the graph's ``present.*`` grow with the sequence;
   a shared, preallocated buffer of the full context does not fit them).
-- the vision encoder of Idefics3 / SmolVLM in transformers.js's input layout
-  (``client_layout.wrap_vision_encoder``).
+
+The Idefics3 / SmolVLM vision encoder already takes transformers.js's input layout: the ONNX
+export writes it so (``models/idefics3.py``, onnx contract 3).
 
 Where a client cannot run a family the export says so (``ClientNote``) instead of writing
 a file that fails there.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError
+from ..artifacts import read_json
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,6 @@ class ClientNote:
         return f"{self.client}: not supported for this export ({self.reason})"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot be read as JSON ({exc})", path=path, hint="re-run export") from None
-    if not isinstance(data, dict):
-        raise ArtifactError("is not a JSON object", path=path, hint="re-run export")
-    return data
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -85,11 +76,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def write_client_files(folder: Path, adapter: Any) -> list[ClientNote]:
     """Add the client files to an export being written in ``folder``; returns the notes
     about clients that cannot run it (also logged)."""
-    from .client_layout import wrap_vision_encoder
-
     folder = Path(folder)
     notes: list[ClientNote] = []
-    onnx_config = _read_json(folder / ONNX_SUBFOLDER / "regap_onnx.json") \
+    onnx_config = read_json(folder / ONNX_SUBFOLDER / "regap_onnx.json", what="regap_onnx.json") \
         if (folder / ONNX_SUBFOLDER / "regap_onnx.json").is_file() else None
     if (folder / TOKENIZER_CONFIG).is_file():
         update_tokenizer_config(folder, adapter)
@@ -107,8 +96,6 @@ def write_client_files(folder: Path, adapter: Any) -> list[ClientNote]:
             family = onnx_config["family"]
             if family in TRANSFORMERS_JS_UNSUPPORTED:
                 notes.append(ClientNote("transformers.js", TRANSFORMERS_JS_UNSUPPORTED[family]))
-            elif family == "idefics3":
-                wrap_vision_encoder(folder / ONNX_SUBFOLDER)
             elif family == "llava" and (folder / PROCESSOR_CONFIG).is_file():
                 fold_llava_cls_token(folder)
     for note in notes:
@@ -118,7 +105,7 @@ def write_client_files(folder: Path, adapter: Any) -> list[ClientNote]:
 
 def update_tokenizer_config(folder: Path, adapter: Any) -> None:
     path = folder / TOKENIZER_CONFIG
-    data = _read_json(path)
+    data = read_json(path, what=path.name)
     template_file = folder / CHAT_TEMPLATE_FILE
     if "chat_template" not in data:
         # The same template the tool renders prompts with: the saved one, else the family's fallback.
@@ -142,7 +129,7 @@ def write_preprocessor_config(folder: Path) -> None:
     target = folder / PREPROCESSOR_CONFIG
     if target.is_file():
         return
-    processor = _read_json(folder / PROCESSOR_CONFIG)
+    processor = read_json(folder / PROCESSOR_CONFIG, what=PROCESSOR_CONFIG)
     image = processor.get("image_processor")
     if not isinstance(image, dict):
         return
@@ -161,7 +148,7 @@ def fold_llava_cls_token(folder: Path) -> None:
     (4.x and 5) and transformers.js then count alike. The model's own strategy (config.json)
     is unchanged."""
     path = folder / PROCESSOR_CONFIG
-    data = _read_json(path)
+    data = read_json(path, what=path.name)
     if data.get("vision_feature_select_strategy") != "default":
         return
     data["num_additional_image_tokens"] = int(data.get("num_additional_image_tokens") or 0) - 1
@@ -171,7 +158,7 @@ def fold_llava_cls_token(folder: Path) -> None:
 
 def write_genai_config(folder: Path, onnx_config: dict[str, Any]) -> ClientNote | None:
     """``genai_config.json`` for ``onnx/model.onnx``, or a note when GenAI cannot run it."""
-    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    config = read_json(folder / "config.json", what="config.json") if (folder / "config.json").is_file() else None
     if config is None:
         return ClientNote("onnxruntime-genai", "no config.json (export with --format onnx,safetensors)")
     model_type = config.get("model_type")

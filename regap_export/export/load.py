@@ -23,7 +23,8 @@ from ..models.hooks import StopForward, block_hidden, block_hooks, last_token_in
 from ..models.loading import LoadedModel, load_model
 from ..options import RegapOptions
 from ..rewrite import insert_corrections
-from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, LEGACY_FORMAT_VERSIONS, SCORE_B, SCORE_W, sha256_file
+from ..artifacts import sha256_file
+from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, LEGACY_FORMAT_VERSIONS, SCORE_B, SCORE_W
 
 KINDS_OF_MODE = {"regap": {FIXED, GATED}, "fixed": {FIXED}, "regap-seq": {SCALED}}
 

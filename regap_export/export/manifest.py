@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifacts import (  # noqa: F401  (read_manifest, verify_files: public here too)
-    MANIFEST_FILENAME, MANIFEST_VERSION, read_manifest, sha256_file, verify_files)
+from ..artifacts import MANIFEST_FILENAME, MANIFEST_VERSION, sha256_file
 from ..report import json_safe
 
 

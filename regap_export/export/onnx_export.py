@@ -37,7 +37,7 @@ from ..folding import FIXED, SCALED, ScoreReadout
 from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of
 from ..options import RegapOptions
-from ..artifacts import CONFIG_FILE, CONTRACT_VERSION, read_config  # noqa: F401  (read_config: public here too)
+from ..artifacts import CONFIG_FILE, CONTRACT_VERSION
 from ..rewrite import CorrectedBlock
 from ..models.hooks import block_hidden
 from ..models.positions import position_config
@@ -130,6 +130,8 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
     config["vision_input_dtypes"] = list(spec.input_dtypes)
     config["vision_outputs"] = list(spec.outputs)
     config["vision_config"] = spec.runtime_config(model.config)
+    if spec.rewrite is not None:
+        config.update(spec.rewrite(paths["vision_encoder"]))
     _write_json(out_dir / CONFIG_FILE, config)
     return paths
 

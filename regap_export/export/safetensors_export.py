@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..artifacts import sha256_file  # noqa: F401  (public here too)
+from ..artifacts import sha256_file
 from ..directions_io import DirectionsFile
 from ..errors import ArtifactError, RegapError
 from ..folding import ScoreReadout, fold, score_readout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -101,6 +102,9 @@ def _prepare(config: dict, pixel_values: np.ndarray, pixel_attention_mask: np.nd
         mask = np.ones((pv.shape[0], pv.shape[2], pv.shape[3]), dtype=np.int64)
     else:
         mask = np.asarray(pixel_attention_mask).astype(np.int64)[real]
+    if config.get(LAYOUT_KEY) == LAYOUT_BATCH_IMAGES:  # contract 3: one sample of n images, a bool mask
+        return {"pixel_values": np.ascontiguousarray(pv[None]),
+                "pixel_attention_mask": np.ascontiguousarray(mask[None].astype(np.bool_))}
     return {"pixel_values": np.ascontiguousarray(pv), "pixel_attention_mask": np.ascontiguousarray(mask)}
 
 
@@ -193,6 +197,105 @@ def _image_inputs(settings: dict[str, Any], text: str, image: Image.Image) -> Im
     return ImageInputs(text=text.replace(image_token, expansion, 1), pixels=pixels)
 
 
+# -- the vision encoder in transformers.js's input layout (onnx contract 3) ----------------
+# transformers.js feeds the image processor's output unchanged: pixel_values float32
+# [batch, num_images, 3, H, W] and pixel_attention_mask bool [batch, num_images, H, W], samples
+# with fewer images padded with all-zero images. The traced encoder takes real images only.
+LAYOUT_KEY = "vision_input_layout"
+LAYOUT_BATCH_IMAGES = "batch_images"  # absent: [real images, ...] with an int64 mask (contract 2)
+_PREFIX = "regap_layout/"
+
+
+def _batch_images_layout(path: Path) -> dict[str, Any]:
+    """Rewrite the traced encoder at ``path`` to take transformers.js's layout: in front of the
+    traced nodes (unchanged, weights in external data stay where they are), what
+    ``Idefics3Model.get_image_features`` does: flatten batch and images, cast the mask, drop
+    the all-zero images (keeping the first when every image is padding, as transformers 4.x
+    did). Returns the ``regap_onnx.json`` keys that say so."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    by_name = {i.name: i for i in graph.input}
+    if set(by_name) != {"pixel_values", "pixel_attention_mask"}:
+        raise ValueError(f"{path}: unexpected Idefics3 vision inputs {sorted(by_name)}")
+    pv_in = by_name["pixel_values"]
+    dims = pv_in.type.tensor_type.shape.dim
+    channels, height, width = (d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims[1:])
+    inner_pv, inner_mask = _PREFIX + "pixel_values", _PREFIX + "pixel_attention_mask"
+    _rename_uses(graph, {"pixel_values": inner_pv, "pixel_attention_mask": inner_mask})
+
+    def name(suffix: str) -> str:
+        return _PREFIX + suffix
+
+    const = [
+        helper.make_tensor(name("minus_one"), TensorProto.INT64, [1], [-1]),
+        helper.make_tensor(name("zero_f"), TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor(name("zero_i"), TensorProto.INT64, [], [0]),
+        helper.make_tensor(name("one_i"), TensorProto.INT64, [], [1]),
+        helper.make_tensor(name("axes0"), TensorProto.INT64, [1], [0]),
+        helper.make_tensor(name("axes123"), TensorProto.INT64, [3], [1, 2, 3]),
+    ]
+    n = name
+    nodes = [
+        # [batch, num_images, C, H, W] -> [batch * num_images, C, H, W]; the mask likewise.
+        helper.make_node("Shape", ["pixel_values"], [n("pv_tail")], start=2),
+        helper.make_node("Concat", [n("minus_one"), n("pv_tail")], [n("pv_shape")], axis=0),
+        helper.make_node("Reshape", ["pixel_values", n("pv_shape")], [n("pv_flat")]),
+        helper.make_node("Shape", ["pixel_attention_mask"], [n("mask_tail")], start=2),
+        helper.make_node("Concat", [n("minus_one"), n("mask_tail")], [n("mask_shape")], axis=0),
+        helper.make_node("Reshape", ["pixel_attention_mask", n("mask_shape")], [n("mask_flat")]),
+        # real image: not every value 0 (Idefics3Model.get_image_features)
+        helper.make_node("Equal", [n("pv_flat"), n("zero_f")], [n("is_zero")]),
+        helper.make_node("Not", [n("is_zero")], [n("is_value")]),
+        helper.make_node("Cast", [n("is_value")], [n("is_value_i")], to=TensorProto.INT64),
+        helper.make_node("ReduceMax", [n("is_value_i"), n("axes123")], [n("real_i")], keepdims=0),
+        # ... and when no image is real, the first one (as transformers 4.x did), not an empty batch
+        helper.make_node("ReduceMax", [n("real_i")], [n("any_real")], keepdims=0),
+        helper.make_node("Shape", [n("real_i")], [n("count")]),
+        helper.make_node("Squeeze", [n("count"), n("axes0")], [n("count_s")]),
+        helper.make_node("Range", [n("zero_i"), n("count_s"), n("one_i")], [n("index")]),
+        helper.make_node("Equal", [n("index"), n("zero_i")], [n("is_first")]),
+        helper.make_node("Equal", [n("any_real"), n("zero_i")], [n("none_real")]),
+        helper.make_node("And", [n("is_first"), n("none_real")], [n("keep_first")]),
+        helper.make_node("Cast", [n("real_i")], [n("real")], to=TensorProto.BOOL),
+        helper.make_node("Or", [n("real"), n("keep_first")], [n("keep")]),
+        helper.make_node("NonZero", [n("keep")], [n("kept")]),
+        helper.make_node("Squeeze", [n("kept"), n("axes0")], [n("kept_index")]),
+        helper.make_node("Gather", [n("pv_flat"), n("kept_index")], [inner_pv], axis=0),
+        helper.make_node("Cast", [n("mask_flat")], [n("mask_i")], to=TensorProto.INT64),
+        helper.make_node("Gather", [n("mask_i"), n("kept_index")], [inner_mask], axis=0),
+    ]
+    new_pv = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
+                                           ["batch_size", "num_images", channels, height, width])
+    new_mask = helper.make_tensor_value_info("pixel_attention_mask", TensorProto.BOOL,
+                                             ["batch_size", "num_images", height, width])
+    del graph.input[:]
+    graph.input.extend([new_pv, new_mask])
+    graph.initializer.extend(const)
+    old_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old_nodes)
+    for output in graph.output:
+        shape = output.type.tensor_type.shape
+        if len(shape.dim) and shape.dim[0].dim_param:
+            shape.dim[0].dim_param = "num_real_images"
+    onnx.save(model, str(path))
+    return {LAYOUT_KEY: LAYOUT_BATCH_IMAGES, "vision_input_dtypes": ["float32", "bool"]}
+
+
+def _rename_uses(graph: Any, renames: dict[str, str]) -> None:
+    """Point every use of a graph input at its new name (subgraphs included)."""
+    for node in graph.node:
+        for i, value in enumerate(node.input):
+            if value in renames:
+                node.input[i] = renames[value]
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _rename_uses(sub, renames)
+
+
 VISION = VisionSpec(
     family="idefics3",
     inputs=("pixel_values", "pixel_attention_mask"),
@@ -200,6 +303,7 @@ VISION = VisionSpec(
     sample=_sample,
     input_dtypes=("float32", "int64"),
     patches=patched_bucketize,
+    rewrite=_batch_images_layout,
 )
 
 

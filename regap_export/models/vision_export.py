@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class VisionSpec:
     # is the number of images, outputs are [num_images, tokens, hidden].
     dynamic: Callable[[nn.Module, Any], tuple[dict[int, Any], ...]] | None = None
     dim_names: dict[str, list[str | None]] | None = None
+    # rewrite(path) edits the traced vision_encoder.onnx in place (e.g. an input layout a client
+    # needs) and returns the regap_onnx.json keys that change with it.
+    rewrite: Callable[[Path], dict[str, Any]] | None = None
 
     def image_token_id(self, config: Any) -> int:
         from .base import image_token_id_of

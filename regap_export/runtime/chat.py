@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArtifactError, DataError, RegapError
+from ..errors import ArtifactError, DataError, RegapError, first_line
 # Family knowledge (multimodal or not, message layout, fallback chat template, image preprocessing).
 from ..models import adapter_for_config
 from ..models.image_ops import NotPorted
-from .text import FolderTokenizer, read_json
+from ..artifacts import read_json
+from .text import FolderTokenizer
 
 EXPORT_EXTRA = "regap-export[export]"
 
@@ -132,8 +133,7 @@ def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any, *,
     try:
         processor = adapter.load_processor(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ArtifactError(f"the tokenizer/processor cannot be loaded ({first_line})", path=folder,
+        raise ArtifactError(f"the tokenizer/processor cannot be loaded ({first_line(exc)})", path=folder,
                             hint="re-run export") from None
     text = adapter.render_prompt(processor, prompt, with_image=True)
     inputs = {k: v.numpy() for k, v in adapter.encode(processor, [text], [image]).items()}

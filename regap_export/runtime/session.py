@@ -17,8 +17,7 @@ import numpy as np
 
 from ..artifacts import read_config
 from ..checks import verify_runtime_folder
-from ..errors import ArtifactError, RegapError
-from ..export.client_layout import runtime_feeds
+from ..errors import ArtifactError, RegapError, first_line
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
 
@@ -81,8 +80,7 @@ class OrtSessions:
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types, one per failure
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ArtifactError(f"ONNX Runtime cannot load this graph ({first_line})", path=path,
+                raise ArtifactError(f"ONNX Runtime cannot load this graph ({first_line(exc)})", path=path,
                                     hint="the file is corrupted or truncated; re-run export") from None
             if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
                 raise RegapError(f"{name}: ONNX Runtime could not start its CUDA provider",
@@ -171,8 +169,6 @@ class OrtSessions:
         handler = vision_runtime_for(family)
         pixel_inputs = {k: np.asarray(v) for k, v in pixel_inputs.items() if v is not None}
         feeds = handler.prepare(self.config, **pixel_inputs)
-        # The encoder may take transformers.js's layout (contract 3; export/client_layout.py).
-        feeds = runtime_feeds(self.config, feeds)
         names = self.config.get("vision_outputs", ["image_features"])
         values = self.vision_encoder.run(names, {n: feeds[n] for n in self.config["vision_inputs"]})
         return handler.place(self.config, dict(zip(names, values)), **pixel_inputs)

@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, RegapError
+from ..artifacts import read_json
+from ..errors import ArtifactError, RegapError, first_line
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens a chat template sees.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -25,18 +26,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-def read_json(path: Path, *, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{what} is missing", path=path, hint="re-run export") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{what} is not valid JSON ({exc})", path=path, hint="re-run export") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{what} is not a JSON object", path=path, hint="re-run export")
-    return data
 
 
 def saved_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | None:
@@ -121,8 +110,7 @@ class FolderTokenizer:
         try:
             backend = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own exception type for every parse failure
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ArtifactError(f"the tokenizer cannot be loaded ({first_line})", path=path,
+            raise ArtifactError(f"the tokenizer cannot be loaded ({first_line(exc)})", path=path,
                                 hint="re-run export") from None
         config_path = folder / "tokenizer_config.json"
         config = read_json(config_path, what="tokenizer_config.json") if config_path.is_file() else {}
