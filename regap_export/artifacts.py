@@ -14,9 +14,10 @@ import numpy as np
 
 from .errors import ArtifactError
 
-CONTRACT_VERSION = "onnx contract 3"
-# Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json).
-READABLE_CONTRACTS = ("onnx contract 2", CONTRACT_VERSION)
+CONTRACT_VERSION = "onnx contract 4"
+# Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json);
+# 4 adds the modality marker (regap_onnx.json "image_rows": "marked"); older folders take the mask.
+READABLE_CONTRACTS = ("onnx contract 2", "onnx contract 3", CONTRACT_VERSION)
 CONFIG_FILE = "regap_onnx.json"
 MANIFEST_FILENAME = "regap_manifest.json"
 MANIFEST_VERSION = "1"

@@ -10,9 +10,22 @@ that holds no image. Which positions of an image row it covers is ``RegapOptions
 - ``all``: every position of every row, images or not (METHOD's first reading; it changes
   text-only replies whenever ``d`` is large).
 
-Runtimes compute the mask from ``input_ids`` (the image token id) and feed it; the ONNX
-decoder declares it as an overridable initializer whose default (``mask_default``) is what a
-client that does not know the input gets. Pure numpy: no model, no torch.
+PyTorch callers compute the mask from ``input_ids`` (the image token id) and pass it.
+
+The ONNX decoder sees no ``input_ids`` (multimodal exports take ``inputs_embeds``), so a
+float32 multimodal export finds image rows itself, from a **modality marker** (ONNX contract
+4): ``vision_encoder.onnx`` returns its features multiplied by ``MARK_SCALE`` = 2**64, the
+decoder takes a row whose largest magnitude is at least ``MARK_THRESHOLD`` = 2**32 for an
+image row and divides it back, and it keeps the same mark on those positions' rows of
+``present.0.key``, so that later calls (decode steps) know the sequence holds an image.
+Multiplying and dividing by a power of two is exact in IEEE arithmetic, so the model sees
+exactly its own features; no token embedding or key comes near 2**32, and a feature row
+would have to be below 2**-32 everywhere to be missed. Every client merges the encoder's
+features into ``inputs_embeds`` and passes ``present.*`` back as ``past_key_values.*``, so
+every client gets the correction on image prompts without knowing about it.
+float16 cannot hold 2**64: float16 multimodal exports (and contract 2/3 folders) take the
+mask as the overridable input ``regap_image_mask`` instead, whose default (``mask_default``)
+is what a client that does not know the input gets. Pure numpy: no model, no torch.
 """
 from __future__ import annotations
 
@@ -22,6 +35,33 @@ from .errors import RegapError
 
 IMAGE_ONLY = ("last+generated", "image")
 INPUT_NAME = "regap_image_mask"
+MARK_SCALE = 2.0 ** 64
+MARK_THRESHOLD = 2.0 ** 32
+
+
+def marked_rows(x: np.ndarray) -> np.ndarray:
+    """bool [...]: which rows (last axis) of ``x`` carry the modality marker."""
+    return np.abs(np.asarray(x, dtype=np.float32)).max(axis=-1) >= MARK_THRESHOLD
+
+
+def unmark(x: np.ndarray) -> np.ndarray:
+    """``x`` with its marked rows divided back (exact): image features as the model computes
+    them, or the embeddings of an uncorrected run (a decoder given unmarked rows finds no
+    image, so it applies no correction)."""
+    x = np.asarray(x)
+    rows = marked_rows(x)
+    if not rows.any():
+        return x
+    return np.where(rows[..., None], x / np.asarray(MARK_SCALE, dtype=x.dtype), x).astype(x.dtype)
+
+
+def unmark_key_cache(key: np.ndarray) -> np.ndarray:
+    """``present.0.key`` [batch, heads, seq, head_dim] with the marked positions divided back."""
+    key = np.asarray(key)
+    positions = np.abs(key.astype(np.float32)).max(axis=(1, 3)) >= MARK_THRESHOLD  # [batch, seq]
+    if not positions.any():
+        return key
+    return np.where(positions[:, None, :, None], key / np.asarray(MARK_SCALE, dtype=key.dtype), key)
 
 
 def mask_default(positions: str) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .directions_io import load_directions
-from .modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask
+from .modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, unmark_key_cache
 from .errors import RegapError
 from .artifacts import read_manifest, verify_files
 from .export.manifest import record_parity
@@ -174,6 +174,8 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     out = sessions.run_decoder(main, mask, position, sessions.empty_past(ids.shape[0]), regap_alpha=alpha,
                                regap_image_mask=image_mask)
     presents = [np.asarray(p) for p in out.presents]
+    if sessions.marks_image_rows:  # compared as the model's keys: the marked positions divided back
+        presents[0] = unmark_key_cache(presents[0])
     prefill = np.asarray(out.logits, dtype=np.float32)
     step_logits = []
     logits = out.logits[:, -1]
@@ -243,6 +245,25 @@ def _default_mask_check(plain, bundle, options: RegapOptions, sessions, inputs: 
     return Check(f"onnxruntime-{device}", name, "prefill logits, no mask fed", diff, ok)
 
 
+@torch.no_grad()
+def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor | None, name: str, tol,
+                    device: str) -> Check:
+    """Prefill logits when the image features reach the decoder unmarked (how the runtime
+    switches the correction off on a marked export): the unmodified model's."""
+    from .modality import unmark
+
+    want = plain.model(**inputs, use_cache=False).logits.float().numpy()
+    ids = inputs["input_ids"].numpy()
+    attention = inputs["attention_mask"].numpy().astype(np.int64)
+    pixels = {k: v.numpy() for k, v in pixel_inputs(inputs).items()}
+    main = unmark(sessions.prompt_embeds(ids, **pixels))
+    got = sessions.run_decoder(main, attention, inputs["position_ids"].numpy(), sessions.empty_past(ids.shape[0]),
+                               regap_alpha=None if alpha is None else alpha.numpy()).logits
+    attended = attention.astype(bool)
+    diff, ok = _within(got[attended], want[attended], tol["logits"])
+    return Check(f"onnxruntime-{device}", name, "prefill logits, image rows unmarked", diff, ok)
+
+
 def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8, greedy_tokens: int = 32,
                     write: bool = True) -> dict[str, Any]:
     from .export.load import load_corrected
@@ -294,6 +315,8 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
                               target=f"onnxruntime-{device}", inputs=name, tol=tol)
             if sessions.has_image_mask:
                 checks.append(_default_mask_check(plain, bundle, options, sessions, inputs, alpha, name, tol, device))
+            elif sessions.marks_image_rows and name == "image":
+                checks.append(_unmarked_check(plain, sessions, inputs, alpha, name, tol, device))
     report = {"ok": all(c.ok for c in checks), "device": device, "dtype": manifest["dtype"], "mode": options.mode,
               "tolerances": {k: list(v) for k, v in tol.items()}, "checks": [asdict(c) for c in checks]}
     if write:

@@ -2,11 +2,11 @@
 from transformers.js (npm ``@huggingface/transformers``, ``clients/``) and ONNX Runtime GenAI
 equal ``regap_export.runtime``'s, with and without images.
 
-Neither client feeds ``regap_image_mask``, so they run the graph's default
-(docs/ONNX_CONTRACT.md): the tiny models are exported with ``positions = all`` (default 1:
-the clients run the corrected model, compared with the tool's corrected run), the embedded
-models with the tool's defaults (``last+generated``, default 0: a text prompt is the same
-either way; an image prompt is compared with the tool's uncorrected run).
+No client feeds ``regap_image_mask``. The multimodal exports (tiny vision families and the
+embedded SmolVLM, default ``positions``) find image rows by the modality marker (ONNX
+contract 4), so the clients run the corrected model on image prompts, compared with the
+tool's corrected run. The tiny text models are exported with ``positions = all`` (the
+graph's default mask is 1), so the correction acts on text too.
 
 Needs node + ``bash scripts/install_clients.sh`` (transformers.js) and onnxruntime-genai;
 each client's tests are skipped, with the reason, when it is missing.
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from regap_export.export.client_files import (
     GENAI_CONFIG, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, write_client_files,
 )
+from regap_export.modality import marked_rows, unmark
 from regap_export.models.idefics3 import LAYOUT_BATCH_IMAGES, LAYOUT_KEY
 
 pytestmark = pytest.mark.clients
@@ -71,14 +72,15 @@ class Exports:
     @functools.lru_cache(maxsize=None)
     def tiny(self, family: str) -> Path:
         from regap_export.export.pipeline import export_to_folder
-        from regap_testing import options_for
-        from test_export_validate import write_directions
+        from regap_testing import options_for, write_directions
         from tiny_models import save_tiny
 
         model = save_tiny(family, self.root / "models" / family)
-        # positions "all": the graph's default mask is 1, so clients that never feed it run the
-        # corrected model.
-        directions = write_directions(model, self.root / "directions" / family, options_for("regap"))
+        # Text: positions "all" (the graph's default mask is 1, so clients that never feed it
+        # run the corrected model). Vision: the default positions, image rows found by the marker.
+        positions = "last+generated" if family in VISION_FAMILIES else "all"
+        directions = write_directions(model, self.root / "directions" / family,
+                                      options_for("regap", positions=positions))
         return export_to_folder(str(model), directions, self.root / "exports" / family)
 
     @functools.lru_cache(maxsize=None)
@@ -87,7 +89,7 @@ class Exports:
         from regap_export.export.pipeline import export_to_folder
         from regap_export.models.loading import load_model
         from regap_export.options import RegapOptions
-        from test_export_validate import write_directions
+        from regap_testing import write_directions
 
         folder = load_model(f"embedded:{name}").folder
         directions = write_directions(folder, self.root / "directions" / name, RegapOptions())
@@ -234,12 +236,14 @@ def test_genai_smollm2(exports):
 @needs_tjs
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
 def test_transformers_js_smolvlm_demo_folder(exports, with_image):
-    """The folder the demo writes (embedded:smolvlm, default options) loads as is. With the
-    default positions, a client that does not feed regap_image_mask runs the uncorrected model
-    on image prompts (the contract's default), and the same model as the tool on text."""
+    """The folder the demo writes (embedded:smolvlm, default options) loads as is and runs the
+    corrected model: on an image prompt the decoder finds the image rows by their marker. The
+    correction changes this reply, so equal tokens show that transformers.js applied it."""
     folder = exports.embedded("smolvlm")
     image = native_image(folder) if with_image else None
-    tool = tool_tokens(folder, PROMPT, image, EMBEDDED_TOKENS, correct=not with_image)
+    tool = tool_tokens(folder, PROMPT, image, EMBEDDED_TOKENS, correct=True)
+    if with_image:
+        assert tool_tokens(folder, PROMPT, image, EMBEDDED_TOKENS, correct=False) != tool
     assert_same(transformers_js_tokens(folder, PROMPT, image, EMBEDDED_TOKENS), tool,
                 f"transformers.js smolvlm ({'image' if with_image else 'text'})")
 
@@ -303,6 +307,8 @@ def test_idefics3_encoder_takes_transformers_js_layout(exports):
     mask[1, 1] = False
     mask[0, 0, :, size // 2:] = False  # a partly padded real image
     got = session.run(["image_features"], {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
+    assert config["image_rows"] == "marked" and marked_rows(got).all()
+    got = unmark(got)
     with torch.no_grad():
         out = loaded.model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
                                                     pixel_attention_mask=torch.from_numpy(mask))
@@ -378,3 +384,18 @@ def test_transformers4_loads_the_tokenizer_as_written(exports, tmp_path, family)
     assert got["keys"] == ["attention_mask", "input_ids"]
     tool = tool_tokens(folder, PROMPT, None, 1, correct=True)
     assert got["ids"] == tool["prompt_ids"]
+
+
+@pytest.mark.parametrize("positions,noted", [("last+generated", True), ("image", True), ("all", False)])
+def test_mask_input_multimodal_exports_say_images_run_uncorrected(tmp_path, positions, noted):
+    """A multimodal decoder that takes the image rows as regap_image_mask (float16 exports):
+    transformers.js, which never feeds it, would run image prompts uncorrected, unless the
+    export corrects every position (default mask 1)."""
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "regap_onnx.json").write_text(json.dumps({
+        "kind": "multimodal", "family": "idefics3", "image_rows": "mask input", "options": {"positions": positions}}))
+    notes = [n for n in write_client_files(tmp_path, adapter=None) if n.client == "transformers.js"]
+    assert bool(notes) == noted
+    if noted:
+        assert "uncorrected" in notes[0].reason

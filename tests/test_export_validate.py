@@ -45,7 +45,10 @@ def test_export_parity(models, tmp_path, family, mode):
     report = export_and_validate(models[family], directions, tmp_path / "out", "--mode", mode)
     assert_all_ok(report)
     if family in MULTIMODAL:
-        assert any(c["quantity"] == "prefill logits, no mask fed" and c["ok"] for c in report["checks"])
+        # float32 multimodal: image rows found from the modality marker, not fed
+        assert any(c["quantity"] == "prefill logits, image rows unmarked" and c["ok"] for c in report["checks"])
+        onnx_config = json.loads((tmp_path / "out" / "onnx" / "regap_onnx.json").read_text())
+        assert onnx_config["image_rows"] == "marked" and "regap_image_mask" not in onnx_config["decoder_inputs"]
     assert report["mode"] == mode
     assert (tmp_path / "out" / "parity.json").is_file()
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILENAME).read_text())

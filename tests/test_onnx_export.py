@@ -23,6 +23,7 @@ from regap_export.export.onnx_graph import (  # noqa: E402
     correction_nodes, correction_values, set_correction_values,
 )
 from regap_export.folding import GATED  # noqa: E402
+from regap_export.modality import MARK_THRESHOLD, marked_rows, prompt_mask, unmark_key_cache  # noqa: E402
 from regap_export.rewrite import insert_corrections  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def test_contract_inputs_outputs():
     exp = exported("regap")
     assert (exp.folder / TEXT_FILE).is_file()
     cfg = read_config(exp.folder)
-    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 3"
+    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 4"
     sess = session(exp.path)
     inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
     outputs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
@@ -278,15 +279,24 @@ def test_multimodal_split_matches_torch(family):
     embeds = sessions.prompt_embeds(ids, **pixels)
     outputs = run(dec, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)})
 
+    # The decoder finds the image rows by their marker (contract 4) and corrects the default
+    # positions of rows with an image; the PyTorch model is told the same positions.
+    assert cfg["image_rows"] == "marked" and "regap_image_mask" not in [i.name for i in dec.get_inputs()]
     kwargs = {k: v for k, v in enc.items()}
     kwargs["position_ids"] = torch.from_numpy(pos)
+    kwargs["regap_image_mask"] = torch.from_numpy(prompt_mask("last+generated", ids, cfg["image_token_id"]))
     with torch.no_grad():
         ref = exp.model(**kwargs, use_cache=True)
         ref_embeds = exp.model.get_input_embeddings()(enc["input_ids"])
     # the runtime's merge reproduces transformers' embeddings at the text positions
     text = ids != cfg["image_token_id"]
     np.testing.assert_allclose(embeds[text], ref_embeds.numpy()[text], atol=1e-6)
+    assert marked_rows(embeds).tolist() == (~text).tolist()
     assert_close_valid(outputs["logits"], ref.logits.numpy(), mask)
+    # present.0.key carries the marker at the image positions, exactly the model's keys once divided back
+    key0 = outputs["present.0.key"]
+    assert (np.abs(key0).max(axis=(1, 3)) >= MARK_THRESHOLD).tolist() == (~text).tolist()
+    outputs["present.0.key"] = unmark_key_cache(key0)
     assert_presents_close(outputs, ref.cache, mask, LAYERS)
 
 

@@ -1,4 +1,4 @@
-"""ONNX export of a (corrected) Hugging Face model: "onnx contract 3" (docs/ONNX_CONTRACT.md).
+"""ONNX export of a (corrected) Hugging Face model: "onnx contract 4" (docs/ONNX_CONTRACT.md).
 
 Text LLMs give one graph, ``model.onnx``; multimodal LLMs give the split existing ONNX
 runtimes consume: ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
@@ -42,6 +42,7 @@ from ..rewrite import CorrectedBlock
 from ..models.hooks import block_hidden
 from ..models.positions import position_config
 from ..models.vision_export import VisionSpec, vision_spec
+from .image_rows import find_image_rows, mark_features, mark_key_cache
 from .onnx_graph import SCORE_B, SCORE_W, public_name
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,15 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
         "embed_tokens": out_dir / EMBED_FILE,
         "decoder": out_dir / DECODER_FILE,
     }
-    _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset)
+    # The modality marker (contract 4) needs float32's range; float16 exports take the mask as an
+    # input, as do exports that correct every position (nothing to find, and the input is how a
+    # caller switches the correction off).
+    marked = (dtype == torch.float32 and _has_corrections(model)
+              and (options or RegapOptions()).positions != "all")
+    _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset, marked=marked)
     _export_embeddings(model, paths["embed_tokens"], external_data=external_data, opset=opset)
     info = _export_decoder(model, adapter, paths["decoder"], embeds=True, readout=readout,
-                           external_data=external_data, opset=opset, options=options)
+                           external_data=external_data, opset=opset, options=options, marked=marked)
     config = _config_json(model, adapter, dtype, info, readout, options, opset,
                           files={k: p.name for k, p in paths.items()}, kind="multimodal")
     config["image_token_id"] = spec.image_token_id(model.config)
@@ -177,20 +183,27 @@ class _DecoderInfo:
     output_names: list[str]
     seconds: float
     has_image_mask: bool = False
+    marks_image_rows: bool = False
 
 
 class DecoderWrapper(nn.Module):
     """(input_ids | inputs_embeds, attention_mask, position_ids, [regap_image_mask], [regap_alpha], *past)
-    -> (logits, [regap_score], *presents). Builds a DynamicCache from the flat past."""
+    -> (logits, [regap_score], *presents). Builds a DynamicCache from the flat past.
+
+    ``marked_positions`` (float32 multimodal exports with corrections): no mask input; image
+    rows are found from the modality marker (``image_rows``) and the mask of those positions
+    is built in the graph."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, *, num_layers: int, embeds: bool,
-                 alpha: bool, readout: ScoreReadout | None, image_mask: bool = False):
+                 alpha: bool, readout: ScoreReadout | None, image_mask: bool = False,
+                 marked_positions: str | None = None):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
         self.embeds = embeds
         self.alpha = alpha
         self.image_mask = image_mask
+        self.marked_positions = marked_positions
         self.readout_layer = None if readout is None else readout.layer
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = None
@@ -217,6 +230,10 @@ class DecoderWrapper(nn.Module):
         alpha = rest.pop(0) if self.alpha else None
         past = rest
         torch._check(attention_mask.shape[1] == past[0].shape[2] + main.shape[1])
+        rows = None
+        if self.marked_positions is not None:
+            rows = find_image_rows(main, past[0], self.marked_positions)
+            main, past[0], image_mask = rows.embeds, rows.past_key, rows.mask
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         kwargs: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids,
                                       cache=cache, use_cache=True)
@@ -231,8 +248,9 @@ class DecoderWrapper(nn.Module):
         if self.readout_layer is not None:
             h = self._captured.pop("h")
             outputs.append(h.to(torch.float32) @ self.score_w + self.score_b)
-        for layer in cache.layers[: self.num_layers]:
-            outputs += [layer.keys, layer.values]
+        for i, layer in enumerate(cache.layers[: self.num_layers]):
+            keys = layer.keys if rows is None or i > 0 else mark_key_cache(layer.keys, rows.marks)
+            outputs += [keys, layer.values]
         return tuple(outputs)
 
 
@@ -398,12 +416,14 @@ def _warn_on_capture_fallback(program, what: str) -> None:
 
 def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embeds: bool,
                     readout: ScoreReadout | None, external_data: bool | None, opset: int,
-                    options: RegapOptions | None = None) -> _DecoderInfo:
+                    options: RegapOptions | None = None, marked: bool = False) -> _DecoderInfo:
+    """``marked``: find image rows from the modality marker instead of taking ``regap_image_mask``."""
     from torch.export import Dim
 
     start = time.perf_counter()
     alpha = _has_scaled(model)
-    image_mask = _has_corrections(model)
+    image_mask = _has_corrections(model) and not marked
+    marked_positions = (options or RegapOptions()).positions if marked else None
     num_layers, kv_heads, head_dims = _cache_geometry(model, adapter, embeds, alpha)
     dtype = next(model.parameters()).dtype
     B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
@@ -442,8 +462,12 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
                       + [{0: batch, 2: past_len}] * (2 * num_layers)),
     }
 
+    if marked:  # both kinds of rows in the sample, so that no branch of the trace sees a constant
+        main[:, 1::2] = mark_features(main[:, 1::2])
+        past[0][:, :, 1::2] = mark_features(past[0][:, :, 1::2])
+        args = tuple(a.to(_device(model)) for a in (main, mask, position_ids, *extra, *past))
     wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout,
-                             image_mask=image_mask).eval()
+                             image_mask=image_mask, marked_positions=marked_positions).eval()
     entries = _correction_entries(model, adapter)
     try:
         score_entries = [(SCORE_W, wrapper, "score_w"), (SCORE_B, wrapper, "score_b")] if readout is not None else []
@@ -483,25 +507,30 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", path.name, seconds)
     return _DecoderInfo(num_layers, kv_heads, head_dims, corrections, alpha, readout is not None,
-                        input_names, output_names, seconds, image_mask)
+                        input_names, output_names, seconds, image_mask, marked)
 
 
 class _VisionWrapper(nn.Module):
-    def __init__(self, model: nn.Module, spec: VisionSpec):
+    def __init__(self, model: nn.Module, spec: VisionSpec, marked: bool = False):
         super().__init__()
         self.model = model
         self.spec = spec
+        self.marked = marked
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.spec.encode(self.model, *inputs)
+    def forward(self, *inputs: torch.Tensor):
+        out = self.spec.encode(self.model, *inputs)
+        if not self.marked:
+            return out
+        return tuple(mark_features(o) for o in out) if isinstance(out, tuple) else mark_features(out)
 
 
-def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_data: bool | None, opset: int) -> None:
+def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_data: bool | None, opset: int,
+                   marked: bool = False) -> None:
     from torch.export import Dim
 
     n = Dim(NUM_IMAGES)
     args = tuple(a.to(_device(model)) for a in spec.sample(model, _SAMPLE_IMAGES))
-    wrapper = _VisionWrapper(model, spec).eval()
+    wrapper = _VisionWrapper(model, spec, marked).eval()
     per_input = spec.dynamic(model, Dim) if spec.dynamic is not None else tuple({0: n} for _ in args)
     dynamic_shapes = {"inputs": per_input}
     with spec.patches():
@@ -659,6 +688,7 @@ def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, in
         "regap_alpha": info.has_alpha,
         "regap_score": info.has_score,
         "regap_image_mask": info.has_image_mask,
+        "image_rows": "marked" if info.marks_image_rows else ("mask input" if info.has_image_mask else None),
         "readout": None if readout is None else {"layer": readout.layer, "kappa": float(readout.kappa)},
         "options": None if options is None else json.loads(options.to_json()),
         "eos_token_id": [eos] if isinstance(eos, int) else (list(eos) if eos is not None else []),

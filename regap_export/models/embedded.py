@@ -436,8 +436,14 @@ def _folder_name(name: str) -> str:
 def _marker(name: str) -> dict:
     import transformers
 
-    return {"name": name, "build_version": BUILD_VERSION,
-            "transformers_major": transformers.__version__.split(".")[0]}
+    marker = {"name": name, "build_version": BUILD_VERSION,
+              "transformers_major": transformers.__version__.split(".")[0]}
+    if name == "embedded:organism":  # retrained weights must rebuild a cached organism
+        from ..artifacts import sha256_file
+
+        marker["weights"] = {p.name: sha256_file(p) for p in sorted(ORGANISM_DIR.glob("*.safetensors"))
+                             if p.name != "directions.safetensors"}
+    return marker
 
 
 def _is_complete(folder: Path, name: str) -> bool:

@@ -4,9 +4,11 @@ Batches are left-padded (as ``ModelAdapter.encode`` makes them). Position ids fo
 transformers, per the export's scheme (``regap_export.models.positions``): ``cumsum(attention_mask)
 - 1`` with padding positions set to 1, or Qwen2-VL's 3-D M-RoPE positions.
 
-Every call feeds ``regap_image_mask`` (``regap_export.modality``): the correction acts on
-rows that hold an image, at the positions the export's options say; ``correct=False`` feeds
-zeros, which runs the uncorrected model exactly.
+The correction acts on rows that hold an image, at the positions the export's options say
+(``regap_export.modality``). Graphs with the modality marker (contract 4, float32 multimodal)
+find those rows themselves; ``correct=False`` then feeds the image features unmarked, which
+runs the uncorrected model exactly. Other graphs get ``regap_image_mask`` on every call
+(zeros for ``correct=False``).
 
 regap-seq (graph input ``regap_alpha``): unless ``regap_alpha`` is given,
   1. probe pass over the prompt with ``regap_alpha = alpha0`` (options), reading
@@ -24,7 +26,7 @@ import numpy as np
 
 from .. import folding
 from ..errors import RegapError
-from ..modality import prompt_mask, rows_with_image, step_mask
+from ..modality import prompt_mask, rows_with_image, step_mask, unmark
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
 from ..models.positions import check_prompt
 from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)
@@ -146,6 +148,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
             raise RegapError("this export is a text model: it takes no image")
         main = input_ids
 
+    if sessions.marks_image_rows and not correct:
+        main = unmark(main)
     image_mask, step_image_mask = correction_masks(sessions, input_ids, correct=correct)
     alpha = score = None
     if sessions.has_regap_alpha:

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for the graphs of "onnx contract 3" (docs/ONNX_CONTRACT.md).
+"""ONNX Runtime sessions for the graphs of "onnx contract 4" (docs/ONNX_CONTRACT.md).
 
 ``OrtSessions.open(folder, device="cpu"|"cuda")`` opens ``model.onnx`` (text) or the
 multimodal split. On CUDA the decoder runs with IO binding: inputs are copied to the GPU
@@ -113,6 +113,12 @@ class OrtSessions:
         return bool(self.config.get("regap_image_mask"))
 
     @property
+    def marks_image_rows(self) -> bool:
+        """The graphs carry the modality marker (``regap_export.modality``, contract 4): image
+        features come out of the vision encoder marked, and the decoder finds image rows itself."""
+        return self.config.get("image_rows") == "marked"
+
+    @property
     def correction_positions(self) -> str:
         """Where the correction acts (``RegapOptions.positions``; ``regap_export.modality``)."""
         return (self.config.get("options") or {}).get("positions", "all")
@@ -162,7 +168,8 @@ class OrtSessions:
     def image_features(self, **pixel_inputs: Any) -> np.ndarray:
         """Image feature rows [image tokens, hidden], in the order of the image tokens, for
         the processor's pixel inputs (``pixel_values`` and the family's extras, such as
-        ``pixel_attention_mask`` or ``image_sizes``)."""
+        ``pixel_attention_mask`` or ``image_sizes``). Marked (x 2**64) when
+        ``marks_image_rows``: ``regap_export.modality.unmark`` gives the model's features."""
         if self.vision_encoder is None:
             raise RegapError("this export is a text model: it takes no image")
         family = self.config["family"]
