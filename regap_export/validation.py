@@ -194,6 +194,68 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     return Trace(prefill, step_logits, result.new_tokens, presents, result.regap_alpha)
 
 
+def _attended_cache(got: list[np.ndarray], want: list[np.ndarray], attended: np.ndarray):
+    """(got, want) per cache tensor, at attended positions. A sliding-window layer's cache in
+    transformers keeps only the last W positions; the exported graph keeps them all (its mask
+    applies the window)."""
+    for g, w in zip(got, want):
+        kept = w.shape[2]
+        window = attended[:, -kept:]
+        yield g[:, :, -kept:].transpose(0, 2, 1, 3)[window], w.transpose(0, 2, 1, 3)[window]
+
+
+# float32 rounding. A model can be so sensitive to its inputs that PyTorch's own float32 result
+# differs from the same computation in float64 by more than the fixed tolerance (measured on
+# embedded:organism's image rows: 3.8e-4 against 1e-4). No float32 implementation can then meet
+# the tolerance, so a prefill check that misses it is judged against float64 instead: it passes
+# when ONNX Runtime's error is at most NOISE_FACTOR times PyTorch's own (plus atol). An export
+# bug gives errors orders of magnitude above both. The report says which rule decided.
+NOISE_JUDGED = ("prefill logits", "present", "prefill logits, image rows unmarked")
+NOISE_FACTOR = 2.0
+
+
+@dataclass
+class Float64Prefill:
+    logits: np.ndarray
+    presents: list[np.ndarray]
+
+
+@torch.no_grad()
+def float64_prefill(plain, inputs: dict[str, Any], corrections=None) -> Float64Prefill:
+    """The prefill of ``plain.model`` (a copy in float64), inside ``corrections(model)`` (a
+    context manager factory) when given."""
+    import contextlib
+    import copy
+
+    model = copy.deepcopy(plain.model).double()
+    inputs = {k: (v.double() if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+    with corrections(model) if corrections is not None else contextlib.nullcontext():
+        out = model(**inputs, use_cache=True)
+    presents = [t.numpy() for layer in cache_of(out).layers for t in (layer.keys, layer.values)]
+    return Float64Prefill(out.logits.numpy(), presents)
+
+
+def judged_by_float32_noise(check: Check, f64: Float64Prefill, reference: np.ndarray | list[np.ndarray],
+                            other: np.ndarray | list[np.ndarray], attended: np.ndarray,
+                            tol: dict[str, tuple[float, float]]) -> Check:
+    """``check`` (failed on the fixed tolerance) judged against float64: ``reference`` (PyTorch
+    float32) and ``other`` (ONNX Runtime) are logits, or cache tensors for "present"."""
+    if check.ok or check.quantity not in NOISE_JUDGED:
+        return check
+    if check.quantity == "present":
+        pytorch = max(float(np.abs(g - w).max(initial=0.0)) for g, w in _attended_cache(reference, f64.presents, attended))
+        ours = max(float(np.abs(g - w).max(initial=0.0)) for g, w in _attended_cache(other, f64.presents, attended))
+        atol = tol["present"][0]
+    else:
+        pytorch = float(np.abs(reference[attended] - f64.logits[attended]).max())
+        ours = float(np.abs(other[attended] - f64.logits[attended]).max())
+        atol = tol["logits"][0]
+    ok = ours <= NOISE_FACTOR * pytorch + atol
+    detail = f"vs float64: ORT {ours:.2g}, PyTorch {pytorch:.2g} ({'<=' if ok else '>'} {NOISE_FACTOR:g}x)"
+    return Check(check.target, check.inputs, check.quantity, check.max_abs_diff, ok,
+                 "; ".join(d for d in (check.detail, detail) if d))
+
+
 def compare(reference: Trace, other: Trace, mask: np.ndarray, *, target: str, inputs: str,
             tol: dict[str, tuple[float, float]]) -> list[Check]:
     checks = []
@@ -202,13 +264,8 @@ def compare(reference: Trace, other: Trace, mask: np.ndarray, *, target: str, in
     checks.append(Check(target, inputs, "prefill logits", diff, ok))
     if other.presents is not None:
         worst, all_ok = 0.0, len(other.presents) == len(reference.presents)
-        for got, want in zip(other.presents, reference.presents):
-            # A sliding-window layer's cache in transformers keeps only the last W positions;
-            # the exported graph keeps them all (its mask applies the window).
-            kept = want.shape[2]
-            window = attended[:, -kept:]
-            d, k = _within(got[:, :, -kept:].transpose(0, 2, 1, 3)[window], want.transpose(0, 2, 1, 3)[window],
-                           tol["present"])
+        for got, want in _attended_cache(other.presents, reference.presents, attended):
+            d, k = _within(got, want, tol["present"])
             worst, all_ok = max(worst, d), all_ok and k
         checks.append(Check(target, inputs, "present", worst, all_ok, f"{len(other.presents)} tensors"))
     worst, all_ok = 0.0, len(other.step_logits) == len(reference.step_logits)
@@ -261,7 +318,10 @@ def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor
                                regap_alpha=None if alpha is None else alpha.numpy()).logits
     attended = attention.astype(bool)
     diff, ok = _within(got[attended], want[attended], tol["logits"])
-    return Check(f"onnxruntime-{device}", name, "prefill logits, image rows unmarked", diff, ok)
+    check = Check(f"onnxruntime-{device}", name, "prefill logits, image rows unmarked", diff, ok)
+    if not ok and sessions.embeds_dtype == np.float32:
+        check = judged_by_float32_noise(check, float64_prefill(plain, inputs), want, got, attended, tol)
+    return check
 
 
 def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8, greedy_tokens: int = 32,
@@ -310,9 +370,19 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
                                                  positions, masks, mask_kwarg=True),
                           mask, target="pytorch", inputs=name, tol=torch_tol)
         if sessions is not None:
-            checks += compare(reference, ort_trace(sessions, inputs, decode_steps, greedy_tokens,
-                                                   None if alpha is None else alpha.numpy()), mask,
-                              target=f"onnxruntime-{device}", inputs=name, tol=tol)
+            ort = ort_trace(sessions, inputs, decode_steps, greedy_tokens, None if alpha is None else alpha.numpy())
+            ort_checks = compare(reference, ort, mask, target=f"onnxruntime-{device}", inputs=name, tol=tol)
+            if manifest["dtype"] == "fp32" and any(not c.ok and c.quantity in NOISE_JUDGED for c in ort_checks):
+                def corrections(model, inputs=inputs, alpha=alpha, masks=masks):
+                    return reference_corrections(model, plain.adapter, bundle.directions, options,
+                                                 sequence_alpha=alpha, image_mask=lambda: masks.prompt)
+                f64 = float64_prefill(plain, inputs, corrections)
+                attended = mask.astype(bool)
+                ort_checks = [judged_by_float32_noise(
+                    c, f64, reference.presents if c.quantity == "present" else reference.prefill_logits,
+                    ort.presents if c.quantity == "present" else ort.prefill_logits, attended, tol)
+                    for c in ort_checks]
+            checks += ort_checks
             if sessions.has_image_mask:
                 checks.append(_default_mask_check(plain, bundle, options, sessions, inputs, alpha, name, tol, device))
             elif sessions.marks_image_rows and name == "image":
