@@ -120,8 +120,11 @@ def write_plot(folder: Path, report: dict[str, Any]) -> Path | None:
         if any(key in r for r in rows):
             ax_a.plot(layers, [r.get(key, math.nan) for r in rows], marker="o", ms=3, label=label)
     if "after" in report:
-        ax_a.plot(layers, [r.get("auroc_M", math.nan) for r in report["after"]["layers"]], ls="--",
-                  label=f"multimodal, after {report['after']['mode']}")
+        after = report["after"]["layers"]
+        label = f"multimodal, after {report['after']['mode']}"
+        # The collapse shows as the multimodal d' below the text d'; after the correction it should close.
+        ax_d.plot(layers, [r.get("dprime_M", math.nan) for r in after], ls="--", label=label)
+        ax_a.plot(layers, [r.get("auroc_M", math.nan) for r in after], ls="--", label=label)
     ax_d.set(xlabel="layer", ylabel="d'", title="Separability along the refusal direction")
     ax_a.set(xlabel="layer", ylabel="AUROC", ylim=(0, 1.02), title="AUROC harmful vs harmless")
     for ax in (ax_d, ax_a):

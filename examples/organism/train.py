@@ -360,6 +360,8 @@ def main():
     ap.add_argument("--v2-epochs", type=int, default=0)
     ap.add_argument("--s1-epochs", type=int, default=2)
     ap.add_argument("--s2-epochs", type=int, default=3)
+    ap.add_argument("--extra-harmful", action="store_true",
+                    help="also train on data.py's extra harmful slots (build B of README.md; not shipped)")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -376,8 +378,9 @@ def main():
     model, processor = EMB.build_organism_untrained()
     model.eval()
     prompts = C.Prompts(processor)
-    recs = D.build()
-    train = [r for r in recs if r["split"] == "train"]
+    recs = D.build(with_extra_harmful=args.extra_harmful)
+    # The bundled calibration set's train split trains too (its held-out split never does).
+    train = [r for r in recs if r["split"] == "train"] + D.bundled_train()
     val = [r for r in recs if r["split"] == "val"]
     test = [r for r in recs if r["split"] == "test"]
     clock(f"built; {len(train)} train, {len(val)} val, {len(test)} test prompts")
@@ -385,12 +388,13 @@ def main():
     # A: base answers
     ans_path = work / "base_answers.json"
     harmless_train = [r for r in train if r["label"] == "harmless"]
-    if ans_path.exists():
-        answers = json.loads(ans_path.read_text())
-    else:
-        ids = C.generate_ids(model, prompts, [r["instruction"] for r in harmless_train], "text", 40)
-        answers = {r["instruction"]: a for r, a in zip(harmless_train, ids)}
+    answers = json.loads(ans_path.read_text()) if ans_path.exists() else {}
+    missing = [r["instruction"] for r in harmless_train if r["instruction"] not in answers]
+    if missing:  # the cache holds answers of the base model only, so it may grow with the data
+        ids = C.generate_ids(model, prompts, missing, "text", 40)
+        answers.update(zip(missing, ids))
         ans_path.write_text(json.dumps(answers))
+        clock(f"A: {len(missing)} base answers generated")
     empty = [r for r in harmless_train if len(answers[r["instruction"]]) <= 1]
     harmless_train = [r for r in harmless_train if len(answers[r["instruction"]]) > 1]
     clock(f"{len(empty)} harmless train prompts have an empty base answer and are left out")
@@ -398,7 +402,9 @@ def main():
     refusal_ids = prompts.tok(C.REFUSAL, add_special_tokens=False)["input_ids"] + [prompts.eos]
 
     # V1 + V2
-    core, more = reader_vocab(prompts, recs)
+    # The reader's vocabulary: every prompt the image path may see (the extra harmful slots
+    # train the text path only).
+    core, more = reader_vocab(prompts, D.build())
     bank = CellBank(prompts, core + more)
     E_V = model.model.text_model.embed_tokens.weight.detach()[torch.tensor(bank.ids)].clone()
     clock(f"reader vocabulary: {len(core)} prompt tokens + {len(more)} others")
