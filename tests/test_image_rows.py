@@ -97,3 +97,17 @@ def test_in_graph_mask_equals_the_callers_mask(positions):
     forced = np.concatenate([ids, rng.integers(10, 50, (3, 2))], axis=1)
     want = prompt_mask(positions, forced, IMAGE, prompt_length=ids.shape[1])[:, ids.shape[1]:]
     assert np.array_equal(rows.mask.numpy(), want)
+
+
+def test_a_marked_graph_refuses_a_mask_and_says_why():
+    from onnx_exports import exported
+    from regap_export.errors import RegapError
+    from regap_export.runtime import OrtSessions
+
+    sessions = OrtSessions.open(exported("idefics3").folder)
+    assert sessions.marks_image_rows and not sessions.has_image_mask
+    embeds = np.zeros((1, 3, sessions.config["hidden_size"]), dtype=np.float32)
+    with pytest.raises(RegapError, match="marker") as info:
+        sessions.run_decoder(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], sessions.empty_past(1),
+                             regap_image_mask=np.ones((1, 3), np.float32))
+    assert "unmark" in info.value.hint

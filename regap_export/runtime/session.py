@@ -214,6 +214,10 @@ class OrtSessions:
         elif regap_alpha is not None:
             raise RegapError("this graph takes no regap_alpha (it was not exported in regap-seq mode)")
         if regap_image_mask is not None:
+            if self.marks_image_rows:
+                raise RegapError("this graph takes no regap_image_mask: it finds image rows by their marker "
+                                 "(ONNX contract 4)", hint="to run it uncorrected, merge the image features "
+                                 "divided back (regap_export.modality.unmark)")
             if not self.has_image_mask:
                 raise RegapError("this graph takes no regap_image_mask (it has no correction layers)")
             feeds["regap_image_mask"] = np.asarray(regap_image_mask, dtype=np.float32)
