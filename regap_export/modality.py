@@ -39,9 +39,17 @@ MARK_SCALE = 2.0 ** 64
 MARK_THRESHOLD = 2.0 ** 32
 
 
-def marked_rows(x: np.ndarray) -> np.ndarray:
-    """bool [...]: which rows (last axis) of ``x`` carry the modality marker."""
-    return np.abs(np.asarray(x, dtype=np.float32)).max(axis=-1) >= MARK_THRESHOLD
+def marked_rows(x: np.ndarray, axis: int | tuple[int, ...] = -1) -> np.ndarray:
+    """bool: which rows of ``x`` carry the modality marker, reducing over ``axis`` (a feature
+    row: the last axis; a cache position of ``present.0.key``: heads and head dim, (1, 3))."""
+    return np.abs(np.asarray(x, dtype=np.float32)).max(axis=axis) >= MARK_THRESHOLD
+
+
+def _divided_back(x: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """``x`` divided by MARK_SCALE where ``marked`` (broadcast to ``x``); exact."""
+    if not marked.any():
+        return x
+    return np.where(marked, x / np.asarray(MARK_SCALE, dtype=x.dtype), x)
 
 
 def unmark(x: np.ndarray) -> np.ndarray:
@@ -49,19 +57,13 @@ def unmark(x: np.ndarray) -> np.ndarray:
     them, or the embeddings of an uncorrected run (a decoder given unmarked rows finds no
     image, so it applies no correction)."""
     x = np.asarray(x)
-    rows = marked_rows(x)
-    if not rows.any():
-        return x
-    return np.where(rows[..., None], x / np.asarray(MARK_SCALE, dtype=x.dtype), x).astype(x.dtype)
+    return _divided_back(x, marked_rows(x)[..., None])
 
 
 def unmark_key_cache(key: np.ndarray) -> np.ndarray:
     """``present.0.key`` [batch, heads, seq, head_dim] with the marked positions divided back."""
     key = np.asarray(key)
-    positions = np.abs(key.astype(np.float32)).max(axis=(1, 3)) >= MARK_THRESHOLD  # [batch, seq]
-    if not positions.any():
-        return key
-    return np.where(positions[:, None, :, None], key / np.asarray(MARK_SCALE, dtype=key.dtype), key)
+    return _divided_back(key, marked_rows(key, axis=(1, 3))[:, None, :, None])
 
 
 def mask_default(positions: str) -> float:

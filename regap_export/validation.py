@@ -319,7 +319,7 @@ def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor
     attended = attention.astype(bool)
     diff, ok = _within(got[attended], want[attended], tol["logits"])
     check = Check(f"onnxruntime-{device}", name, "prefill logits, image rows unmarked", diff, ok)
-    if not ok and sessions.embeds_dtype == np.float32:
+    if not ok:  # marked graphs are float32 (the marker needs its range)
         check = judged_by_float32_noise(check, float64_prefill(plain, inputs), want, got, attended, tol)
     return check
 

@@ -23,7 +23,7 @@ from regap_export.export.onnx_graph import (  # noqa: E402
     correction_nodes, correction_values, set_correction_values,
 )
 from regap_export.folding import GATED  # noqa: E402
-from regap_export.modality import MARK_THRESHOLD, marked_rows, prompt_mask, unmark_key_cache  # noqa: E402
+from regap_export.modality import marked_rows, prompt_mask, unmark_key_cache  # noqa: E402
 from regap_export.rewrite import insert_corrections  # noqa: E402
 
 
@@ -295,7 +295,7 @@ def test_multimodal_split_matches_torch(family):
     assert_close_valid(outputs["logits"], ref.logits.numpy(), mask)
     # present.0.key carries the marker at the image positions, exactly the model's keys once divided back
     key0 = outputs["present.0.key"]
-    assert (np.abs(key0).max(axis=(1, 3)) >= MARK_THRESHOLD).tolist() == (~text).tolist()
+    assert marked_rows(key0, axis=(1, 3)).tolist() == (~text).tolist()
     outputs["present.0.key"] = unmark_key_cache(key0)
     assert_presents_close(outputs, ref.cache, mask, LAYERS)
 

@@ -123,12 +123,13 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
     # The modality marker (contract 4) needs float32's range; float16 exports take the mask as an
     # input, as do exports that correct every position (nothing to find, and the input is how a
     # caller switches the correction off).
-    marked = (dtype == torch.float32 and _has_corrections(model)
-              and (options or RegapOptions()).positions != "all")
+    positions = (options or RegapOptions()).positions
+    marked = dtype == torch.float32 and _has_corrections(model) and positions != "all"
     _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset, marked=marked)
     _export_embeddings(model, paths["embed_tokens"], external_data=external_data, opset=opset)
     info = _export_decoder(model, adapter, paths["decoder"], embeds=True, readout=readout,
-                           external_data=external_data, opset=opset, options=options, marked=marked)
+                           external_data=external_data, opset=opset, options=options,
+                           marked_positions=positions if marked else None)
     config = _config_json(model, adapter, dtype, info, readout, options, opset,
                           files={k: p.name for k, p in paths.items()}, kind="multimodal")
     config["image_token_id"] = spec.image_token_id(model.config)
@@ -416,14 +417,15 @@ def _warn_on_capture_fallback(program, what: str) -> None:
 
 def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embeds: bool,
                     readout: ScoreReadout | None, external_data: bool | None, opset: int,
-                    options: RegapOptions | None = None, marked: bool = False) -> _DecoderInfo:
-    """``marked``: find image rows from the modality marker instead of taking ``regap_image_mask``."""
+                    options: RegapOptions | None = None, marked_positions: str | None = None) -> _DecoderInfo:
+    """``marked_positions``: find image rows from the modality marker and correct these positions
+    of them (``image_rows``), instead of taking ``regap_image_mask``."""
     from torch.export import Dim
 
     start = time.perf_counter()
     alpha = _has_scaled(model)
+    marked = marked_positions is not None
     image_mask = _has_corrections(model) and not marked
-    marked_positions = (options or RegapOptions()).positions if marked else None
     num_layers, kv_heads, head_dims = _cache_geometry(model, adapter, embeds, alpha)
     dtype = next(model.parameters()).dtype
     B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
@@ -443,6 +445,9 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     past = []
     for i in range(num_layers):
         past += [torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype) for _ in range(2)]
+    if marked:  # both kinds of rows in the sample, so that no branch of the trace sees a constant
+        main[:, 1::2] = mark_features(main[:, 1::2])
+        past[0][:, :, 1::2] = mark_features(past[0][:, :, 1::2])
     # A sample mask with both values, so that no branch of the trace sees a constant.
     extra = [(torch.arange(S) % 2).to(torch.float32).expand(B, S).contiguous()] if image_mask else []
     extra += [torch.ones(B, dtype=torch.float32)] if alpha else []
@@ -462,10 +467,6 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
                       + [{0: batch, 2: past_len}] * (2 * num_layers)),
     }
 
-    if marked:  # both kinds of rows in the sample, so that no branch of the trace sees a constant
-        main[:, 1::2] = mark_features(main[:, 1::2])
-        past[0][:, :, 1::2] = mark_features(past[0][:, :, 1::2])
-        args = tuple(a.to(_device(model)) for a in (main, mask, position_ids, *extra, *past))
     wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout,
                              image_mask=image_mask, marked_positions=marked_positions).eval()
     entries = _correction_entries(model, adapter)
