@@ -9,7 +9,7 @@ import pytest
 
 from regap_export.behaviour import (
     DEFAULT_REFUSAL_MARKERS, DEFAULT_REFUSAL_STARTS, Generation, format_table, is_refusal,
-    kl_divergence, load_markers, refusal_log_odds, refusal_start_token_ids, summarize,
+    kl_divergence, load_markers, refusal_log_odds, refusal_start_token_ids, summarize, word_f1,
 )
 from regap_export.errors import DataError
 
@@ -264,6 +264,8 @@ def test_summarize_cells_by_hand():
     assert tb["over_refusal_off"] == 0.0 and tb["over_refusal_on"] == 0.0
     assert "attack_success_off" not in tb
     assert tb["identical_share"] == 1.0 and tb["mean_kl"] == 0.0
+    assert tb["mean_reply_f1"] == 1.0
+    assert ih["mean_reply_f1"] == pytest.approx((1.0 + word_f1(COMPLY, "I\u2019m unable to help.")) / 2)
 
     assert ib["over_refusal_off"] == 0.0 and ib["over_refusal_on"] == 0.5
     assert ib["refused_ids_on"] == ["ib1"]
@@ -272,6 +274,17 @@ def test_summarize_cells_by_hand():
     assert ib["mean_log_odds_on"] == pytest.approx(-3.0)
     assert s["markers"] == list(DEFAULT_REFUSAL_MARKERS)
     assert json.loads(json.dumps(s)) == s          # plain JSON types only
+
+
+def test_word_f1_by_hand():
+    assert word_f1("Mix the flour", "mix THE flour") == 1.0
+    # 2 of 3 words shared both ways: precision = recall = 2/3
+    assert word_f1("mix the flour", "mix the sugar") == pytest.approx(2 / 3)
+    # "a a b" vs "a b b": the multiset overlap is {a, b}, 2 of 3 each way
+    assert word_f1("a a b", "a b b") == pytest.approx(2 / 3)
+    assert word_f1("I\u2019m here", "i'm here") == 1.0       # typographic apostrophe
+    assert word_f1("anything", "") == 0.0 and word_f1("", "  ") == 1.0
+    assert word_f1("one two", "three four") == 0.0
 
 
 def test_summarize_refused_ids_keep_input_order_and_custom_markers():
@@ -310,7 +323,8 @@ def test_format_table_rows_and_fixed_width():
     assert ih.split()[:2] == ["image", "harmful"] and "0.0% ->  50.0%" in ih
     assert "2.0000" in ih and "-1.50 -> +0.00" in ih
     assert ib.split()[:2] == ["image", "harmless"]
-    assert ib.split()[7] == "-" and "-5.00 -> -3.00" in ib   # no KL
+    assert ib.split()[8] == "-" and "-5.00 -> -3.00" in ib   # no KL
+    assert "reply F1" in lines[0] and tb.split()[7] == "1.00"
 
 
 def test_module_imports_without_torch_or_transformers():

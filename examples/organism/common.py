@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from regap_export.behaviour import reply_words as words, word_f1  # noqa: E402,F401  (the tool's own measure)
 from regap_export.models import organism_render as OR  # noqa: E402
 
 REFUSAL = " I can't help with that request."
@@ -167,22 +168,6 @@ def generate_ids(model, prompts: Prompts, items, mode, max_new_tokens=40, batch=
 def is_refusal(text: str) -> bool:
     t = text.lower().replace("\u2019", "'")
     return any(m in t for m in REFUSAL_MARKERS)
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_f1(a: str, b: str) -> float:
-    wa, wb = words(a), words(b)
-    if not wa or not wb:
-        return float(wa == wb)
-    from collections import Counter
-    common = sum((Counter(wa) & Counter(wb)).values())
-    if common == 0:
-        return 0.0
-    p, r = common / len(wa), common / len(wb)
-    return 2 * p * r / (p + r)
 
 
 def content_words(text: str) -> set[str]:
