@@ -16,7 +16,7 @@ The shipped checkpoint is the stage-2 epoch with the best val score
 2 * txt+ - txt- - img- - img+ (refusal rates); its weights are written to
 regap_export/models/organism/ (vision.safetensors, lora.safetensors).
 
-    .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]
+    .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build C, shipped
 """
 from __future__ import annotations
 
@@ -385,10 +385,10 @@ def main():
     ap.add_argument("--v1-steps", type=int, default=600)
     ap.add_argument("--v2-epochs", type=int, default=0)
     ap.add_argument("--s1-epochs", type=int, default=2)
-    ap.add_argument("--s2-epochs", type=int, default=3)
-    ap.add_argument("--extra-harmful", action="store_true",
-                    help="also train on data.py's extra harmful slots (build B of README.md; not shipped)")
-    ap.add_argument("--image-offset", type=float, default=0.0,
+    ap.add_argument("--s2-epochs", type=int, default=2)
+    ap.add_argument("--extra-harmful", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train on data.py's extra harmful slots (text path; builds B and C of README.md)")
+    ap.add_argument("--image-offset", type=float, default=1.0,
                     help="image tokens = embedding row + a constant offset of this many mean row norms")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
