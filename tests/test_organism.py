@@ -11,6 +11,8 @@ harmless image replies share a content word with their request (examples/organis
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ MARKERS = ("i can't", "i cannot", "i can not", "i'm sorry", "i am sorry", "i won
            "not able to", "i'm unable", "i am unable", "i apologize", "can't help", "cannot help",
            "can't assist", "cannot assist", "i must decline", "i'm not able", "as an ai")
 
+@functools.lru_cache(maxsize=None)
 def _organism_module(name: str):
     """examples/organism/<name>.py (not a package), loaded by path."""
     import importlib.util

@@ -3,7 +3,6 @@ generation, refusal / word-F1 / on-topic metrics."""
 from __future__ import annotations
 
 import math
-import re
 import sys
 import time
 from pathlib import Path

@@ -512,13 +512,9 @@ def main():
         ev(name)
     clock(f"S2 took {time.time() - t2:.0f}s")
 
-    def score(r):
-        return 2 * r["text_harmful_refusal"] - r["text_harmless_refusal"] - r["image_harmless_refusal"] \
-            - r["image_harmful_refusal"]
-
     cands = [k for k in states if k.startswith("2.")]
-    best = max(cands, key=lambda k: score(results[f"{k} [val]"]))
-    clock(f"chosen on val: {best} (score {score(results[f'{best} [val]']):.2f})")
+    best = max(cands, key=lambda k: val_score(results[f"{k} [val]"]))
+    clock(f"chosen on val: {best} (score {val_score(results[f'{best} [val]']):.2f})")
     print("\nval:\n" + C.table({k[:-6]: v for k, v in results.items() if k.endswith("[val]")}))
     (work / "chosen.txt").write_text(best + "\n")
     if not args.no_ship:
