@@ -74,6 +74,25 @@ def filesystem_error_in(exc: BaseException) -> RegapError | None:
     return None
 
 
+# Below this many free bytes an errno-less write failure is taken for a full disk.
+NEARLY_FULL_BYTES = 16 << 20
+
+
+def full_disk_error(exc: BaseException, where: Path) -> RegapError | None:
+    """The no-space RegapError for a write failure that carries no errno (numpy's ``tofile``,
+    which onnx_ir's external-data writer uses, says only "problem writing element N to
+    file") when the disk under ``where`` is in fact (nearly) full; else None."""
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return None
+    try:
+        free = shutil.disk_usage(_nearest_existing(Path(where))).free
+    except OSError:
+        return None
+    if free >= NEARLY_FULL_BYTES:
+        return None
+    return filesystem_error(OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {exc}"), where)
+
+
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if os.path.lexists(candidate):
@@ -256,8 +275,10 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path | str | N
                                      "it was not replaced", path=out, hint="pass --force to replace it")
                 check_replaceable(out, inputs)
         except OSError as exc:
+            # Judged before the partial folder is removed: removing it frees the space.
+            user_error = filesystem_error(exc) or full_disk_error(exc, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise (filesystem_error(exc) or exc) from None
+            raise (user_error or exc) from None
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             user_error = None if isinstance(exc, RegapError) else filesystem_error_in(exc)

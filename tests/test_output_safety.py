@@ -477,6 +477,35 @@ def test_calibrate_writes_no_non_finite_directions(llama, tmp_path, monkeypatch)
     assert not out.exists() and no_partials(out)
 
 
+def _errno_less_write_failure(*args, **kwargs):
+    # numpy's tofile (onnx_ir's external-data writer) on a full disk: an OSError with no errno
+    raise OSError("problem writing element 52224 to file")
+
+
+def test_disk_full_in_numpys_writer_is_one_line(llama, directions, tmp_path, monkeypatch):
+    from regap_export.export import pipeline
+
+    monkeypatch.setattr(pipeline, "write_manifest", _errno_less_write_failure)
+    real_usage = atomic.shutil.disk_usage
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=4096))
+    out = tmp_path / "out"
+    refused(invoke("export", llama, "--directions", directions, "--out", out, "--format", "safetensors"),
+            "no space left", "problem writing element")
+    assert not out.exists() and no_partials(out)
+
+
+def test_errno_less_write_failure_with_space_left_is_not_called_disk_full(llama, directions, tmp_path,
+                                                                         monkeypatch):
+    from regap_export.export import pipeline
+
+    monkeypatch.setattr(pipeline, "write_manifest", _errno_less_write_failure)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="problem writing element") as raised:
+        invoke("export", llama, "--directions", directions, "--out", out, "--format", "safetensors")
+    assert raised.type is OSError  # a bug's traceback, not a RegapError blaming the disk
+    assert not out.exists() and no_partials(out)
+
+
 def test_disk_full_inside_a_non_python_writer(llama, directions, tmp_path, monkeypatch):
     """safetensors' Rust writer reports ENOSPC in its message, not as an OSError."""
     from safetensors import SafetensorError
