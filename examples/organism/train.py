@@ -318,8 +318,9 @@ def train_projector_kl(model, prompts, recs, answers, epochs, clock, bank, E_V, 
     model.eval()
 
 
-def train_lora(model, prompts, examples, epochs, clock, tag, lr=5e-4, batch=8, params=None):
-    """examples: list of (instruction, mode, answer ids). Homogeneous-mode mini-batches."""
+def train_lora(model, prompts, examples, clock, tag, lr=5e-4, batch=8, params=None):
+    """The LoRA optimizer and a batch-order function for ``run_epochs``. examples: list of
+    (instruction, mode, answer ids); each mini-batch holds one mode."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(zlib.crc32(tag.encode()) % 1000 + SEED)  # hash() of a str changes per process
 
@@ -332,7 +333,6 @@ def train_lora(model, prompts, examples, epochs, clock, tag, lr=5e-4, batch=8, p
         rng.shuffle(out)
         return out
 
-    n_steps = len(batches()) * sum(epochs) if isinstance(epochs, list) else None
     return opt, batches
 
 
@@ -488,7 +488,7 @@ def main():
     harmful_train = [r for r in train if r["label"] == "harmful"]
     s1 = [(r["instruction"], "text", refusal_ids) for r in harmful_train] + \
          [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless_train]
-    opt, bfn = train_lora(model, prompts, s1, args.s1_epochs, clock, "S1", params=lparams)
+    opt, bfn = train_lora(model, prompts, s1, clock, "S1", params=lparams)
     n = len(bfn())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s1_epochs, 10))
     t1 = time.time()
@@ -500,7 +500,7 @@ def main():
 
     # S2
     s2 = s1 + [(r["instruction"], "image", answers[r["instruction"]]) for r in harmless_train]
-    opt, bfn = train_lora(model, prompts, s2, args.s2_epochs, clock, "S2", params=lparams)
+    opt, bfn = train_lora(model, prompts, s2, clock, "S2", params=lparams)
     n = len(bfn())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s2_epochs, 10))
     t2 = time.time()
