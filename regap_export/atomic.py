@@ -93,6 +93,23 @@ def full_disk_error(exc: BaseException, where: Path) -> RegapError | None:
     return filesystem_error(OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {exc}"), where)
 
 
+def check_free_space(out: Path, needed_bytes: int, what: str, *, hint: str) -> None:
+    """Refuse before writing when the file system that will hold ``out`` has less than
+    ``needed_bytes`` free: a full disk found at the end of a long export wastes the run."""
+    anchor = _nearest_existing(Path(out).parent if str(Path(out).parent) else Path("."))
+    try:
+        free = shutil.disk_usage(anchor).free
+    except OSError:
+        return
+    if free < needed_bytes:
+        raise RegapError(f"not enough free space: {what} needs at least {_size(needed_bytes)}, "
+                         f"{_size(free)} free", path=anchor, hint=hint)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if os.path.lexists(candidate):

@@ -477,6 +477,26 @@ def test_calibrate_writes_no_non_finite_directions(llama, tmp_path, monkeypatch)
     assert not out.exists() and no_partials(out)
 
 
+def test_export_refuses_up_front_when_the_weights_cannot_fit(llama, directions, tmp_path, monkeypatch):
+    from regap_export.export import pipeline
+
+    written = []
+    monkeypatch.setattr(pipeline, "write_client_files", lambda *a, **k: written.append(a))
+    real_usage = atomic.shutil.disk_usage
+    from transformers import AutoModelForCausalLM
+
+    model_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama).parameters())
+    # room for one format's weights, not two
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=model_bytes + 1))
+    out = tmp_path / "out"
+    refused(invoke("export", llama, "--directions", directions, "--out", out), "not enough free space",
+            "onnx, safetensors", "one --format at a time")
+    assert not out.exists() and no_partials(out) and not written
+    result = invoke("export", llama, "--directions", directions, "--out", out, "--format", "safetensors")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").stat().st_size >= model_bytes
+
+
 def _errno_less_write_failure(*args, **kwargs):
     # numpy's tofile (onnx_ir's external-data writer) on a full disk: an OSError with no errno
     raise OSError("problem writing element 52224 to file")
@@ -486,6 +506,8 @@ def test_disk_full_in_numpys_writer_is_one_line(llama, directions, tmp_path, mon
     from regap_export.export import pipeline
 
     monkeypatch.setattr(pipeline, "write_manifest", _errno_less_write_failure)
+    # the disk filled while the export ran (the check before writing saw room)
+    monkeypatch.setattr(pipeline, "check_free_space", lambda *a, **k: None)
     real_usage = atomic.shutil.disk_usage
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=4096))
     out = tmp_path / "out"

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..atomic import atomic_output_dir, check_output_dir
+from ..atomic import atomic_output_dir, check_free_space, check_output_dir
 from ..directions_io import FILENAME as DIRECTIONS_FILENAME
 from ..directions_io import load_directions
 from ..checks import check_corrections_finite, check_strict_json_file
@@ -77,6 +77,9 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
     bundle = dataclasses.replace(bundle, options=options)
     # The one fold: every writer below writes these constants.
     corrections, readout = check_folded_constants(bundle.directions, options, path=Path(directions))
+    check_free_space(out_dir, minimum_export_bytes(loaded.model, formats, dtype),
+                     f"the export ({', '.join(formats)}, {dtype})",
+                     hint="free some space, choose another --out, or write one --format at a time")
     with atomic_output_dir(out_dir, force=force, inputs=[*inputs, loaded.folder]) as tmp:
         src = Path(directions)
         shutil.copyfile(src / DIRECTIONS_FILENAME if src.is_dir() else src, tmp / DIRECTIONS_COPY)
@@ -102,6 +105,13 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
             "formats": list(formats), "options": options.to_json(),
         })
     return out_dir
+
+
+def minimum_export_bytes(model: torch.nn.Module, formats: Sequence[str], dtype: str) -> int:
+    """A lower bound of what an export writes: every weight once per format, in the export's
+    dtype (tied weights counted once; ONNX may write them twice, the graphs add more)."""
+    element = torch.empty((), dtype=EXPORT_DTYPES[dtype]).element_size()
+    return len(formats) * element * sum(p.numel() for p in model.parameters())
 
 
 def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None
