@@ -108,10 +108,11 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
 
 
 def minimum_export_bytes(model: torch.nn.Module, formats: Sequence[str], dtype: str) -> int:
-    """A lower bound of what an export writes: every weight once per format, in the export's
-    dtype (tied weights counted once; ONNX may write them twice, the graphs add more)."""
+    """A lower bound of what an export writes: every weight once per format, in the narrower
+    of its loaded and the export's dtype (tied weights counted once; ONNX may write them twice,
+    the graphs add more)."""
     element = torch.empty((), dtype=EXPORT_DTYPES[dtype]).element_size()
-    return len(formats) * element * sum(p.numel() for p in model.parameters())
+    return len(formats) * sum(p.numel() * min(p.element_size(), element) for p in model.parameters())
 
 
 def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None
