@@ -96,7 +96,7 @@ def full_disk_error(exc: BaseException, where: Path) -> RegapError | None:
 def check_free_space(out: Path, needed_bytes: int, what: str, *, hint: str) -> None:
     """Refuse before writing when the file system that will hold ``out`` has less than
     ``needed_bytes`` free: a full disk found at the end of a long export wastes the run."""
-    anchor = _nearest_existing(Path(out).parent if str(Path(out).parent) else Path("."))
+    anchor = _nearest_existing(Path(out).parent)
     try:
         free = shutil.disk_usage(anchor).free
     except OSError:

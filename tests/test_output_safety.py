@@ -478,13 +478,13 @@ def test_calibrate_writes_no_non_finite_directions(llama, tmp_path, monkeypatch)
 
 
 def test_export_refuses_up_front_when_the_weights_cannot_fit(llama, directions, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     from regap_export.export import pipeline
 
     written = []
     monkeypatch.setattr(pipeline, "write_client_files", lambda *a, **k: written.append(a))
     real_usage = atomic.shutil.disk_usage
-    from transformers import AutoModelForCausalLM
-
     model_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama).parameters())
     # room for one format's weights, not two
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=model_bytes + 1))
