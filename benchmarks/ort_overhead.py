@@ -121,10 +121,11 @@ def export_variants(model, adapter, corrections: dict, workdir: Path, dtype: tor
 def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
     """``uncorrected`` and ``fixed`` graphs cut out of the exported ``regap`` graph.
 
-    Each gated chain ([Cast] MatMul Add Sigmoid Mul Add [Cast]) is removed and its output
-    rewired to the block output h (uncorrected) or replaced by one ``Add(h, regap.{l}.v)``
-    with v in the model's dtype (fixed): exactly the graphs the exporter writes for those
-    modes (``--derive-check`` compares them). The derived graphs sit next to the regap graph
+    Each gated chain ([Cast] MatMul Add Sigmoid Mul(m) Mul(v) Add [Cast]) is removed and its
+    output rewired to the block output h (uncorrected) or replaced by ``Add(h, Mul(m, v))``
+    with v (and, in half precision, m) in the model's dtype (fixed), m being the shared
+    image mask: exactly the graphs the exporter writes for those modes (``--derive-check``
+    compares them). The derived graphs sit next to the regap graph
     and share its external weight file, so one export serves all three variants.
     """
     import onnx
@@ -142,11 +143,14 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
         proto.CopyFrom(base)
         graph = proto.graph
         chains = correction_chains(proto)
-        drop_nodes, drop_inits, add_inits, replace_at, rename = set(), set(), [], {}, {}
+        drop_nodes, drop_inits, add_inits, add_nodes, replace_at, rename = set(), set(), [], [], {}, {}
         model_dtype = None
         for layer, chain in chains.items():
-            if [n.op_type for n in chain if n.op_type != "Cast"] != ["MatMul", "Add", "Sigmoid", "Mul", "Add"]:
+            core = [n for n in chain if n.op_type != "Cast"]
+            if [n.op_type for n in core] != ["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]:
                 raise RuntimeError(f"layer {layer}: not a gated chain: {[n.op_type for n in chain]}")
+            sigmoid, mask_mul = core[2], core[3]
+            mask = next(i for i in mask_mul.input if i != sigmoid.output[0])
             h = chain[0].input[0]  # the Cast's input in fp16, the MatMul's in fp32
             tail = chain[-1].output[0]
             inside = {o for n in chain for o in n.output}
@@ -164,12 +168,21 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
                     model_dtype = np.float16 if chain[0].op_type == "Cast" else np.float32
                 name = f"regap.{layer}.v"
                 add_inits.append(numpy_helper.from_array(v.astype(model_dtype), name))
-                replace_at[id(chain[0])] = onnx.helper.make_node("Add", [h, name], [tail],
-                                                                 name=f"regap_fixed_add_{layer}")
+                shared_mask = mask
+                if model_dtype != np.float32:  # the exporter casts the mask once, for every layer
+                    shared_mask = f"{mask}_{np.dtype(model_dtype).name}"
+                    if not any(n.output[0] == shared_mask for n in add_nodes):
+                        add_nodes.append(onnx.helper.make_node("Cast", [mask], [shared_mask], name=shared_mask,
+                                                               to=onnx.TensorProto.FLOAT16))
+                replace_at[id(chain[0])] = fixed_nodes(layer, h, shared_mask, name, tail)
         nodes = []
         for node in graph.node:
+            if add_nodes and any(i in {n.input[0] for n in add_nodes} for i in node.output):
+                nodes.append(node)
+                nodes.extend(add_nodes)  # right after the mask they cast
+                continue
             if id(node) in replace_at:
-                nodes.append(replace_at[id(node)])
+                nodes.extend(replace_at[id(node)])
             elif id(node) not in drop_nodes:
                 new = onnx.NodeProto()
                 new.CopyFrom(node)
@@ -178,7 +191,7 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
                         new.input[i] = rename[name]
                 nodes.append(new)
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(without_dead_nodes(nodes, {o.name for o in graph.output}))
         for value in graph.output:
             if value.name in rename:
                 raise RuntimeError(f"a correction output is a graph output ({value.name})")
@@ -191,6 +204,26 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
                         "correction_ops": correction_nodes_of(path), "bytes": path.stat().st_size}
         print(f"derived {variant} from the regap graph ({out[variant]['export_seconds']:.1f} s)", flush=True)
     return out
+
+
+def fixed_nodes(layer: int, h: str, mask: str, v: str, out: str) -> list:
+    """h + m * v (m and v in the model's dtype), as the exporter writes a fixed correction."""
+    import onnx
+
+    scaled = f"regap_fixed_mul_{layer}"
+    return [onnx.helper.make_node("Mul", [mask, v], [scaled], name=scaled),
+            onnx.helper.make_node("Add", [h, scaled], [out], name=f"regap_fixed_add_{layer}")]
+
+
+def without_dead_nodes(nodes: list, outputs: set[str]) -> list:
+    """``nodes`` less those whose outputs nothing reads (the mask's Unsqueeze once no
+    correction uses it), repeated until none is left."""
+    while True:
+        read = outputs | {i for n in nodes for i in n.input}
+        live = [n for n in nodes if any(o in read for o in n.output)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live
 
 
 def correction_nodes_of(path: Path) -> dict[int, list[str]]:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _common import emit, median_and_spread, paired_bootstrap, peak_rss_mib  # noqa: E402
+from regap_export.models.base import cache_of, with_cache  # noqa: E402
 
 PROMPTS = (
     "Give me three tips for keeping basil alive on a windowsill.",
@@ -47,17 +48,12 @@ PROMPTS = (
 )
 
 
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
-
-
 @torch.no_grad()
 def torch_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> np.ndarray:
-    """Greedy decoding with the KV cache (transformers 5: the ``cache`` argument)."""
+    """Greedy decoding with the KV cache."""
     mask = torch.ones_like(input_ids)
     out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
-    cache = _cache_of(out)
+    cache = cache_of(out)
     tokens = []
     token = out.logits[:, -1].argmax(-1)
     for step in range(new_tokens):
@@ -65,8 +61,8 @@ def torch_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> np.ndarray:
         if step == new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, cache=cache, use_cache=True)
-        cache = _cache_of(out)
+        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **with_cache(model, cache))
+        cache = cache_of(out)
         token = out.logits[:, -1].argmax(-1)
     return torch.stack(tokens, 1).numpy()
 

@@ -180,7 +180,7 @@ class TorchEngine:
     def generate(self, batch: Batch, max_new_tokens: int, correct: bool):
         import torch
 
-        from .models.base import cache_of
+        from .models.base import cache_of, with_cache
 
         ids, mask = batch.ids, batch.inputs["attention_mask"].astype(np.int64)
         prompt, step = self._masks(ids, correct)
@@ -204,8 +204,9 @@ class TorchEngine:
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
                 position = self.positions.next(position)
                 out = self.loaded.model(input_ids=torch.from_numpy(token[:, None]), attention_mask=attention,
-                                        position_ids=torch.from_numpy(position), cache=cache_of(out),
-                                        use_cache=True, regap_image_mask=torch.from_numpy(step), **extra)
+                                        position_ids=torch.from_numpy(position),
+                                        **with_cache(self.loaded.model, cache_of(out)), use_cache=True,
+                                        regap_image_mask=torch.from_numpy(step), **extra)
         return np.stack(tokens, axis=1).astype(np.int64), first, None if alpha is None else alpha.numpy()
 
     def pad_id(self, eos: list[int]) -> int:

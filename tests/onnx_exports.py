@@ -18,7 +18,7 @@ import torch
 from regap_export.artifacts import read_config
 from regap_export.export.onnx_export import export_multimodal, export_text_decoder
 from regap_export.folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout
-from regap_export.models.base import ModelAdapter
+from regap_export.models.base import ModelAdapter, cache_of, with_cache
 from regap_export.options import Band, RegapOptions
 from regap_export.rewrite import insert_corrections
 
@@ -163,7 +163,7 @@ def run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def torch_step(model, *, mask, pos, ids=None, embeds=None, cache=None, alpha=None):
     kwargs: dict[str, Any] = dict(attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos),
-                                  use_cache=True, cache=cache)
+                                  use_cache=True, **with_cache(model, cache))
     if ids is not None:
         kwargs["input_ids"] = torch.from_numpy(ids)
     else:
@@ -172,7 +172,7 @@ def torch_step(model, *, mask, pos, ids=None, embeds=None, cache=None, alpha=Non
         kwargs["regap_alpha"] = torch.from_numpy(alpha)
     with torch.no_grad():
         out = model(**kwargs)
-    return out.logits.float().numpy(), out.cache
+    return out.logits.float().numpy(), cache_of(out)
 
 
 def assert_close_valid(ort_logits, torch_logits, mask_now, atol=ATOL):

@@ -134,7 +134,7 @@ def greedy_with_correction(organism, instructions, *, image: bool, correct: bool
     from regap_export.folding import fold
     from regap_export.modality import INPUT_NAME, prompt_mask, rows_with_image, step_mask
     from regap_export.models import adapter_for_model
-    from regap_export.models.base import cache_of
+    from regap_export.models.base import cache_of, with_cache
     from regap_export.models.embedded import ORGANISM_DIR
     from regap_export.rewrite import corrected
 
@@ -158,8 +158,8 @@ def greedy_with_correction(organism, instructions, *, image: bool, correct: bool
             token = out.logits[:, -1].argmax(-1)
             out_tokens.append(token)
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=attention, cache=cache_of(out), use_cache=True,
-                        **{INPUT_NAME: torch.from_numpy(step)})
+            out = model(input_ids=token[:, None], attention_mask=attention, use_cache=True,
+                        **with_cache(model, cache_of(out)), **{INPUT_NAME: torch.from_numpy(step)})
     return processor.tokenizer.batch_decode(torch.stack(out_tokens, 1), skip_special_tokens=True)
 
 

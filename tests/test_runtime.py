@@ -11,6 +11,7 @@ pytest.importorskip("onnxruntime")
 from onnx_exports import LAYERS, exported, left_padded_batch, multimodal_batch, tiny_llama  # noqa: E402
 
 from regap_export.errors import RegapError  # noqa: E402
+from regap_export.models.base import cache_of, with_cache  # noqa: E402
 from regap_export.folding import sequence_strength  # noqa: E402
 from regap_export.runtime import (  # noqa: E402
     OrtSessions, generate, merge_image_features, position_ids_from_mask,
@@ -32,9 +33,9 @@ def torch_greedy(model, ids, mask, max_new_tokens, alpha=None) -> np.ndarray:
     out_ids, cache, step_ids = ids_t, None, ids_t
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask_t, position_ids=pos, cache=cache,
-                        use_cache=True, **extra)
-            cache = out.cache
+            out = model(input_ids=step_ids, attention_mask=mask_t, position_ids=pos, use_cache=True,
+                        **with_cache(model, cache), **extra)
+            cache = cache_of(out)
             step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             out_ids = torch.cat([out_ids, step_ids], dim=1)
             mask_t = torch.cat([mask_t, torch.ones_like(step_ids)], dim=1)

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from ..correction import RegapCorrection
+from ..errors import ModelError
 from ..folding import FIXED, SCALED, ScoreReadout
 from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
-from ..models.base import ModelAdapter, cache_of
+from ..models.base import ModelAdapter, cache_of, with_cache
 from ..options import RegapOptions
 from ..artifacts import CONFIG_FILE, CONTRACT_VERSION
 from ..rewrite import CorrectedBlock
@@ -237,7 +238,7 @@ class DecoderWrapper(nn.Module):
             main, past[0], image_mask = rows.embeds, rows.past_key, rows.mask
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         kwargs: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, use_cache=True)
+                                      use_cache=True, **with_cache(self.model, cache))
         kwargs["inputs_embeds" if self.embeds else "input_ids"] = main
         if alpha is not None:
             kwargs["regap_alpha"] = alpha
@@ -253,6 +254,46 @@ class DecoderWrapper(nn.Module):
             keys = layer.keys if rows is None or i > 0 else mark_key_cache(layer.keys, rows.marks)
             outputs += [keys, layer.values]
         return tuple(outputs)
+
+
+def presents_cut_from_past(graph: Any, num_layers: int) -> list[str]:
+    """The ``present.{i}.{kv}`` outputs of an onnx_ir graph that no path of nodes connects to
+    their ``past_key_values.{i}.{kv}`` input: a decoder that drops its cache input, as exports
+    under transformers 5.17 did while the cache went in as ``cache=`` (decode then attends to
+    the new token alone; prefill, with an empty past, still matches)."""
+    outputs = {v.name: v for v in graph.outputs}
+    cut = []
+    for i in range(num_layers):
+        for kv in ("key", "value"):
+            name = f"present.{i}.{kv}"
+            if f"past_key_values.{i}.{kv}" not in _ancestor_names(outputs[name]):
+                cut.append(name)
+    return cut
+
+
+def _ancestor_names(value: Any) -> set[str]:
+    seen, names, todo = set(), set(), [value]
+    while todo:
+        node = todo.pop().producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for v in node.inputs:
+            if v is not None:
+                names.add(v.name)
+                todo.append(v)
+    return names
+
+
+def _check_cache_flows(ir_model: Any, num_layers: int) -> None:
+    cut = presents_cut_from_past(ir_model.graph, num_layers)
+    if cut:
+        import transformers
+
+        raise ModelError(f"the exported decoder ignores its KV cache: {', '.join(cut[:2])}"
+                         f"{' ...' if len(cut) > 2 else ''} do not depend on the past inputs",
+                         hint=f"transformers {transformers.__version__} did not take the cache this exporter "
+                              "passed; report it with that version")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -499,6 +540,7 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
         default = mask_default(options.positions) if options is not None else 1.0
         _make_overridable(ir_model, IMAGE_MASK, np.full((1, 1), default, dtype=np.float32))
         _drop_shapes_downstream(ir_model, IMAGE_MASK)
+    _check_cache_flows(ir_model, num_layers)
     _set_metadata(ir_model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "decoder"})
     _save(program, path, external_data)
     corrections = []

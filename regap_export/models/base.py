@@ -211,6 +211,17 @@ def _chat_template_owner(processor: Any) -> Any:
     return tokenizer_of(processor) if getattr(tokenizer_of(processor), "chat_template", None) else processor
 
 
+def with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword argument that carries a KV cache into ``model``'s forward: ``cache`` where
+    the forward takes it (transformers 5.24), else ``past_key_values`` (5.17). An older forward
+    passes an unknown ``cache=`` on in ``**kwargs`` where nothing reads it: the model then
+    starts an empty cache and silently ignores the past."""
+    import inspect
+
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}
+
+
 def cache_of(output: Any) -> Any:
     """The KV cache of a model output: transformers 5 names it ``cache`` in most output
     classes and ``past_key_values`` in some."""

@@ -48,7 +48,8 @@ class OrtSessions:
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | Path, device: str = "cpu", *, device_id: int = 0,
-             session_options: Any = None, intra_op_threads: int | None = None) -> "OrtSessions":
+             session_options: Any = None, intra_op_threads: int | None = None,
+             cuda_tf32: bool = False) -> "OrtSessions":
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -60,7 +61,11 @@ class OrtSessions:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RegapError("ONNX Runtime has no CUDA provider here",
                                  hint="install regap-export[gpu] (onnxruntime-gpu) instead of onnxruntime")
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            # ONNX Runtime's CUDA provider rounds float32 matrix products to TF32 (10-bit
+            # mantissa) unless told not to: on embedded:smollm2 that moved fp32 logits by 0.12
+            # and changed greedy tokens. Exact float32 is the default; TF32 is opt-in.
+            cuda = {"device_id": device_id, "use_tf32": int(cuda_tf32)}
+            providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
 
