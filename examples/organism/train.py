@@ -385,7 +385,7 @@ def main():
     ap.add_argument("--v1-steps", type=int, default=600)
     ap.add_argument("--v2-epochs", type=int, default=0)
     ap.add_argument("--s1-epochs", type=int, default=2)
-    ap.add_argument("--s2-epochs", type=int, default=2)
+    ap.add_argument("--s2-epochs", type=int, default=3)
     ap.add_argument("--extra-harmful", action=argparse.BooleanOptionalAction, default=True,
                     help="also train on data.py's extra harmful slots (text path; builds B and C of README.md)")
     ap.add_argument("--image-offset", type=float, default=1.0,
