@@ -306,10 +306,11 @@ def evaluate(
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Working folder (replaced)."),
-    model: str = typer.Option("embedded:smolvlm", help=MODEL_HELP),
+    model: str = typer.Option("embedded:organism", help="Model folder, or embedded:organism (default: the model "
+                              "organism with a real safety gap) / embedded:smolvlm / embedded:smollm2."),
     records: int = typer.Option(24, help="Bundled training records per label (with image twins for multimodal)."),
 ):
-    """The whole journey on the embedded default model: calibrate, export, validate, evaluate, generate."""
+    """The whole journey on the embedded model organism: calibrate, export, validate, evaluate, generate."""
 
     def body():
         import regap_export as rx

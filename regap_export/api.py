@@ -163,10 +163,8 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
     import time
 
     from .data import load_bundled
-    from .data.render import DEFAULT_CARRIER, declared_renderer, render_text
     from .evaluation import evaluate_folder, table_lines
     from .export.pipeline import export_to_folder
-    from .runtime.chat import reply
     from .validation import validate_folder
 
     out_dir = Path(out_dir)
@@ -203,22 +201,48 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
     summary["evaluate"] = {"cells": evaluation["behaviour"]["cells"],
                            "geometry": evaluation["geometry"]["read_layer"]}
     echo("[5/5] generate with ONNX Runtime, correction off vs on")
-    replies = {}
+    replies = demo_replies(corrected_dir, evaluation, images=bool(result.report["counts"].get("M+")), echo=echo)
+    summary["generate"] = replies
+    echo(f"done in {time.perf_counter() - start:.0f} s; parity PASSED; "
+         f"text reply {'unchanged' if replies['text_on'] == replies['text_off'] else 'CHANGED'} by the correction")
+    return summary
+
+
+def demo_replies(corrected_dir: Path, evaluation: dict[str, Any], *, images: bool, echo=print) -> dict[str, str]:
+    """demo's step 5: ONNX Runtime replies, correction off and on, to a harmless text prompt
+    and, for a multimodal model, to two image requests that ``evaluation`` (step 4, on the
+    bundled held-out split) measured: a harmful one the correction turned into a refusal and
+    the harmless one whose answer it changed least (``behaviour.showcase``)."""
+    from .behaviour import showcase
+    from .data import load_bundled
+    from .data.render import DEFAULT_CARRIER, TWIN_SUFFIX, declared_renderer, render_text
+    from .runtime.chat import reply
+
     heldout = load_bundled("heldout")
-    text_prompt = next(r for r in heldout if r.label == "harmless").instruction
-    harmful = next(r for r in heldout if r.label == "harmful")
-    renderer = declared_renderer(corrected_dir) or render_text
-    prompts = [("text", text_prompt, None)]
-    if result.report["counts"].get("M+"):
-        prompts.append(("image", harmful.instruction, renderer(harmful.instruction)))
+    by_id = {r.id: r for r in heldout}
+    by_id.update({r.id + TWIN_SUFFIX: r for r in heldout})  # the evaluation's image rows carry the twin's id
+    prompts = [("text", next(r for r in heldout if r.label == "harmless").instruction, None)]
+    if images:
+        renderer = declared_renderer(corrected_dir) or render_text
+        picks = showcase(evaluation["generations"], evaluation["behaviour"]["markers"],
+                         {id_: r.instruction for id_, r in by_id.items()})
+        if picks["flipped"]:
+            echo("      image requests picked from step 4: a harmful one answered uncorrected and refused "
+                 "corrected, and the harmless one whose answer the correction changed least")
+            harmful = by_id[picks["flipped"]]
+        else:
+            echo("      step 4 turned no harmful image request into a refusal; the first one:")
+            harmful = next(r for r in heldout if r.label == "harmful")
+        prompts.append(("image harmful", harmful.instruction, renderer(harmful.instruction)))
+        if picks["kept"]:
+            harmless = by_id[picks["kept"]]
+            prompts.append(("image harmless", harmless.instruction, renderer(harmless.instruction)))
+    replies = {}
     for kind, prompt, image in prompts:
         text = prompt if image is None else DEFAULT_CARRIER
         echo(f"      {kind} prompt: " + (repr(prompt) if image is None else f"[image of {prompt!r}] {text!r}"))
         for correct in (False, True):
             answer = reply(corrected_dir, text, image=image, max_new_tokens=40, correct=correct)
             echo(f"        {'corrected  ' if correct else 'uncorrected'}: " + answer["text"].replace("\n", " ")[:300])
-            replies[f"{kind}_{'on' if correct else 'off'}"] = answer["text"]
-    summary["generate"] = replies
-    echo(f"done in {time.perf_counter() - start:.0f} s; parity PASSED; "
-         f"text reply {'unchanged' if replies['text_on'] == replies['text_off'] else 'CHANGED'} by the correction")
-    return summary
+            replies[f"{kind.replace(' ', '_')}_{'on' if correct else 'off'}"] = answer["text"]
+    return replies

@@ -320,6 +320,36 @@ def summarize(generations: Iterable[Generation],
     return {"cells": cells, "markers": list(markers)}
 
 
+def showcase(generations: Iterable[dict], markers: Iterable[str] = DEFAULT_REFUSAL_MARKERS,
+             requests: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Ids of two image-path records of an evaluation (``evaluation.json``'s generations) that
+    show the correction at work: ``flipped``, a harmful request answered without the correction
+    and refused with it (the first whose uncorrected answer shares a word of four or more
+    letters with its request, when ``requests`` maps ids to requests; else the first);
+    ``kept``, the harmless request answered both ways whose corrected reply keeps most of the
+    uncorrected one's words (word F1). None where no record qualifies."""
+    markers = tuple(normalize_text(m) for m in markers)
+    requests = requests or {}
+    flips, kept, best = [], None, -1.0
+    for g in generations:
+        if g["modality"] != "image":
+            continue
+        off, on = is_refusal(g["text_off"], markers), is_refusal(g["text_on"], markers)
+        if g["label"] == "harmful" and not off and on:
+            flips.append(g)
+        elif g["label"] == "harmless" and not off and not on:
+            f1 = word_f1(g["text_off"], g["text_on"])
+            if f1 > best:
+                kept, best = g["id"], f1
+
+    def on_topic(g: dict) -> bool:
+        words = {w for w in reply_words(requests.get(g["id"], "")) if len(w) >= 4}
+        return bool(words & set(reply_words(g["text_off"])))
+
+    flipped = next((g for g in flips if on_topic(g)), flips[0] if flips else None)
+    return {"flipped": None if flipped is None else flipped["id"], "kept": kept}
+
+
 def _fmt_num(value: float | None, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
