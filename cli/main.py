@@ -315,7 +315,7 @@ def demo(
     def body():
         import regap_export as rx
 
-        rx.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False))
+        rx.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False, markup=False))
 
     _run(body)
 

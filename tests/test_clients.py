@@ -236,7 +236,7 @@ def test_genai_smollm2(exports):
 @needs_tjs
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
 def test_transformers_js_smolvlm_demo_folder(exports, with_image):
-    """The folder the demo writes (embedded:smolvlm, default options) loads as is and runs the
+    """The folder ``demo --model embedded:smolvlm`` writes (default options) loads as is and runs the
     corrected model: on an image prompt the decoder finds the image rows by their marker. The
     correction changes this reply, so equal tokens show that transformers.js applied it."""
     folder = exports.embedded("smolvlm")
