@@ -145,8 +145,9 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
         proto.CopyFrom(base)
         graph = proto.graph
         chains = correction_chains(proto)
-        drop_nodes, drop_inits, add_inits, add_nodes, replace_at, rename = set(), set(), [], [], {}, {}
+        drop_nodes, drop_inits, add_inits, replace_at, rename = set(), set(), [], {}, {}
         model_dtype = None
+        mask_cast = None  # half precision: the exporter casts the shared mask once, for every layer
         for layer, chain in chains.items():
             core = [n for n in chain if n.op_type != "Cast"]
             if [n.op_type for n in core] != ["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]:
@@ -170,19 +171,14 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
                     model_dtype = np.float16 if chain[0].op_type == "Cast" else np.float32
                 name = f"regap.{layer}.v"
                 add_inits.append(numpy_helper.from_array(v.astype(model_dtype), name))
-                shared_mask = mask
-                if model_dtype != np.float32:  # the exporter casts the mask once, for every layer
-                    shared_mask = f"{mask}_{np.dtype(model_dtype).name}"
-                    if not any(n.output[0] == shared_mask for n in add_nodes):
-                        add_nodes.append(onnx.helper.make_node("Cast", [mask], [shared_mask], name=shared_mask,
-                                                               to=onnx.TensorProto.FLOAT16))
-                replace_at[id(chain[0])] = fixed_nodes(layer, h, shared_mask, name, tail)
-        nodes = []
+                if model_dtype != np.float32 and mask_cast is None:
+                    mask_cast = onnx.helper.make_node("Cast", [mask], [f"{mask}_float16"], name=f"{mask}_float16",
+                                                      to=onnx.TensorProto.FLOAT16)
+                scale = mask if mask_cast is None else mask_cast.output[0]
+                replace_at[id(chain[0])] = fixed_nodes(layer, h, scale, name, tail)
+        produced = {o for n in graph.node for o in n.output}
+        nodes = [] if mask_cast is None or mask_cast.input[0] in produced else [mask_cast]
         for node in graph.node:
-            if add_nodes and any(i in {n.input[0] for n in add_nodes} for i in node.output):
-                nodes.append(node)
-                nodes.extend(add_nodes)  # right after the mask they cast
-                continue
             if id(node) in replace_at:
                 nodes.extend(replace_at[id(node)])
             elif id(node) not in drop_nodes:
@@ -192,6 +188,8 @@ def derive_variants(regap_path: Path) -> dict[str, dict[str, Any]]:
                     if name in rename:
                         new.input[i] = rename[name]
                 nodes.append(new)
+            if mask_cast is not None and mask_cast.input[0] in node.output:
+                nodes.append(mask_cast)  # right after the mask it casts
         del graph.node[:]
         graph.node.extend(without_dead_nodes(nodes, {o.name for o in graph.output}))
         for value in graph.output:
@@ -522,7 +520,6 @@ def main() -> None:
     for key in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
     prefill_batches = [int(b) for b in (args.prefill_batches or args.batches).split(",") if b.strip()]
     decode_batches = [int(b) for b in (args.decode_batches or args.batches).split(",") if b.strip()]
     if args.dtype == "fp16" and args.device == "cpu":

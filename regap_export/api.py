@@ -201,14 +201,14 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
     summary["evaluate"] = {"cells": evaluation["behaviour"]["cells"],
                            "geometry": evaluation["geometry"]["read_layer"]}
     echo("[5/5] generate with ONNX Runtime, correction off vs on")
-    replies = demo_replies(corrected_dir, evaluation, images=bool(result.report["counts"].get("M+")), echo=echo)
+    replies = _demo_replies(corrected_dir, evaluation, images=bool(result.report["counts"].get("M+")), echo=echo)
     summary["generate"] = replies
     echo(f"done in {time.perf_counter() - start:.0f} s; parity PASSED; "
          f"text reply {'unchanged' if replies['text_on'] == replies['text_off'] else 'CHANGED'} by the correction")
     return summary
 
 
-def demo_replies(corrected_dir: Path, evaluation: dict[str, Any], *, images: bool, echo=print) -> dict[str, str]:
+def _demo_replies(corrected_dir: Path, evaluation: dict[str, Any], *, images: bool, echo=print) -> dict[str, str]:
     """demo's step 5: ONNX Runtime replies, correction off and on, to a harmless text prompt
     and, for a multimodal model, to two image requests that ``evaluation`` (step 4, on the
     bundled held-out split) measured: a harmful one the correction turned into a refusal and

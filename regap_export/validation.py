@@ -242,7 +242,7 @@ def _worst(pairs) -> float:
     return max((float(np.abs(np.asarray(a, np.float64) - b).max(initial=0.0)) for a, b in pairs), default=0.0)
 
 
-def judged_by_rounding_noise(check: Check, f64: Trace, reference: Trace, other: Trace, attended: np.ndarray,
+def judged_by_float32_noise(check: Check, f64: Trace, reference: Trace, other: Trace, attended: np.ndarray,
                             tol: dict[str, tuple[float, float]]) -> Check:
     """``check`` (failed on the fixed tolerance) judged against ``f64``: ``reference`` is PyTorch
     float32, ``other`` ONNX Runtime; the check's quantity says which of their tensors."""
@@ -334,7 +334,7 @@ def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor
     diff, ok = _within(got[attended], want[attended], tol["logits"])
     check = Check(f"onnxruntime-{device}", name, "prefill logits, image rows unmarked", diff, ok)
     if not ok:  # marked graphs are float32 (the marker needs its range)
-        check = judged_by_rounding_noise(check, float64_trace(plain, inputs), Trace(want, [], np.zeros((0, 0))),
+        check = judged_by_float32_noise(check, float64_trace(plain, inputs), Trace(want, [], np.zeros((0, 0))),
                                         Trace(got, [], np.zeros((0, 0))), attended, tol)
     return check
 
@@ -393,7 +393,7 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
                                                  sequence_alpha=alpha, image_mask=lambda: masks.current)
                 f64 = float64_trace(plain, inputs, corrections, steps=decode_steps, positions=positions,
                                     masks=masks)
-                ort_checks = [judged_by_rounding_noise(c, f64, reference, ort, mask.astype(bool), tol)
+                ort_checks = [judged_by_float32_noise(c, f64, reference, ort, mask.astype(bool), tol)
                               for c in ort_checks]
             checks += ort_checks
             if sessions.has_image_mask:
@@ -401,7 +401,7 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
             elif sessions.marks_image_rows and name == "image":
                 checks.append(_unmarked_check(plain, sessions, inputs, alpha, name, tol, device))
     report = {"ok": all(c.ok for c in checks), "device": device, "dtype": manifest["dtype"], "mode": options.mode,
-              **({"cuda_tf32": False} if device == "cuda" else {}),
+              **({"cuda_tf32": sessions.cuda_tf32} if sessions is not None and device == "cuda" else {}),
               "tolerances": {k: list(v) for k, v in tol.items()}, "checks": [asdict(c) for c in checks]}
     if write:
         (out_dir / PARITY_FILENAME).write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")

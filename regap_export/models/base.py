@@ -7,6 +7,7 @@ or generate text.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -216,10 +217,15 @@ def with_cache(model: Any, cache: Any) -> dict[str, Any]:
     the forward takes it (transformers 5.24), else ``past_key_values`` (5.17). An older forward
     passes an unknown ``cache=`` on in ``**kwargs`` where nothing reads it: the model then
     starts an empty cache and silently ignores the past."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    # Once per class: decode loops call with_cache at every token.
     import inspect
 
-    takes_cache = "cache" in inspect.signature(model.forward).parameters
-    return {"cache" if takes_cache else "past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_of(output: Any) -> Any:

@@ -43,6 +43,7 @@ class OrtSessions:
     vision_encoder: Any = None
     device: str = "cpu"
     device_id: int = 0
+    cuda_tf32: bool = False
     _input_types: dict[str, Any] = field(default_factory=dict)
 
     # -- opening -------------------------------------------------------------------------
@@ -93,7 +94,8 @@ class OrtSessions:
             return sess
 
         files = config["files"]
-        out = cls(folder=folder, config=config, decoder=make(files["decoder"]), device=device, device_id=device_id)
+        out = cls(folder=folder, config=config, decoder=make(files["decoder"]), device=device, device_id=device_id,
+                  cuda_tf32=cuda_tf32 and device == "cuda")
         if config["kind"] == "multimodal":
             out.embed_tokens = make(files["embed_tokens"])
             out.vision_encoder = make(files["vision_encoder"])
