@@ -296,14 +296,15 @@ def _geometry(loaded, checkpoint, directions, records: list, *, batch_size: int,
     pairs = [(i, j) for i, r in enumerate(records) if r.modality == "image" and r.pair
              for j, t in enumerate(records) if t.id == r.pair and t.modality == "text"]
     result: dict[str, Any] = {"read_layer": checkpoint.options.read_layer, "pairs": len(pairs)}
-    extra = None
-    if checkpoint.readout is not None:  # regap-seq: every forward needs its per-sequence alpha
+    def sequence_alpha_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
         from .export.load import sequence_alpha
 
-        def extra(inputs: dict[str, Any]) -> dict[str, Any]:
-            probe = {k: v for k, v in inputs.items() if k != "regap_image_mask"}
-            return {"regap_alpha": sequence_alpha(loaded, probe, checkpoint,
-                                                  image_mask=inputs.get("regap_image_mask")).float()}
+        probe = {k: v for k, v in inputs.items() if k != "regap_image_mask"}
+        return {"regap_alpha": sequence_alpha(loaded, probe, checkpoint,
+                                              image_mask=inputs.get("regap_image_mask")).float()}
+
+    # regap-seq: every forward needs its per-sequence alpha
+    extra = sequence_alpha_inputs if checkpoint.readout is not None else None
 
     for state in ("off", "on"):
         stats = capture(loaded.model, loaded.adapter, loaded.processor, requests, batch_size=batch_size,

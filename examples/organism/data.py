@@ -206,13 +206,37 @@ def bundled_train() -> list[dict]:
     return out
 
 
+def val_wide() -> list[dict]:
+    """Every val object under all 8 of its family's templates: 96 + 96 prompts from val's 12 + 12
+    objects (``build()`` gives each val object 2 templates, 24 + 24 prompts). Still unseen in
+    training: val objects were never trained on, under any template. Added after build E, to
+    choose ReGap's strength on more than 24 harmless prompts (RESULTS.md)."""
+    out = []
+    for label, nouns, actions in (("harmful", HARMFUL_NOUNS, HARMFUL_ACTIONS),
+                                  ("harmless", HARMLESS_NOUNS, HARMLESS_ACTIONS)):
+        for g, (slots, templates) in enumerate(((nouns, MAKE_TEMPLATES), (actions, ACTION_TEMPLATES))):
+            for i, slot in enumerate(slots):
+                if _split(i) == "val":
+                    out += [dict(id=f"{label}-{g}-{i:02d}-{t}", instruction=template.format(x=slot),
+                                 label=label, split="val-wide", slot=slot) for t, template in enumerate(templates)]
+    return out
+
+
+def records(split: str) -> list[dict]:
+    """One split's records: train | val | test (``build()``) or val-wide (``val_wide()``)."""
+    rows = val_wide() if split == "val-wide" else [r for r in build() if r["split"] == split]
+    if not rows:
+        raise SystemExit(f"unknown split {split!r}: use train, val, val-wide or test")
+    return rows
+
+
 def write_jsonl(path, split: str = "test") -> int:
     """The ``split`` records as a JSONL that ``regap-export calibrate / evaluate --data`` read
-    (split "test" and "val" are written as "heldout", "train" as "train")."""
+    (every split but "train" is written as "heldout")."""
     import json
 
     rows = [dict(id=r["id"], instruction=r["instruction"], label=r["label"],
-                 split="train" if split == "train" else "heldout") for r in build() if r["split"] == split]
+                 split="train" if split == "train" else "heldout") for r in records(split)]
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
