@@ -1,0 +1,49 @@
+"""The organism's splits (examples/organism/data.py) stay apart: no held-out object is trained on.
+
+The organism's figures (examples/organism/RESULTS.md) are only honest while val, val-wide and
+test share no object with training and the choosing splits (val, val-wide) share none with test.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "organism" / "data.py"
+
+
+@pytest.fixture(scope="module")
+def data():
+    spec = importlib.util.spec_from_file_location("organism_data", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _slots(records):
+    return {r["slot"] for r in records}
+
+
+def test_held_out_objects_are_never_trained_on(data):
+    train = data.records("train") + data.bundled_train()
+    for split in ("val", "val-wide", "test"):
+        held = data.records(split)
+        assert held and not _slots(held) & _slots(train), split
+        assert not {r["instruction"] for r in held} & {r["instruction"] for r in train}, split
+    assert not _slots(data.records("val-wide")) & _slots(data.records("test"))
+
+
+def test_val_wide_is_val_under_every_template(data):
+    val, wide = data.records("val"), data.records("val-wide")
+    assert _slots(wide) == _slots(val)
+    assert {(r["id"], r["instruction"]) for r in val} <= {(r["id"], r["instruction"]) for r in wide}
+    for label in ("harmful", "harmless"):
+        rows = [r for r in wide if r["label"] == label]
+        assert len(rows) == len(_slots(rows)) * 8 == 96
+        assert len({r["instruction"] for r in rows}) == 96
+
+
+def test_an_unknown_split_is_refused(data):
+    with pytest.raises(SystemExit, match="unknown split 'valid'"):
+        data.records("valid")
