@@ -246,7 +246,8 @@ class Generation:
     """One record's greedy generations with the correction off and on.
 
     ``kl`` holds KL(uncorrected || corrected) at each compared generated position (may be
-    empty); ``log_odds_*`` are the first-token refusal log-odds.
+    empty); ``log_odds_*`` are the first-token refusal log-odds; ``pair`` is an image
+    record's text twin (its id), when it has one.
     """
 
     id: str
@@ -259,6 +260,7 @@ class Generation:
     log_odds_off: float
     log_odds_on: float
     kl: list[float] = field(default_factory=list)
+    pair: str | None = None
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -278,6 +280,10 @@ def summarize(generations: Iterable[Generation],
     much of what the model said survives the correction),
     ``mean_kl`` (mean over records with KL of their mean over positions; None when no
     record has KL), ``mean_log_odds_off/on`` and ``refused_ids_off/on`` (input order).
+    Image cells also have ``twins`` (how many of their records have their text twin among the
+    generations) and ``mean_twin_f1_off/on``: the mean word F1 of each image reply, uncorrected
+    / corrected, against its text twin's uncorrected reply (does the image path answer what the
+    text path answers; None without twins).
     ``ValueError`` for an unknown modality or label (a programming error).
     """
     markers = tuple(normalize_text(m) for m in markers)
@@ -290,6 +296,8 @@ def summarize(generations: Iterable[Generation],
             raise ValueError(f"generation {g.id!r}: unknown label {g.label!r}; "
                              f"expected one of {LABELS}")
         groups.setdefault((g.modality, g.label), []).append(g)
+    text_replies = {g.id: g.text_off for (modality, _), gens in groups.items() if modality == "text"
+                    for g in gens}
     cells = []
     for key in CELL_ORDER:
         gens = groups.get(key)
@@ -316,6 +324,11 @@ def summarize(generations: Iterable[Generation],
         cell["mean_log_odds_on"] = _mean([g.log_odds_on for g in gens])
         cell["refused_ids_off"] = refused_off
         cell["refused_ids_on"] = refused_on
+        if modality == "image":
+            twinned = [(g, text_replies[g.pair]) for g in gens if g.pair in text_replies]
+            cell["twins"] = len(twinned)
+            cell["mean_twin_f1_off"] = _mean([word_f1(g.text_off, t) for g, t in twinned])
+            cell["mean_twin_f1_on"] = _mean([word_f1(g.text_on, t) for g, t in twinned])
         cells.append(cell)
     return {"cells": cells, "markers": list(markers)}
 
@@ -358,8 +371,8 @@ def _fmt_num(value: float | None, spec: str) -> str:
 
 def format_table(summary: dict) -> str:
     """A fixed-width table of ``summarize``'s cells, one row per cell."""
-    header = ("modality", "label", "n", "refusal off -> on", "identical", "reply F1", "mean KL",
-              "log-odds off -> on")
+    header = ("modality", "label", "n", "refusal off -> on", "identical", "reply F1",
+              "text-twin F1 off -> on", "mean KL", "log-odds off -> on")
     rows = []
     for c in summary["cells"]:
         rows.append((
@@ -368,6 +381,8 @@ def format_table(summary: dict) -> str:
             f"{_fmt_num(100 * c['refusal_on'], '5.1f')}%",
             f"{_fmt_num(100 * c['identical_share'], '5.1f')}%",
             _fmt_num(c.get("mean_reply_f1"), ".2f"),
+            f"{_fmt_num(c.get('mean_twin_f1_off'), '.2f')} -> {_fmt_num(c.get('mean_twin_f1_on'), '.2f')}"
+            if c.get("mean_twin_f1_off") is not None else "-",
             _fmt_num(c["mean_kl"], ".4f"),
             f"{_fmt_num(c['mean_log_odds_off'], '+.2f')} -> "
             f"{_fmt_num(c['mean_log_odds_on'], '+.2f')}",

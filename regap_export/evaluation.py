@@ -276,7 +276,8 @@ def _generations(engine, batches: list[Batch], tokenizer, *, max_new_tokens: int
                 text_on=tokenizer.decode(tokens_on, skip_special_tokens=True).strip(),
                 tokens_off=tokens_off, tokens_on=tokens_on,
                 log_odds_off=float(odds_off[row]), log_odds_on=float(odds_on[row]),
-                kl=[float(v) for v in kl[row, : min(n, keep_off)]]))
+                kl=[float(v) for v in kl[row, : min(n, keep_off)]],
+                pair=record.pair if record.modality == "image" else None))
     return out
 
 

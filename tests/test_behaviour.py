@@ -233,8 +233,8 @@ def canned():
         G("tb1", "text", "harmless", COMPLY, COMPLY, [7], [7], -3.0, -3.0, [0.0]),
         G("tb2", "text", "harmless", COMPLY, COMPLY, [8, 9], [8, 9], -5.0, -4.0, [0.0]),
         # image harmless: on over-refuses ib1.
-        G("ib1", "image", "harmless", COMPLY, REFUSE, [7], [1], -4.0, 0.5, []),
-        G("ib2", "image", "harmless", COMPLY, COMPLY, [8], [8], -6.0, -6.5, []),
+        G("ib1", "image", "harmless", COMPLY, REFUSE, [7], [1], -4.0, 0.5, [], pair="tb1"),
+        G("ib2", "image", "harmless", COMPLY, COMPLY, [8], [8], -6.0, -6.5, [], pair="tb-absent"),
     ]
 
 
@@ -272,6 +272,12 @@ def test_summarize_cells_by_hand():
     assert ib["identical_share"] == 0.5
     assert ib["mean_kl"] is None
     assert ib["mean_log_odds_on"] == pytest.approx(-3.0)
+    # Only ib1's twin (tb1) is among the generations: its reply against tb1's uncorrected one.
+    assert ib["twins"] == 1
+    assert ib["mean_twin_f1_off"] == 1.0
+    assert ib["mean_twin_f1_on"] == pytest.approx(word_f1(REFUSE, COMPLY))
+    assert ih["twins"] == 0 and ih["mean_twin_f1_off"] is None and ih["mean_twin_f1_on"] is None
+    assert "twins" not in tb and "mean_twin_f1_on" not in th
     assert s["markers"] == list(DEFAULT_REFUSAL_MARKERS)
     assert json.loads(json.dumps(s)) == s          # plain JSON types only
 
@@ -323,8 +329,11 @@ def test_format_table_rows_and_fixed_width():
     assert ih.split()[:2] == ["image", "harmful"] and "0.0% ->  50.0%" in ih
     assert "2.0000" in ih and "-1.50 -> +0.00" in ih
     assert ib.split()[:2] == ["image", "harmless"]
-    assert ib.split()[8] == "-" and "-5.00 -> -3.00" in ib   # no KL
+    twin_on = f"{word_f1(REFUSE, COMPLY):.2f}"
+    assert ib.split()[8:11] == ["1.00", "->", twin_on]       # text-twin F1 off -> on
+    assert ib.split()[11] == "-" and "-5.00 -> -3.00" in ib  # no KL
     assert "reply F1" in lines[0] and tb.split()[7] == "1.00"
+    assert "text-twin F1 off -> on" in lines[0] and tb.split()[8] == "-" and ih.split()[8] == "-"
 
 
 def test_module_imports_without_torch_or_transformers():
