@@ -15,7 +15,7 @@ from .directions_io import load_directions, save_directions
 from .errors import ArtifactError, RegapError
 from .models.loading import load_model
 from .options import RegapOptions
-from .report import REPORT_FILENAME, json_safe, write_plot, write_report
+from .report import REPORT_FILENAME, format_band, json_safe, write_plot, write_report
 from .stats import ActivationStats
 
 STATS_FILENAME = "stats.safetensors"
@@ -180,8 +180,8 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
     result = calibrate_to_folder(model, out_dir / "directions", data=data, force=True, show_progress=True)
     report = result.report
     echo(f"      best layer {report['best_layer']}, text AUROC {report['best_auroc_T']:.3f}; "
-         f"mode {report['options']['mode']}, probe band {report['options']['probe_band']}, "
-         f"adaptive band {report['options']['adaptive_band']}, positions {report['options']['positions']}")
+         f"mode {report['options']['mode']}, probe band {format_band(report['options']['probe_band'])}, "
+         f"adaptive band {format_band(report['options']['adaptive_band'])}, positions {report['options']['positions']}")
     summary["calibrate"] = {"best_layer": report["best_layer"], "auroc_T": report["best_auroc_T"]}
     corrected_dir = out_dir / "corrected"
     echo(f"[2/5] export -> {corrected_dir} (safetensors + ONNX, fp32)")

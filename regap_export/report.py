@@ -68,6 +68,11 @@ def geometry_table(report: dict[str, Any], *, title: str = "Geometry per layer")
     return table
 
 
+def format_band(band: Any) -> str:
+    """report.json stores a band as [start, end]; it is half-open, as Band prints it."""
+    return f"[{band[0]}, {band[1]})" if isinstance(band, (list, tuple)) and len(band) == 2 else str(band)
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     model = report.get("model", {})
     counts = report.get("counts", {})
@@ -76,7 +81,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"model {model.get('source')} ({model.get('family')}, {model.get('num_layers')} blocks, hidden {model.get('hidden_size')})",
         "records " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", pairs={report.get('pairs', 0)}",
         f"best layer {report['best_layer']}: training text AUROC {report['best_auroc_T']:.3f}",
-        f"probe band {opts.get('probe_band')} (cyan), adaptive band {opts.get('adaptive_band')} (magenta), mode {opts.get('mode')}",
+        f"probe band {format_band(opts.get('probe_band'))} (cyan), adaptive band {format_band(opts.get('adaptive_band'))} "
+        f"(magenta), mode {opts.get('mode')}",
     ]
     if "heldout" in report:
         heldout = report["heldout"]

@@ -48,6 +48,7 @@ def test_calibrate_writes_the_public_format(tiny_llama, tmp_path):
     result = invoke("calibrate", tiny_llama, "--data", data, "--out", out)
     assert result.exit_code == 0, result.output
     assert "AUROC text" in result.output and "best layer" in result.output
+    assert "probe band [1, 2) (cyan)" in result.output      # half-open, as the options parse it
     with safe_open(str(out / "directions.safetensors"), framework="pt") as f:
         meta = f.metadata()
         shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
