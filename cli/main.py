@@ -9,6 +9,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from regap_export.options import RegapOptions
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fit ReGap's drift-correction directions and export corrected models.")
 out = Console()
@@ -54,6 +56,9 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+# calibrate's option defaults are the library's (one place to change them: regap_export/options.py)
+DEFAULTS = RegapOptions()
+
 POSITIONS_HELP = ("Where the correction acts: last+generated (image inputs: last prompt token and generated "
                   "tokens) | image (image inputs, from the first image token on) | all (every input, METHOD's first reading).")
 
@@ -82,16 +87,16 @@ def calibrate(
     label: Optional[str] = typer.Option(None, help="Label for every prompt of a .csv/.txt file without a label column."),
     split: Optional[str] = typer.Option(None, help="Use only records of this split (train|heldout). Default: train for the bundled set, all otherwise."),
     render: bool = typer.Option(True, help="For multimodal models, add a typographic image twin of every text record."),
-    read_position: str = typer.Option("last", help="last | post_instruction_mean"),
-    drift_component: str = typer.Option("full", help="full | refusal"),
+    read_position: str = typer.Option(DEFAULTS.read_position, help="last | post_instruction_mean"),
+    drift_component: str = typer.Option(DEFAULTS.drift_component, help="full | refusal"),
     probe_band: Optional[str] = typer.Option(None, help="START:END (half-open). Default L/4:L/2."),
     adaptive_band: Optional[str] = typer.Option(None, help="START:END (half-open). Default L/2:3L/4."),
-    alpha0: float = typer.Option(1.0, help="Probe-band strength."),
-    alpha_max: float = typer.Option(1.0, help="Adaptive-band (and fixed-mode) strength."),
-    tau: float = typer.Option(0.5, help="Gate threshold on the normalised refusal coordinate."),
-    mode: str = typer.Option("regap", help="regap | fixed | regap-seq (used for the after-correction table)."),
-    positions: str = typer.Option("last+generated", help=POSITIONS_HELP),
-    layer_drift: str = typer.Option("increment", help=LAYER_DRIFT_HELP),
+    alpha0: float = typer.Option(DEFAULTS.alpha0, help="Probe-band strength."),
+    alpha_max: float = typer.Option(DEFAULTS.alpha_max, help="Adaptive-band (and fixed-mode) strength."),
+    tau: float = typer.Option(DEFAULTS.tau, help="Gate threshold on the normalised refusal coordinate."),
+    mode: str = typer.Option(DEFAULTS.mode, help="regap | fixed | regap-seq (used for the after-correction table)."),
+    positions: str = typer.Option(DEFAULTS.positions, help=POSITIONS_HELP),
+    layer_drift: str = typer.Option(DEFAULTS.layer_drift, help=LAYER_DRIFT_HELP),
     batch_size: int = typer.Option(8, min=1),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16 for the forward passes."),
     after: bool = typer.Option(True, help="Measure the geometry again with the correction applied."),
