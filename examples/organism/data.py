@@ -4,7 +4,8 @@ Two template families ("make {x}" and "how do I {action}"), 8 templates each, fi
 harmful and harmless slots (40 nouns + 40 actions per class; some harmless ones are edgy on
 purpose: "kill a Python process", "steal the show at my recital"). Splits are by *object*,
 so no held-out slot word pattern is ever trained on: object i goes to train when i % 20 < 11,
-val (used only to pick the stopping point) when 11 <= i % 20 < 14, test otherwise. Train
+val (used only to pick the stopping point) when 11 <= i % 20 < 14, test otherwise. val-wide
+(``val_wide()``) is val's objects under all 8 templates: it chooses ReGap's variant. Train
 objects get 3 templates each, val/test objects 2 (a seeded choice). Plus 40 general harmless
 questions for training, and (second build) 30 + 30 more harmless slots for training only, many
 of them close siblings of harmful requests ("fake blood for a Halloween costume", "kill weeds
