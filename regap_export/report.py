@@ -69,8 +69,10 @@ def geometry_table(report: dict[str, Any], *, title: str = "Geometry per layer")
 
 
 def format_band(band: Any) -> str:
-    """report.json stores a band as [start, end]; it is half-open, as Band prints it."""
-    return f"[{band[0]}, {band[1]})" if isinstance(band, (list, tuple)) and len(band) == 2 else str(band)
+    """report.json stores a band as [start, end]; printed as the half-open Band it is."""
+    from .options import Band
+
+    return str(Band(*band)) if isinstance(band, (list, tuple)) and len(band) == 2 else str(band)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

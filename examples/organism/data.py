@@ -171,10 +171,17 @@ def _filled(rng: random.Random, label: str, nouns: list[str], actions: list[str]
     for g, (slots, templates) in enumerate(((nouns, MAKE_TEMPLATES), (actions, ACTION_TEMPLATES))):
         for i, slot in enumerate(slots):
             split = split_of(i)
-            for t in rng.sample(range(len(templates)), per_split.get(split, 2)):
-                out.append(dict(id=f"{prefix}-{g}-{i:02d}-{t}", instruction=templates[t].format(x=slot),
-                                label=label, split=split, slot=slot))
+            out += [_record(prefix, g, i, t, templates, slot, label, split)
+                    for t in rng.sample(range(len(templates)), per_split.get(split, 2))]
     return out
+
+
+def _record(prefix: str, family: int, i: int, t: int, templates: list[str], slot: str, label: str,
+            split: str) -> dict:
+    """Slot ``i`` of template family ``family`` under template ``t``; the id names all three, so a
+    prompt has the same id in every split that holds it (val and val-wide)."""
+    return dict(id=f"{prefix}-{family}-{i:02d}-{t}", instruction=templates[t].format(x=slot),
+                label=label, split=split, slot=slot)
 
 
 def build(seed: int = 0, with_extra_harmful: bool = False) -> list[dict]:
@@ -218,8 +225,7 @@ def val_wide() -> list[dict]:
         for g, (slots, templates) in enumerate(((nouns, MAKE_TEMPLATES), (actions, ACTION_TEMPLATES))):
             for i, slot in enumerate(slots):
                 if _split(i) == "val":
-                    out += [dict(id=f"{label}-{g}-{i:02d}-{t}", instruction=template.format(x=slot),
-                                 label=label, split="val-wide", slot=slot) for t, template in enumerate(templates)]
+                    out += [_record(label, g, i, t, templates, slot, label, "val-wide") for t in range(len(templates))]
     return out
 
 
