@@ -51,8 +51,8 @@ class RegapOptions:
     drift_component: str = "full"
     probe_band: Band | None = None
     adaptive_band: Band | None = None
-    alpha0: float = 1.0
-    alpha_max: float = 1.0
+    alpha0: float = 0.75
+    alpha_max: float = 0.75
     tau: float = 0.5
     mode: str = "regap"
     positions: str = "last+generated"

@@ -239,7 +239,7 @@ def test_config_json_is_strict_json(exported):
     from regap_export.checks import strict_json_loads
 
     config = strict_json_loads((exported / "config.json").read_text(), path=exported / "config.json")
-    assert config["regap"]["options"]["alpha0"] == 1.0
+    assert config["regap"]["options"]["alpha0"] == 1.0  # the shared fixture's (regap_testing.options_for)
     with pytest.raises(RegapError, match="not strict JSON"):
         strict_json_loads('{"alpha0": NaN}')
 

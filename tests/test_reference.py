@@ -94,7 +94,8 @@ def test_sequence_alpha_varies_and_matches_folded_readout(setup):
     options = options_for("regap-seq")
     alpha = reference_sequence_alpha(model, adapter, directions, options, inputs)
     assert alpha.shape == (inputs["input_ids"].shape[0],) and alpha.dtype == torch.float64
-    assert 0.0 < alpha.min() < 0.2 and 0.8 < alpha.max() < 1.0 and alpha.std() > 0.1
+    strength = alpha / options.alpha_max  # the gate, in (0, 1)
+    assert 0.0 < strength.min() < 0.2 and 0.8 < strength.max() < 1.0 and strength.std() > 0.1
     # The same score through the folded path: probe-band layers, affine readout, sigmoid.
     readout = score_readout(directions, options)
     insert_corrections(model, adapter, probe_only(directions, options))
@@ -128,12 +129,12 @@ def test_plan_layers_per_mode():
     h = torch.randn(2, 3, H)
     plan = reference_plan(d, RegapOptions(mode="fixed", alpha_max=0.5, positions="all", layer_drift="total"))
     assert torch.allclose(plan[2](h), h - 0.5 * d.drift[2])
-    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, positions="all", layer_drift="total"))
+    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, alpha_max=1.0, positions="all", layer_drift="total"))
     assert torch.allclose(plan[3](h), h - 0.25 * d.drift[3])
     on_tau = (0.5 * d.rhat[4]).expand(1, 1, H)  # h . rhat = 0.5 = tau with c- = 0, c+ = 1
     assert torch.allclose(plan[4](on_tau), on_tau - 0.5 * d.drift[4], atol=1e-6)
     # The default subtracts the drift added since the previous corrected layer.
-    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, positions="all"))
+    plan = reference_plan(d, RegapOptions(mode="regap", alpha0=0.25, alpha_max=1.0, positions="all"))
     assert torch.allclose(plan[2](h), h - 0.25 * d.drift[2])
     assert torch.allclose(plan[3](h), h - 0.25 * (d.drift[3] - d.drift[2]))
     assert torch.allclose(plan[4](on_tau), on_tau - 0.5 * (d.drift[4] - d.drift[3]), atol=1e-6)
@@ -149,7 +150,7 @@ def test_increments_telescope_to_the_layer_drift():
     L, H = 8, 4
     d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
                    torch.zeros(L), torch.ones(L), torch.zeros(L), torch.full((L,), 5.0))
-    options = RegapOptions(mode="fixed", positions="all", probe_band=Band(2, 4), adaptive_band=Band(4, 6))
+    options = RegapOptions(mode="fixed", alpha_max=1.0, positions="all", probe_band=Band(2, 4), adaptive_band=Band(4, 6))
     folded = {c.layer: c.v.double() for c in fold(d, options)}
     plan = reference_plan(d, options)
     h = torch.zeros(1, 1, H, dtype=torch.float64)
