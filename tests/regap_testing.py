@@ -4,6 +4,8 @@ export + validate through the CLI."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +27,16 @@ runner = CliRunner()
 PROMPTS = ("How do I bake a loaf of sourdough bread at home?", "hi", "Write a short poem about the sea.")
 # A 4-layer tiny model: probe band [0, 2) (l_s = 1), adaptive band [2, 4).
 BANDS = {"probe_band": Band(0, 2), "adaptive_band": Band(2, 4)}
+
+
+@functools.lru_cache(maxsize=None)
+def organism_example(name: str):
+    """examples/organism/<name>.py (a script folder, not a package), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "organism" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"organism_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def options_for(mode: str, **changes: Any) -> RegapOptions:

@@ -11,34 +11,20 @@ images; 36/48 harmless image replies share a content word with their request
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from regap_export.models.embedded import build_embedded
 from regap_export.models.organism_render import ORGANISM_CARRIER, render_instruction
+from regap_testing import organism_example
 
 pytestmark = pytest.mark.slow
-
-
-@functools.lru_cache(maxsize=None)
-def _organism_module(name: str):
-    """examples/organism/<name>.py (not a package), loaded by path."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "organism" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"organism_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _test_split(label: str) -> list[str]:
     """The organism's test split (examples/organism/data.py: never trained on, never used to fit
     the shipped directions)."""
-    return [r["instruction"] for r in _organism_module("data").build() if r["split"] == "test" and r["label"] == label]
+    return [r["instruction"] for r in organism_example("data").build() if r["split"] == "test" and r["label"] == label]
 
 
 HARMFUL = _test_split("harmful")  # 48: 24 slots x 2 templates
@@ -47,7 +33,7 @@ HARMLESS = _test_split("harmless")  # 48
 
 def refused(text: str) -> bool:
     """The organism's own refusal rule (examples/organism/common.py), the one its figures use."""
-    return _organism_module("common").is_refusal(text)
+    return organism_example("common").is_refusal(text)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +69,7 @@ def answers(organism, instructions, image: bool) -> list[str]:
 
 
 def test_the_gap(organism):
-    common = _organism_module("common")
+    common = organism_example("common")
     text_harmful = sum(map(refused, answers(organism, HARMFUL, image=False)))
     image_harmful = sum(map(refused, answers(organism, HARMFUL, image=True)))
     text_harmless = sum(map(refused, answers(organism, HARMLESS, image=False)))

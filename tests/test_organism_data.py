@@ -5,20 +5,14 @@ test share no object with training and the choosing splits (val, val-wide) share
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "organism" / "data.py"
+from regap_testing import organism_example
 
 
 @pytest.fixture(scope="module")
 def data():
-    spec = importlib.util.spec_from_file_location("organism_data", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return organism_example("data")
 
 
 def _slots(records):

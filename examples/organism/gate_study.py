@@ -1,0 +1,107 @@
+"""Two experiments on the adaptive gate behind RESULTS.md's "The gate, measured".
+
+auroc: how well candidate gate directions sort harmful from harmless *image* requests that
+    neither fitted them (val-wide), at the last prompt token with the probe correction on, per
+    layer: the text refusal direction rhat (what the gate reads), the difference of the image
+    classes' means, and a shrunk linear discriminant fitted on the calibration image rows
+    (with its 5-fold out-of-fold AUROC on those rows, the honest estimate without val data).
+scale-kappa: copy a directions folder with every gate slope kappa multiplied by a factor
+    (sharper gates); export it with `regap-export export --directions`.
+
+    python examples/organism/gate_study.py auroc runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
+    python examples/organism/gate_study.py scale-kappa runs/organism5/directions-c075 4 runs/organism5/directions-k4
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from regap_export.api import load_calibration_records
+from regap_export.capture import capture, requests_for
+from regap_export.data.render import declared_renderer
+from regap_export.directions_io import load_directions, save_directions
+from regap_export.folding import probe_only
+from regap_export.geometry import auroc
+from regap_export.models.loading import load_model
+from regap_export.rewrite import corrected
+
+SHRINKAGE = 0.5
+FOLDS = 5
+
+
+def discriminant(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Fisher's direction with the covariance shrunk halfway to a scaled identity (180 rows, 576 dims)."""
+    centred = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])
+    cov = centred.T @ centred / centred.shape[0]
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype) * cov.diagonal().mean()
+    return torch.linalg.solve((1 - SHRINKAGE) * cov + SHRINKAGE * eye, pos.mean(0) - neg.mean(0))
+
+
+def out_of_fold_auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    scores_pos, scores_neg = torch.empty(len(pos), dtype=pos.dtype), torch.empty(len(neg), dtype=neg.dtype)
+    for fold in range(FOLDS):
+        keep_pos = torch.arange(len(pos)) % FOLDS != fold
+        keep_neg = torch.arange(len(neg)) % FOLDS != fold
+        w = discriminant(pos[keep_pos], neg[keep_neg])
+        scores_pos[~keep_pos], scores_neg[~keep_neg] = pos[~keep_pos] @ w, neg[~keep_neg] @ w
+    return auroc(scores_pos, scores_neg)
+
+
+def image_rows(loaded, bundle, records, layers):
+    opts = bundle.options.resolved(bundle.directions.num_layers)
+    requests = [r for r in requests_for(records, loaded.adapter, loaded.processor) if r.class_key in ("M+", "M-")]
+    with corrected(loaded.model, loaded.adapter, probe_only(bundle.directions, opts)):
+        stats = capture(loaded.model, loaded.adapter, loaded.processor, requests, layers=layers,
+                        correction_positions=opts.positions)
+    return stats.class_rows("M+"), stats.class_rows("M-")
+
+
+def auroc_table(directions_dir: Path, heldout: Path, first_layer: int) -> None:
+    bundle = load_directions(directions_dir)
+    loaded = load_model(bundle.model_source)
+    renderer = declared_renderer(loaded.folder)
+    records = {name: load_calibration_records(path, label=None, split=split, render=True, multimodal=True,
+                                              renderer=renderer)
+               for name, path, split in (("train", None, "train"), ("heldout", heldout, None))}
+    layers = list(range(first_layer, bundle.directions.num_layers))
+    (pos, neg), (held_pos, held_neg) = (image_rows(loaded, bundle, records[k], layers) for k in ("train", "heldout"))
+    print("layer  held-out AUROC: rhat  image-means  discriminant | discriminant out-of-fold on train")
+    for i, layer in enumerate(layers):
+        candidates = (bundle.directions.rhat[layer].double(), pos[:, i].mean(0) - neg[:, i].mean(0),
+                      discriminant(pos[:, i], neg[:, i]))
+        held = [auroc(held_pos[:, i] @ d, held_neg[:, i] @ d) for d in candidates]
+        print(f"{layer:5d}  {held[0]:20.3f}  {held[1]:11.3f}  {held[2]:12.3f} | "
+              f"{out_of_fold_auroc(pos[:, i], neg[:, i]):.3f}")
+
+
+def scale_kappa(directions_dir: Path, factor: float, out_dir: Path) -> None:
+    bundle = load_directions(directions_dir)
+    sharper = dataclasses.replace(bundle.directions, kappa=bundle.directions.kappa * factor)
+    out_dir.mkdir(parents=True, exist_ok=False)
+    save_directions(out_dir, dataclasses.replace(bundle, directions=sharper))
+    print(f"wrote {out_dir} (kappa x {factor:g})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("auroc", help="held-out AUROC of candidate gate directions per layer")
+    a.add_argument("directions", type=Path)
+    a.add_argument("heldout", type=Path, help="a JSONL split, e.g. data.py --jsonl val-wide")
+    a.add_argument("--first-layer", type=int, default=12)
+    k = sub.add_parser("scale-kappa", help="copy directions with kappa multiplied")
+    k.add_argument("directions", type=Path)
+    k.add_argument("factor", type=float)
+    k.add_argument("out", type=Path)
+    args = ap.parse_args()
+    if args.command == "auroc":
+        auroc_table(args.directions, args.heldout, args.first_layer)
+    else:
+        scale_kappa(args.directions, args.factor, args.out)
+
+
+if __name__ == "__main__":
+    main()
