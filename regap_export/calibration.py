@@ -80,6 +80,18 @@ def capture_statistics(loaded: LoadedModel, records: Sequence[Any], options: Reg
                    description="capture", show_progress=show_progress)
 
 
+def probe_pass(loaded: LoadedModel, directions: Directions, options: RegapOptions, requests: Sequence[Any], *,
+               layers: Sequence[int] | None = None, batch_size: int = 8, show_progress: bool = True
+               ) -> ActivationStats:
+    """Pass 2: block outputs at the read position with the probe band's fixed correction on
+    (where METHOD measures the gate's anchors c+- and fits kappa); ``options`` resolved."""
+    with corrected(loaded.model, loaded.adapter, probe_only(directions, options)):
+        return capture(loaded.model, loaded.adapter, loaded.processor, requests, layers=layers,
+                       read_tokens=_read_tokens(loaded, options), batch_size=batch_size,
+                       description="probe pass", show_progress=show_progress,
+                       correction_positions=options.positions)
+
+
 def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions = RegapOptions(), *,
               batch_size: int = 8, stats: ActivationStats | None = None, measure_after: bool = True,
               show_progress: bool = True) -> CalibrationResult:
@@ -106,11 +118,8 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
     if multimodal:
         require_classes(stats, ("M+", "M-"), why="the probe anchors and kappa")
         image_requests = [r for r in requests if r.class_key in ("M+", "M-")]
-        with corrected(loaded.model, loaded.adapter, probe_only(provisional, opts)):
-            probe_stats = capture(loaded.model, loaded.adapter, loaded.processor, image_requests,
-                                  read_tokens=read_tokens, batch_size=batch_size,
-                                  description="probe pass", show_progress=show_progress,
-                                  correction_positions=opts.positions)
+        probe_stats = probe_pass(loaded, provisional, opts, image_requests, batch_size=batch_size,
+                                 show_progress=show_progress)
         for key in ("M+", "M-"):
             probe_proj[key] = projections(probe_stats.class_rows(key), rhat)
     else:

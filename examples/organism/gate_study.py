@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from regap_export.api import load_calibration_records
-from regap_export.capture import capture, requests_for
+from regap_export.calibration import probe_pass
+from regap_export.capture import requests_for
 from regap_export.data.render import declared_renderer
 from regap_export.directions_io import load_directions, save_directions
-from regap_export.folding import probe_only
 from regap_export.geometry import auroc
 from regap_export.models.loading import load_model
-from regap_export.rewrite import corrected
 
 SHRINKAGE = 0.5
 FOLDS = 5
@@ -53,9 +52,7 @@ def out_of_fold_auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 def image_rows(loaded, bundle, records, layers):
     opts = bundle.options.resolved(bundle.directions.num_layers)
     requests = [r for r in requests_for(records, loaded.adapter, loaded.processor) if r.class_key in ("M+", "M-")]
-    with corrected(loaded.model, loaded.adapter, probe_only(bundle.directions, opts)):
-        stats = capture(loaded.model, loaded.adapter, loaded.processor, requests, layers=layers,
-                        correction_positions=opts.positions)
+    stats = probe_pass(loaded, bundle.directions, opts, requests, layers=layers)
     return stats.class_rows("M+"), stats.class_rows("M-")
 
 
