@@ -41,3 +41,24 @@ def test_val_wide_is_val_under_every_template(data):
 def test_an_unknown_split_is_refused(data):
     with pytest.raises(SystemExit, match="unknown split 'valid'"):
         data.records("valid")
+
+
+def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
+    """examples/organism/broad.py (the stage-3 experiment): its training requests are not in the
+    bundled set (any split) nor the organism's held-out splits, and its validation requests are
+    in none of the training data."""
+    import json
+    from pathlib import Path
+
+    ROOT = Path(__file__).resolve().parents[1]
+    broad, data = organism_example("broad"), organism_example("data")
+    bundled = {json.loads(line)["instruction"]
+               for line in (ROOT / "regap_export" / "data" / "bundled" / "regap_calibration.jsonl").read_text().splitlines()
+               if line.strip()}
+    held = {r["instruction"] for split in ("val", "val-wide", "test") for r in data.records(split)}
+    trained = set(broad.BROAD_HARMLESS)
+    val = {text for text, _ in broad.BROAD_VAL}
+    assert len(trained) == len(broad.BROAD_HARMLESS) and len(val) == len(broad.BROAD_VAL)
+    assert not trained & (bundled | held | val)
+    assert not val & (bundled | {r["instruction"] for r in data.build(with_extra_harmful=True)})
+    assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}

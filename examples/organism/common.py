@@ -36,7 +36,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base = base
-        self.scale = alpha / rank
+        self.scale = self.full_scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -66,7 +66,7 @@ def lora_state(loras: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
 
 def set_lora_enabled(loras, enabled: bool):
     for m in loras.values():
-        m.scale = abs(m.scale) if enabled else 0.0
+        m.scale = m.full_scale if enabled else 0.0  # (abs(scale) could not re-enable a zeroed one)
 
 
 # -- prompts ----------------------------------------------------------------------------
