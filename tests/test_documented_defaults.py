@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-
 from regap_export.options import RegapOptions
 
 ROOT = Path(__file__).parents[1]

@@ -47,14 +47,10 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     """examples/organism/broad.py (the stage-3 experiment): its training requests are not in the
     bundled set (any split) nor the organism's held-out splits, and its validation requests are
     in none of the training data."""
-    import json
-    from pathlib import Path
+    from regap_export.data import load_bundled
 
-    ROOT = Path(__file__).resolve().parents[1]
     broad, data = organism_example("broad"), organism_example("data")
-    bundled = {json.loads(line)["instruction"]
-               for line in (ROOT / "regap_export" / "data" / "bundled" / "regap_calibration.jsonl").read_text().splitlines()
-               if line.strip()}
+    bundled = {r.instruction for r in load_bundled()}
     held = {r["instruction"] for split in ("val", "val-wide", "test") for r in data.records(split)}
     trained = set(broad.BROAD_HARMLESS)
     val = {text for text, _ in broad.BROAD_VAL}

@@ -28,21 +28,16 @@ import broad as B
 import common as C
 import data as D
 import train as T
-from common import ROOT
 
+from regap_export.data import load_bundled
 from regap_export.models import embedded as EMB
 
 
 def load_shipped_unmerged():
     """(model, processor, loras): the organism with its LoRA as trainable factors."""
-    from safetensors.torch import load_file
-
     model, processor = EMB.build_organism_untrained()
-    vision = load_file(str(EMB.ORGANISM_DIR / "vision.safetensors"))
-    inner = model.model
-    for prefix, module in (("vision_model.", inner.vision_model), ("connector.", inner.connector)):
-        module.load_state_dict({k[len(prefix):]: v for k, v in vision.items() if k.startswith(prefix)}, strict=True)
-    loras = C.add_lora(inner.text_model, 16, 32.0)
+    EMB.load_organism_vision(model, EMB.ORGANISM_DIR / "vision.safetensors")
+    loras = C.add_lora(model.model.text_model, 16, 32.0)
     with safe_open(str(EMB.ORGANISM_DIR / "lora.safetensors"), framework="pt") as fh:
         for name, module in loras.items():
             module.lora_A.data.copy_(fh.get_tensor(name + ".lora_A"))
@@ -52,9 +47,8 @@ def load_shipped_unmerged():
 
 
 def bundled_heldout():
-    path = ROOT / "regap_export" / "data" / "bundled" / "regap_calibration.jsonl"
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [dict(r, slot=r["instruction"]) for r in recs if r["split"] == "heldout"]
+    """The bundled held-out split as common.evaluate's records (the slot is the whole request)."""
+    return [dict(instruction=r.instruction, label=r.label, slot=r.instruction) for r in load_bundled("heldout")]
 
 
 def main():

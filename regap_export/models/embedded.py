@@ -359,6 +359,18 @@ def build_organism_untrained():
     return _smollm2_vlm(ORGANISM_VISION_CONFIG, ORGANISM_SCALE_FACTOR)
 
 
+def load_organism_vision(model, path: Path | str) -> None:
+    """Load ``vision.safetensors`` (vision tower + connector, strict) into ``model`` (from
+    :func:`build_organism_untrained`)."""
+    from safetensors.torch import load_file
+
+    vision = load_file(str(path))
+    inner = model.model
+    for prefix, module in (("vision_model.", inner.vision_model), ("connector.", inner.connector)):
+        part = {k[len(prefix):]: v for k, v in vision.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)
+
+
 def load_organism_weights(model, folder: Path | str | None = None) -> None:
     """Load the organism's trained parts into ``model`` (from :func:`build_organism_untrained`):
     ``vision.safetensors`` (vision tower + connector, strict) and ``lora.safetensors``
@@ -367,7 +379,6 @@ def load_organism_weights(model, folder: Path | str | None = None) -> None:
     (safetensors), never unpickled."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else ORGANISM_DIR
     vision_path, lora_path = folder / "vision.safetensors", folder / "lora.safetensors"
@@ -375,16 +386,12 @@ def load_organism_weights(model, folder: Path | str | None = None) -> None:
         if not path.is_file():
             raise ModelError("the organism's trained weights are missing", path=path,
                              hint="run examples/organism/train.py")
-    vision = load_file(str(vision_path))
-    inner = model.model
-    for prefix, module in (("vision_model.", inner.vision_model), ("connector.", inner.connector)):
-        part = {k[len(prefix):]: v for k, v in vision.items() if k.startswith(prefix)}
-        module.load_state_dict(part, strict=True)
+    load_organism_vision(model, vision_path)
     with safe_open(str(lora_path), framework="pt") as fh:
         meta = fh.metadata() or {}
         scale = float(meta["alpha"]) / float(meta["rank"])
         names = sorted({k.rsplit(".", 1)[0] for k in fh.keys()})
-        text = inner.text_model
+        text = model.model.text_model
         with torch.no_grad():
             for name in names:
                 a, b = fh.get_tensor(name + ".lora_A"), fh.get_tensor(name + ".lora_B")
