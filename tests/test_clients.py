@@ -400,7 +400,7 @@ print(json.dumps({"version": transformers.__version__, "class": type(tokenizer).
 def test_transformers4_loads_the_tokenizer_as_written(exports, tmp_path, family):
     """optimum's stack (transformers 4.57) resolves tokenizer_class, finds the chat template and
     returns no token_type_ids; its ids equal the tool's prompt ids."""
-    from transformers4 import Transformers4Unavailable, run_transformers4
+    from pinned_transformers import TransformersUnavailable, run_transformers4
 
     folder = exports.tiny(family)
     script = tmp_path / "tokenizer4.py"
@@ -412,7 +412,7 @@ def test_transformers4_loads_the_tokenizer_as_written(exports, tmp_path, family)
 
         messages = adapter_for_config(AutoConfig.from_pretrained(folder)).messages(PROMPT, False)
         result = run_transformers4(script, folder, json.dumps(messages), modules_cache=tmp_path / "modules")
-    except Transformers4Unavailable as exc:
+    except TransformersUnavailable as exc:
         pytest.skip(str(exc))
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])

@@ -260,7 +260,7 @@ def test_smolvlm_tokenizer_tokens(built):
             assert len(ids) == 1 and ids[0] >= 49152, token
             assert ids == processor.tokenizer(token, add_special_tokens=False)["input_ids"]
         assert len(tok) == 49152 + len(E.IDEFICS3_SPECIAL_TOKENS)
-        assert tok.pad_token == "<|im_end|>"
+        assert tok.pad_token == "<|im_end|>" and tok.eos_token == "<|im_end|>"  # SmolLM2-Instruct's own
         assert tok.chat_template == processor.chat_template
 
 

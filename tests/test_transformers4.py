@@ -3,7 +3,7 @@
 transformers 5 writes RoPE only as ``rope_parameters``, which 4.x ignores; the corrected
 config.json also carries 4.x's keys (``config_compat``), and ``modeling_regap.py`` refuses
 the families and folders 4.x would read as another model. The slow tests install
-transformers 4.57.6 once (tests/transformers4.py) and load our folders there as a user
+transformers 4.57.6 once (tests/pinned_transformers.py) and load our folders there as a user
 would, ``AutoModel*.from_pretrained(folder, trust_remote_code=True)``.
 """
 from __future__ import annotations
@@ -116,11 +116,11 @@ def test_transformers5_reads_the_same_config_back(family, tmp_path):
 # -- transformers 4.57 (slow) ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tf4():
-    from transformers4 import Transformers4Unavailable, transformers4_dir
+    from pinned_transformers import TransformersUnavailable, transformers4_dir
 
     try:
         return transformers4_dir()
-    except Transformers4Unavailable as exc:
+    except TransformersUnavailable as exc:
         pytest.skip(f"transformers 4.x cannot be installed without network: {exc}")
 
 
@@ -173,7 +173,7 @@ def under_4x(tf4, tmp_path_factory):
     """Every family's corrected folder, and two damaged copies of the Llama one, loaded once
     under transformers 4.57 (one interpreter). Returns {name: (result, v4 logits, v5 logits
     (None for refused folders), inputs)}."""
-    from transformers4 import run_transformers4
+    from pinned_transformers import run_transformers4
 
     root = tmp_path_factory.mktemp("tf4")
     folders = {family: _export(family, root, edit) for family, (edit, _) in SAME_UNDER_4X.items()}
@@ -255,7 +255,7 @@ def test_transformers4_reads_the_real_smollm2_checkpoint(tf4, tmp_path):
     5 writes only inside rope_parameters) under transformers 4.57: theta 100000 and the same
     logits as transformers 5, not a silently different model (without the v4 keys, 4.57 reads
     theta 10000 and the logits differ by up to 14.6)."""
-    from transformers4 import run_transformers4
+    from pinned_transformers import run_transformers4
 
     loaded = load_model("embedded:smollm2")
     assert loaded.model.config.rope_parameters["rope_theta"] == 100000.0

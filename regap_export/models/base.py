@@ -89,8 +89,16 @@ class ModelAdapter:
         """The tokenizer (text families) or processor (multimodal families) saved in ``path``."""
         from transformers import AutoProcessor, AutoTokenizer
 
-        auto = AutoProcessor if self.multimodal else AutoTokenizer
-        return auto.from_pretrained(str(path), **kwargs)
+        if not self.multimodal:
+            return AutoTokenizer.from_pretrained(str(path), **kwargs)
+        try:
+            return AutoProcessor.from_pretrained(str(path), **kwargs)
+        except (ImportError, ValueError):
+            from . import pil_processors
+
+            if not pil_processors.torchvision_missing():
+                raise
+            return pil_processors.pil_processor(path, **kwargs)  # transformers 5.17's PIL fallback is broken
 
     def save_processor(self, processor: Any, path: str | Path) -> None:
         """Write ``processor`` so that ``load_processor(path)`` reads it back."""

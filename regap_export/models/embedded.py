@@ -97,6 +97,11 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+# SmolLM2-135M-Instruct's special tokens, as its published tokenizer_config.json names them.
+SMOLLM2_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                          "unk_token": "<|endoftext|>"}
+
+
 @functools.lru_cache(maxsize=1)
 def load_embedded_tokenizer():
     """SmolLM2's tokenizer (with its chat template), read from the GGUF file.
@@ -106,7 +111,12 @@ def load_embedded_tokenizer():
     from transformers import AutoTokenizer
 
     gguf = embedded_gguf_path()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers' GGUF reader names these differently by version (5.17 reads eos as
+    # <|im_start|> and no pad), which moves where generation stops; pin the model's own.
+    for name, token in SMOLLM2_SPECIAL_TOKENS.items():
+        setattr(tokenizer, name, token)
+    return tokenizer
 
 
 def _fresh_tokenizer():
@@ -145,7 +155,10 @@ def build_idefics3_tokenizer(base: Any = None):
 
 def build_idefics3_processor(tokenizer, *, image_size: int, image_seq_len: int):
     """An ``Idefics3Processor`` that squares every image to ``image_size`` (no tiling)."""
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+    from transformers import Idefics3Processor
+    # From its module, not the top level: transformers 5.17's top-level name (the version of the
+    # GPU image) is a placeholder that demands torchvision although the class needs only PIL.
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     from .idefics3 import SMOLVLM_CHAT_TEMPLATE
 

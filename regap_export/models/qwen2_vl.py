@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import RegapError
 from . import image_ops as ops
-from . import register
+from . import pil_processors, register
 from .base import ModelAdapter
 from .image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE, ImageInputs, NotPorted, image_settings
 from .positions import PositionKind, check_prompt
@@ -61,18 +61,15 @@ def image_only_processor(processor_class: str, image_processor: Any, tokenizer: 
 @dataclass(frozen=True)
 class Qwen2VLAdapter(ModelAdapter):
     def load_processor(self, path: str | Path, **kwargs: Any) -> Any:
-        from transformers.utils import is_torchvision_available
-
-        if is_torchvision_available():
+        if not pil_processors.torchvision_missing():
             return super().load_processor(path, **kwargs)
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         path = Path(path)
         model_type = AutoConfig.from_pretrained(str(path), **kwargs).model_type
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(str(path), **kwargs)
-        return image_only_processor(_PROCESSOR_CLASSES[model_type], image_processor, tokenizer,
-                                    _saved_chat_template(path) or tokenizer.chat_template)
+        return image_only_processor(_PROCESSOR_CLASSES[model_type], pil_processors.pil_image_processor(path), tokenizer,
+                                    pil_processors.saved_chat_template(path) or tokenizer.chat_template)
 
     def save_processor(self, processor: Any, path: str | Path) -> None:
         if getattr(processor, "video_processor", None) is not None:
@@ -89,14 +86,6 @@ class Qwen2VLAdapter(ModelAdapter):
         (path / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if isinstance(processor.chat_template, str):
             (path / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
-
-
-def _saved_chat_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    return None
 
 
 # Used only when the processor ships no chat template of its own.

@@ -1,14 +1,14 @@
-"""transformers 4.57 beside the venv's transformers 5, for tests that load our artifacts the
-way a deployment stack pinned to 4.x does (optimum-onnx pins 4.57.6).
+"""Other transformers versions beside the venv's, for tests that load our artifacts the way
+other stacks do: transformers 4.57.6 (optimum-onnx pins it) and 5.17 (the GPU machine's image).
 
-``transformers4_dir()`` installs transformers 4.57.6 with the tokenizers and huggingface_hub
-it needs (``pip install --target --no-deps``; torch, safetensors, numpy, requests, ... come
-from the venv) into ``~/.cache/regap-export/transformers-4.57.6`` once, and returns that
-folder. ``run_transformers4(script, *args)`` runs a Python file with that folder first on
-``PYTHONPATH``, so ``import transformers`` is 4.57.6 there.
+``transformers4_dir()`` / ``gpu_image_transformers_dir()`` install that transformers with the
+packages it needs that the venv has in other versions (``pip install --target --no-deps``;
+torch, safetensors, numpy, ... come from the venv) into ``~/.cache/regap-export/NAME`` once,
+and return that folder. ``run_transformers4(script, *args)`` runs a Python file with the 4.57.6
+folder first on ``PYTHONPATH``, so ``import transformers`` is 4.57.6 there.
 
 Without network access to the package index the install fails; the caller skips then
-(``Transformers4Unavailable``), and fails on any other install error.
+(``TransformersUnavailable``), and fails on any other install error.
 """
 from __future__ import annotations
 
@@ -21,13 +21,16 @@ from pathlib import Path
 
 TRANSFORMERS4 = "4.57.6"
 PACKAGES = (f"transformers=={TRANSFORMERS4}", "tokenizers==0.22.2", "huggingface_hub==0.36.0")
+GPU_IMAGE_TRANSFORMERS = "5.17.0"
+GPU_IMAGE_PACKAGES = (f"transformers=={GPU_IMAGE_TRANSFORMERS}", "huggingface_hub==1.33.0", "httpx==0.29.0",
+                      "httpcore==1.0.9")
 _NETWORK_ERRORS = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
                    "Name or service not known", "ConnectTimeoutError", "ReadTimeoutError", "Connection refused",
                    "(from versions: none)")  # no index answered at all
 
 
-class Transformers4Unavailable(Exception):
-    """transformers 4.x could not be installed for lack of network."""
+class TransformersUnavailable(Exception):
+    """A pinned transformers could not be installed for lack of network."""
 
 
 def cache_root() -> Path:
@@ -35,21 +38,29 @@ def cache_root() -> Path:
 
 
 def transformers4_dir() -> Path:
-    folder = cache_root() / f"transformers-{TRANSFORMERS4}"
+    return pinned_dir(PACKAGES, f"transformers-{TRANSFORMERS4}")
+
+
+def gpu_image_transformers_dir() -> Path:
+    return pinned_dir(GPU_IMAGE_PACKAGES, f"transformers-{GPU_IMAGE_TRANSFORMERS}")
+
+
+def pinned_dir(packages: tuple[str, ...], name: str) -> Path:
+    folder = cache_root() / name
     if (folder / "transformers" / "__init__.py").is_file() and (folder / ".complete").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                 "--no-deps", "--target", str(tmp), *PACKAGES],
+                                 "--no-deps", "--target", str(tmp), *packages],
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             output = result.stdout + result.stderr
             if any(marker in output for marker in _NETWORK_ERRORS):
-                raise Transformers4Unavailable(f"pip cannot reach the package index: {output.strip()[-300:]}")
-            raise RuntimeError(f"pip install {' '.join(PACKAGES)} failed:\n{output[-3000:]}")
-        (tmp / ".complete").write_text(" ".join(PACKAGES) + "\n")
+                raise TransformersUnavailable(f"pip cannot reach the package index: {output.strip()[-300:]}")
+            raise RuntimeError(f"pip install {' '.join(packages)} failed:\n{output[-3000:]}")
+        (tmp / ".complete").write_text(" ".join(packages) + "\n")
         if not (folder / ".complete").is_file():  # else another process (an xdist worker) won the race
             shutil.rmtree(folder, ignore_errors=True)
             try:
