@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 TRANSFORMERS4 = "4.57.6"
-PACKAGES = (f"transformers=={TRANSFORMERS4}", "tokenizers==0.22.2", "huggingface_hub==0.36.0")
+TRANSFORMERS4_PACKAGES = (f"transformers=={TRANSFORMERS4}", "tokenizers==0.22.2", "huggingface_hub==0.36.0")
 GPU_IMAGE_TRANSFORMERS = "5.17.0"
 GPU_IMAGE_PACKAGES = (f"transformers=={GPU_IMAGE_TRANSFORMERS}", "huggingface_hub==1.33.0", "httpx==0.29.0",
                       "httpcore==1.0.9")
@@ -38,7 +38,7 @@ def cache_root() -> Path:
 
 
 def transformers4_dir() -> Path:
-    return pinned_dir(PACKAGES, f"transformers-{TRANSFORMERS4}")
+    return pinned_dir(TRANSFORMERS4_PACKAGES, f"transformers-{TRANSFORMERS4}")
 
 
 def gpu_image_transformers_dir() -> Path:
