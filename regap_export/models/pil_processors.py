@@ -44,12 +44,13 @@ def processor_config(path: Path) -> dict[str, Any]:
     return _read_json(file) if file.is_file() else {}
 
 
-def pil_image_processor(path: str | Path) -> Any:
-    """The PIL-backend image processor that the folder's saved settings describe."""
+def pil_image_processor(path: str | Path, config: dict[str, Any] | None = None) -> Any:
+    """The PIL-backend image processor that the folder's saved settings describe (``config``:
+    its processor_config.json when the caller has read it already)."""
     import transformers
 
     path = Path(path)
-    settings = processor_config(path).get("image_processor")
+    settings = (processor_config(path) if config is None else config).get("image_processor")
     if settings is None:
         if not (path / "preprocessor_config.json").is_file():
             raise ModelError("no image processor settings (processor_config.json 'image_processor' or "
@@ -87,5 +88,5 @@ def pil_processor(path: str | Path, **kwargs: Any) -> Any:
                 if k not in ("processor_class", "image_processor", "auto_map", "chat_template")}
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     chat_template = saved_chat_template(path) or config.get("chat_template") or tokenizer.chat_template
-    return cls(image_processor=pil_image_processor(path), tokenizer=tokenizer, chat_template=chat_template,
+    return cls(image_processor=pil_image_processor(path, config), tokenizer=tokenizer, chat_template=chat_template,
                **settings)
