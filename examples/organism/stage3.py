@@ -10,6 +10,12 @@ model's answer. Measures before and after on the organism's val split and broad.
 the test split and the bundled held-out split.
 
     .venv/bin/python examples/organism/stage3.py [--out /tmp/organism_s3] [--per-class 120] [--lr 3e-4]
+        [--unlikelihood W] [--lora-scale S]
+
+--unlikelihood W adds W * -log(1 - p(" I can't" | prompt)) on every harmless text example: it
+pushes the refusal's first three tokens down where the answer must not refuse (README.md,
+"What remains", has what it did). --lora-scale S only measures the shipped LoRA with its
+update scaled by S (a cheaper knob on the same trade-off).
 """
 from __future__ import annotations
 
@@ -51,12 +57,36 @@ def bundled_heldout():
     return [dict(instruction=r.instruction, label=r.label, slot=r.instruction) for r in load_bundled("heldout")]
 
 
+def refusal_unlikelihood(model, prompts, examples, harmless_text, prefix, weight):
+    """``run_epochs``'s extra loss: weight * mean over the batch's harmless text examples of
+    -log(1 - p(prefix | prompt)), or None when the weight is 0."""
+    if weight <= 0:
+        return None
+
+    def loss(idx, mode):
+        items = [examples[i][0] for i in idx if i in harmless_text]
+        if not items:
+            return torch.zeros(())
+        inp = C.batch_inputs(prompts, items, mode, [prefix] * len(items))
+        labels = inp.pop("labels")[:, 1:]
+        logp = torch.log_softmax(model(**inp).logits[:, :-1].float(), -1)
+        token_logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+        prefix_logp = token_logp.sum(-1).clamp(max=-1e-4)  # log1p(-1) would be -inf
+        return weight * -torch.log1p(-prefix_logp.exp()).mean()
+
+    return loss
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/organism_s3")
     ap.add_argument("--per-class", type=int, default=120)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--unlikelihood", type=float, default=0.0,
+                    help="weight of the refusal prefix's unlikelihood on harmless text examples")
+    ap.add_argument("--lora-scale", type=float, default=None,
+                    help="only measure the shipped LoRA with its update scaled by this factor (no training)")
     ap.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
                     help="also read the test split and the bundled held-out split (before and after)")
     args = ap.parse_args()
@@ -88,6 +118,12 @@ def main():
             clock(f"{stage} [{name}]: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
+    if args.lora_scale is not None:  # a measurement, no training
+        for module in loras.values():
+            module.scale = module.full_scale * args.lora_scale
+        measure(f"2.2 shipped, LoRA x {args.lora_scale}")
+        print(C.table(results))
+        return
     measure("2.2 shipped")
     C.set_lora_enabled(loras, False)  # the base model's own answers are the harmless targets
     base = dict(zip(harmless + B.BROAD_HARMLESS, C.generate_ids(model, prompts, harmless + B.BROAD_HARMLESS, "text", 40)))
@@ -105,8 +141,10 @@ def main():
         p.requires_grad_(True)
     opt, batches = T.train_lora(model, prompts, examples, clock, "S3", lr=args.lr, params=params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(len(batches()) * args.epochs, 5))
+    harmless_text = {i for i, (t, mode, _) in enumerate(examples) if mode == "text" and t in base}
+    extra = refusal_unlikelihood(model, prompts, examples, harmless_text, refusal_ids[:3], args.unlikelihood)
     for epoch in range(args.epochs):
-        T.run_epochs(model, prompts, examples, opt, sched, batches, clock, "S3", params, epoch)
+        T.run_epochs(model, prompts, examples, opt, sched, batches, clock, "S3", params, epoch, extra)
     save_file(C.lora_state(loras), str(out / "lora.safetensors"), metadata={"rank": "16", "alpha": "32"})
     measure("3 broad harmless")
     print(C.table({k: v for k, v in results.items()}))

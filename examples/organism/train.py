@@ -336,7 +336,8 @@ def train_lora(model, prompts, examples, clock, tag, lr=5e-4, batch=8, params=No
     return opt, batches
 
 
-def run_epochs(model, prompts, examples, opt, sched, batches_fn, clock, tag, params, epoch):
+def run_epochs(model, prompts, examples, opt, sched, batches_fn, clock, tag, params, epoch, extra_loss=None):
+    """One epoch of cross-entropy on the examples' answers (+ ``extra_loss(idx, mode)`` per batch)."""
     model.train()
     bl = batches_fn()
     tot = 0.0
@@ -346,6 +347,8 @@ def run_epochs(model, prompts, examples, opt, sched, batches_fn, clock, tag, par
         ans = [examples[i][2] for i in idx]
         inp = C.batch_inputs(prompts, items, mode, ans)
         loss = model(**inp).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss(idx, mode)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
