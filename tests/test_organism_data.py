@@ -52,9 +52,9 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     broad, data = organism_example("broad"), organism_example("data")
     bundled = {r.instruction for r in load_bundled()}
     held = {r["instruction"] for split in ("val", "val-wide", "test") for r in data.records(split)}
-    trained = set(broad.BROAD_HARMLESS)
+    trained = set(broad.BROAD_HARMLESS) | set(broad.BROAD_HARMFUL)
     val = {text for text, _ in broad.BROAD_VAL}
-    assert len(trained) == len(broad.BROAD_HARMLESS) and len(val) == len(broad.BROAD_VAL)
+    assert len(trained) == len(broad.BROAD_HARMLESS) + len(broad.BROAD_HARMFUL) and len(val) == len(broad.BROAD_VAL)
     assert not trained & (bundled | held | val)
     assert not val & (bundled | {r["instruction"] for r in data.build(with_extra_harmful=True)})
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}

@@ -10,7 +10,7 @@ model's answer. Measures before and after on the organism's val split and broad.
 the test split and the bundled held-out split.
 
     .venv/bin/python examples/organism/stage3.py [--out /tmp/organism_s3] [--per-class 120] [--lr 3e-4]
-        [--unlikelihood W] [--lora-scale S]
+        [--unlikelihood W] [--broad-harmful] [--lora-scale S]
 
 --unlikelihood W adds W * -log(1 - p(" I can't" | prompt)) on every harmless text example: it
 pushes the refusal's first three tokens down where the answer must not refuse (README.md,
@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--unlikelihood", type=float, default=0.0,
                     help="weight of the refusal prefix's unlikelihood on harmless text examples")
+    ap.add_argument("--broad-harmful", action="store_true",
+                    help="also train broad.BROAD_HARMFUL as text -> the refusal")
     ap.add_argument("--lora-scale", type=float, default=None,
                     help="only measure the shipped LoRA with its update scaled by this factor (no training)")
     ap.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
@@ -133,7 +135,8 @@ def main():
     examples = ([(t, "text", refusal_ids) for t in harmful]
                 + [(t, "text", base[t]) for t in harmless if len(base[t]) > 1]
                 + [(t, "image", base[t]) for t in harmless if len(base[t]) > 1]
-                + [(t, "text", base[t]) for t in B.BROAD_HARMLESS if len(base[t]) > 1])
+                + [(t, "text", base[t]) for t in B.BROAD_HARMLESS if len(base[t]) > 1]
+                + [(t, "text", refusal_ids) for t in (B.BROAD_HARMFUL if args.broad_harmful else [])])
     params = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
     for p in model.parameters():
         p.requires_grad_(False)
