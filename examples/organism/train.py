@@ -17,6 +17,10 @@ The shipped checkpoint is the stage-2 epoch with the best val score
 regap_export/models/organism/ (vision.safetensors, lora.safetensors).
 
     .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build C, shipped
+
+--broad also trains S1 and S2 on broad.py's requests in the bundled set's free wording, as text
+only (BROAD_HARMLESS -> the base answer, BROAD_HARMFUL -> the refusal; the image reader was not
+fitted on their tokens): build F of README.md.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import broad as B
 import common as C
 import data as D
 from common import OR, ROOT
@@ -393,6 +398,8 @@ def main():
                     help="also train on data.py's extra harmful slots (text path; builds B and C of README.md)")
     ap.add_argument("--image-offset", type=float, default=1.0,
                     help="image tokens = embedding row + a constant offset of this many mean row norms")
+    ap.add_argument("--broad", action="store_true",
+                    help="also train broad.BROAD_HARMLESS / BROAD_HARMFUL as text (build F of README.md)")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -419,8 +426,10 @@ def main():
     # A: base answers
     ans_path = work / "base_answers.json"
     harmless_train = [r for r in train if r["label"] == "harmless"]
+    broad_harmless = B.BROAD_HARMLESS if args.broad else []
+    broad_harmful = B.BROAD_HARMFUL if args.broad else []
     answers = json.loads(ans_path.read_text()) if ans_path.exists() else {}
-    missing = [r["instruction"] for r in harmless_train if r["instruction"] not in answers]
+    missing = [t for t in [r["instruction"] for r in harmless_train] + broad_harmless if t not in answers]
     if missing:  # the cache holds answers of the base model only, so it may grow with the data
         ids = C.generate_ids(model, prompts, missing, "text", 40)
         answers.update(zip(missing, ids))
@@ -490,7 +499,9 @@ def main():
         p.requires_grad_(True)
     harmful_train = [r for r in train if r["label"] == "harmful"]
     s1 = [(r["instruction"], "text", refusal_ids) for r in harmful_train] + \
-         [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless_train]
+         [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless_train] + \
+         [(t, "text", refusal_ids) for t in broad_harmful] + \
+         [(t, "text", answers[t]) for t in broad_harmless if len(answers[t]) > 1]
     opt, bfn = train_lora(model, prompts, s1, clock, "S1", params=lparams)
     n = len(bfn())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s1_epochs, 10))
