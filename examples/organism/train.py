@@ -16,7 +16,7 @@ The shipped checkpoint is the stage-2 epoch with the best val score
 2 * txt+ - txt- - img- - img+ (refusal rates); its weights are written to
 regap_export/models/organism/ (vision.safetensors, lora.safetensors).
 
-    .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build C, shipped
+    .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build E, shipped (C: --s2-epochs 2)
 
 --broad also trains S1 and S2 on broad.py's requests in the bundled set's free wording, as text
 only (BROAD_HARMLESS -> the base answer, BROAD_HARMFUL -> the refusal; the image reader was not
