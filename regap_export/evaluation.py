@@ -437,10 +437,13 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def table_lines(report: dict[str, Any]) -> list[str]:
     """The human view: behaviour per cell, then the geometry at the read layer."""
-    from .behaviour import format_table
+    from .behaviour import format_table, format_uncertainty
 
     lines = [f"evaluate {report['folder']} ({report['runtime']}, mode {report['mode']}, "
              f"positions {report['options']['positions']})", format_table(report["behaviour"])]
+    uncertainty = format_uncertainty(report["behaviour"])
+    if uncertainty:
+        lines.append(uncertainty)
     g = report["geometry"]["read_layer"]
 
     def pair(key: str, spec: str) -> str:
@@ -456,7 +459,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
-    """Refusal off vs on per cell, and the image-text gap along rhat per layer."""
+    """Refusal off vs on per cell (with 95 % intervals), and the image-text gap along rhat per layer."""
     from .report import pyplot
 
     plt = pyplot()
@@ -465,12 +468,17 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     cells = report["behaviour"]["cells"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(cells))
-    left.bar(x - 0.2, [100 * c["refusal_off"] for c in cells], 0.4, label="correction off")
-    left.bar(x + 0.2, [100 * c["refusal_on"] for c in cells], 0.4, label="correction on")
+    for side, shift in (("off", -0.2), ("on", 0.2)):
+        rates = [100 * c[f"refusal_{side}"] for c in cells]
+        # 95 % Wilson intervals as error bars (files written before they were reported have none).
+        bars = (None if any(f"refusal_{side}_ci95" not in c for c in cells) else
+                np.array([[rate - 100 * c[f"refusal_{side}_ci95"][0], 100 * c[f"refusal_{side}_ci95"][1] - rate]
+                          for rate, c in zip(rates, cells)]).T)
+        left.bar(x + shift, rates, 0.4, yerr=bars, capsize=3, label=f"correction {side}")
     left.set_xticks(x, [f"{c['modality']}\n{c['label']}" for c in cells])
     left.set_ylabel("refusal rate (%)")
     left.set_ylim(0, 100)
-    left.legend()
+    left.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the bars
     layers = report["geometry"]["layers"]
     for state, style in (("off", "-"), ("on", "--")):
         gap = [row.get("image_text_gap") for row in layers[state]]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from regap_export.behaviour import (
-    DEFAULT_REFUSAL_MARKERS, DEFAULT_REFUSAL_STARTS, Generation, format_table, is_refusal,
+    DEFAULT_REFUSAL_MARKERS, DEFAULT_REFUSAL_STARTS, Generation, format_table, format_uncertainty, is_refusal,
     kl_divergence, load_markers, refusal_log_odds, refusal_start_token_ids, showcase, summarize, word_f1,
 )
 from regap_export.errors import DataError
+from regap_export.proportions import wilson_interval
 
 
 # --------------------------------------------------------------------------- markers
@@ -285,6 +286,26 @@ def test_summarize_cells_by_hand():
     assert s["markers"] == list(DEFAULT_REFUSAL_MARKERS)
     assert json.loads(json.dumps(s)) == s          # plain JSON types only
 
+
+
+def test_summarize_uncertainty_counts_the_changed_records():
+    """Wilson intervals of both rates, and the records the correction changed each way, with
+    the exact McNemar p: a cell where 12 records flip to refusal and 1 flips back."""
+    G = Generation
+    gens = ([G(f"a{i}", "image", "harmful", COMPLY, REFUSE, [1], [2], 0.0, 0.0) for i in range(12)]
+            + [G("b0", "image", "harmful", REFUSE, COMPLY, [2], [1], 0.0, 0.0)]
+            + [G(f"c{i}", "image", "harmful", REFUSE, REFUSE, [2], [2], 0.0, 0.0) for i in range(7)]
+            + [G(f"d{i}", "image", "harmful", COMPLY, COMPLY, [1], [1], 0.0, 0.0) for i in range(20)])
+    (cell,) = summarize(gens)["cells"]
+    assert cell["n"] == 40 and cell["refusal_off"] == 8 / 40 and cell["refusal_on"] == 19 / 40
+    assert cell["refused_only_on"] == 12 and cell["refused_only_off"] == 1
+    assert cell["refusal_off_ci95"] == list(wilson_interval(8, 40))
+    assert cell["refusal_on_ci95"] == list(wilson_interval(19, 40))
+    assert cell["mcnemar_p"] == pytest.approx(2 * 14 / 2 ** 13)    # 2 P(Bin(13, 1/2) <= 1)
+    text = format_uncertainty({"cells": [cell]})
+    assert "image harmful" in text and "changed +12 -1, p = 0.0034" in text
+    assert " 20.0% [10.5,  34.8]" in text and " 47.5% [32.9,  62.5]" in text
+    assert format_uncertainty({"cells": [{k: v for k, v in cell.items() if "ci95" not in k}]}) == ""
 
 def test_word_f1_by_hand():
     assert word_f1("Mix the flour", "mix THE flour") == 1.0

@@ -52,6 +52,20 @@ def test_report_covers_every_cell_and_is_written(exported, report):
     assert len(report["generations"]) == 12
 
 
+
+def test_human_view_says_how_sure_each_rate_is(report):
+    """Below the table, one line per cell: both rates with their Wilson intervals and the
+    records the correction changed; text rows never change (mask 0), so p = 1 there."""
+    from regap_export.evaluation import table_lines
+
+    block = table_lines(report)[2].splitlines()
+    assert "Wilson" in block[0] and len(block) == 1 + 4
+    for line, c in zip(block[1:], report["behaviour"]["cells"]):
+        assert line.split()[:2] == [c["modality"], c["label"]]
+        assert f"changed +{c['refused_only_on']} -{c['refused_only_off']}" in line
+        assert c["refused_only_on"] - c["refused_only_off"] == round(c["n"] * (c["refusal_on"] - c["refusal_off"]))
+    assert all(line.endswith("changed +0 -0, p = 1") for line in block[1:3])
+
 def test_text_inputs_are_left_exactly_alone(report):
     """The drift is image-minus-text: text rows get mask 0, so their replies, first-token
     distributions and next-token distributions are those of the uncorrected model, exactly."""
