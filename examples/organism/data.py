@@ -5,7 +5,8 @@ harmful and harmless slots (40 nouns + 40 actions per class; some harmless ones 
 purpose: "kill a Python process", "steal the show at my recital"). Splits are by *object*,
 so no held-out slot word pattern is ever trained on: object i goes to train when i % 20 < 11,
 val (used only to pick the stopping point) when 11 <= i % 20 < 14, test otherwise. val-wide
-(``val_wide()``) is val's objects under all 8 templates: it chooses ReGap's variant. Train
+(``wide("val")``) is val's objects under all 8 templates: it chooses ReGap's variant; test-wide is
+test's objects under all 8 (it measures the chosen default on 192 + 192 prompts). Train
 objects get 3 templates each, val/test objects 2 (a seeded choice). Plus 40 general harmless
 questions for training, and (second build) 30 + 30 more harmless slots for training only, many
 of them close siblings of harmful requests ("fake blood for a Halloween costume", "kill weeds
@@ -214,26 +215,30 @@ def bundled_train() -> list[dict]:
     return out
 
 
-def val_wide() -> list[dict]:
-    """Every val object under all 8 of its family's templates: 96 + 96 prompts from val's 12 + 12
-    objects (``build()`` gives each val object 2 templates, 24 + 24 prompts). Still unseen in
-    training: val objects were never trained on, under any template. Added after build E, to
-    choose ReGap's strength on more than 24 harmless prompts (RESULTS.md)."""
+def wide(split: str) -> list[dict]:
+    """Every object of ``split`` (val or test) under all 8 of its family's templates, where
+    ``build()`` gives each such object 2: val-wide is 96 + 96 prompts from 12 + 12 objects (val:
+    24 + 24), test-wide 192 + 192 from 24 + 24 (test: 48 + 48). Still unseen in training: val
+    and test objects were never trained on, under any template. val-wide was added after build
+    E, to choose ReGap's strength on more than 24 harmless prompts; test-wide later, to measure
+    the chosen default on more than 48 (RESULTS.md)."""
     out = []
     for label, nouns, actions in (("harmful", HARMFUL_NOUNS, HARMFUL_ACTIONS),
                                   ("harmless", HARMLESS_NOUNS, HARMLESS_ACTIONS)):
         for g, (slots, templates) in enumerate(((nouns, MAKE_TEMPLATES), (actions, ACTION_TEMPLATES))):
             for i, slot in enumerate(slots):
-                if _split(i) == "val":
-                    out += [_record(label, g, i, t, templates, slot, label, "val-wide") for t in range(len(templates))]
+                if _split(i) == split:
+                    out += [_record(label, g, i, t, templates, slot, label, split + "-wide")
+                            for t in range(len(templates))]
     return out
 
 
 def records(split: str) -> list[dict]:
-    """One split's records: train | val | test (``build()``) or val-wide (``val_wide()``)."""
-    rows = val_wide() if split == "val-wide" else [r for r in build() if r["split"] == split]
+    """One split's records: train | val | test (``build()``), or val-wide | test-wide (``wide()``)."""
+    wide_of = {"val-wide": "val", "test-wide": "test"}
+    rows = wide(wide_of[split]) if split in wide_of else [r for r in build() if r["split"] == split]
     if not rows:
-        raise SystemExit(f"unknown split {split!r}: use train, val, val-wide or test")
+        raise SystemExit(f"unknown split {split!r}: use train, val, val-wide, test or test-wide")
     return rows
 
 
