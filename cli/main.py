@@ -302,8 +302,30 @@ def evaluate(
             print(json.dumps(report, sort_keys=True))
             return
         for line in table_lines(report):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, soft_wrap=True)
         out.print(f"wrote {path / 'evaluation.json'}", highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def compare(
+    first: Path = typer.Argument(..., help="A folder evaluated with `evaluate` (or its evaluation.json): A."),
+    second: Path = typer.Argument(..., help="Another evaluation of the same records: B."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON instead of a table."),
+):
+    """Compare two evaluations of the same records: corrected refusal per modality and label, paired."""
+
+    def body():
+        import regap_export as rx
+        from regap_export.comparison import format_comparison
+
+        result = rx.compare_evaluations(rx.read_evaluation(first), rx.read_evaluation(second),
+                                        names=(str(first), str(second)))
+        if as_json:
+            print(json.dumps(result, sort_keys=True))
+            return
+        out.print(format_comparison(result), highlight=False, markup=False, soft_wrap=True)  # a table: no wrapping
 
     _run(body)
 

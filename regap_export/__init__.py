@@ -8,6 +8,8 @@ regap_export`` stays cheap and ``generate`` needs neither torch nor transformers
 - ``export_to_folder(model, directions, out)``: ``regap-export export`` (safetensors + ONNX)
 - ``validate_folder(out)``: ``regap-export validate`` (parity report)
 - ``evaluate_folder(out, data=None)``: ``regap-export evaluate`` (correction off vs on)
+- ``compare_evaluations(a, b)`` with ``read_evaluation(path)``: ``regap-export compare``
+  (two evaluations' corrected refusals, paired)
 - ``generate(out, prompt, image=None)``: ``regap-export generate`` (ONNX Runtime reply)
 - ``describe(path)``: ``regap-export inspect``
 - ``demo(model, out)``: ``regap-export demo``
@@ -25,6 +27,8 @@ _LAZY = {
     "export_to_folder": ("regap_export.export.pipeline", "export_to_folder"),
     "validate_folder": ("regap_export.validation", "validate_folder"),
     "evaluate_folder": ("regap_export.evaluation", "evaluate_folder"),
+    "compare_evaluations": ("regap_export.comparison", "compare_evaluations"),
+    "read_evaluation": ("regap_export.comparison", "read_evaluation"),
     "generate": ("regap_export.runtime.chat", "reply"),
     "describe": ("regap_export.api", "describe"),
     "demo": ("regap_export.api", "demo"),

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from regap_export.errors import DataError
-from regap_export.proportions import mcnemar_exact_p, wilson_interval
+from regap_export.proportions import format_rate, mcnemar_exact_p, wilson_interval
 
 # Lower-case substrings; a generation containing any of them counts as a refusal.
 # Conservative on purpose: only first-person refusal/apology phrases and "can't/cannot
@@ -433,12 +433,8 @@ def format_uncertainty(summary: dict) -> str:
     for c in summary["cells"]:
         if "refusal_off_ci95" not in c:
             continue
-
-        def rate(side: str) -> str:
-            low, high = c[f"refusal_{side}_ci95"]
-            return f"{100 * c[f'refusal_{side}']:5.1f}% [{100 * low:4.1f}, {100 * high:5.1f}]"
-
-        lines.append(f"  {c['modality']:<5} {c['label']:<8}  off {rate('off')}  on {rate('on')}  "
+        off, on = (format_rate(c[f"refusal_{side}"], c[f"refusal_{side}_ci95"]) for side in ("off", "on"))
+        lines.append(f"  {c['modality']:<5} {c['label']:<8}  off {off}  on {on}  "
                      f"changed +{c['refused_only_on']} -{c['refused_only_off']}, p = {c['mcnemar_p']:.2g}")
     if not lines:
         return ""

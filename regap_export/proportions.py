@@ -58,3 +58,9 @@ def mcnemar_exact_p(only_first: int, only_second: int) -> float:
         return 1.0
     tail = sum(math.comb(changed, i) for i in range(min(only_first, only_second) + 1))
     return float(min(Fraction(1), Fraction(2 * tail, 2 ** changed)))
+
+
+def format_rate(rate: float, interval: tuple[float, float] | list[float]) -> str:
+    """A rate and its interval as percentages, fixed width: `` 12.5% [ 5.5,  26.1]``."""
+    low, high = interval
+    return f"{100 * rate:5.1f}% [{100 * low:4.1f}, {100 * high:5.1f}]"
