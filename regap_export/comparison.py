@@ -4,7 +4,8 @@ Choosing a variant (alpha, tau, bands, mode) means comparing refusal rates that 
 requests. Two `evaluate` runs over the same records are paired, so per modality and label this
 counts the records refused by one variant only and tests the difference with the exact McNemar
 test (``regap_export.proportions``), beside each rate's 95 % Wilson interval. It reads only
-``evaluation.json`` files: no model, no torch.
+``evaluation.json`` files: no model, no torch (``regap_export.evaluation`` imports neither at
+module level).
 """
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ from typing import Any
 
 from .behaviour import CELL_ORDER, DEFAULT_REFUSAL_MARKERS, is_refusal
 from .errors import ArtifactError, RegapError
+from .evaluation import EVALUATION_FILENAME, FORMAT_VERSION
 from .proportions import format_rate, mcnemar_exact_p, wilson_interval
-
-EVALUATION_FILENAME = "evaluation.json"
-SUPPORTED_FORMAT = "1"
 
 
 def read_evaluation(path: str | Path) -> dict[str, Any]:
@@ -37,9 +36,9 @@ def read_evaluation(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or "generations" not in report or "behaviour" not in report:
         raise ArtifactError("not an evaluation report (no generations / behaviour)", path=file,
                             hint="pass the evaluation.json that evaluate wrote")
-    if str(report.get("format_version")) != SUPPORTED_FORMAT:
+    if str(report.get("format_version")) != FORMAT_VERSION:
         raise ArtifactError(f"evaluation format_version {report.get('format_version')!r} is not supported "
-                            f"(this version reads {SUPPORTED_FORMAT!r})", path=file, field="format_version",
+                            f"(this version reads {FORMAT_VERSION!r})", path=file, field="format_version",
                             hint="evaluate again with this version of regap-export")
     return report
 

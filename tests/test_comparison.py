@@ -126,3 +126,17 @@ def test_cli_table_json_and_one_line_errors(tmp_path):
     result = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "missing")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "no evaluation.json here" in result.output
+
+
+def test_compare_needs_no_torch_or_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "a.json").write_text(json.dumps(A))
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "import regap_export as rx\n"
+            f"a = rx.read_evaluation({str(tmp_path / 'a.json')!r})\n"
+            "print(rx.compare_evaluations(a, a)['n'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "48"
