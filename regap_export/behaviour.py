@@ -427,16 +427,10 @@ def format_table(summary: dict) -> str:
 def format_uncertainty(summary: dict) -> str:
     """How sure each cell's rates are: one line per cell with the refusal rates off and on,
     their 95 % Wilson intervals, the records the correction changed (refused only on / only
-    off) and the exact McNemar p-value of that change. Older evaluation.json files lack the
-    keys: their cells are left out (an empty string when none has them)."""
-    lines = []
+    off) and the exact McNemar p-value of that change."""
+    lines = ["refusal [95 % Wilson interval]; changed: +refused only on / -only off, exact McNemar p:"]
     for c in summary["cells"]:
-        if "refusal_off_ci95" not in c:
-            continue
         off, on = (format_rate(c[f"refusal_{side}"], c[f"refusal_{side}_ci95"]) for side in ("off", "on"))
         lines.append(f"  {c['modality']:<5} {c['label']:<8}  off {off}  on {on}  "
                      f"changed +{c['refused_only_on']} -{c['refused_only_off']}, p = {c['mcnemar_p']:.2g}")
-    if not lines:
-        return ""
-    return "\n".join(["refusal [95 % Wilson interval]; changed: +refused only on / -only off, exact McNemar p:",
-                      *lines])
+    return "\n".join(lines)

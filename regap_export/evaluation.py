@@ -441,9 +441,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
     lines = [f"evaluate {report['folder']} ({report['runtime']}, mode {report['mode']}, "
              f"positions {report['options']['positions']})", format_table(report["behaviour"])]
-    uncertainty = format_uncertainty(report["behaviour"])
-    if uncertainty:
-        lines.append(uncertainty)
+    lines.append(format_uncertainty(report["behaviour"]))
     g = report["geometry"]["read_layer"]
 
     def pair(key: str, spec: str) -> str:
@@ -469,12 +467,10 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(cells))
     for side, shift in (("off", -0.2), ("on", 0.2)):
-        rates = [100 * c[f"refusal_{side}"] for c in cells]
-        # 95 % Wilson intervals as error bars (files written before they were reported have none).
-        bars = (None if any(f"refusal_{side}_ci95" not in c for c in cells) else
-                np.array([[rate - 100 * c[f"refusal_{side}_ci95"][0], 100 * c[f"refusal_{side}_ci95"][1] - rate]
-                          for rate, c in zip(rates, cells)]).T)
-        left.bar(x + shift, rates, 0.4, yerr=bars, capsize=3, label=f"correction {side}")
+        rates = np.array([100 * c[f"refusal_{side}"] for c in cells])
+        low, high = (np.array([100 * c[f"refusal_{side}_ci95"][k] for c in cells]) for k in (0, 1))
+        left.bar(x + shift, rates, 0.4, yerr=np.stack([rates - low, high - rates]), capsize=3,
+                 label=f"correction {side}")  # error bars: the 95 % Wilson intervals
     left.set_xticks(x, [f"{c['modality']}\n{c['label']}" for c in cells])
     left.set_ylabel("refusal rate (%)")
     left.set_ylim(0, 100)
