@@ -23,16 +23,20 @@ MANIFEST_FILENAME = "regap_manifest.json"
 MANIFEST_VERSION = "1"
 
 
-def read_json(path: Path, *, what: str) -> dict[str, Any]:
-    """A JSON object file of an exported folder (``what`` names it in the error)."""
+def read_json(path: Path, *, what: str, hint: str = "re-run export") -> dict[str, Any]:
+    """A JSON object file of an exported folder (``what`` names it in the error, ``hint`` says
+    what to do; a syntax error names its line)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ArtifactError(f"{what} is missing", path=path, hint="re-run export") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{what} is not valid JSON ({exc})", path=path, hint="re-run export") from None
+        raise ArtifactError(f"{what} is missing", path=path, hint=hint) from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{what} is not valid JSON ({exc.msg}, column {exc.colno})", path=path,
+                            line=exc.lineno, hint=hint) from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{what} is not UTF-8 text", path=path, hint=hint) from None
     if not isinstance(data, dict):
-        raise ArtifactError(f"{what} is not a JSON object", path=path, hint="re-run export")
+        raise ArtifactError(f"{what} is not a JSON object", path=path, hint=hint)
     return data
 
 

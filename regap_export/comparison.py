@@ -9,14 +9,14 @@ module level).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .behaviour import CELL_ORDER, DEFAULT_REFUSAL_MARKERS, is_refusal
+from .behaviour import CELL_ORDER, DEFAULT_REFUSAL_MARKERS, is_refusal, paired_refusals
+from .artifacts import read_json
 from .errors import ArtifactError, RegapError
 from .evaluation import EVALUATION_FILENAME, FORMAT_VERSION
-from .proportions import format_rate, mcnemar_exact_p, wilson_interval
+from .proportions import format_rate
 
 
 def read_evaluation(path: str | Path) -> dict[str, Any]:
@@ -26,14 +26,8 @@ def read_evaluation(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ArtifactError("no evaluation.json here", path=path,
                             hint="run `regap-export evaluate FOLDER` first, or pass the evaluation.json file")
-    try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"not valid JSON ({exc.msg}, column {exc.colno})", path=file, line=exc.lineno,
-                            hint="re-run evaluate to write it again") from None
-    except UnicodeDecodeError:
-        raise ArtifactError("not UTF-8 text", path=file, hint="pass the evaluation.json that evaluate wrote") from None
-    if not isinstance(report, dict) or "generations" not in report or "behaviour" not in report:
+    report = read_json(file, what=EVALUATION_FILENAME, hint="pass the evaluation.json that evaluate wrote")
+    if "generations" not in report or "behaviour" not in report:
         raise ArtifactError("not an evaluation report (no generations / behaviour)", path=file,
                             hint="pass the evaluation.json that evaluate wrote")
     if str(report.get("format_version")) != FORMAT_VERSION:
@@ -70,9 +64,9 @@ def compare_evaluations(a: dict[str, Any], b: dict[str, Any], *, names: tuple[st
         raise RegapError(f"evaluations {names[0]} and {names[1]} did not run the same records: {len(only_a)} only "
                          f"in {names[0]}, {len(only_b)} only in {names[1]} (e.g. {example[0]!r}, {example[1]})",
                          hint="evaluate both folders with the same --data, --split and --limit")
-    for setting, option in (("max_new_tokens", "--max-new-tokens"), ("markers", "--markers")):
-        value_a = a.get(setting) if setting != "markers" else a["behaviour"].get("markers")
-        value_b = b.get(setting) if setting != "markers" else b["behaviour"].get("markers")
+    for setting, value_a, value_b, option in (
+            ("max_new_tokens", a.get("max_new_tokens"), b.get("max_new_tokens"), "--max-new-tokens"),
+            ("markers", a["behaviour"].get("markers"), b["behaviour"].get("markers"), "--markers")):
         if value_a != value_b:
             raise RegapError(f"evaluations {names[0]} and {names[1]} differ in {setting}",
                              hint=f"evaluate both with the same {option}")
@@ -81,22 +75,14 @@ def compare_evaluations(a: dict[str, Any], b: dict[str, Any], *, names: tuple[st
         raise RegapError(f"record {relabelled[0][0]!r} is labelled {first[relabelled[0]]['label']} in "
                          f"{names[0]} and {second[relabelled[0]]['label']} in {names[1]}",
                          hint="evaluate both folders with the same data files")
-    markers = a["behaviour"].get("markers") or DEFAULT_REFUSAL_MARKERS
+    markers = a["behaviour"].get("markers", DEFAULT_REFUSAL_MARKERS)
     cells = []
     for modality, label in CELL_ORDER:
         keys = [k for k in sorted(first) if k[1] == modality and first[k]["label"] == label]
         if not keys:
             continue
         pairs = [(is_refusal(first[k]["text_on"], markers), is_refusal(second[k]["text_on"], markers)) for k in keys]
-        n, count_a, count_b = len(pairs), sum(x for x, _ in pairs), sum(y for _, y in pairs)
-        only_a = sum(x and not y for x, y in pairs)
-        only_b = sum(y and not x for x, y in pairs)
-        cells.append({"modality": modality, "label": label, "n": n,
-                      "refusal_a": count_a / n, "refusal_b": count_b / n,
-                      "refusal_a_ci95": list(wilson_interval(count_a, n)),
-                      "refusal_b_ci95": list(wilson_interval(count_b, n)),
-                      "refused_only_a": only_a, "refused_only_b": only_b,
-                      "mcnemar_p": mcnemar_exact_p(only_a, only_b)})
+        cells.append({"modality": modality, "label": label, "n": len(pairs), **paired_refusals(pairs, ("a", "b"))})
     differ = sum(first[k]["text_off"] != second[k]["text_off"] for k in first)
     return {"a": names[0], "b": names[1], "n": len(first), "uncorrected_replies_differ": differ, "cells": cells}
 

@@ -99,7 +99,7 @@ def test_read_evaluation_from_a_folder_or_a_file_and_its_errors(tmp_path):
         read_evaluation(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text('{"format_version": "1",\n "generations": [,]}')
-    with pytest.raises(ArtifactError, match=r"bad.json:2: not valid JSON"):
+    with pytest.raises(ArtifactError, match=r"bad.json:2: evaluation.json is not valid JSON"):
         read_evaluation(bad)
     bad.write_text(json.dumps({"format_version": "1"}))
     with pytest.raises(ArtifactError, match="not an evaluation report"):
