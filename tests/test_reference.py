@@ -231,3 +231,23 @@ def test_directions_of_another_model_are_refused_by_the_reference(setup):
     with pytest.raises(ArtifactError, match="layers, the model"):
         with reference_corrections(model, adapter, shorter, options_for("regap")):
             pass
+
+
+def test_regap_seq_reads_at_the_probe_bands_end():
+    """METHOD.md's recipe for a later score: end the probe band later; every layer keeps alpha(x)."""
+    from regap_export.directions import Directions
+    from regap_export.folding import SCALED, gate_constants
+    from regap_export.options import Band, RegapOptions
+
+    L, H = 8, 4
+    d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
+                   torch.zeros(L), torch.linspace(1, 2, L), torch.zeros(L), torch.linspace(1, 8, L))
+    default, late = RegapOptions(mode="regap-seq"), RegapOptions(mode="regap-seq", probe_band=Band(2, 7),
+                                                                  adaptive_band=Band(7, 8))
+    assert score_readout(d, default).layer == 3
+    readout = score_readout(d, late)
+    assert readout.layer == 6 and readout.kappa == pytest.approx(float(d.kappa[6]))
+    w, b = gate_constants(d, 6, late.tau, with_kappa=False)
+    assert torch.equal(readout.w, w) and readout.b == b
+    corrections = fold(d, late)
+    assert [c.layer for c in corrections] == list(range(2, 8)) and {c.kind for c in corrections} == {SCALED}
