@@ -16,6 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
+
+def _print_plain(text: str) -> None:
+    """Print as written: tables stay one row per line when piped (no wrapping at 80 columns),
+    and brackets in replies or intervals are not read as markup."""
+    out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 MODEL_HELP = "Model folder, or embedded:smolvlm (default) / embedded:smollm2 / embedded:organism."
 
 
@@ -302,7 +309,7 @@ def evaluate(
             print(json.dumps(report, sort_keys=True))
             return
         for line in table_lines(report):
-            out.print(line, highlight=False, soft_wrap=True)
+            _print_plain(line)
         out.print(f"wrote {path / 'evaluation.json'}", highlight=False)
 
     _run(body)
@@ -325,7 +332,7 @@ def compare(
         if as_json:
             print(json.dumps(result, sort_keys=True))
             return
-        out.print(format_comparison(result), highlight=False, markup=False, soft_wrap=True)  # a table: no wrapping
+        _print_plain(format_comparison(result))
 
     _run(body)
 
@@ -342,7 +349,7 @@ def demo(
     def body():
         import regap_export as rx
 
-        rx.demo(model, out_dir, per_label=records, echo=lambda text: out.print(text, highlight=False, markup=False))
+        rx.demo(model, out_dir, per_label=records, echo=_print_plain)
 
     _run(body)
 

@@ -119,6 +119,8 @@ def test_cli_table_json_and_one_line_errors(tmp_path):
     result = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
     assert "refused only by A / B" in result.output and "0 / 7" in result.output
+    header = next(line for line in result.output.splitlines() if "refused only by A / B" in line)
+    assert len(header) > 80 and header.rstrip().endswith("McNemar p"), "a table row wrapped at 80 columns"
     result = runner.invoke(app, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == json.loads(json.dumps(compare_evaluations(
