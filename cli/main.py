@@ -18,8 +18,9 @@ err = Console(stderr=True)
 
 
 def _print_plain(text: str) -> None:
-    """Print as written: tables stay one row per line when piped (no wrapping at 80 columns),
-    and brackets in replies or intervals are not read as markup."""
+    """Print text as written: tables stay one row per line when piped (no wrapping at 80
+    columns), and brackets in replies, paths or intervals are not read as rich markup (a reply
+    with "[/]" would raise). Rich tables (geometry, parity) go through ``out.print``."""
     out.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
@@ -136,8 +137,8 @@ def calibrate(
             return
         out.print(geometry_table(result.report))
         for line in summary_lines(result.report):
-            out.print(line, highlight=False)
-        out.print(f"wrote {out_dir}", highlight=False)
+            _print_plain(line)
+        _print_plain(f"wrote {out_dir}")
 
     _run(body)
 
@@ -158,7 +159,7 @@ def inspect(
             print(json.dumps(info, sort_keys=True))
             return
         for line in describe_lines(info):
-            out.print(line, highlight=False)
+            _print_plain(line)
 
     _run(body)
 
@@ -202,8 +203,8 @@ def export_cmd(
             print(json.dumps(manifest, sort_keys=True))
             return
         for rel, entry in manifest["files"].items():
-            out.print(f"  {entry['bytes']:>12,d}  {rel}", highlight=False)
-        out.print(f"wrote {folder} (mode {manifest['mode']}, {manifest['dtype']})", highlight=False)
+            _print_plain(f"  {entry['bytes']:>12,d}  {rel}")
+        _print_plain(f"wrote {folder} (mode {manifest['mode']}, {manifest['dtype']})")
 
     _run(body)
 
@@ -230,7 +231,7 @@ def validate(
             print(json.dumps(report, sort_keys=True))
         else:
             out.print(parity_table(report))
-            out.print(("PASS" if report["ok"] else "FAIL") + f": wrote {path / 'parity.json'}", highlight=False)
+            _print_plain(("PASS" if report["ok"] else "FAIL") + f": wrote {path / 'parity.json'}")
         if not report["ok"]:
             raise typer.Exit(1)
 
@@ -271,7 +272,7 @@ def generate(
         if as_json:
             print(json.dumps(answer, sort_keys=True))
         else:
-            out.print(answer["text"], highlight=False)
+            _print_plain(answer["text"])
 
     _run(body)
 
@@ -310,7 +311,7 @@ def evaluate(
             return
         for line in table_lines(report):
             _print_plain(line)
-        out.print(f"wrote {path / 'evaluation.json'}", highlight=False)
+        _print_plain(f"wrote {path / 'evaluation.json'}")
 
     _run(body)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .behaviour import CELL_ORDER, DEFAULT_REFUSAL_MARKERS, is_refusal, paired_refusals
 from .artifacts import read_json
+from .behaviour import CELL_ORDER, DEFAULT_REFUSAL_MARKERS, is_refusal, paired_refusals
 from .errors import ArtifactError, RegapError
 from .evaluation import EVALUATION_FILENAME, FORMAT_VERSION
 from .proportions import format_rate

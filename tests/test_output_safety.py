@@ -543,3 +543,14 @@ def test_disk_full_inside_a_non_python_writer(llama, directions, tmp_path, monke
     refused(invoke("export", llama, "--directions", directions, "--out", out, "--format", "safetensors"),
             "no space left")
     assert not out.exists() and no_partials(out)
+
+
+def test_generate_prints_the_reply_as_written(monkeypatch, tmp_path):
+    """A model may write anything: brackets in a reply are text, not rich markup (a "[/]" raised)."""
+    import regap_export
+
+    reply = "Use a[/] list, not [bold]this[/bold]."
+    monkeypatch.setattr(regap_export, "generate", lambda *args, **kwargs: {"text": reply})
+    result = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "Hi"])
+    assert result.exit_code == 0, result.output
+    assert reply in result.output
