@@ -71,12 +71,16 @@ POSITIONS_HELP = ("Where the correction acts: last+generated (image inputs: last
                   "tokens) | image (image inputs, from the first image token on) | all (every input, METHOD's first reading).")
 
 
+GATE_SHARPNESS_HELP = ("Factor on every fitted gate slope kappa (1: as fitted). Above 1 the gate is closer to a "
+                       "switch: requests scored past tau get nearly the full strength, those below it nearly none.")
+
+
 LAYER_DRIFT_HELP = ("What each corrected layer subtracts: increment (the drift added since the previous corrected "
                     "layer; the corrections add up to d_l) | total (d_l at every layer, METHOD's first reading).")
 
 
 def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode, positions,
-             layer_drift):
+             layer_drift, gate_sharpness):
     from regap_export.options import Band, RegapOptions
 
     return RegapOptions(
@@ -84,6 +88,7 @@ def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, 
         probe_band=Band.parse(probe_band, option="--probe-band") if probe_band else None,
         adaptive_band=Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None,
         alpha0=alpha0, alpha_max=alpha_max, tau=tau, mode=mode, positions=positions, layer_drift=layer_drift,
+        gate_sharpness=gate_sharpness,
     )
 
 
@@ -102,6 +107,7 @@ def calibrate(
     alpha0: float = typer.Option(DEFAULTS.alpha0, help="Probe-band strength."),
     alpha_max: float = typer.Option(DEFAULTS.alpha_max, help="Adaptive-band (and fixed-mode) strength."),
     tau: float = typer.Option(DEFAULTS.tau, help="Gate threshold on the normalised refusal coordinate."),
+    gate_sharpness: float = typer.Option(DEFAULTS.gate_sharpness, help=GATE_SHARPNESS_HELP),
     mode: str = typer.Option(DEFAULTS.mode, help="regap | fixed | regap-seq (used for the after-correction table)."),
     positions: str = typer.Option(DEFAULTS.positions, help=POSITIONS_HELP),
     layer_drift: str = typer.Option(DEFAULTS.layer_drift, help=LAYER_DRIFT_HELP),
@@ -126,7 +132,7 @@ def calibrate(
         if as_json:
             _quiet_transformers()
         opts = _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode,
-                        positions, layer_drift)
+                        positions, layer_drift, gate_sharpness)
         result = rx.calibrate_to_folder(
             model, out_dir, data=data, label=label, split=split, render=render, options=opts,
             batch_size=batch_size, dtype=dtype, measure_after=after, save_stats=save_stats,
@@ -177,6 +183,7 @@ def export_cmd(
     alpha0: Optional[float] = typer.Option(None, help="Override the probe-band strength."),
     alpha_max: Optional[float] = typer.Option(None, help="Override the adaptive strength."),
     tau: Optional[float] = typer.Option(None, help="Override the gate threshold."),
+    gate_sharpness: Optional[float] = typer.Option(None, help="Override. " + GATE_SHARPNESS_HELP),
     positions: Optional[str] = typer.Option(None, help="Override where the correction acts. " + POSITIONS_HELP),
     layer_drift: Optional[str] = typer.Option(None, help="Override. " + LAYER_DRIFT_HELP),
     force: bool = typer.Option(False, help="Replace --out if it is a folder regap-export wrote (never one holding other files or inputs)."),
@@ -193,7 +200,7 @@ def export_cmd(
         if as_json:
             _quiet_transformers()
         overrides = {"mode": mode, "alpha0": alpha0, "alpha_max": alpha_max, "tau": tau, "positions": positions,
-                     "layer_drift": layer_drift,
+                     "layer_drift": layer_drift, "gate_sharpness": gate_sharpness,
                      "probe_band": Band.parse(probe_band, option="--probe-band") if probe_band else None,
                      "adaptive_band": Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None}
         folder = rx.export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,

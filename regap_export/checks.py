@@ -16,11 +16,13 @@ from .errors import ArtifactError, RegapError
 
 ALPHA_RANGE = (0.0, 100.0)   # strengths: 0 turns a band off, 1 removes the mean drift
 TAU_RANGE = (0.0, 1.0)       # the gate threshold on the normalised coordinate (0: harmless anchor, 1: harmful)
+SHARPNESS_RANGE = (0.0, 100.0)  # a factor on the fitted gate slopes: 0 makes every gate 1/2, 1 is as fitted
 
 
 def check_option_values(options: Any) -> None:
     """Numeric options are real numbers in range (called by ``RegapOptions.__post_init__``)."""
-    for name, (low, high) in (("alpha0", ALPHA_RANGE), ("alpha_max", ALPHA_RANGE), ("tau", TAU_RANGE)):
+    for name, (low, high) in (("alpha0", ALPHA_RANGE), ("alpha_max", ALPHA_RANGE), ("tau", TAU_RANGE),
+                               ("gate_sharpness", SHARPNESS_RANGE)):
         value = getattr(options, name)
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -39,7 +39,8 @@ class LayerCorrection:
 
 @dataclass(frozen=True)
 class ScoreReadout:
-    """regap-seq's per-sequence score z = h . w + b at layer l_s (w, b without kappa)."""
+    """regap-seq's per-sequence score z = h . w + b at layer l_s (w, b without kappa; kappa is
+    the fitted slope times the gate sharpness)."""
 
     layer: int
     w: torch.Tensor
@@ -47,8 +48,10 @@ class ScoreReadout:
     kappa: float
 
 
-def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa: bool = True
-                   ) -> tuple[torch.Tensor, float]:
+def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa: bool = True,
+                   sharpness: float = 1.0) -> tuple[torch.Tensor, float]:
+    """w, b of the gate's logit kappa (z - tau) = h . w + b at ``layer``, kappa = sharpness x
+    the fitted slope; without kappa, z itself (regap-seq's readout)."""
     rhat = directions.rhat[layer].double()
     c_pos = float(directions.anchor_probe_harmful[layer])
     c_neg = float(directions.anchor_probe_harmless[layer])
@@ -58,7 +61,7 @@ def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa
                             field="anchor_probe_harmful",
                             hint="the calibration did not separate the classes at this layer; calibrate again "
                                  "with more or other records, or move the adaptive band")
-    kappa = float(directions.kappa[layer]) if with_kappa else 1.0
+    kappa = sharpness * float(directions.kappa[layer]) if with_kappa else 1.0
     w = kappa * rhat / gap
     b = -kappa * (c_neg / gap + (tau if with_kappa else 0.0))
     return w.float(), float(b)
@@ -92,7 +95,7 @@ def fold(directions: Directions, options: RegapOptions) -> list[LayerCorrection]
         for layer in opts.probe_band.layers():
             out.append(LayerCorrection(layer, FIXED, (-opts.alpha0 * drift[layer]).float()))
         for layer in opts.adaptive_band.layers():
-            w, b = gate_constants(directions, layer, opts.tau)
+            w, b = gate_constants(directions, layer, opts.tau, sharpness=opts.gate_sharpness)
             out.append(LayerCorrection(layer, GATED, (-opts.alpha_max * drift[layer]).float(), w, b))
     elif opts.mode == "fixed":
         for layer in opts.probe_band.layers() + opts.adaptive_band.layers():
@@ -115,7 +118,7 @@ def score_readout(directions: Directions, options: RegapOptions) -> ScoreReadout
     opts = options.resolved(directions.num_layers)
     layer = opts.read_layer
     w, b = gate_constants(directions, layer, opts.tau, with_kappa=False)
-    return ScoreReadout(layer, w, b, float(directions.kappa[layer]))
+    return ScoreReadout(layer, w, b, opts.gate_sharpness * float(directions.kappa[layer]))
 
 
 def sequence_alpha(score: np.ndarray, kappa: float, options: RegapOptions) -> np.ndarray:

@@ -57,6 +57,10 @@ class RegapOptions:
     mode: str = "regap"
     positions: str = "last+generated"
     layer_drift: str = "increment"
+    # Multiplies every fitted gate slope kappa_l when the correction is folded (1: as fitted).
+    # The fit is a logistic regression of overlapping classes, so its slope is soft; a
+    # sharper gate corrects fewer harmless requests halfway (examples/organism/RESULTS.md).
+    gate_sharpness: float = 1.0
 
     def __post_init__(self) -> None:
         for name, allowed in (("read_position", READ_POSITIONS), ("drift_component", DRIFT_COMPONENTS),

@@ -112,7 +112,7 @@ def reference_plan(directions: Directions, options: RegapOptions, *, sequence_al
         return lambda h: (h.to(torch.float64) - alpha * m(h) * d(layer, h)).to(h.dtype)
 
     def gated(layer: int) -> Rule:
-        kappa = float(directions.kappa[layer])
+        kappa = opts.gate_sharpness * float(directions.kappa[layer])
 
         def rule(h: torch.Tensor) -> torch.Tensor:
             g = torch.sigmoid(kappa * (_score(h, directions, layer) - opts.tau))
@@ -205,4 +205,5 @@ def reference_sequence_alpha(model: nn.Module, adapter: ModelAdapter, directions
     index = last_token_index(inputs.get("attention_mask"), h.shape[0], h.shape[1]).to(h.device)
     last = h[torch.arange(h.shape[0], device=h.device), index]
     z = _score(last, directions, read)
-    return (opts.alpha_max * torch.sigmoid(float(directions.kappa[read]) * (z - opts.tau))).cpu()
+    kappa = opts.gate_sharpness * float(directions.kappa[read])
+    return (opts.alpha_max * torch.sigmoid(kappa * (z - opts.tau))).cpu()

@@ -72,11 +72,12 @@ def test_calibrate_options_reach_the_file(tiny_llama, tmp_path):
     out = tmp_path / "dirs"
     result = invoke("calibrate", tiny_llama, "--data", data, "--out", out, "--probe-band", "0:2",
                     "--adaptive-band", "2:4", "--tau", "0.3", "--alpha-max", "0.5", "--drift-component", "refusal",
-                    "--json")
+                    "--gate-sharpness", "4", "--json")
     assert result.exit_code == 0, result.output
     options = json.loads(result.stdout)["options"]
     assert options["probe_band"] == [0, 2] and options["adaptive_band"] == [2, 4]
     assert options["tau"] == 0.3 and options["alpha_max"] == 0.5 and options["drift_component"] == "refusal"
+    assert options["gate_sharpness"] == 4.0
 
 
 def test_two_half_runs_merge_into_one_full_run(tiny_llava, tmp_path):

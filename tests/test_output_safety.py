@@ -199,6 +199,7 @@ def test_exported_files_share_one_permission_mode(exported):
     ("--alpha-max", "nan", "--alpha-max must be a finite number"),
     ("--tau", "2", "--tau must be between 0 and 1"),
     ("--alpha0", "-1", "--alpha0 must be between 0 and 100"),
+    ("--gate-sharpness", "-2", "--gate-sharpness must be between 0 and 100"),
 ])
 def test_calibrate_refuses_bad_numbers(llama, tmp_path, option, value, message):
     data = write_jsonl(tmp_path / "cal.jsonl", small_set())
@@ -207,7 +208,8 @@ def test_calibrate_refuses_bad_numbers(llama, tmp_path, option, value, message):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("option,value", [("--alpha0", "nan"), ("--alpha-max", "inf"), ("--tau", "-0.5")])
+@pytest.mark.parametrize("option,value", [("--alpha0", "nan"), ("--alpha-max", "inf"), ("--tau", "-0.5"),
+                                          ("--gate-sharpness", "nan")])
 def test_export_refuses_bad_numbers(llama, directions, tmp_path, option, value):
     out = tmp_path / "out"
     refused(invoke("export", llama, "--directions", directions, "--out", out, option, value), option)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from regap_export.folding import fold, probe_only, score_readout, sequence_strength
+from regap_export.folding import FIXED, GATED, fold, probe_only, score_readout, sequence_strength
 from regap_export.models import adapter_for_model
 from regap_export.reference import (last_token_index, reference_corrections, reference_plan,
                                     reference_sequence_alpha)
@@ -108,6 +108,38 @@ def test_sequence_alpha_varies_and_matches_folded_readout(setup):
     # alpha scales with alpha_max
     half = reference_sequence_alpha(model, adapter, directions, dataclasses.replace(options, alpha_max=0.5), inputs)
     assert torch.allclose(half, alpha / 2, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["regap", "regap-seq"])
+def test_gate_sharpness_multiplies_the_slopes_in_the_fold_and_the_reference(setup, mode):
+    model, adapter, inputs, directions = setup
+    as_fitted, sharper = options_for(mode), options_for(mode, gate_sharpness=4.0)
+    if mode == "regap":
+        pairs = list(zip(fold(directions, as_fitted), fold(directions, sharper)))
+        assert {plain.kind for plain, _ in pairs} == {FIXED, GATED}
+        for plain, sharp in pairs:
+            assert torch.equal(sharp.v, plain.v)
+            if plain.kind == GATED:  # the gate's logit kappa (z - tau) = h . w + b, kappa x 4
+                torch.testing.assert_close(sharp.w, 4 * plain.w, rtol=1e-6, atol=0)
+                assert sharp.b == pytest.approx(4 * plain.b, rel=1e-9)
+    else:
+        plain, sharp = score_readout(directions, as_fitted), score_readout(directions, sharper)
+        assert torch.equal(sharp.w, plain.w) and sharp.b == plain.b
+        assert sharp.kappa == pytest.approx(4 * plain.kappa, rel=1e-12)
+    fitted_alpha = _alpha(model, adapter, directions, as_fitted, inputs)
+    alpha = _alpha(model, adapter, directions, sharper, inputs)
+    with reference_corrections(model, adapter, directions, as_fitted, sequence_alpha=fitted_alpha):
+        fitted = logits_of(model, inputs)
+    with reference_corrections(model, adapter, directions, sharper, sequence_alpha=alpha):
+        expected = logits_of(model, inputs)
+    assert (expected - fitted).abs().max() > 1e-4, "a sharper gate should change the corrected logits"
+    insert_corrections(model, adapter, fold(directions, sharper))
+    try:
+        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
+        got = logits_of(model, inputs, **kwargs)
+    finally:
+        remove_corrections(model, adapter)
+    assert (got - expected).abs().max().item() <= TOL
 
 
 def test_plan_layers_per_mode():

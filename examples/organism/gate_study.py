@@ -1,20 +1,18 @@
-"""Two experiments on the adaptive gate behind RESULTS.md's "The gate, measured".
+"""The gate experiment behind RESULTS.md's "The gate, measured".
 
 auroc: how well candidate gate directions sort harmful from harmless *image* requests that
     neither fitted them (val-wide), at the last prompt token with the probe correction on, per
     layer: the text refusal direction rhat (what the gate reads), the difference of the image
     classes' means, and a shrunk linear discriminant fitted on the calibration image rows
     (with its 5-fold out-of-fold AUROC on those rows, the honest estimate without val data).
-scale-kappa: copy a directions folder with every gate slope kappa multiplied by a factor
-    (sharper gates); export it with `regap-export export --directions`.
+Sharper gates (every kappa times a factor), the other experiment there, are now the tool's
+`--gate-sharpness` option (calibrate or export).
 
     python examples/organism/gate_study.py auroc runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
-    python examples/organism/gate_study.py scale-kappa runs/organism5/directions-c075 4 runs/organism5/directions-k4
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from regap_export.api import load_calibration_records
 from regap_export.calibration import probe_pass
 from regap_export.capture import requests_for
 from regap_export.data.render import declared_renderer
-from regap_export.directions_io import load_directions, save_directions
+from regap_export.directions_io import load_directions
 from regap_export.geometry import auroc
 from regap_export.models.loading import load_model
 
@@ -74,14 +72,6 @@ def auroc_table(directions_dir: Path, heldout: Path, first_layer: int) -> None:
               f"{out_of_fold_auroc(pos[:, i], neg[:, i]):.3f}")
 
 
-def scale_kappa(directions_dir: Path, factor: float, out_dir: Path) -> None:
-    bundle = load_directions(directions_dir)
-    sharper = dataclasses.replace(bundle.directions, kappa=bundle.directions.kappa * factor)
-    out_dir.mkdir(parents=True, exist_ok=False)
-    save_directions(out_dir, dataclasses.replace(bundle, directions=sharper))
-    print(f"wrote {out_dir} (kappa x {factor:g})")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -89,15 +79,8 @@ def main() -> None:
     a.add_argument("directions", type=Path)
     a.add_argument("heldout", type=Path, help="a JSONL split, e.g. data.py --jsonl val-wide")
     a.add_argument("--first-layer", type=int, default=12)
-    k = sub.add_parser("scale-kappa", help="copy directions with kappa multiplied")
-    k.add_argument("directions", type=Path)
-    k.add_argument("factor", type=float)
-    k.add_argument("out", type=Path)
     args = ap.parse_args()
-    if args.command == "auroc":
-        auroc_table(args.directions, args.heldout, args.first_layer)
-    else:
-        scale_kappa(args.directions, args.factor, args.out)
+    auroc_table(args.directions, args.heldout, args.first_layer)
 
 
 if __name__ == "__main__":
