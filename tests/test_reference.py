@@ -35,6 +35,16 @@ def _alpha(model, adapter, directions, options, inputs):
     return reference_sequence_alpha(model, adapter, directions, options, inputs)
 
 
+def _folded_logits(model, adapter, inputs, corrections, alpha):
+    """Logits with ``corrections`` inserted as layers (regap-seq's alpha as the regap_alpha input)."""
+    insert_corrections(model, adapter, corrections)
+    try:
+        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
+        return logits_of(model, inputs, **kwargs)
+    finally:
+        remove_corrections(model, adapter)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rewritten_model_matches_reference(setup, mode):
     model, adapter, inputs, directions = setup
@@ -46,12 +56,7 @@ def test_rewritten_model_matches_reference(setup, mode):
     assert torch.equal(logits_of(model, inputs), original), "the hooks must be gone after the context"
     assert (expected - original).abs().max() > 1e-3, "the correction should change the logits"
 
-    insert_corrections(model, adapter, fold(directions, options))
-    try:
-        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
-        got = logits_of(model, inputs, **kwargs)
-    finally:
-        remove_corrections(model, adapter)
+    got = _folded_logits(model, adapter, inputs, fold(directions, options), alpha)
     assert (got - expected).abs().max().item() <= TOL
     assert torch.equal(logits_of(model, inputs), original), "remove_corrections must restore the model exactly"
 
@@ -66,12 +71,7 @@ def test_zero_strength_is_the_unmodified_model(setup, mode):
         assert torch.equal(alpha, torch.zeros_like(alpha))
     with reference_corrections(model, adapter, directions, options, sequence_alpha=alpha):
         assert torch.equal(logits_of(model, inputs), original)
-    insert_corrections(model, adapter, fold(directions, options))
-    try:
-        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
-        assert torch.equal(logits_of(model, inputs, **kwargs), original)
-    finally:
-        remove_corrections(model, adapter)
+    assert torch.equal(_folded_logits(model, adapter, inputs, fold(directions, options), alpha), original)
 
 
 def test_gates_vary(setup):
@@ -133,12 +133,7 @@ def test_gate_sharpness_multiplies_the_slopes_in_the_fold_and_the_reference(setu
     with reference_corrections(model, adapter, directions, sharper, sequence_alpha=alpha):
         expected = logits_of(model, inputs)
     assert (expected - fitted).abs().max() > 1e-4, "a sharper gate should change the corrected logits"
-    insert_corrections(model, adapter, fold(directions, sharper))
-    try:
-        kwargs = {"regap_alpha": alpha.float()} if alpha is not None else {}
-        got = logits_of(model, inputs, **kwargs)
-    finally:
-        remove_corrections(model, adapter)
+    got = _folded_logits(model, adapter, inputs, fold(directions, sharper), alpha)
     assert (got - expected).abs().max().item() <= TOL
 
 
