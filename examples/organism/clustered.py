@@ -42,21 +42,24 @@ def refusals_by_slot(ids: list[str], refused: set[str]) -> tuple[np.ndarray, np.
     return (np.array([counts[s][0] for s in slots]), np.array([counts[s][1] for s in slots]))
 
 
-def cluster_interval(sizes: np.ndarray, refused: np.ndarray, *, reps: int = REPS, seed: int = SEED
-                     ) -> tuple[float, float, float]:
-    """The rate, and the 2.5 / 97.5 percentiles of the rate over slots resampled with replacement."""
+def resampled_rates(sizes: np.ndarray, refused: np.ndarray, *, reps: int = REPS, seed: int = SEED) -> np.ndarray:
+    """The refusal rate of each of ``reps`` resamples of the slots (with replacement)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(sizes), size=(reps, len(sizes)))
-    rates = refused[picks].sum(1) / sizes[picks].sum(1)
+    return refused[picks].sum(1) / sizes[picks].sum(1)
+
+
+def cluster_interval(sizes: np.ndarray, refused: np.ndarray, rates: np.ndarray | None = None
+                     ) -> tuple[float, float, float]:
+    """The rate, and the 2.5 / 97.5 percentiles of the resampled rates."""
+    rates = resampled_rates(sizes, refused) if rates is None else rates
     low, high = np.percentile(rates, [2.5, 97.5])
     return float(refused.sum() / sizes.sum()), float(low), float(high)
 
 
-def design_effect(sizes: np.ndarray, refused: np.ndarray, *, reps: int = REPS, seed: int = SEED) -> float:
-    """Bootstrap variance over slots / the binomial variance of as many independent requests."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(sizes), size=(reps, len(sizes)))
-    rates = refused[picks].sum(1) / sizes[picks].sum(1)
+def design_effect(sizes: np.ndarray, refused: np.ndarray, rates: np.ndarray | None = None) -> float:
+    """Variance of the resampled rates / the binomial variance of as many independent requests."""
+    rates = resampled_rates(sizes, refused) if rates is None else rates
     p, n = refused.sum() / sizes.sum(), sizes.sum()
     binomial = p * (1 - p) / n
     return float(rates.var() / binomial) if binomial > 0 else float("nan")
@@ -70,11 +73,12 @@ def table(path: Path) -> list[str]:
         ids = [g["id"] for g in data["generations"]
                if g["modality"] == cell["modality"] and g["label"] == cell["label"]]
         sizes, refused = refusals_by_slot(ids, set(cell["refused_ids_on"]))
-        rate, low, high = cluster_interval(sizes, refused)
+        rates = resampled_rates(sizes, refused)
+        rate, low, high = cluster_interval(sizes, refused, rates)
         wilson = cell["refusal_on_ci95"]
         lines.append(f"{cell['modality']:5s} {cell['label']:8s} {cell['n']:4d}  {len(sizes):5d}  {100 * rate:9.1f} %"
                      f"  [{100 * wilson[0]:4.1f}, {100 * wilson[1]:4.1f}]      [{100 * low:4.1f}, {100 * high:4.1f}]"
-                     f"             {design_effect(sizes, refused):5.2f}")
+                     f"             {design_effect(sizes, refused, rates):5.2f}")
     return lines
 
 
