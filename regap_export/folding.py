@@ -48,6 +48,11 @@ class ScoreReadout:
     kappa: float
 
 
+def gate_slope(directions: Directions, layer: int, sharpness: float) -> float:
+    """kappa of the gate at ``layer``: the fitted slope times the gate sharpness."""
+    return sharpness * float(directions.kappa[layer])
+
+
 def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa: bool = True,
                    sharpness: float = 1.0) -> tuple[torch.Tensor, float]:
     """w, b of the gate's logit kappa (z - tau) = h . w + b at ``layer``, kappa = sharpness x
@@ -61,7 +66,7 @@ def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa
                             field="anchor_probe_harmful",
                             hint="the calibration did not separate the classes at this layer; calibrate again "
                                  "with more or other records, or move the adaptive band")
-    kappa = sharpness * float(directions.kappa[layer]) if with_kappa else 1.0
+    kappa = gate_slope(directions, layer, sharpness) if with_kappa else 1.0
     w = kappa * rhat / gap
     b = -kappa * (c_neg / gap + (tau if with_kappa else 0.0))
     return w.float(), float(b)
@@ -118,7 +123,7 @@ def score_readout(directions: Directions, options: RegapOptions) -> ScoreReadout
     opts = options.resolved(directions.num_layers)
     layer = opts.read_layer
     w, b = gate_constants(directions, layer, opts.tau, with_kappa=False)
-    return ScoreReadout(layer, w, b, opts.gate_sharpness * float(directions.kappa[layer]))
+    return ScoreReadout(layer, w, b, gate_slope(directions, layer, opts.gate_sharpness))
 
 
 def sequence_alpha(score: np.ndarray, kappa: float, options: RegapOptions) -> np.ndarray:
