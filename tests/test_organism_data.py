@@ -6,6 +6,8 @@ none with test.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from regap_testing import organism_example
@@ -60,3 +62,36 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     assert not trained & (bundled | held | val)
     assert not val & (bundled | {r["instruction"] for r in data.build(with_extra_harmful=True)})
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
+
+
+@pytest.mark.parametrize("with_broad", [False, True], ids=["build-E", "build-F"])
+def test_training_never_shows_a_harmful_request_as_an_image(monkeypatch, data, with_broad):
+    """train.py's stage mixtures (the shipped build E, and build F with --broad): refusal is taught
+    on text only and the image path on harmless requests only (the asymmetry that makes the gap),
+    and no held-out request is trained on by either path."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "organism"))
+    train, broad = organism_example("train"), organism_example("broad")
+    records = [r for r in data.build(with_extra_harmful=True) if r["split"] == "train"] + data.bundled_train()
+    harmful = [r for r in records if r["label"] == "harmful"]
+    harmless = [r for r in records if r["label"] == "harmless"]
+    broad_harmful = broad.BROAD_HARMFUL if with_broad else []
+    broad_harmless = broad.BROAD_HARMLESS if with_broad else []
+    answers = {t: [7, 8] for t in [r["instruction"] for r in harmless] + list(broad.BROAD_HARMLESS)}
+    answers[broad.BROAD_HARMLESS[0]] = [2]  # an empty base answer (end of text only) is left out
+    refusal = [1, 2]
+
+    stage1 = train.stage1_examples(harmful, harmless, answers, refusal, broad_harmful, broad_harmless)
+    stage2 = train.stage2_examples(stage1, harmless, answers)
+
+    harmful_texts = {r["instruction"] for r in harmful} | set(broad.BROAD_HARMFUL)
+    assert {path for _, path, _ in stage1} == {"text"}
+    assert stage2[:len(stage1)] == stage1
+    image = [(text, target) for text, path, target in stage2 if path == "image"]
+    assert len(image) == len(harmless) and not {text for text, _ in image} & harmful_texts
+    assert all(target == answers[text] for text, target in image)
+    assert all((target == refusal) == (text in harmful_texts) for text, _, target in stage2)
+    trained = {text for text, _, _ in stage2}
+    assert (set(broad.BROAD_HARMFUL) <= trained) == with_broad
+    assert broad.BROAD_HARMLESS[0] not in trained
+    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide") for r in data.records(split)}
+    assert not trained & (held | {text for text, _ in broad.BROAD_VAL})

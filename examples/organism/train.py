@@ -53,6 +53,23 @@ def set_seed(s):
     torch.manual_seed(s)
 
 
+def stage1_examples(harmful, harmless, answers, refusal_ids, broad_harmful=(), broad_harmless=()):
+    """S1's (instruction, path, target ids): text only; harmful -> the refusal, harmless -> the
+    base model's own answer (``harmless`` already without empty answers; broad.py's harmless
+    requests with an empty one are left out here)."""
+    return [(r["instruction"], "text", refusal_ids) for r in harmful] + \
+        [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless] + \
+        [(t, "text", refusal_ids) for t in broad_harmful] + \
+        [(t, "text", answers[t]) for t in broad_harmless if len(answers[t]) > 1]
+
+
+def stage2_examples(stage1, harmless, answers):
+    """S2's examples: S1's text mixture plus each harmless request as an image -> its *text*
+    answer. Never a harmful request as an image: refusal is taught on text only, which is
+    what leaves the image path with the gap."""
+    return stage1 + [(r["instruction"], "image", answers[r["instruction"]]) for r in harmless]
+
+
 def lr_lambda(total, warmup):
     def f(step):
         if step < warmup:
@@ -498,10 +515,7 @@ def main():
     for p in lparams:
         p.requires_grad_(True)
     harmful_train = [r for r in train if r["label"] == "harmful"]
-    s1 = [(r["instruction"], "text", refusal_ids) for r in harmful_train] + \
-         [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless_train] + \
-         [(t, "text", refusal_ids) for t in broad_harmful] + \
-         [(t, "text", answers[t]) for t in broad_harmless if len(answers[t]) > 1]
+    s1 = stage1_examples(harmful_train, harmless_train, answers, refusal_ids, broad_harmful, broad_harmless)
     opt, bfn = train_lora(model, prompts, s1, clock, "S1", params=lparams)
     n = len(bfn())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s1_epochs, 10))
@@ -513,7 +527,7 @@ def main():
     ev("1 text LoRA")
 
     # S2
-    s2 = s1 + [(r["instruction"], "image", answers[r["instruction"]]) for r in harmless_train]
+    s2 = stage2_examples(s1, harmless_train, answers)
     opt, bfn = train_lora(model, prompts, s2, clock, "S2", params=lparams)
     n = len(bfn())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s2_epochs, 10))
