@@ -19,3 +19,18 @@ def test_out_of_fold_auroc_sees_signal_and_not_noise(study):
     shift[7] = 3.0
     assert study.out_of_fold_auroc(noise_pos + shift, noise_neg) > 0.9
     assert abs(study.out_of_fold_auroc(noise_pos, noise_neg) - 0.5) < 0.15
+
+
+def test_refusal_coordinate_aurocs_read_each_layer_along_its_own_direction(study):
+    """Layer 3 separates its classes along its rhat, layer 5 only orthogonally to it: the sort
+    must see the first and not the second (a swapped layer index or direction fails)."""
+    gen = torch.Generator().manual_seed(2)
+    hidden, layers = 16, [3, 5]
+    rhat = torch.zeros(8, hidden)
+    rhat[3, 0], rhat[5, 1] = 1.0, 1.0
+    pos, neg = (torch.randn(50, 2, hidden, generator=gen, dtype=torch.float64) for _ in range(2))
+    pos[:, 0, 0] += 10.0  # layer 3, along its rhat
+    pos[:, 1, 0] += 10.0  # layer 5, along layer 3's rhat: orthogonal to its own
+    sorted_3, sorted_5 = study.refusal_coordinate_aurocs(pos, neg, rhat, layers)
+    assert sorted_3 == 1.0
+    assert abs(sorted_5 - 0.5) < 0.15

@@ -5,14 +5,22 @@ auroc: how well candidate gate directions sort harmful from harmless *image* req
     layer: the text refusal direction rhat (what the gate reads), the difference of the image
     classes' means, and a shrunk linear discriminant fitted on the calibration image rows
     (with its 5-fold out-of-fold AUROC on those rows, the honest estimate without val data).
+sort: why no gate setting reaches the targets ("What bounds the gate"): per layer, the held-out
+    AUROC of the refusal coordinate h . rhat for text requests and for their image twins, with
+    the probe band's fixed correction at several strengths alpha0 (0 = uncorrected), and with
+    the coordinate averaged over the post-instruction tokens instead of read at the last one.
+    A mean-drift correction adds one vector to every image row, so at the layer it acts it
+    cannot reorder them; only the layers after it can (ReGap's self-rectification).
 Sharper gates (every kappa times a factor), the other experiment there, are now the tool's
 `--gate-sharpness` option (calibrate or export).
 
     python examples/organism/gate_study.py auroc runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
+    python examples/organism/gate_study.py sort runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -47,11 +55,42 @@ def out_of_fold_auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return auroc(scores_pos, scores_neg)
 
 
-def image_rows(loaded, bundle, records, layers):
-    opts = bundle.options.resolved(bundle.directions.num_layers)
-    requests = [r for r in requests_for(records, loaded.adapter, loaded.processor) if r.class_key in ("M+", "M-")]
+def probe_rows(loaded, bundle, records, layers, options=None, classes=("M+", "M-")):
+    """Block outputs of ``classes``' requests at the read position, the probe correction on
+    (``options``: the directions' own unless given)."""
+    opts = (options or bundle.options).resolved(bundle.directions.num_layers)
+    requests = [r for r in requests_for(records, loaded.adapter, loaded.processor) if r.class_key in classes]
     stats = probe_pass(loaded, bundle.directions, opts, requests, layers=layers)
-    return stats.class_rows("M+"), stats.class_rows("M-")
+    return stats.class_rows(classes[0]), stats.class_rows(classes[1])
+
+
+def refusal_coordinate_aurocs(pos: torch.Tensor, neg: torch.Tensor, rhat: torch.Tensor,
+                              layers: list[int]) -> list[float]:
+    """AUROC of h . rhat_l, harmful vs harmless, for rows [n, len(layers), H] of those layers."""
+    return [auroc(pos[:, i] @ rhat[layer].double(), neg[:, i] @ rhat[layer].double())
+            for i, layer in enumerate(layers)]
+
+
+def sort_table(directions_dir: Path, heldout: Path, first_layer: int, strengths: list[float]) -> None:
+    bundle = load_directions(directions_dir)
+    loaded = load_model(bundle.model_source)
+    records = load_calibration_records(heldout, label=None, split=None, render=True, multimodal=True,
+                                       renderer=declared_renderer(loaded.folder))
+    layers = list(range(first_layer, bundle.directions.num_layers))
+    rhat = bundle.directions.rhat
+
+    def column(classes, **changes):
+        options = dataclasses.replace(bundle.options, **changes)
+        return refusal_coordinate_aurocs(*probe_rows(loaded, bundle, records, layers, options, classes), rhat, layers)
+
+    columns = {"text": column(("T+", "T-"))}
+    for strength in strengths:
+        columns[f"image a0={strength:g}"] = column(("M+", "M-"), alpha0=strength)
+    columns["image post-instr."] = column(("M+", "M-"), read_position="post_instruction_mean")
+    print(f"held-out AUROC of h . rhat (directions' alpha0 {bundle.options.alpha0:g} for the last column)")
+    print("layer " + " ".join(f"{name:>18}" for name in columns))
+    for i, layer in enumerate(layers):
+        print(f"{layer:5d} " + " ".join(f"{values[i]:18.3f}" for values in columns.values()))
 
 
 def auroc_table(directions_dir: Path, heldout: Path, first_layer: int) -> None:
@@ -62,7 +101,7 @@ def auroc_table(directions_dir: Path, heldout: Path, first_layer: int) -> None:
                                               renderer=renderer)
                for name, path, split in (("train", None, "train"), ("heldout", heldout, None))}
     layers = list(range(first_layer, bundle.directions.num_layers))
-    (pos, neg), (held_pos, held_neg) = (image_rows(loaded, bundle, records[k], layers) for k in ("train", "heldout"))
+    (pos, neg), (held_pos, held_neg) = (probe_rows(loaded, bundle, records[k], layers) for k in ("train", "heldout"))
     print("layer  held-out AUROC: rhat  image-means  discriminant | discriminant out-of-fold on train")
     for i, layer in enumerate(layers):
         candidates = (bundle.directions.rhat[layer].double(), pos[:, i].mean(0) - neg[:, i].mean(0),
@@ -79,8 +118,16 @@ def main() -> None:
     a.add_argument("directions", type=Path)
     a.add_argument("heldout", type=Path, help="a JSONL split, e.g. data.py --jsonl val-wide")
     a.add_argument("--first-layer", type=int, default=12)
+    s = sub.add_parser("sort", help="held-out AUROC of the refusal coordinate: text vs image, by probe strength")
+    s.add_argument("directions", type=Path)
+    s.add_argument("heldout", type=Path, help="a JSONL split, e.g. data.py --jsonl val-wide")
+    s.add_argument("--first-layer", type=int, default=14)
+    s.add_argument("--alpha0", default="0,0.75,1.25,2", help="probe strengths, comma-separated")
     args = ap.parse_args()
-    auroc_table(args.directions, args.heldout, args.first_layer)
+    if args.command == "auroc":
+        auroc_table(args.directions, args.heldout, args.first_layer)
+    else:
+        sort_table(args.directions, args.heldout, args.first_layer, [float(a) for a in args.alpha0.split(",")])
 
 
 if __name__ == "__main__":
