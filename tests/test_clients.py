@@ -64,7 +64,7 @@ needs_tjs = pytest.mark.skipif(_transformers_js_missing() is not None, reason=st
 needs_genai = pytest.mark.skipif(_genai_missing() is not None, reason=str(_genai_missing()))
 
 
-# -- exports (one per model, shared by every test of the session) ---------------------------
+# -- exports: the tiny models' shared by every test of the session, the real ones per param ---
 class Exports:
     def __init__(self, root: Path):
         self.root = root
@@ -83,32 +83,35 @@ class Exports:
                                       options_for("regap", positions=positions))
         return export_to_folder(str(model), directions, self.root / "exports" / family)
 
-    @functools.lru_cache(maxsize=None)
-    def embedded(self, name: str) -> Path:
-        """``embedded:NAME`` exported as the demo does (the tool's default options)."""
-        from regap_export.export.pipeline import export_to_folder
-        from regap_export.models.loading import load_model
-        from regap_export.options import RegapOptions
-        from regap_testing import write_directions
-
-        folder = load_model(f"embedded:{name}").folder
-        directions = write_directions(folder, self.root / "directions" / name, RegapOptions())
-        return export_to_folder(str(folder), directions, self.root / "exports" / name)
-
-    @functools.lru_cache(maxsize=None)
-    def organism(self) -> Path:
-        """``embedded:organism`` exported with the directions it ships (fitted by calibrate)."""
-        from regap_export.export.pipeline import export_to_folder
-        from regap_export.models.embedded import ORGANISM_DIR
-        from regap_export.models.loading import load_model
-
-        folder = load_model("embedded:organism").folder
-        return export_to_folder(str(folder), ORGANISM_DIR / "directions.safetensors", self.root / "exports" / "organism")
-
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> Exports:
     return Exports(tmp_path_factory.mktemp("client_exports"))
+
+
+def export_embedded(name: str, root: Path) -> Path:
+    """``embedded:NAME`` exported as the demo does (the tool's default options); the organism
+    with the directions it ships (fitted by calibrate)."""
+    from regap_export.export.pipeline import export_to_folder
+    from regap_export.models.embedded import ORGANISM_DIR
+    from regap_export.models.loading import load_model
+    from regap_export.options import RegapOptions
+    from regap_testing import write_directions
+
+    folder = load_model(f"embedded:{name}").folder
+    directions = (ORGANISM_DIR / "directions.safetensors" if name == "organism"
+                  else write_directions(folder, root / "directions", RegapOptions()))
+    return export_to_folder(str(folder), directions, root / "export")
+
+
+@pytest.fixture(scope="module")
+def real_export(request, tmp_path_factory):
+    """``export_embedded(request.param)``, deleted once the tests that use it are done. pytest
+    runs the tests of one param together, so a worker holds one real export (about 1 GB) at a
+    time; session-wide, every worker held all three to the end and CI ran out of disk."""
+    root = tmp_path_factory.mktemp(f"real-{request.param}")
+    yield export_embedded(request.param, root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def native_image(folder: Path) -> Path:
@@ -228,16 +231,18 @@ def test_transformers_js_vision_families(exports, family, with_image):
 # -- the embedded models, exported as the demo does ----------------------------------------
 @pytest.mark.slow
 @needs_tjs
-def test_transformers_js_smollm2(exports):
-    folder = exports.embedded("smollm2")
+@pytest.mark.parametrize("real_export", ["smollm2"], indirect=True)
+def test_transformers_js_smollm2(real_export):
+    folder = real_export
     tool = tool_tokens(folder, PROMPT, None, EMBEDDED_TOKENS, correct=True)
     assert_same(transformers_js_tokens(folder, PROMPT, None, EMBEDDED_TOKENS), tool, "transformers.js smollm2")
 
 
 @pytest.mark.slow
 @needs_genai
-def test_genai_smollm2(exports):
-    folder = exports.embedded("smollm2")
+@pytest.mark.parametrize("real_export", ["smollm2"], indirect=True)
+def test_genai_smollm2(real_export):
+    folder = real_export
     tool = tool_tokens(folder, PROMPT, None, EMBEDDED_TOKENS, correct=True)
     assert_same(genai_tokens(folder, PROMPT, EMBEDDED_TOKENS), tool, "onnxruntime-genai smollm2")
 
@@ -245,11 +250,12 @@ def test_genai_smollm2(exports):
 @pytest.mark.slow
 @needs_tjs
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
-def test_transformers_js_smolvlm_demo_folder(exports, with_image):
+@pytest.mark.parametrize("real_export", ["smolvlm"], indirect=True)
+def test_transformers_js_smolvlm_demo_folder(real_export, with_image):
     """The folder ``demo --model embedded:smolvlm`` writes (default options) loads as is and runs the
     corrected model: on an image prompt the decoder finds the image rows by their marker. The
     correction changes this reply, so equal tokens show that transformers.js applied it."""
-    folder = exports.embedded("smolvlm")
+    folder = real_export
     image = native_image(folder) if with_image else None
     tool = tool_tokens(folder, PROMPT, image, EMBEDDED_TOKENS, correct=True)
     if with_image:
@@ -260,7 +266,8 @@ def test_transformers_js_smolvlm_demo_folder(exports, with_image):
 
 @pytest.mark.slow
 @needs_tjs
-def test_transformers_js_corrects_the_organism_image_path(exports, tmp_path):
+@pytest.mark.parametrize("real_export", ["organism"], indirect=True)
+def test_transformers_js_corrects_the_organism_image_path(real_export, tmp_path):
     """``embedded:organism`` (demo's default model) exported with its shipped directions: a harmful
     request arriving as an image (its token-cell rendering) is answered uncorrected and refused
     corrected, and transformers.js, fed only the carrier text and the image, gives the corrected
@@ -270,7 +277,7 @@ def test_transformers_js_corrects_the_organism_image_path(exports, tmp_path):
     from regap_export.models.organism_render import ORGANISM_CARRIER, render_instruction
     from regap_testing import organism_example
 
-    folder = exports.organism()
+    folder = real_export
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image = tmp_path / "request.png"
     # A held-out request (examples/organism/data.py's test split) that tests/test_organism.py

@@ -59,3 +59,19 @@ def test_discriminant_gate_reads_the_image_rows_own_direction(study):
         assert abs(float(gated.anchor_probe_harmful[layer]) - float((pos[:, i] @ w).mean())) < 1e-4
         assert abs(float(gated.anchor_probe_harmless[layer]) - float((neg[:, i] @ w).mean())) < 1e-4
         assert float(gated.kappa[layer]) > 0
+
+
+def test_outcome_table_groups_requests_by_label_and_corrected_outcome(study):
+    """Four groups, each counted once; the gate column counts band means >= 0.5 and the last
+    column counts the group's refusals under the open gate (a swapped key or group fails)."""
+    labels = {"a": "harmful", "b": "harmful", "c": "harmful", "d": "harmless", "e": "harmless"}
+    refused = {"a": True, "b": False, "c": False, "d": False, "e": True}
+    band_gate = {"a": 0.9, "b": 0.8, "c": 0.1, "d": 0.2, "e": 0.6}
+    refused_open = {"a": True, "b": False, "c": True, "d": True, "e": True}
+    rows = {(r["label"], r["refused"]): r for r in study.outcome_table(band_gate, labels, refused, refused_open)}
+    assert [rows[k]["n"] for k in sorted(rows)] == [2, 1, 1, 1]  # (harmful, answered / refused), (harmless, ...)
+    answered = rows[("harmful", False)]
+    assert abs(answered["mean_gate"] - 0.45) < 1e-12
+    assert answered["gate_open"] == 1 and answered["refused_gate_open"] == 1
+    assert rows[("harmless", False)]["gate_open"] == 0 and rows[("harmless", False)]["refused_gate_open"] == 1
+    assert study.outcome_table(band_gate, labels, refused)[0]["refused_gate_open"] is None

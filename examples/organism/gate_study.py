@@ -15,12 +15,17 @@ discriminant-gate: a directions folder whose gate reads, at each layer from --fi
     the shrunk discriminant of the calibration's probe-corrected image rows instead of rhat
     (anchors c+- and kappa refitted along it as calibrate fits them; drift and probe band
     unchanged). Not ReGap's gate, an experiment: export reads the folder as any other.
+gates: which of the two limits stops a harmful image request that the corrected model still
+    answers ("Gate or correction"): each image request's gate at the last prompt token (every
+    gated layer, in the corrected model's own prefill), grouped by corrected outcome, beside the
+    outcome of the same export with the gate held open (--mode fixed at the same strength).
 Sharper gates (every kappa times a factor), the other experiment there, are now the tool's
 `--gate-sharpness` option (calibrate or export).
 
     python examples/organism/gate_study.py auroc runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
     python examples/organism/gate_study.py sort runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
     python examples/organism/gate_study.py discriminant-gate D F OUT   # F: the calibration data D was fitted on
+    python examples/organism/gate_study.py gates REGAP_OUT runs/organism5/val-wide.jsonl --gate-open FIXED_OUT
 """
 from __future__ import annotations
 
@@ -93,11 +98,22 @@ def discriminant_gate(directions: Directions, pos: torch.Tensor, neg: torch.Tens
                                anchor_probe_harmless=anchor_neg, kappa=slope)
 
 
-def write_discriminant_gate(directions_dir: Path, data: Path, out: Path, first_layer: int) -> None:
+def open_study(directions_dir: Path):
+    """The directions bundle and the model it was fitted on."""
     bundle = load_directions(directions_dir)
-    loaded = load_model(bundle.model_source)
-    records = load_calibration_records(data, label=None, split=None, render=True, multimodal=True,
-                                       renderer=declared_renderer(loaded.folder))
+    return bundle, load_model(bundle.model_source)
+
+
+def study_records(loaded, path: Path | None, split: str | None = None) -> list:
+    """A JSONL's records (the bundled set's ``split`` when ``path`` is None), each with its image
+    twin rendered as the model declares."""
+    return load_calibration_records(path, label=None, split=split, render=True, multimodal=True,
+                                    renderer=declared_renderer(loaded.folder))
+
+
+def write_discriminant_gate(directions_dir: Path, data: Path, out: Path, first_layer: int) -> None:
+    bundle, loaded = open_study(directions_dir)
+    records = study_records(loaded, data)
     layers = list(range(first_layer, bundle.directions.num_layers))
     pos, neg = probe_rows(loaded, bundle, records, layers)
     gated = discriminant_gate(bundle.directions, pos, neg, layers, bundle.options.tau)
@@ -107,10 +123,8 @@ def write_discriminant_gate(directions_dir: Path, data: Path, out: Path, first_l
 
 
 def sort_table(directions_dir: Path, heldout: Path, first_layer: int, strengths: list[float]) -> None:
-    bundle = load_directions(directions_dir)
-    loaded = load_model(bundle.model_source)
-    records = load_calibration_records(heldout, label=None, split=None, render=True, multimodal=True,
-                                       renderer=declared_renderer(loaded.folder))
+    bundle, loaded = open_study(directions_dir)
+    records = study_records(loaded, heldout)
     layers = list(range(first_layer, bundle.directions.num_layers))
     rhat = bundle.directions.rhat
 
@@ -129,12 +143,8 @@ def sort_table(directions_dir: Path, heldout: Path, first_layer: int, strengths:
 
 
 def auroc_table(directions_dir: Path, heldout: Path, first_layer: int) -> None:
-    bundle = load_directions(directions_dir)
-    loaded = load_model(bundle.model_source)
-    renderer = declared_renderer(loaded.folder)
-    records = {name: load_calibration_records(path, label=None, split=split, render=True, multimodal=True,
-                                              renderer=renderer)
-               for name, path, split in (("train", None, "train"), ("heldout", heldout, None))}
+    bundle, loaded = open_study(directions_dir)
+    records = {"train": study_records(loaded, None, "train"), "heldout": study_records(loaded, heldout)}
     layers = list(range(first_layer, bundle.directions.num_layers))
     (pos, neg), (held_pos, held_neg) = (probe_rows(loaded, bundle, records[k], layers) for k in ("train", "heldout"))
     print("layer  held-out AUROC: rhat  image-means  discriminant | discriminant out-of-fold on train")
@@ -144,6 +154,97 @@ def auroc_table(directions_dir: Path, heldout: Path, first_layer: int) -> None:
         held = [auroc(held_pos[:, i] @ d, held_neg[:, i] @ d) for d in candidates]
         print(f"{layer:5d}  {held[0]:20.3f}  {held[1]:11.3f}  {held[2]:12.3f} | "
               f"{out_of_fold_auroc(pos[:, i], neg[:, i]):.3f}")
+
+
+def prompt_gates(loaded, checkpoint, records, batch_size: int = 8) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Each image record's gate sigmoid(h . w + b) at every gated layer, at the last prompt token,
+    in the corrected model's own prefill (probe band and earlier gated layers applied), i.e. the
+    strength behind the first reply token. Returns (gated layers, {record id: gates [layers]})."""
+    from regap_export.correction import RegapCorrection
+    from regap_export.evaluation import TorchEngine, _batches
+    from regap_export.folding import GATED
+
+    gated = sorted((m for m in loaded.model.modules() if isinstance(m, RegapCorrection) and m.kind == GATED),
+                   key=lambda m: m.layer)
+    if not gated:
+        raise SystemExit("the folder has no gated layers: `gates` reads a --mode regap export")
+    seen: dict[int, torch.Tensor] = {}
+
+    def capture(module, args, kwargs):
+        h = args[0] if args else kwargs["h"]
+        seen[module.layer] = torch.sigmoid(h[:, -1].float() @ module.w + module.b)[:, 0]  # left-padded: -1 is the prompt's end
+
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in gated]
+    engine, out = TorchEngine(loaded, checkpoint), {}
+    try:
+        images = [r for r in records if r.modality == "image"]
+        for batch in _batches(images, loaded.adapter, loaded.processor, batch_size):
+            ids, mask = batch.ids, batch.inputs["attention_mask"].astype("int64")
+            prompt, _ = engine._masks(ids, correct=True)
+            with torch.no_grad():
+                loaded.model(**engine._tensors(batch, ids, mask), regap_image_mask=torch.from_numpy(prompt),
+                             use_cache=False)
+            for row, record in enumerate(batch.records):
+                out[record.id] = torch.stack([seen[m.layer][row] for m in gated])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [m.layer for m in gated], out
+
+
+def outcome_table(band_gate: dict[str, float], labels: dict[str, str], refused: dict[str, bool],
+                  refused_gate_open: dict[str, bool] | None = None) -> list[dict]:
+    """Image requests grouped by label and corrected outcome: how many, their band-mean gate
+    (mean, and how many have it >= 0.5), and, given the same requests under the correction with
+    the gate held open (``fixed`` at the same strength and layers), how many that refuses."""
+    rows = []
+    for label in ("harmful", "harmless"):
+        for outcome in (True, False):
+            ids = [i for i in band_gate if labels[i] == label and refused[i] == outcome]
+            gates = torch.tensor([band_gate[i] for i in ids], dtype=torch.float64)
+            rows.append({"label": label, "refused": outcome, "n": len(ids),
+                         "mean_gate": float(gates.mean()) if ids else float("nan"),
+                         "gate_open": int((gates >= 0.5).sum()),
+                         "refused_gate_open": (None if refused_gate_open is None
+                                               else sum(refused_gate_open[i] for i in ids))})
+    return rows
+
+
+def image_refusals(folder: Path) -> tuple[dict[str, str], dict[str, bool]]:
+    """(label, refused with the correction on) of each image request in FOLDER/evaluation.json."""
+    import json
+
+    from regap_export.behaviour import is_refusal
+
+    generations = [g for g in json.loads((folder / "evaluation.json").read_text())["generations"]
+                   if g["modality"] == "image"]
+    return {g["id"]: g["label"] for g in generations}, {g["id"]: is_refusal(g["text_on"]) for g in generations}
+
+
+def gate_table(folder: Path, data: Path, gate_open: Path | None) -> None:
+    from regap_export.evaluation import evaluation_records
+    from regap_export.export.load import load_corrected, read_regap_checkpoint
+
+    labels, refused = image_refusals(folder)
+    refused_open = image_refusals(gate_open)[1] if gate_open is not None else None
+    loaded = load_corrected(folder)
+    records = [r for r in evaluation_records([data], multimodal=True, render=True,
+                                             renderer=declared_renderer(folder)) if r.id in labels]
+    layers, gates = prompt_gates(loaded, read_regap_checkpoint(folder), records)
+    band = {i: float(g.mean()) for i, g in gates.items()}
+    print(f"gate at the last prompt token, gated layers {layers[0]}..{layers[-1]} (band mean)")
+    print("label     corrected  n   mean gate  gate >= 0.5" + ("  refused, gate held open" if refused_open else ""))
+    for row in outcome_table(band, labels, refused, refused_open):
+        extra = "" if row["refused_gate_open"] is None else f"  {row['refused_gate_open']:>23}"
+        print(f"{row['label']:9} {'refused' if row['refused'] else 'answered':9} {row['n']:3d} "
+              f"{row['mean_gate']:10.3f} {row['gate_open']:12d}{extra}")
+    print("per layer, mean gate: " + " ".join(f"{layer}" for layer in layers))
+    for label in ("harmful", "harmless"):
+        for outcome in (True, False):
+            ids = [i for i in gates if labels[i] == label and refused[i] == outcome]
+            if ids:
+                mean = torch.stack([gates[i] for i in ids]).mean(0)
+                print(f"  {label} {'refused' if outcome else 'answered'}: " + " ".join(f"{v:.2f}" for v in mean.tolist()))
 
 
 def main() -> None:
@@ -163,8 +264,14 @@ def main() -> None:
     g.add_argument("data", type=Path, help="the calibration data the directions were fitted on")
     g.add_argument("out", type=Path)
     g.add_argument("--first-layer", type=int, default=15)
+    t = sub.add_parser("gates", help="each image request's gate at the prompt's end, by corrected outcome")
+    t.add_argument("folder", type=Path, help="an evaluated --mode regap export (reads its evaluation.json)")
+    t.add_argument("data", type=Path, help="the JSONL that evaluation ran on")
+    t.add_argument("--gate-open", type=Path, help="the same evaluated with --mode fixed (the gate held open)")
     args = ap.parse_args()
-    if args.command == "auroc":
+    if args.command == "gates":
+        gate_table(args.folder, args.data, args.gate_open)
+    elif args.command == "auroc":
         auroc_table(args.directions, args.heldout, args.first_layer)
     elif args.command == "discriminant-gate":
         write_discriminant_gate(args.directions, args.data, args.out, args.first_layer)
