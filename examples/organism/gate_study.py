@@ -267,7 +267,8 @@ def main() -> None:
     t = sub.add_parser("gates", help="each image request's gate at the prompt's end, by corrected outcome")
     t.add_argument("folder", type=Path, help="an evaluated --mode regap export (reads its evaluation.json)")
     t.add_argument("data", type=Path, help="the JSONL that evaluation ran on")
-    t.add_argument("--gate-open", type=Path, help="the same evaluated with --mode fixed (the gate held open)")
+    t.add_argument("--gate-open", type=Path, help="the same directions exported --mode fixed and evaluated: "
+                   "the gate held open where alpha0 = alpha_max (fixed applies alpha_max on both bands)")
     args = ap.parse_args()
     if args.command == "gates":
         gate_table(args.folder, args.data, args.gate_open)
