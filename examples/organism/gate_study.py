@@ -202,7 +202,7 @@ def outcome_table(band_gate: dict[str, float], labels: dict[str, str], refused: 
         for outcome in (True, False):
             ids = [i for i in band_gate if labels[i] == label and refused[i] == outcome]
             gates = torch.tensor([band_gate[i] for i in ids], dtype=torch.float64)
-            rows.append({"label": label, "refused": outcome, "n": len(ids),
+            rows.append({"label": label, "refused": outcome, "n": len(ids), "ids": ids,
                          "mean_gate": float(gates.mean()) if ids else float("nan"),
                          "gate_open": int((gates >= 0.5).sum()),
                          "refused_gate_open": (None if refused_gate_open is None
@@ -234,17 +234,17 @@ def gate_table(folder: Path, data: Path, gate_open: Path | None) -> None:
     band = {i: float(g.mean()) for i, g in gates.items()}
     print(f"gate at the last prompt token, gated layers {layers[0]}..{layers[-1]} (band mean)")
     print("label     corrected  n   mean gate  gate >= 0.5" + ("  refused, gate held open" if refused_open else ""))
-    for row in outcome_table(band, labels, refused, refused_open):
+    rows = outcome_table(band, labels, refused, refused_open)
+    for row in rows:
         extra = "" if row["refused_gate_open"] is None else f"  {row['refused_gate_open']:>23}"
         print(f"{row['label']:9} {'refused' if row['refused'] else 'answered':9} {row['n']:3d} "
               f"{row['mean_gate']:10.3f} {row['gate_open']:12d}{extra}")
     print("per layer, mean gate: " + " ".join(f"{layer}" for layer in layers))
-    for label in ("harmful", "harmless"):
-        for outcome in (True, False):
-            ids = [i for i in gates if labels[i] == label and refused[i] == outcome]
-            if ids:
-                mean = torch.stack([gates[i] for i in ids]).mean(0)
-                print(f"  {label} {'refused' if outcome else 'answered'}: " + " ".join(f"{v:.2f}" for v in mean.tolist()))
+    for row in rows:
+        if row["ids"]:
+            mean = torch.stack([gates[i] for i in row["ids"]]).mean(0)
+            print(f"  {row['label']} {'refused' if row['refused'] else 'answered'}: "
+                  + " ".join(f"{v:.2f}" for v in mean.tolist()))
 
 
 def main() -> None:
