@@ -75,6 +75,11 @@ GATE_SHARPNESS_HELP = ("Factor on every fitted gate slope kappa (1: as fitted). 
                        "switch: requests scored past tau get nearly the full strength, those below it nearly none.")
 
 
+GATE_READ_HELP = ("What the gate projects on: refusal (rhat, ReGap's gate) | discriminant (per layer, the shrunk "
+                  "linear discriminant of the harmful vs harmless image rows with the probe correction on; "
+                  "needs image records; writes directions format 3).")
+
+
 LAYER_DRIFT_HELP = ("What each corrected layer subtracts: increment (the drift added since the previous corrected "
                     "layer; the corrections add up to d_l) | total (d_l at every layer, METHOD's first reading).")
 
@@ -108,6 +113,7 @@ def calibrate(
     alpha_max: float = typer.Option(DEFAULTS.alpha_max, help="Adaptive-band (and fixed-mode) strength."),
     tau: float = typer.Option(DEFAULTS.tau, help="Gate threshold on the normalised refusal coordinate."),
     gate_sharpness: float = typer.Option(DEFAULTS.gate_sharpness, help=GATE_SHARPNESS_HELP),
+    gate_read: str = typer.Option("refusal", help=GATE_READ_HELP),
     mode: str = typer.Option(DEFAULTS.mode, help="regap | fixed | regap-seq (used for the after-correction table)."),
     positions: str = typer.Option(DEFAULTS.positions, help=POSITIONS_HELP),
     layer_drift: str = typer.Option(DEFAULTS.layer_drift, help=LAYER_DRIFT_HELP),
@@ -136,7 +142,7 @@ def calibrate(
         result = rx.calibrate_to_folder(
             model, out_dir, data=data, label=label, split=split, render=render, options=opts,
             batch_size=batch_size, dtype=dtype, measure_after=after, save_stats=save_stats,
-            merge_stats=merge_stats or [], plot=plot, force=force, show_progress=not as_json,
+            merge_stats=merge_stats or [], plot=plot, force=force, show_progress=not as_json, gate_read=gate_read,
         )
         if as_json:
             print(json.dumps(json_safe(result.report), sort_keys=True))

@@ -38,7 +38,8 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
                         split: str | None = None, render: bool = True, options: RegapOptions = RegapOptions(),
                         batch_size: int = 8, dtype: str = "fp32", measure_after: bool = True,
                         save_stats: bool = False, merge_stats: Sequence[Path] = (), plot: bool = True,
-                        force: bool = False, show_progress: bool = True) -> CalibrationResult:
+                        force: bool = False, show_progress: bool = True, gate_read: str = "refusal"
+                        ) -> CalibrationResult:
     """calibrate MODEL --data FILE --out DIR: directions.safetensors, report.json (+ plot, stats)."""
     out_dir = Path(out_dir)
     inputs = [data, model, *merge_stats]
@@ -51,7 +52,7 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
                                        multimodal=loaded.adapter.multimodal, renderer=renderer)
     stats = merged_stats(merge_stats, loaded.fingerprint) if merge_stats else None
     result = calibrate(loaded, records, options, batch_size=batch_size, stats=stats,
-                       measure_after=measure_after, show_progress=show_progress)
+                       measure_after=measure_after, show_progress=show_progress, gate_read=gate_read)
     if data is None and (split or "train") == "train":
         heldout = load_calibration_records(None, label=None, split="heldout", render=render,
                                            multimodal=loaded.adapter.multimodal, renderer=renderer)
@@ -103,6 +104,7 @@ def describe(path: Path) -> dict[str, Any]:
             "model_fingerprint": bundle.model_fingerprint,
             "calibration_sha256": bundle.calibration_sha256,
             "options": json.loads(bundle.options.to_json()),
+            "gate_read": "refusal" if bundle.directions.gate_read is None else "discriminant",
             "tensors": {name: list(t.shape) for name, t in bundle.directions.tensors().items()},
             "per_layer": [
                 {"layer": l,
@@ -148,6 +150,7 @@ def describe_lines(info: dict[str, Any]) -> list[str]:
              f"  model {info['model_source']} (fingerprint {info['model_fingerprint']})",
              f"  calibration set sha256 {info['calibration_sha256']}",
              "  options " + ", ".join(f"{k}={v}" for k, v in sorted(info["options"].items())),
+             f"  gate reads {'rhat' if info['gate_read'] == 'refusal' else 'gate_read (a discriminant)'}",
              "  tensors " + ", ".join(f"{k} {v}" for k, v in info["tensors"].items())]
     if info.get("best_layer") is not None:
         lines.append(f"  best layer {info['best_layer']} (text AUROC {info['best_auroc_T']:.3f})")

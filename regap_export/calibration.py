@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from .capture import capture, requests_for
-from .directions import (Directions, drift_direction, probe_anchors_and_kappa, projections,
+from .directions import (Directions, discriminant_read, drift_direction, probe_anchors_and_kappa, projections,
                          refusal_direction, require_classes)
 from .data.records import records_fingerprint
 from .directions_io import DirectionsFile
@@ -92,10 +92,21 @@ def probe_pass(loaded: LoadedModel, directions: Directions, options: RegapOption
                        correction_positions=options.positions)
 
 
+GATE_READS = ("refusal", "discriminant")
+
+
 def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions = RegapOptions(), *,
               batch_size: int = 8, stats: ActivationStats | None = None, measure_after: bool = True,
-              show_progress: bool = True) -> CalibrationResult:
-    """Fit ReGap's directions on ``records`` and measure the geometry before and after."""
+              show_progress: bool = True, gate_read: str = "refusal") -> CalibrationResult:
+    """Fit ReGap's directions on ``records`` and measure the geometry before and after.
+
+    ``gate_read``: what the gate projects on. "refusal" is ReGap's gate (rhat, from the text
+    classes); "discriminant" reads, per layer, the shrunk linear discriminant of the image
+    rows M+ / M- with the probe correction on (``directions.discriminant``), a gate that sorts
+    image requests by how image requests differ rather than by the text's refusal direction.
+    The correction itself (drift, bands, strengths) is the same either way."""
+    if gate_read not in GATE_READS:
+        raise RegapError(f"unknown gate read {gate_read!r}; choose one of {', '.join(GATE_READS)}")
     check_records_fit_model(records, loaded)
     require_text_classes(records)
     num_layers = loaded.adapter.num_layers(loaded.model)
@@ -115,6 +126,7 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
     probe_proj: dict[str, torch.Tensor] = {}
     provisional = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
                              a_pos.float(), a_neg.float(), torch.zeros(num_layers))
+    read = None
     if multimodal:
         require_classes(stats, ("M+", "M-"), why="the probe anchors and kappa")
         image_requests = [r for r in requests if r.class_key in ("M+", "M-")]
@@ -122,12 +134,20 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
                                  show_progress=show_progress)
         for key in ("M+", "M-"):
             probe_proj[key] = projections(probe_stats.class_rows(key), rhat)
+        if gate_read == "discriminant":
+            read = discriminant_read(probe_stats.class_rows("M+"), probe_stats.class_rows("M-"))
     else:
+        if gate_read == "discriminant":
+            raise RegapError("--gate-read discriminant is fitted on image records (M+ and M-); the data has none",
+                             hint="add image records (or image twins) to the calibration data, or read rhat")
         for key, text_key in (("M+", "T+"), ("M-", "T-")):
             probe_proj[key] = projections(stats.class_rows(text_key), rhat)
-    c_pos, c_neg, kappa = probe_anchors_and_kappa(probe_proj["M+"], probe_proj["M-"], opts.tau)
+    gate_proj = probe_proj if read is None else {key: projections(probe_stats.class_rows(key), read)
+                                                 for key in ("M+", "M-")}
+    c_pos, c_neg, kappa = probe_anchors_and_kappa(gate_proj["M+"], gate_proj["M-"], opts.tau)
     directions = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
-                            c_pos.float(), c_neg.float(), kappa.float())
+                            c_pos.float(), c_neg.float(), kappa.float(),
+                            gate_read=None if read is None else read.float())
 
     report = geometry_report(stats, rhat, drift, a_pos, a_neg, probe_proj if multimodal else None)
     if measure_after and multimodal:
@@ -141,6 +161,7 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
         report["after"] = {"mode": after_mode,
                            "layers": separability_rows(after, rhat, (a_pos + a_neg) / 2)}
     report["options"] = json.loads(opts.to_json())
+    report["gate_read"] = gate_read
     report["model"] = {"source": loaded.source, "family": loaded.adapter.family,
                        "num_layers": num_layers, "hidden_size": int(rhat.shape[1]),
                        "fingerprint": loaded.fingerprint}

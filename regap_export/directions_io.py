@@ -1,7 +1,11 @@
-"""``directions.safetensors``: the public calibration artifact (format version 2).
+"""``directions.safetensors``: the public calibration artifact (format version 2, or 3).
 
 Tensors (float32): rhat [L, H], drift [L, H], anchor_text_harmful [L],
-anchor_text_harmless [L], anchor_probe_harmful [L], anchor_probe_harmless [L], kappa [L].
+anchor_text_harmless [L], anchor_probe_harmful [L], anchor_probe_harmless [L], kappa [L];
+version 3 adds gate_read [L, H] (calibrate --gate-read discriminant): the direction the gate
+reads, along which the probe anchors and kappa were measured. Files without it are written as
+version 2, so that older versions keep reading them; an older version refuses a version-3
+file instead of gating along rhat with anchors measured along another direction.
 Metadata (strings): format_version, model_fingerprint, calibration_sha256, options (JSON),
 model_source, regap_export_version.
 
@@ -24,8 +28,9 @@ from .directions import Directions
 from .errors import ArtifactError, RegapError
 from .options import RegapOptions
 
-FORMAT_VERSION = "2"
-LEGACY_FORMAT_VERSIONS = ("1",)
+FORMAT_VERSION = "3"
+PLAIN_FORMAT_VERSION = "2"  # written when there is no gate_read
+LEGACY_FORMAT_VERSIONS = ("2", "1")
 FILENAME = "directions.safetensors"
 
 
@@ -40,7 +45,7 @@ class DirectionsFile:
 
     def metadata(self) -> dict[str, str]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.directions.gate_read is not None else PLAIN_FORMAT_VERSION,
             "model_fingerprint": self.model_fingerprint,
             "calibration_sha256": self.calibration_sha256,
             "options": self.options.to_json(),
@@ -78,14 +83,21 @@ def load_directions(folder_or_file: Path) -> DirectionsFile:
     missing = [name for name in Directions.TENSOR_NAMES if name not in tensors]
     if missing:
         raise ArtifactError(f"missing tensors: {', '.join(missing)}", path=path)
-    check_tensors_finite({name: tensors[name] for name in Directions.TENSOR_NAMES}, path=path, what="directions",
+    names = Directions.TENSOR_NAMES + tuple(n for n in Directions.OPTIONAL_TENSOR_NAMES if n in tensors)
+    if "gate_read" in names and version != FORMAT_VERSION:
+        raise ArtifactError(f"a gate_read tensor in a version-{version} file (it came with version {FORMAT_VERSION})",
+                            path=path, hint="re-run calibrate with this version of regap-export")
+    check_tensors_finite({name: tensors[name] for name in names}, path=path, what="directions",
                          hint="re-run calibrate; the model produced non-finite activations or the file was edited")
-    directions = Directions(**{name: tensors[name] for name in Directions.TENSOR_NAMES})
+    directions = Directions(**{name: tensors[name] for name in names})
+    if directions.gate_read is not None and directions.gate_read.shape != directions.rhat.shape:
+        raise ArtifactError(f"gate_read has shape {tuple(directions.gate_read.shape)}, rhat "
+                            f"{tuple(directions.rhat.shape)}", path=path, hint="re-run calibrate")
     try:
         options = RegapOptions.from_json(meta["options"])
     except (RegapError, KeyError, ValueError, TypeError) as exc:
         raise ArtifactError(f"the options stored with the directions are invalid ({exc})", path=path) from None
-    if version in LEGACY_FORMAT_VERSIONS:
+    if version == "1":
         options = dataclasses.replace(options, positions=RegapOptions.positions)
     return DirectionsFile(directions, options, meta.get("model_fingerprint", ""),
                           meta.get("calibration_sha256", ""), meta.get("model_source", ""),

@@ -57,7 +57,7 @@ def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa
                    sharpness: float = 1.0) -> tuple[torch.Tensor, float]:
     """w, b of the gate's logit kappa (z - tau) = h . w + b at ``layer``, kappa = sharpness x
     the fitted slope; without kappa, z itself (regap-seq's readout)."""
-    rhat = directions.rhat[layer].double()
+    read = directions.read_direction(layer).double()
     c_pos = float(directions.anchor_probe_harmful[layer])
     c_neg = float(directions.anchor_probe_harmless[layer])
     gap = c_pos - c_neg
@@ -67,7 +67,7 @@ def gate_constants(directions: Directions, layer: int, tau: float, *, with_kappa
                             hint="the calibration did not separate the classes at this layer; calibrate again "
                                  "with more or other records, or move the adaptive band")
     kappa = gate_slope(directions, layer, sharpness) if with_kappa else 1.0
-    w = kappa * rhat / gap
+    w = kappa * read / gap
     b = -kappa * (c_neg / gap + (tau if with_kappa else 0.0))
     return w.float(), float(b)
 

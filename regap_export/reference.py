@@ -72,8 +72,9 @@ def _subtracted_drift(directions: Directions, opts: RegapOptions) -> dict[int, t
 
 
 def _score(h: torch.Tensor, directions: Directions, layer: int) -> torch.Tensor:
-    """z_l(h) = (h . rhat_l - c-_l) / (c+_l - c-_l), in float64, shape h.shape[:-1]."""
-    rhat = directions.rhat[layer].to(device=h.device, dtype=torch.float64)
+    """z_l(h) = (h . r_l - c-_l) / (c+_l - c-_l), in float64, shape h.shape[:-1]; r_l is the
+    gate's read direction (rhat unless the directions carry gate_read)."""
+    rhat = directions.read_direction(layer).to(device=h.device, dtype=torch.float64)
     c_pos = float(directions.anchor_probe_harmful[layer])
     c_neg = float(directions.anchor_probe_harmless[layer])
     if c_pos == c_neg:

@@ -36,31 +36,6 @@ def test_refusal_coordinate_aurocs_read_each_layer_along_its_own_direction(study
     assert abs(sorted_5 - 0.5) < 0.15
 
 
-def test_discriminant_gate_reads_the_image_rows_own_direction(study):
-    """Only the chosen layers change; there the gate reads a unit direction along which the
-    harmful rows' mean is c+, the harmless rows' c-, with a positive slope fitted on them."""
-    from regap_export.directions import Directions
-
-    gen = torch.Generator().manual_seed(3)
-    num_layers, hidden, layers = 6, 12, [4, 5]
-    directions = Directions(*(torch.randn(num_layers, hidden, generator=gen) for _ in range(2)),
-                            *(torch.randn(num_layers, generator=gen) for _ in range(4)),
-                            torch.ones(num_layers))
-    pos, neg = (torch.randn(40, 2, hidden, generator=gen, dtype=torch.float64) for _ in range(2))
-    pos[:, :, 3] += 4.0  # the image classes differ along axis 3, not along any rhat
-    gated = study.discriminant_gate(directions, pos, neg, layers, tau=0.5)
-
-    for name in directions.TENSOR_NAMES:
-        assert torch.equal(getattr(gated, name)[:4], getattr(directions, name)[:4]), name
-    assert torch.equal(gated.drift, directions.drift)
-    for i, layer in enumerate(layers):
-        w = gated.rhat[layer].double()
-        assert abs(float(w.norm()) - 1.0) < 1e-6 and float(w[3]) > 0.9
-        assert abs(float(gated.anchor_probe_harmful[layer]) - float((pos[:, i] @ w).mean())) < 1e-4
-        assert abs(float(gated.anchor_probe_harmless[layer]) - float((neg[:, i] @ w).mean())) < 1e-4
-        assert float(gated.kappa[layer]) > 0
-
-
 def test_outcome_table_groups_requests_by_label_and_corrected_outcome(study):
     """Four groups, each counted once; the gate column counts band means >= 0.5 and the last
     column counts the group's refusals under the open gate (a swapped key or group fails)."""

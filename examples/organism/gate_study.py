@@ -11,10 +11,8 @@ sort: why no gate setting reaches the targets ("What bounds the gate"): per laye
     the coordinate averaged over the post-instruction tokens instead of read at the last one.
     A mean-drift correction adds one vector to every image row, so at the layer it acts it
     cannot reorder them; only the layers after it can (ReGap's self-rectification).
-discriminant-gate: a directions folder whose gate reads, at each layer from --first-layer on,
-    the shrunk discriminant of the calibration's probe-corrected image rows instead of rhat
-    (anchors c+- and kappa refitted along it as calibrate fits them; drift and probe band
-    unchanged). Not ReGap's gate, an experiment: export reads the folder as any other.
+(discriminant-gate, sessions 20-21, is now `regap-export calibrate --gate-read discriminant`: the
+    same discriminant, at every layer, stored as the directions' gate_read beside rhat.)
 gates: which of the two limits stops a harmful image request that the corrected model still
     answers ("Gate or correction"): each image request's gate at the last prompt token (every
     gated layer, in the corrected model's own prefill), grouped by corrected outcome, beside the
@@ -24,7 +22,6 @@ Sharper gates (every kappa times a factor), the other experiment there, are now 
 
     python examples/organism/gate_study.py auroc runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
     python examples/organism/gate_study.py sort runs/organism5/directions-c075 runs/organism5/val-wide.jsonl
-    python examples/organism/gate_study.py discriminant-gate D F OUT   # F: the calibration data D was fitted on
     python examples/organism/gate_study.py gates REGAP_OUT runs/organism5/val-wide.jsonl --gate-open FIXED_OUT
 """
 from __future__ import annotations
@@ -39,21 +36,12 @@ from regap_export.api import load_calibration_records
 from regap_export.calibration import probe_pass
 from regap_export.capture import requests_for
 from regap_export.data.render import declared_renderer
-from regap_export.directions import Directions, probe_anchors_and_kappa, projections
-from regap_export.directions_io import load_directions, save_directions
+from regap_export.directions import discriminant
+from regap_export.directions_io import load_directions
 from regap_export.geometry import auroc
 from regap_export.models.loading import load_model
 
-SHRINKAGE = 0.5
 FOLDS = 5
-
-
-def discriminant(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Fisher's direction with the covariance shrunk halfway to a scaled identity (180 rows, 576 dims)."""
-    centred = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])
-    cov = centred.T @ centred / centred.shape[0]
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype) * cov.diagonal().mean()
-    return torch.linalg.solve((1 - SHRINKAGE) * cov + SHRINKAGE * eye, pos.mean(0) - neg.mean(0))
 
 
 def out_of_fold_auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -82,22 +70,6 @@ def refusal_coordinate_aurocs(pos: torch.Tensor, neg: torch.Tensor, rhat: torch.
             for i, layer in enumerate(layers)]
 
 
-def discriminant_gate(directions: Directions, pos: torch.Tensor, neg: torch.Tensor, layers: list[int],
-                      tau: float) -> Directions:
-    """``directions`` with rhat, c+-, kappa at ``layers`` read along the shrunk discriminant of the
-    image rows [n, len(layers), H] (unit length; harmful rows project higher on average)."""
-    rhat = directions.rhat.double().clone()
-    for i, layer in enumerate(layers):
-        w = discriminant(pos[:, i], neg[:, i])
-        rhat[layer] = w / w.norm()
-    c_pos, c_neg, kappa = probe_anchors_and_kappa(projections(pos, rhat[layers]), projections(neg, rhat[layers]), tau)
-    anchor_pos, anchor_neg, slope = (t.clone() for t in (directions.anchor_probe_harmful,
-                                                         directions.anchor_probe_harmless, directions.kappa))
-    anchor_pos[layers], anchor_neg[layers], slope[layers] = c_pos.float(), c_neg.float(), kappa.float()
-    return dataclasses.replace(directions, rhat=rhat.float(), anchor_probe_harmful=anchor_pos,
-                               anchor_probe_harmless=anchor_neg, kappa=slope)
-
-
 def open_study(directions_dir: Path):
     """The directions bundle and the model it was fitted on."""
     bundle = load_directions(directions_dir)
@@ -109,17 +81,6 @@ def study_records(loaded, path: Path | None, split: str | None = None) -> list:
     twin rendered as the model declares."""
     return load_calibration_records(path, label=None, split=split, render=True, multimodal=True,
                                     renderer=declared_renderer(loaded.folder))
-
-
-def write_discriminant_gate(directions_dir: Path, data: Path, out: Path, first_layer: int) -> None:
-    bundle, loaded = open_study(directions_dir)
-    records = study_records(loaded, data)
-    layers = list(range(first_layer, bundle.directions.num_layers))
-    pos, neg = probe_rows(loaded, bundle, records, layers)
-    gated = discriminant_gate(bundle.directions, pos, neg, layers, bundle.options.tau)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {save_directions(out, dataclasses.replace(bundle, directions=gated))}; kappa "
-          + " ".join(f"{float(gated.kappa[layer]):.2f}" for layer in layers))
 
 
 def sort_table(directions_dir: Path, heldout: Path, first_layer: int, strengths: list[float]) -> None:
@@ -259,11 +220,6 @@ def main() -> None:
     s.add_argument("heldout", type=Path, help="a JSONL split, e.g. data.py --jsonl val-wide")
     s.add_argument("--first-layer", type=int, default=14)
     s.add_argument("--alpha0", default="0,0.75,1.25,2", help="probe strengths, comma-separated")
-    g = sub.add_parser("discriminant-gate", help="write directions whose gate reads an image-row discriminant")
-    g.add_argument("directions", type=Path)
-    g.add_argument("data", type=Path, help="the calibration data the directions were fitted on")
-    g.add_argument("out", type=Path)
-    g.add_argument("--first-layer", type=int, default=15)
     t = sub.add_parser("gates", help="each image request's gate at the prompt's end, by corrected outcome")
     t.add_argument("folder", type=Path, help="an evaluated --mode regap export (reads its evaluation.json)")
     t.add_argument("data", type=Path, help="the JSONL that evaluation ran on")
@@ -274,8 +230,6 @@ def main() -> None:
         gate_table(args.folder, args.data, args.gate_open)
     elif args.command == "auroc":
         auroc_table(args.directions, args.heldout, args.first_layer)
-    elif args.command == "discriminant-gate":
-        write_discriminant_gate(args.directions, args.data, args.out, args.first_layer)
     else:
         sort_table(args.directions, args.heldout, args.first_layer, [float(a) for a in args.alpha0.split(",")])
 
