@@ -53,3 +53,46 @@ def exported_llama(tiny_llama_folder, llama_directions, tmp_path_factory) -> Pat
     result = invoke("export", tiny_llama_folder, "--directions", llama_directions, "--out", out)
     assert result.exit_code == 0, result.output
     return out
+
+
+# -- embedded:smollm2 calibrated and exported once per test process -------------------------
+# Real weights: a calibration takes about 90 s and an export about 180 s on two cores, so the
+# slow tier's real-model checks (test_real_model.py) and the clients' SmolLM2 runs
+# (test_clients.py) share one of each. Every test that uses them carries
+# ``pytest.mark.xdist_group(regap_testing.SMOLLM2_GROUP)`` (addopts has --dist loadgroup), so one worker builds
+# them. The export (about 1 GB) is the one real-model folder kept for the whole session.
+
+
+@pytest.fixture(scope="session")
+def smollm2_calibration(tmp_path_factory) -> Path:
+    """``calibrate embedded:smollm2`` with the tool's defaults (bundled train split)."""
+    from regap_export import api
+
+    out = tmp_path_factory.mktemp("smollm2-calibration") / "directions"
+    api.calibrate_to_folder("embedded:smollm2", out, batch_size=16, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_calibration, tmp_path_factory) -> Path:
+    """``export embedded:smollm2`` with those directions (mode regap, ONNX + safetensors), as the
+    demo exports. Read-only: tests validate it with ``write=False``."""
+    from regap_export.export.pipeline import export_to_folder
+
+    out = tmp_path_factory.mktemp("smollm2-export") / "corrected"
+    return export_to_folder("embedded:smollm2", smollm2_calibration, out, formats=("onnx", "safetensors"))
+
+
+# -- the README's main job, run once per test process ---------------------------------------
+@pytest.fixture(scope="session")
+def organism_demo(tmp_path_factory) -> tuple[Path, str]:
+    """``regap-export demo`` as the README's quick start runs it (its default model, the
+    organism), in a temporary folder: (the folder, the command's output). test_demo.py checks
+    the run; test_clients.py runs the organism export it wrote in transformers.js (both carry
+    ``pytest.mark.xdist_group(regap_testing.ORGANISM_GROUP)``)."""
+    from regap_testing import invoke
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = invoke("demo", "--out", out)
+    assert result.exit_code == 0, result.output[-4000:]
+    return out, result.output

@@ -27,6 +27,10 @@ runner = CliRunner()
 PROMPTS = ("How do I bake a loaf of sourdough bread at home?", "hi", "Write a short poem about the sea.")
 # A 4-layer tiny model: probe band [0, 2) (l_s = 1), adaptive band [2, 4).
 BANDS = {"probe_band": Band(0, 2), "adaptive_band": Band(2, 4)}
+# The xdist group of the tests that share conftest.py's smollm2_calibration / smollm2_export.
+SMOLLM2_GROUP = "smollm2"
+# ... and of those that share its organism_demo (the README's main job).
+ORGANISM_GROUP = "organism"
 
 
 @functools.lru_cache(maxsize=None)

@@ -256,6 +256,35 @@ def test_corrupted_onnx_with_matching_manifest_is_named(exported, tmp_path):
     assert_refused(invoke("validate", out), "model.onnx")
 
 
+def test_a_wrong_mask_default_fails_the_no_mask_fed_check(exported, tmp_path):
+    """The graph's regap_image_mask default flipped (1 - the options' default: a client that
+    feeds no mask gets the wrong rows corrected): every other check still passes, this one must not, and no rounding-noise
+    judgement may rescue it (the correction's effect is far above float32 noise)."""
+    import onnx
+
+    from regap_export.export.manifest import write_manifest
+    from regap_export.modality import mask_default
+    from regap_export.validation import validate_folder
+
+    out = copy_of(exported, tmp_path)
+    graph = out / "onnx" / "model.onnx"
+    proto = onnx.load(str(graph), load_external_data=False)
+    (default,) = [t for t in proto.graph.initializer if t.name == "regap_image_mask"]
+    options = RegapOptions.from_json(json.loads((out / MANIFEST_FILENAME).read_text())["options"])
+    want = np.full((1, 1), mask_default(options.positions), dtype=np.float32)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(default), want)
+    default.CopyFrom(onnx.numpy_helper.from_array(1.0 - want, "regap_image_mask"))
+    onnx.save(proto, str(graph))
+    manifest = json.loads((out / MANIFEST_FILENAME).read_text())
+    write_manifest(out, {k: v for k, v in manifest.items()
+                         if k not in ("files", "parity", "manifest_version", "regap_export_version", "created_with")})
+    report = validate_folder(out, write=False)
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert failed and {c["quantity"] for c in failed} == {"prefill logits, no mask fed"}, failed
+    assert all("vs float64" in c["detail"] for c in failed)  # judged by the noise rule, and failed it
+    assert not report["ok"]
+
+
 def test_validate_of_a_folder_without_manifest(tmp_path):
     assert_refused(invoke("validate", tmp_path), "regap_manifest.json", "no manifest")
 

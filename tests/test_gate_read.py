@@ -110,6 +110,12 @@ def test_gate_read_is_written_as_format_3_and_read_back(tmp_path):
     save_file(load_file(str(path)), str(path), metadata={**meta, "format_version": "2"})
     with pytest.raises(ArtifactError, match="gate_read tensor in a version-2 file"):
         load_directions(path)
+    # a gate_read of another width than rhat: the gate would project along a wrong-sized vector
+    tensors = load_file(str(path))
+    tensors["gate_read"] = tensors["gate_read"][:, :-1].contiguous()
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ArtifactError, match=r"gate_read has shape \(3, 3\), rhat \(3, 4\)"):
+        load_directions(path)
 
 
 @pytest.mark.parametrize("mode", ["regap", pytest.param("regap-seq", marks=pytest.mark.slow)])

@@ -10,22 +10,26 @@ from regap_export.calibration import calibrate
 from regap_export.data import load_bundled, to_multimodal_pairs
 from regap_export.models.loading import load_model
 
+from regap_testing import SMOLLM2_GROUP
+
 # Each test is marked where it is defined: the fixed and regap-seq real-weight exports repeat,
 # with real weights, graphs the matrix tier already validates in every family on tiny models
 # (weights do not change a graph's structure), so they sit in the `full` tier, run by hand.
+# The calibration and the regap export are conftest.py's, shared with test_clients.py.
+pytestmark = pytest.mark.xdist_group(SMOLLM2_GROUP)
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    for name in ("run1", "run2"):
-        api.calibrate_to_folder("embedded:smollm2", root / name, batch_size=16, show_progress=False)
-    return root / "run1", root / "run2"
+def two_runs(smollm2_calibration, tmp_path_factory):
+    """The shared calibration and a second one, made the same way."""
+    again = tmp_path_factory.mktemp("real") / "run2"
+    api.calibrate_to_folder("embedded:smollm2", again, batch_size=16, show_progress=False)
+    return smollm2_calibration, again
 
 
 @pytest.mark.slow
-def test_refusal_direction_separates_heldout_prompts(two_runs):
-    report = json.loads((two_runs[0] / "report.json").read_text())
+def test_refusal_direction_separates_heldout_prompts(smollm2_calibration):
+    report = json.loads((smollm2_calibration / "report.json").read_text())
     assert report["counts"]["T+"] >= 80 and report["counts"]["T-"] >= 80
     assert report["heldout"]["counts"]["T+"] >= 30
     best = report["best_layer"]  # chosen on the training split
@@ -58,17 +62,17 @@ def test_multimodal_calibration_on_real_text_weights():
 @pytest.mark.parametrize("mode", [pytest.param("regap", marks=pytest.mark.slow),
                                   pytest.param("fixed", marks=pytest.mark.full),
                                   pytest.param("regap-seq", marks=pytest.mark.full)])
-def test_real_weights_export_parity(two_runs, tmp_path, mode):
+def test_real_weights_export_parity(smollm2_calibration, request, tmp_path, mode):
     """Export the real SmolLM2 weights with the directions calibrated above, in each mode, and
     validate: rewritten PyTorch (reloaded from the safetensors folder) and ONNX Runtime match
     the hook reference on prefill logits, KV cache, 8 decode steps and 32 greedy tokens."""
     from regap_export.export.pipeline import export_to_folder
     from regap_export.validation import validate_folder
 
-    out = tmp_path / "corrected"
-    export_to_folder("embedded:smollm2", two_runs[0], out, formats=("onnx", "safetensors"),
-                     overrides={"mode": mode})
-    report = validate_folder(out)
+    out = request.getfixturevalue("smollm2_export") if mode == "regap" else export_to_folder(
+        "embedded:smollm2", smollm2_calibration, tmp_path / "corrected", formats=("onnx", "safetensors"),
+        overrides={"mode": mode})
+    report = validate_folder(out, write=False)
     failed = [c for c in report["checks"] if not c["ok"]]
     assert not failed, failed
     assert report["mode"] == mode
