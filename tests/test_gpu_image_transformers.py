@@ -26,7 +26,8 @@ def test_processors_and_the_embedded_tokenizer_under_the_gpu_images_transformers
         pytest.skip(f"transformers {GPU_IMAGE_TRANSFORMERS} cannot be installed without network: {exc}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONPATH"))}
     env.update(PYTHONPATH=str(pinned), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist",
+    # xdist stays loaded (one process without -n): the repository's addopts pass it --dist
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                            "--basetemp", str(tmp_path / "run"), *TESTS_UNDER_5_17],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
