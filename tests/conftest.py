@@ -59,8 +59,8 @@ def exported_llama(tiny_llama_folder, llama_directions, tmp_path_factory) -> Pat
 # Real weights: a calibration takes about 90 s and an export about 180 s on two cores, so the
 # slow tier's real-model checks (test_real_model.py) and the clients' SmolLM2 runs
 # (test_clients.py) share one of each. Every test that uses them carries
-# ``pytest.mark.xdist_group(regap_testing.SMOLLM2_GROUP)`` (addopts has --dist loadgroup), so one worker builds
-# them. The export (about 1 GB) is the one real-model folder kept for the whole session.
+# ``pytest.mark.xdist_group(regap_testing.SMOLLM2_GROUP)`` (addopts has --dist loadgroup), so
+# one worker builds them. The export (about 1 GB) is kept for the whole session.
 
 
 @pytest.fixture(scope="session")
