@@ -132,18 +132,18 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
         image_requests = [r for r in requests if r.class_key in ("M+", "M-")]
         probe_stats = probe_pass(loaded, provisional, opts, image_requests, batch_size=batch_size,
                                  show_progress=show_progress)
-        for key in ("M+", "M-"):
-            probe_proj[key] = projections(probe_stats.class_rows(key), rhat)
+        image_rows = {key: probe_stats.class_rows(key) for key in ("M+", "M-")}
+        for key, rows in image_rows.items():
+            probe_proj[key] = projections(rows, rhat)
         if gate_read == "discriminant":
-            read = discriminant_read(probe_stats.class_rows("M+"), probe_stats.class_rows("M-"))
+            read = discriminant_read(image_rows["M+"], image_rows["M-"])
     else:
         if gate_read == "discriminant":
             raise RegapError("--gate-read discriminant is fitted on image records (M+ and M-); the data has none",
                              hint="add image records (or image twins) to the calibration data, or read rhat")
         for key, text_key in (("M+", "T+"), ("M-", "T-")):
             probe_proj[key] = projections(stats.class_rows(text_key), rhat)
-    gate_proj = probe_proj if read is None else {key: projections(probe_stats.class_rows(key), read)
-                                                 for key in ("M+", "M-")}
+    gate_proj = probe_proj if read is None else {key: projections(rows, read) for key, rows in image_rows.items()}
     c_pos, c_neg, kappa = probe_anchors_and_kappa(gate_proj["M+"], gate_proj["M-"], opts.tau)
     directions = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
                             c_pos.float(), c_neg.float(), kappa.float(),
