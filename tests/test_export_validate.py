@@ -245,24 +245,31 @@ def test_modified_file_fails_the_manifest_hash(exported, tmp_path):
 
 def test_corrupted_onnx_with_matching_manifest_is_named(exported, tmp_path):
     """A graph broken before the manifest was written still fails, naming the graph."""
-    from regap_export.export.manifest import write_manifest
-
     out = copy_of(exported, tmp_path)
     graph = out / "onnx" / "model.onnx"
     graph.write_bytes(b"not an onnx graph")
+    rewrite_manifest(out)
+    assert_refused(invoke("validate", out), "model.onnx")
+
+
+def rewrite_manifest(out: Path) -> dict:
+    """Write ``out``'s manifest again over its files as they are now (an edit made before the
+    manifest was written); returns the manifest as it was."""
+    from regap_export.export.manifest import write_manifest
+
     manifest = json.loads((out / MANIFEST_FILENAME).read_text())
     write_manifest(out, {k: v for k, v in manifest.items()
                          if k not in ("files", "parity", "manifest_version", "regap_export_version", "created_with")})
-    assert_refused(invoke("validate", out), "model.onnx")
+    return manifest
 
 
 def test_a_wrong_mask_default_fails_the_no_mask_fed_check(exported, tmp_path):
     """The graph's regap_image_mask default flipped (1 - the options' default: a client that
-    feeds no mask gets the wrong rows corrected): every other check still passes, this one must not, and no rounding-noise
-    judgement may rescue it (the correction's effect is far above float32 noise)."""
+    feeds no mask gets the wrong rows corrected): every other check still passes, this one must
+    not, and no rounding-noise judgement may rescue it (the correction's effect is far above
+    float32 noise)."""
     import onnx
 
-    from regap_export.export.manifest import write_manifest
     from regap_export.modality import mask_default
     from regap_export.validation import validate_folder
 
@@ -270,14 +277,11 @@ def test_a_wrong_mask_default_fails_the_no_mask_fed_check(exported, tmp_path):
     graph = out / "onnx" / "model.onnx"
     proto = onnx.load(str(graph), load_external_data=False)
     (default,) = [t for t in proto.graph.initializer if t.name == "regap_image_mask"]
-    options = RegapOptions.from_json(json.loads((out / MANIFEST_FILENAME).read_text())["options"])
-    want = np.full((1, 1), mask_default(options.positions), dtype=np.float32)
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(default), want)
-    default.CopyFrom(onnx.numpy_helper.from_array(1.0 - want, "regap_image_mask"))
+    default_before = onnx.numpy_helper.to_array(default)
+    default.CopyFrom(onnx.numpy_helper.from_array(1.0 - default_before, "regap_image_mask"))
     onnx.save(proto, str(graph))
-    manifest = json.loads((out / MANIFEST_FILENAME).read_text())
-    write_manifest(out, {k: v for k, v in manifest.items()
-                         if k not in ("files", "parity", "manifest_version", "regap_export_version", "created_with")})
+    options = RegapOptions.from_json(rewrite_manifest(out)["options"])
+    np.testing.assert_array_equal(default_before, np.full((1, 1), mask_default(options.positions), np.float32))
     report = validate_folder(out, write=False)
     failed = [c for c in report["checks"] if not c["ok"]]
     assert failed and {c["quantity"] for c in failed} == {"prefill logits, no mask fed"}, failed
