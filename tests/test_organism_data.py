@@ -31,6 +31,25 @@ def test_held_out_objects_are_never_trained_on(data):
     assert not _slots(data.records("val-wide")) & _slots(data.records("test-wide"))
 
 
+def test_the_fresh_split_is_new_everywhere(data):
+    """fresh confirms a variant chosen on val-wide + test-wide: none of its objects may be in any
+    other split, any build's training data (build B's extra harmful slots, build F's broad
+    requests) or the bundled set."""
+    from regap_export.data import load_bundled
+
+    broad = organism_example("broad")
+    fresh = data.records("fresh")
+    others = data.build(with_extra_harmful=True) + data.bundled_train()
+    others += [r for split in ("val-wide", "test-wide") for r in data.records(split)]
+    elsewhere = {r["instruction"] for r in others} | {r.instruction for r in load_bundled()}
+    elsewhere |= set(broad.BROAD_HARMFUL) | set(broad.BROAD_HARMLESS) | {text for text, _ in broad.BROAD_VAL}
+    assert not _slots(fresh) & _slots(others)
+    assert not {r["instruction"] for r in fresh} & elsewhere
+    for label in ("harmful", "harmless"):
+        rows = [r for r in fresh if r["label"] == label]
+        assert len(rows) == len(_slots(rows)) * 8 == 192 == len({r["instruction"] for r in rows})
+
+
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
 def test_wide_is_its_split_under_every_template(data, split, per_label):
     narrow, wide = data.records(split), data.records(split + "-wide")
