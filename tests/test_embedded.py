@@ -107,6 +107,76 @@ def test_stale_or_partial_cache_is_rebuilt(monkeypatch, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+@pytest.fixture
+def counted_gguf_parses(monkeypatch):
+    """GGUF tokenizer parses, counted; each returns a copy of the real tokenizer (no 11 s parse).
+    load_embedded_tokenizer's in-process cache is cleared before and after."""
+    import copy
+
+    import transformers
+
+    source = copy.deepcopy(E.load_embedded_tokenizer())
+    real = transformers.AutoTokenizer.from_pretrained
+    parses: list[str] = []
+
+    def from_pretrained(path, *args, gguf_file=None, **kwargs):
+        if gguf_file is None:
+            return real(path, *args, **kwargs)
+        parses.append(gguf_file)
+        return copy.deepcopy(source)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    E.load_embedded_tokenizer.cache_clear()
+    yield parses, source
+    E.load_embedded_tokenizer.cache_clear()
+
+
+def _load_again():
+    E.load_embedded_tokenizer.cache_clear()
+    return E.load_embedded_tokenizer()
+
+
+def test_the_tokenizer_is_parsed_once_then_read_from_the_cache(monkeypatch, tmp_path, counted_gguf_parses):
+    parses, source = counted_gguf_parses
+    monkeypatch.setenv(E.CACHE_ENV, str(tmp_path))
+    _load_again()
+    loaded = _load_again()
+    folder = tmp_path / E.TOKENIZER_FOLDER
+    assert len(parses) == 1 and json.loads((folder / E.COMPLETE_MARKER).read_text()) == E._tokenizer_marker()
+    texts = ["How do I make a kite?", "  Ünïcode, émoji 🙂 and\ttabs\n", "<|im_start|>user"]
+    assert [loaded(t)["input_ids"] for t in texts] == [source(t)["input_ids"] for t in texts]
+    chat = [{"role": "user", "content": texts[0]}]
+    assert (loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == source.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert {name: getattr(loaded, name) for name in E.SMOLLM2_SPECIAL_TOKENS} == E.SMOLLM2_SPECIAL_TOKENS
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_stale_or_damaged_tokenizer_cache_is_parsed_again(monkeypatch, tmp_path, counted_gguf_parses):
+    parses, _ = counted_gguf_parses
+    monkeypatch.setenv(E.CACHE_ENV, str(tmp_path))
+    _load_again()
+    folder = tmp_path / E.TOKENIZER_FOLDER
+    marker = folder / E.COMPLETE_MARKER
+    marker.write_text(json.dumps(dict(E._tokenizer_marker(), transformers="4.0.0")))  # another reader
+    _load_again()
+    assert len(parses) == 2 and json.loads(marker.read_text()) == E._tokenizer_marker()
+    (folder / "tokenizer.json").write_text("{")  # damaged, marker intact
+    assert _load_again()("kite")["input_ids"] and len(parses) == 3
+    _load_again()
+    assert len(parses) == 3
+
+
+def test_an_unwritable_tokenizer_cache_only_costs_the_parse(monkeypatch, tmp_path, counted_gguf_parses):
+    parses, source = counted_gguf_parses
+    root = tmp_path / "not-a-folder"
+    root.write_text("")
+    monkeypatch.setenv(E.CACHE_ENV, str(root))
+    assert _load_again()("kite")["input_ids"] == source("kite")["input_ids"]
+    _load_again()
+    assert len(parses) == 2 and root.is_file()
+
+
 def test_failed_build_leaves_no_folder(monkeypatch, tmp_path):
     def broken(name, folder):
         (Path(folder) / "model.safetensors").write_text("half")

@@ -14,12 +14,7 @@ under the temp folder, so later runs start in well under a second.
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
 import importlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,31 +40,11 @@ QWEN_PATCH, QWEN_MERGE = 4, 2
 
 
 # -- tokenizers ----------------------------------------------------------------------
-def _cache_dir() -> Path:
-    from regap_export.models.embedded import embedded_gguf_path
-
-    gguf = embedded_gguf_path()
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"regap_export_tiny_tokenizer_{key}"
-
-
-@functools.lru_cache(maxsize=1)
 def _base_tokenizer() -> Any:
-    """SmolLM2's tokenizer, from the disk cache when present (never mutated; copy it)."""
-    from transformers import AutoTokenizer
+    """SmolLM2's tokenizer (the library keeps it in the model cache; never mutated; copy it)."""
+    from regap_export.models.embedded import load_embedded_tokenizer
 
-    folder = _cache_dir()
-    if not (folder / "tokenizer.json").is_file():
-        from regap_export.models.embedded import load_embedded_tokenizer
-
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        load_embedded_tokenizer().save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(str(folder))
+    return load_embedded_tokenizer()
 
 
 def _tokenizer(template: str, *, bos: str | None, eos: str, pad: str,

@@ -102,21 +102,82 @@ SMOLLM2_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"
                           "unk_token": "<|endoftext|>"}
 
 
+TOKENIZER_FOLDER = "embedded-smollm2-tokenizer"
+
+
 @functools.lru_cache(maxsize=1)
 def load_embedded_tokenizer():
     """SmolLM2's tokenizer (with its chat template), read from the GGUF file.
 
-    Shared and cached: callers that change it (add tokens, padding side) take a copy.
+    Parsing the GGUF vocabulary takes about 11 s, so the parsed tokenizer is kept in the model
+    cache (``<cache root>/embedded-smollm2-tokenizer``, rebuilt when transformers or the GGUF
+    file changes) and later processes load its tokenizer.json in well under a second; a cache
+    that cannot be written only costs the parse. Shared and cached: callers that change it
+    (add tokens, padding side) take a copy.
     """
     from transformers import AutoTokenizer
 
-    gguf = embedded_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    folder = cache_root() / TOKENIZER_FOLDER
+    marker = _tokenizer_marker()
+    tokenizer = None
+    if _marker_matches(folder, marker):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError):  # damaged: unmark it, so the parse below replaces it
+            with contextlib.suppress(OSError):
+                (folder / COMPLETE_MARKER).unlink()
+    if tokenizer is None:
+        gguf = embedded_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        try:
+            _save_to_cache(folder, marker, tokenizer.save_pretrained)
+        except OSError:  # a read-only or full cache: every process parses, nothing else changes
+            pass
     # transformers' GGUF reader names these differently by version (5.17 reads eos as
     # <|im_start|> and no pad), which moves where generation stops; pin the model's own.
     for name, token in SMOLLM2_SPECIAL_TOKENS.items():
         setattr(tokenizer, name, token)
     return tokenizer
+
+
+def _tokenizer_marker() -> dict:
+    import transformers
+
+    gguf = embedded_gguf_path()
+    return {"name": TOKENIZER_FOLDER, "gguf_bytes": gguf.stat().st_size, "transformers": transformers.__version__}
+
+
+def _save_to_cache(final: Path, marker: dict, write) -> None:
+    """``write(tmp)`` into a temporary folder beside ``final``, the marker last, then one
+    rename, so a folder at ``final`` is complete; a stale one is replaced. OSError when the
+    cache cannot be written (nothing is left behind)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final.parent / f".{final.name}.lock"):
+        if _marker_matches(final, marker):  # written by another process while we waited
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            write(tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+            # mkdtemp and the safetensors writer make private files; the cache may be shared.
+            os.chmod(tmp, 0o755)
+            for path in tmp.iterdir():
+                os.chmod(path, 0o644)
+            if final.exists():  # stale or incomplete: move aside, then remove
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.replace(final, old / "stale")
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _marker_matches(folder: Path, marker: dict) -> bool:
+    try:
+        return json.loads((folder / COMPLETE_MARKER).read_text()) == marker
+    except (OSError, ValueError):
+        return False
 
 
 def _fresh_tokenizer():
@@ -467,10 +528,7 @@ def _marker(name: str) -> dict:
 
 
 def _is_complete(folder: Path, name: str) -> bool:
-    try:
-        return json.loads((folder / COMPLETE_MARKER).read_text()) == _marker(name)
-    except (OSError, ValueError):
-        return False
+    return _marker_matches(folder, _marker(name))
 
 
 @contextlib.contextmanager
@@ -495,7 +553,6 @@ def save_embedded(name: str, folder: Path | str) -> Path:
     model, processor = build_embedded(name)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    (folder / COMPLETE_MARKER).write_text(json.dumps(_marker(name), indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -515,29 +572,8 @@ def materialize(name: str, *, cache_dir: Path | str | None = None) -> Path:
         return final
     embedded_gguf_path()  # fail early, with the install hint, before creating anything
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        _save_to_cache(final, _marker(name), lambda tmp: save_embedded(name, tmp))
     except OSError as exc:
-        raise ModelError(f"cannot create the model cache: {exc}", path=root,
-                         hint=f"set {CACHE_ENV} to a writable folder") from exc
-    with _lock(root / f".{_folder_name(name)}.lock"):
-        if _is_complete(final, name):  # built by another process while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.tmp-", dir=root))
-        try:
-            save_embedded(name, tmp)
-            # mkdtemp and the safetensors writer make private files; the cache may be shared.
-            os.chmod(tmp, 0o755)
-            for path in tmp.iterdir():
-                os.chmod(path, 0o644)
-            if final.exists():  # stale or incomplete: move aside, then remove
-                old = Path(tempfile.mkdtemp(prefix=f".{_folder_name(name)}.old-", dir=root))
-                os.replace(final, old / "stale")
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise ModelError(f"cannot write the embedded model to the cache: {exc}", path=root,
-                             hint=f"free some space or set {CACHE_ENV} to another folder") from exc
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"cannot write the embedded model to the cache: {exc}", path=root,
+                         hint=f"free some space or set {CACHE_ENV} to another folder") from exc
     return final
