@@ -89,7 +89,10 @@ def test_two_half_runs_merge_into_one_full_run(tiny_llava, tmp_path):
     for name, data in (("a", half_a), ("b", half_b)):
         assert invoke("calibrate", tiny_llava, "--data", data, "--out", tmp_path / name, "--save-stats", "--no-after",
                       *common).exit_code == 0
-    assert invoke("calibrate", tiny_llava, "--data", full, "--out", tmp_path / "full", *common).exit_code == 0
+    whole = invoke("calibrate", tiny_llava, "--data", full, "--out", tmp_path / "full", *common)
+    assert whole.exit_code == 0
+    # Not a terminal here, as in a log: the geometry table's columns are whole, not cut to "0.9…".
+    assert "AUROC mm" in whole.output and "…" not in whole.output
     merged = invoke("calibrate", tiny_llava, "--data", full, "--out", tmp_path / "merged", *common,
                     "--merge-stats", tmp_path / "a", "--merge-stats", tmp_path / "b")
     assert merged.exit_code == 0, merged.output
