@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -14,10 +13,11 @@ from regap_export.options import RegapOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fit ReGap's drift-correction directions and export corrected models.")
-# Piped into a log, rich would size its tables to 80 columns and cut every number to "0.9…";
-# a pipe has no width, so the tables get as wide as their contents (COLUMNS still rules).
+# Piped into a log, rich would size its tables to COLUMNS or 80 and cut every number to "0.9…";
+# a pipe has no width (COLUMNS is a terminal's; pytest-xdist workers export 80), so the tables
+# get as wide as their contents.
 PIPED_WIDTH = 240
-out = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=PIPED_WIDTH)
+out = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 err = Console(stderr=True)
 
 
