@@ -18,6 +18,7 @@ from regap_export.models.embedded import (
     build_idefics3_processor,
     build_idefics3_tokenizer,
     image_seq_len_for,
+    load_embedded_tokenizer,
 )
 
 TEXT_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
@@ -29,20 +30,8 @@ SCALE_FACTOR = 2
 IMAGE_SEQ_LEN = image_seq_len_for(VISION_CONFIG["image_size"], VISION_CONFIG["patch_size"], SCALE_FACTOR)
 
 
-def _base_tokenizer() -> Any:
-    """SmolLM2's tokenizer from tiny_models' disk cache when there is one (fast), else the GGUF."""
-    try:
-        from tiny_models import _base_tokenizer as cached
-    except ImportError:
-        try:
-            from .tiny_models import _base_tokenizer as cached  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    return cached()
-
-
 def build_tiny_idefics3() -> tuple[torch.nn.Module, Any]:
-    tok = build_idefics3_tokenizer(_base_tokenizer())
+    tok = build_idefics3_tokenizer(load_embedded_tokenizer())
     tok.padding_side = "left"
     processor = build_idefics3_processor(tok, image_size=VISION_CONFIG["image_size"], image_seq_len=IMAGE_SEQ_LEN)
     text_config = dict(TEXT_CONFIG, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

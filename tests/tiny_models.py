@@ -8,8 +8,8 @@ and chat template (the family's fallback template) added; vocab sizes follow
 ``len(tokenizer)``. ``save_tiny(family, folder)`` writes both so that
 ``from_pretrained(folder)`` works offline.
 
-The SmolLM2 tokenizer is read from its GGUF once (a few seconds) and kept in a disk cache
-under the temp folder, so later runs start in well under a second.
+The SmolLM2 tokenizer is the library's (``load_embedded_tokenizer``: parsed from the GGUF
+once and kept in the model cache, so later runs start in well under a second).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from transformers.utils import is_torchvision_available
 
 from regap_export.models import adapter_for_config
 from regap_export.models.base import read_template
+from regap_export.models.embedded import load_embedded_tokenizer
 from regap_export.models.qwen2_vl import image_only_processor
 
 TINY_FAMILIES: list[str] = [
@@ -40,17 +41,10 @@ QWEN_PATCH, QWEN_MERGE = 4, 2
 
 
 # -- tokenizers ----------------------------------------------------------------------
-def _base_tokenizer() -> Any:
-    """SmolLM2's tokenizer (the library keeps it in the model cache; never mutated; copy it)."""
-    from regap_export.models.embedded import load_embedded_tokenizer
-
-    return load_embedded_tokenizer()
-
-
 def _tokenizer(template: str, *, bos: str | None, eos: str, pad: str,
                extra: tuple[str, ...] = (), add_bos: bool = False) -> Any:
     """A copy of the base tokenizer with a family's special tokens and chat template."""
-    tok = copy.deepcopy(_base_tokenizer())
+    tok = copy.deepcopy(load_embedded_tokenizer())
     specials = [t for t in (bos, eos, pad, *extra) if t is not None]
     tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
     tok.bos_token = bos

@@ -281,10 +281,8 @@ def fresh() -> list[dict]:
 def records(split: str) -> list[dict]:
     """One split's records: train | val | test (``build()``), val-wide | test-wide (``wide()``),
     or fresh (``fresh()``)."""
-    wide_of = {"val-wide": "val", "test-wide": "test"}
-    if split == "fresh":
-        return fresh()
-    rows = wide(wide_of[split]) if split in wide_of else [r for r in build() if r["split"] == split]
+    named = {"val-wide": lambda: wide("val"), "test-wide": lambda: wide("test"), "fresh": fresh}
+    rows = named[split]() if split in named else [r for r in build() if r["split"] == split]
     if not rows:
         raise SystemExit(f"unknown split {split!r}: use train, val, val-wide, test, test-wide or fresh")
     return rows
