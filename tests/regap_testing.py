@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -146,6 +147,16 @@ def write_directions(model_folder: Path, out: Path, options: RegapOptions = opti
     opts = options.resolved(directions.num_layers)
     save_directions(out, DirectionsFile(directions, opts, loaded.fingerprint, "0" * 64, str(model_folder)))
     return out
+
+
+def parity_tier(family: str, mode: str, *, every_mode: str | None = None) -> tuple:
+    """The test tier of one family x mode export-and-validate case: mode regap (and every mode
+    of family ``every_mode``) in the default tier; regap-seq (scaled layers, the probe pass) in
+    `matrix`; fixed in `full`, by hand: its graph holds only fixed layers, which the family's
+    regap graph (probe band fixed) already has, so CI would repeat a check."""
+    if mode == "regap" or family == every_mode:
+        return ()
+    return (pytest.mark.full,) if mode == "fixed" else (pytest.mark.matrix,)
 
 
 def export_and_validate(model: Path, directions: Path, out: Path, *extra: str) -> dict:

@@ -10,7 +10,9 @@ import torch
 
 from regap_export.export.manifest import MANIFEST_FILENAME
 from regap_export.options import RegapOptions
-from regap_testing import assert_all_ok, copy_of, export_and_validate, invoke, options_for, write_directions
+from regap_testing import (
+    assert_all_ok, copy_of, export_and_validate, invoke, options_for, parity_tier, write_directions,
+)
 from tiny_models import save_tiny
 
 ONNX_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llava", "llava_next", "idefics3"]
@@ -26,12 +28,11 @@ def models(tmp_path_factory):
 
 
 def parity_cases():
-    """Every family x every mode; the default tier runs every family in mode regap and Llama
-    in every mode, the rest is the `matrix` tier."""
+    """Every family x every mode, in the tiers ``regap_testing.parity_tier`` gives: Llama in
+    every mode and every family in mode regap by default."""
     for family in ONNX_FAMILIES:
         for mode in ("regap", "fixed", "regap-seq"):
-            fast = mode == "regap" or family == "llama"
-            yield pytest.param(family, mode, id=f"{family}-{mode}", marks=() if fast else pytest.mark.matrix)
+            yield pytest.param(family, mode, id=f"{family}-{mode}", marks=parity_tier(family, mode, every_mode="llama"))
 
 
 @pytest.mark.parametrize("family,mode", parity_cases())

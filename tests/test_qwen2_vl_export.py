@@ -10,7 +10,7 @@ import torch
 
 from regap_export.models.positions import position_config, position_scheme
 from regap_export.models.qwen2_vl import mrope_positions
-from regap_testing import options_for, assert_all_ok, export_and_validate, write_directions
+from regap_testing import options_for, assert_all_ok, export_and_validate, parity_tier, write_directions
 from tiny_models import build_tiny, save_tiny
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -23,10 +23,10 @@ def models(tmp_path_factory):
 
 
 def parity_cases():
-    """Both families x every mode; the default tier runs mode regap of each, the rest is `matrix`."""
+    """Both families x every mode, in the tiers ``regap_testing.parity_tier`` gives."""
     for family in FAMILIES:
         for mode in ("regap", "fixed", "regap-seq"):
-            yield pytest.param(family, mode, id=f"{family}-{mode}", marks=() if mode == "regap" else pytest.mark.matrix)
+            yield pytest.param(family, mode, id=f"{family}-{mode}", marks=parity_tier(family, mode))
 
 
 @pytest.mark.parametrize("family,mode", parity_cases())

@@ -213,6 +213,26 @@ def remote_results(fam, tmp_path_factory):
     return results
 
 
+def test_regap_tensors_file_bytes_depend_only_on_its_content(fam, tmp_path):
+    """config.json records regap.safetensors' sha256, so equal inputs give equal bytes: the
+    safetensors writer orders the header's metadata by a hash map seeded per map (two keys: a
+    coin flip per write), so the header is rewritten sorted. Six writes, one file."""
+    import struct
+
+    options = options_for("regap")
+    files = set()
+    for run in range(6):
+        out = tmp_path / str(run)
+        out.mkdir()
+        write_corrected_checkpoint(fam.loaded, fam.bundle(options), options, out)
+        files.add((out / "regap.safetensors").read_bytes())
+    assert len(files) == 1
+    raw = files.pop()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_plain_transformers_with_remote_code(fam, remote_results, mode):
     out, expected, alpha = fam.export(mode)

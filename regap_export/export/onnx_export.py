@@ -10,7 +10,8 @@ transformers ``DynamicCache`` and returns the flat ``present.{i}.key|value`` ten
 
 Correction constants become named initializers ``regap.{layer}.w|b|v``. To keep the
 exporter's optimizer (constant folding, initializer de-duplication, no-op rewrites such as
-``x + 0``) from touching them, every correction buffer carries a unique random *sentinel*
+``x + 0``; run without onnxscript's one quadratic-time rule, ``QUADRATIC_REWRITES``) from
+touching them, every correction buffer carries a unique random *sentinel*
 value while tracing; afterwards the sentinels are found by value, renamed to their public
 names, and given their real values. The graph stays folded: per gated layer exactly
 MatMul, Add, Sigmoid, Mul (image mask), Mul, Add (plus one Cast in, one Cast out in
@@ -435,9 +436,36 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+# onnxscript (0.7) matches a rewrite pattern with two output nodes by scanning the whole graph
+# once per node, so such a rule costs time quadratic in the graph's size. Its one default rule
+# of that kind, SlicesSplit (x[..., :h] and x[..., h:] -> one Split, rotate_half's pair), took
+# 49 s of a 159 s organism export on 2 cores and about 1 s of a 18 s tiny one
+# (benchmarks/onnx_rewrites.py); the two Slices it would merge give the same values.
+QUADRATIC_REWRITES = frozenset({"SlicesSplit"})
+
+
+@contextlib.contextmanager
+def _linear_time_rewrites() -> Iterator[None]:
+    """torch.onnx's optimizer pass without ``QUADRATIC_REWRITES``. The rule list is
+    onnxscript's private ``rewriter._DEFAULT_REWRITE_RULES``, which its optimizer reads on every
+    call; an onnxscript without it exports unchanged, only slower. Not thread-safe: another
+    thread's onnxscript optimizer sees the same list meanwhile."""
+    from onnxscript import rewriter
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not isinstance(rules, tuple):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in QUADRATIC_REWRITES)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
 def _torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_shapes: Any, input_names: list[str],
                        output_names: list[str], opset: int):
-    with _quiet(), torch.no_grad():
+    with _quiet(), _linear_time_rewrites(), torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
             output_names=output_names, opset_version=opset, optimize=True, verbose=False, report=False,

@@ -158,10 +158,11 @@ def write_regap_files(loaded: LoadedModel, directions_file: DirectionsFile, opti
         tensors[SCORE_W] = readout.w.detach().to(torch.float32).reshape(-1).contiguous()
         tensors[SCORE_B] = torch.tensor([float(readout.b)], dtype=torch.float32)
         readout_section = {"layer": readout.layer, "kappa": float(readout.kappa)}
-    from safetensors.torch import save_file
+    from ..st_files import save_file_deterministic
 
     tensors_path = out_dir / TENSORS_FILENAME
-    save_file(tensors, str(tensors_path), metadata={"format_version": FORMAT_VERSION, "mode": options.mode})
+    # config.json records this file's sha256, so equal inputs must give equal bytes.
+    save_file_deterministic(tensors, tensors_path, metadata={"format_version": FORMAT_VERSION, "mode": options.mode})
 
     section = {
         "format_version": FORMAT_VERSION,
