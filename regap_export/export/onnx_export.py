@@ -10,13 +10,13 @@ transformers ``DynamicCache`` and returns the flat ``present.{i}.key|value`` ten
 
 Correction constants become named initializers ``regap.{layer}.w|b|v``. To keep the
 exporter's optimizer (constant folding, initializer de-duplication, no-op rewrites such as
-``x + 0``; run without onnxscript's one quadratic-time rule, ``QUADRATIC_REWRITES``) from
-touching them, every correction buffer carries a unique random *sentinel*
+``x + 0``) from touching them, every correction buffer carries a unique random *sentinel*
 value while tracing; afterwards the sentinels are found by value, renamed to their public
 names, and given their real values. The graph stays folded: per gated layer exactly
 MatMul, Add, Sigmoid, Mul (image mask), Mul, Add (plus one Cast in, one Cast out in
 float16); per fixed layer Mul (image mask), Add. The decoder's ``regap_image_mask`` input is
-an overridable initializer (its default: ``modality.mask_default``).
+an overridable initializer (its default: ``modality.mask_default``). The optimizer runs
+without onnxscript's one quadratic-time rule (``QUADRATIC_REWRITES``).
 """
 from __future__ import annotations
 
@@ -440,7 +440,8 @@ def _quiet() -> Iterator[None]:
 # once per node, so such a rule costs time quadratic in the graph's size. Its one default rule
 # of that kind, SlicesSplit (x[..., :h] and x[..., h:] -> one Split, rotate_half's pair), took
 # 49 s of a 159 s organism export on 2 cores and about 1 s of a 18 s tiny one
-# (benchmarks/onnx_rewrites.py); the two Slices it would merge give the same values.
+# (benchmarks/onnx_rewrites.py). It never rewrote anything in these graphs (the optimized
+# graphs are byte-identical without it), and the two Slices it merges give the same values.
 QUADRATIC_REWRITES = frozenset({"SlicesSplit"})
 
 
