@@ -1,7 +1,7 @@
 """torch.onnx's graph optimizer with onnxscript's default rewrite rules vs the rules regap-export
 exports with (the defaults without ``onnx_export.QUADRATIC_REWRITES``), side by side on one graph.
 
-    python benchmarks/onnx_rewrites.py                      # embedded:smollm2's decoder (7.6 k nodes)
+    python benchmarks/onnx_rewrites.py                      # embedded:smollm2's decoder (7.4 k nodes)
     python benchmarks/onnx_rewrites.py --model embedded:organism
 
 One export of MODEL's decoder (synthetic regap directions, ``_synthetic.py``) runs with
