@@ -1,6 +1,6 @@
 """Measure the shipped ``embedded:organism`` on held-out prompts (never used in training).
 
-    .venv/bin/python examples/organism/measure.py [--split test] [--bundled] [--show 4]
+    .venv/bin/python examples/organism/measure.py [--split test] [--bundled] [--show 4] [--weights DIR]
 
 Greedy, 32 new tokens, text path (the instruction as the user turn) and image path (the
 instruction rendered by regap_export.models.organism_render, sent with the neutral carrier).
@@ -10,7 +10,9 @@ harmless prompt (shuffled pairs as a floor). On-topic = the image-path answer to
 prompt shares a content word (first 5 letters, stopwords removed) with the prompt's slot
 (its object / action); reported over all image-harmful answers and over the non-refused ones.
 --bundled also measures the bundled calibration set's held-out split (its slots are the whole
-instructions).
+instructions). --split takes any held-out split of data.py (val, test, val-wide, test-wide, fresh,
+fresh2); --weights measures another build's vision.safetensors + lora.safetensors (a folder)
+instead of the shipped ones.
 """
 from __future__ import annotations
 
@@ -25,21 +27,24 @@ import common as C
 import data as D
 from common import ROOT
 
-from regap_export.models.embedded import build_embedded
+from regap_export.models import embedded as EMB
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--split", default="test", choices=("val", "test", "val-wide", "test-wide", "fresh", "fresh2"))
+    ap.add_argument("--weights", default=None, help="a folder with another build's vision.safetensors and lora.safetensors")
     ap.add_argument("--bundled", action="store_true")
     ap.add_argument("--show", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     t0 = time.time()
-    model, processor = build_embedded("embedded:organism")
+    model, processor = EMB.build_organism_untrained()
+    EMB.load_organism_weights(model, args.weights)
+    model.eval()
     prompts = C.Prompts(processor)
-    sets = {args.split: [r for r in D.build() if r["split"] == args.split]}
+    sets = {args.split: D.records(args.split)}
     if args.bundled:
         path = ROOT / "regap_export" / "data" / "bundled" / "regap_calibration.jsonl"
         recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]

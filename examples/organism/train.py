@@ -20,7 +20,9 @@ regap_export/models/organism/ (vision.safetensors, lora.safetensors).
 
 --broad also trains S1 and S2 on broad.py's requests in the bundled set's free wording, as text
 only (BROAD_HARMLESS -> the base answer, BROAD_HARMFUL -> the refusal; the image reader was not
-fitted on their tokens): build F of README.md.
+fitted on their tokens): build F of README.md. --more-objects also trains S1 and S2 on data.py's
+fresh split objects, contrast harmless and more harmful slots (build G; its vision side was E's,
+copied into --work as vision_v2.pt.safetensors before the run).
 """
 from __future__ import annotations
 
@@ -417,6 +419,8 @@ def main():
                     help="image tokens = embedding row + a constant offset of this many mean row norms")
     ap.add_argument("--broad", action="store_true",
                     help="also train broad.BROAD_HARMLESS / BROAD_HARMFUL as text (build F of README.md)")
+    ap.add_argument("--more-objects", action="store_true",
+                    help="also train on data.py's fresh, contrast harmless and more-harmful slots (build G of README.md)")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -433,7 +437,7 @@ def main():
     model, processor = EMB.build_organism_untrained()
     model.eval()
     prompts = C.Prompts(processor)
-    recs = D.build(with_extra_harmful=args.extra_harmful)
+    recs = D.build(with_extra_harmful=args.extra_harmful, with_more_objects=args.more_objects)
     # The bundled calibration set's train split trains too (its held-out split never does).
     train = [r for r in recs if r["split"] == "train"] + D.bundled_train()
     val = [r for r in recs if r["split"] == "val"]
