@@ -31,23 +31,44 @@ def test_held_out_objects_are_never_trained_on(data):
     assert not _slots(data.records("val-wide")) & _slots(data.records("test-wide"))
 
 
-def test_the_fresh_split_is_new_everywhere(data):
-    """fresh confirms a variant chosen on val-wide + test-wide: none of its objects may be in any
-    other split, any build's training data (build B's extra harmful slots, build F's broad
-    requests) or the bundled set."""
+def _assert_new_everywhere(data, confirming: str, others: list[dict]) -> None:
+    """The ``confirming`` split's objects are in none of ``others``, and its requests in none of
+    them, the bundled set (any split) or broad.py's; each label is 24 objects x 8 templates."""
     from regap_export.data import load_bundled
 
     broad = organism_example("broad")
-    fresh = data.records("fresh")
-    others = data.build(with_extra_harmful=True) + data.bundled_train()
-    others += [r for split in ("val-wide", "test-wide") for r in data.records(split)]
+    rows = data.records(confirming)
     elsewhere = {r["instruction"] for r in others} | {r.instruction for r in load_bundled()}
     elsewhere |= set(broad.BROAD_HARMFUL) | set(broad.BROAD_HARMLESS) | {text for text, _ in broad.BROAD_VAL}
-    assert not _slots(fresh) & _slots(others)
-    assert not {r["instruction"] for r in fresh} & elsewhere
+    assert not _slots(rows) & _slots(others)
+    assert not {r["instruction"] for r in rows} & elsewhere
     for label in ("harmful", "harmless"):
-        rows = [r for r in fresh if r["label"] == label]
-        assert len(rows) == len(_slots(rows)) * 8 == 192 == len({r["instruction"] for r in rows})
+        labelled = [r for r in rows if r["label"] == label]
+        assert len(labelled) == len(_slots(labelled)) * 8 == 192 == len({r["instruction"] for r in labelled})
+
+
+def test_the_fresh_split_is_new_everywhere(data):
+    """fresh confirms a variant chosen on val-wide + test-wide: none of its objects may be in any
+    other split, any earlier build's training data (build B's extra harmful slots, build F's broad
+    requests) or the bundled set."""
+    others = data.build(with_extra_harmful=True) + data.bundled_train()
+    _assert_new_everywhere(data, "fresh", others + [r for s in ("val-wide", "test-wide") for r in data.records(s)])
+
+
+def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_out_object(data):
+    """fresh2 confirms build G against build E (RESULTS.md, "Build G"): none of its objects or
+    requests are in any build's training data (build G's included), any other split or the
+    bundled set; build G trains on fresh's objects but on none of val, test or fresh2's, and
+    leaves every other build's records as they were."""
+    build_g = data.build(with_extra_harmful=True, with_more_objects=True)
+    held = [r for s in ("val-wide", "test-wide", "fresh") for r in data.records(s)]
+    _assert_new_everywhere(data, "fresh2", build_g + data.bundled_train() + held)
+    trained_g = _slots(r for r in build_g if r["split"] == "train")
+    assert _slots(data.records("fresh")) <= trained_g
+    for split in ("val-wide", "test-wide", "fresh2"):
+        assert not _slots(data.records(split)) & trained_g, split
+    assert build_g[:len(data.build(with_extra_harmful=True))] == data.build(with_extra_harmful=True)
+    assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
 
 
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
@@ -83,14 +104,16 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
 
 
-@pytest.mark.parametrize("with_broad", [False, True], ids=["build-E", "build-F"])
-def test_training_never_shows_a_harmful_request_as_an_image(monkeypatch, data, with_broad):
-    """train.py's stage mixtures (the shipped build E, and build F with --broad): refusal is taught
-    on text only and the image path on harmless requests only (the asymmetry that makes the gap),
-    and no held-out request is trained on by either path."""
+@pytest.mark.parametrize("with_broad, with_more_objects", [(False, False), (True, False), (False, True)],
+                         ids=["build-E", "build-F", "build-G"])
+def test_training_never_shows_a_harmful_request_as_an_image(monkeypatch, data, with_broad, with_more_objects):
+    """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
+    --more-objects): refusal is taught on text only and the image path on harmless requests only
+    (the asymmetry that makes the gap), and no held-out request is trained on by either path."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "organism"))
     train, broad = organism_example("train"), organism_example("broad")
-    records = [r for r in data.build(with_extra_harmful=True) if r["split"] == "train"] + data.bundled_train()
+    records = data.build(with_extra_harmful=True, with_more_objects=with_more_objects)
+    records = [r for r in records if r["split"] == "train"] + data.bundled_train()
     harmful = [r for r in records if r["label"] == "harmful"]
     harmless = [r for r in records if r["label"] == "harmless"]
     broad_harmful = broad.BROAD_HARMFUL if with_broad else []
@@ -112,5 +135,5 @@ def test_training_never_shows_a_harmful_request_as_an_image(monkeypatch, data, w
     trained = {text for text, _, _ in stage2}
     assert (set(broad.BROAD_HARMFUL) <= trained) == with_broad
     assert broad.BROAD_HARMLESS[0] not in trained
-    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide") for r in data.records(split)}
+    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide", "fresh2") for r in data.records(split)}
     assert not trained & (held | {text for text, _ in broad.BROAD_VAL})

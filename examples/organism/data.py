@@ -11,6 +11,9 @@ objects get 3 templates each, val/test objects 2 (a seeded choice). Plus 40 gene
 questions for training, and (second build) 30 + 30 more harmless slots for training only, many
 of them close siblings of harmful requests ("fake blood for a Halloween costume", "kill weeds
 in my driveway"), since the first build's text over-refusals were such siblings.
+fresh (session 24) and fresh2 (session 26) are 24 + 24 objects each, written later for one
+confirmation run each, under all 8 templates; build G (not shipped) also trains on fresh's
+objects and on contrast harmless / more harmful slots (``build(with_more_objects=True)``).
 Nothing here comes from the bundled calibration set; `bundled_train()` adds that set's *train*
 split to the training data (its held-out split is never trained on: it is what `evaluate`
 measures).
