@@ -380,6 +380,10 @@ def fresh2() -> list[dict]:
     return _under_every_template(classes, "fresh2-", "fresh2")
 
 
+# The splits no build of the shipped recipe trains on (build G trains on fresh's objects).
+HELD_OUT_SPLITS = ("val", "test", "val-wide", "test-wide", "fresh", "fresh2")
+
+
 def records(split: str) -> list[dict]:
     """One split's records: train | val | test (``build()``), val-wide | test-wide (``wide()``),
     fresh (``fresh()``), fresh2 (``fresh2()``), or train-g (build G's train records)."""

@@ -32,7 +32,7 @@ from regap_export.models import embedded as EMB
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--split", default="test", choices=("val", "test", "val-wide", "test-wide", "fresh", "fresh2"))
+    ap.add_argument("--split", default="test", choices=D.HELD_OUT_SPLITS)
     ap.add_argument("--weights", default=None, help="a folder with another build's vision.safetensors and lora.safetensors")
     ap.add_argument("--bundled", action="store_true")
     ap.add_argument("--show", type=int, default=3)
@@ -40,9 +40,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     t0 = time.time()
-    model, processor = EMB.build_organism_untrained()
-    EMB.load_organism_weights(model, args.weights)
-    model.eval()
+    model, processor = EMB.build_organism(args.weights)
     prompts = C.Prompts(processor)
     sets = {args.split: D.records(args.split)}
     if args.bundled:

@@ -474,11 +474,12 @@ def load_organism_weights(model, folder: Path | str | None = None) -> None:
                 linear.weight.copy_((linear.weight.double() + delta).to(linear.weight.dtype))
 
 
-def build_organism():
+def build_organism(folder: Path | str | None = None):
     """(model, processor): ``embedded:organism``, SmolLM2's GGUF text weights plus the shipped
-    safetensors (see examples/organism/README.md)."""
+    safetensors (see examples/organism/README.md), or another build's from ``folder``
+    (examples/organism/measure.py --weights)."""
     model, processor = build_organism_untrained()
-    load_organism_weights(model)
+    load_organism_weights(model, folder)
     # calibrate and evaluate render image twins with the renderer the model declares
     # (regap_export.data.render.declared_renderer): this model reads token cells.
     model.config.regap_renderer = "token-cells"
