@@ -71,6 +71,14 @@ def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_
     assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
 
 
+def test_the_third_fresh_split_is_new_everywhere(data):
+    """fresh3 confirms the refitted reader (RESULTS.md, "The reader's vocabulary"): none of its
+    objects or requests are in any build's training data, any other split or the bundled set."""
+    trained = data.build(with_extra_harmful=True, with_more_objects=True) + data.bundled_train()
+    held = [r for s in ("val-wide", "test-wide", "fresh", "fresh2") for r in data.records(s)]
+    _assert_new_everywhere(data, "fresh3", trained + held)
+
+
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
 def test_wide_is_its_split_under_every_template(data, split, per_label):
     narrow, wide = data.records(split), data.records(split + "-wide")
