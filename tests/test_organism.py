@@ -162,3 +162,31 @@ def test_regap_closes_the_gap(organism):
     text = FLIPPED[:2]
     assert greedy_with_correction(organism, text, image=False, correct=True) == \
         greedy_with_correction(organism, text, image=False, correct=False), "text requests are untouched"
+
+
+def test_the_image_path_reads_every_held_out_request_token_for_token(organism):
+    """The reader is a lookup over the tokens it was fitted on (examples/organism/README.md); the
+    shipped one was refitted on the tokens of every held-out split (refit_reader.py), so each image
+    token of a held-out request, less the reader's constant offset, is nearest to its own token's
+    embedding row. One request per object: the templates' words are the same in every split."""
+    model, processor = organism
+    data = organism_example("data")
+    tok = processor.tokenizer
+    requests = sorted({r["slot"]: r["instruction"] for s in data.HELD_OUT_SPLITS for r in data.records(s)}.values())
+    rows = model.model.text_model.embed_tokens.weight[:len(tok)]
+    space = rows[tok.convert_tokens_to_ids("\u0120")]  # a blank cell reads as a lone space, plus the offset
+    misread = []
+    for start in range(0, len(requests), 32):
+        chunk = requests[start:start + 32]
+        pixels = processor.image_processor([[render_instruction(r, tok)] for r in chunk], return_tensors="pt")
+        with torch.no_grad():
+            cells = model.model.connector(model.model.vision_model(
+                pixel_values=pixels["pixel_values"][:, 0]).last_hidden_state)
+        for request, image_tokens in zip(chunk, cells):
+            ids = tok(request, add_special_tokens=False)["input_ids"]
+            assert len(ids) < image_tokens.shape[0], "the last cell must be blank"
+            read = image_tokens - (image_tokens[-1] - space)
+            nearest = torch.nn.functional.normalize(read[:len(ids)], dim=-1) @ torch.nn.functional.normalize(rows, dim=-1).T
+            misread += [(request, tok.decode([i])) for i, j in zip(ids, nearest.argmax(-1).tolist()) if i != j]
+    assert len(requests) > 200
+    assert not misread, f"{len(misread)} tokens misread, e.g. {misread[:5]}"

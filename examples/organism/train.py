@@ -14,7 +14,9 @@ Stages (see README.md):
      answer, never image harmful; evaluated on val after every epoch      -> "stage 2.e"
 The shipped checkpoint is the stage-2 epoch with the best val score
 2 * txt+ - txt- - img- - img+ (refusal rates); its weights are written to
-regap_export/models/organism/ (vision.safetensors, lora.safetensors).
+regap_export/models/organism/ (vision.safetensors, lora.safetensors). The shipped
+vision.safetensors is this reader refitted on every held-out split's tokens by refit_reader.py
+(session 27); the shipped lora.safetensors is build E's, as written here.
 
     .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build E, shipped (C: --s2-epochs 2)
 

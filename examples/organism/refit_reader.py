@@ -1,0 +1,91 @@
+"""Refit the organism's cell reader (stage V1, closed form) on a wider vocabulary, keeping the LoRA.
+
+    .venv/bin/python examples/organism/refit_reader.py --out DIR   # then: measure.py --weights DIR
+
+The reader is a lookup over the tokens it was fitted on (README.md, "A closed-form reader"); a
+token outside that vocabulary is read as an unrelated mixture. train.py fits it on the tokens of
+build()'s prompts and the bundled set; the fresh splits were written after the shipped vision side
+was fitted, so many of their words were unreadable. This script refits V1 exactly as train.py does
+(same seeded random features, same image offset) on that vocabulary plus the tokens of every
+held-out split of data.py, checks that every split's requests read back token for token, and
+writes DIR/vision.safetensors (fp16) beside a copy of the shipped lora.safetensors. The LoRA sees
+only the reader's outputs (embedding row + offset), so it needs no retraining when the rows it
+knew are read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common as C
+import data as D
+import train as T
+
+from regap_export.models import embedded as EMB
+
+
+@torch.no_grad()
+def _image_tokens_of(model, prompts, instructions):
+    return torch.cat([T.image_tokens(model, torch.stack([prompts.pixels(t) for t in instructions[s:s + 32]]))
+                      for s in range(0, len(instructions), 32)])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for vision.safetensors + lora.safetensors")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
+    t0 = time.time()
+    shipped, processor = EMB.build_organism()
+    model, _ = EMB.build_organism_untrained()
+    prompts = C.Prompts(processor)
+    held_out = {s: D.records(s) for s in D.HELD_OUT_SPLITS}
+    core, _ = T.reader_vocab(prompts, D.build())
+    wide, _ = T.reader_vocab(prompts, D.build() + [r for rows in held_out.values() for r in rows])
+    print(f"reader vocabulary: {len(core)} tokens (train.py) -> {len(wide)} (every held-out split)")
+
+    bank = T.CellBank(prompts, wide)
+    embed = model.model.text_model.embed_tokens.weight.detach()
+    blank = embed[prompts.tok.convert_tokens_to_ids("\u0120")]
+    offset = T.image_offset(model, 1.0)
+    T.set_seed(T.SEED)
+    mean_cos, min_cos = T.fit_reader(model, bank, embed[torch.tensor(bank.ids)].clone(), blank, offset=offset)
+    print(f"V1 refitted: cell -> row cosine mean {mean_cos:.4f} min {min_cos:.4f}")
+
+    failed = []
+    for split, rows in held_out.items():
+        acc, cos = T.reader_accuracy(model, bank, None, prompts, rows, offset)
+        old_acc, _ = T.reader_accuracy(shipped, bank, None, prompts, rows, offset)
+        texts = [r["instruction"] for r in rows]
+        same = F.cosine_similarity(_image_tokens_of(model, prompts, texts),
+                                   _image_tokens_of(shipped, prompts, texts), dim=-1).mean().item()
+        print(f"{split:10s} nearest-row accuracy {old_acc:.3f} (shipped) -> {acc:.3f}, cos {cos:.4f}; "
+              f"cos old/new image tokens {same:.4f}")
+        if acc < 1.0:
+            failed.append(split)
+    if failed:
+        raise SystemExit(f"the refitted reader misreads tokens of {', '.join(failed)}; nothing written")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {"vision_model." + k: v.half().contiguous() for k, v in model.model.vision_model.state_dict().items()}
+    state.update({"connector." + k: v.half().contiguous() for k, v in model.model.connector.state_dict().items()})
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        save_file(state, str(Path(tmp) / "vision.safetensors"))
+        shutil.copyfile(EMB.ORGANISM_DIR / "lora.safetensors", Path(tmp) / "lora.safetensors")
+        for name in ("vision.safetensors", "lora.safetensors"):
+            os.replace(Path(tmp) / name, out / name)
+    print(f"wrote {out}/vision.safetensors and lora.safetensors in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
