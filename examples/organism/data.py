@@ -434,7 +434,7 @@ def records(split: str) -> list[dict]:
              "train-g": lambda: [r for r in build(with_more_objects=True) if r["split"] == "train"]}
     rows = named[split]() if split in named else [r for r in build() if r["split"] == split]
     if not rows:
-        raise SystemExit(f"unknown split {split!r}: use train, train-g, val, val-wide, test, test-wide, fresh, fresh2 or fresh3")
+        raise SystemExit(f"unknown split {split!r}: use one of {', '.join(('train', 'train-g') + HELD_OUT_SPLITS)}")
     return rows
 
 

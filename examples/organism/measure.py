@@ -10,8 +10,8 @@ harmless prompt (shuffled pairs as a floor). On-topic = the image-path answer to
 prompt shares a content word (first 5 letters, stopwords removed) with the prompt's slot
 (its object / action); reported over all image-harmful answers and over the non-refused ones.
 --bundled also measures the bundled calibration set's held-out split (its slots are the whole
-instructions). --split takes any held-out split of data.py (val, test, val-wide, test-wide, fresh, fresh2,
-fresh3); --weights measures another build's vision.safetensors + lora.safetensors (a folder)
+instructions). --split takes any held-out split of data.py (``data.HELD_OUT_SPLITS``); --weights
+measures another build's vision.safetensors + lora.safetensors (a folder)
 instead of the shipped ones.
 """
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from types import SimpleNamespace
 
 import common as C
 import data as D
@@ -29,7 +28,7 @@ def main():
     ap.add_argument("data", help="the JSONL it evaluated (ids -> instructions)")
     args = ap.parse_args()
     tok = EMB.load_embedded_tokenizer()
-    vocab = set(T.reader_vocab(SimpleNamespace(tok=tok), D.build())[0])
+    vocab = set(T.reader_vocab(tok, D.build())[0])
     with open(args.data, encoding="utf-8") as fh:
         instruction = {row["id"]: row["instruction"] for row in map(json.loads, fh) if row}
     with open(args.evaluation, encoding="utf-8") as fh:

@@ -47,8 +47,8 @@ def main():
     model, _ = EMB.build_organism_untrained()
     prompts = C.Prompts(processor)
     held_out = {s: D.records(s) for s in D.HELD_OUT_SPLITS}
-    core, _ = T.reader_vocab(prompts, D.build())
-    wide, _ = T.reader_vocab(prompts, D.build() + [r for rows in held_out.values() for r in rows])
+    core, _ = T.reader_vocab(prompts.tok, D.build())
+    wide, _ = T.reader_vocab(prompts.tok, D.build() + [r for rows in held_out.values() for r in rows])
     print(f"reader vocabulary: {len(core)} tokens (train.py) -> {len(wide)} (every held-out split)")
 
     bank = T.CellBank(prompts, wide)
@@ -77,10 +77,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    state = {"vision_model." + k: v.half().contiguous() for k, v in model.model.vision_model.state_dict().items()}
-    state.update({"connector." + k: v.half().contiguous() for k, v in model.model.connector.state_dict().items()})
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        save_file(state, str(Path(tmp) / "vision.safetensors"))
+        save_file(T.vision_state(model), str(Path(tmp) / "vision.safetensors"))
         shutil.copyfile(EMB.ORGANISM_DIR / "lora.safetensors", Path(tmp) / "lora.safetensors")
         for name in ("vision.safetensors", "lora.safetensors"):
             os.replace(Path(tmp) / name, out / name)

@@ -84,8 +84,7 @@ def lr_lambda(total, warmup):
 
 # -- the cell reader (V1) ---------------------------------------------------------------
 
-def reader_vocab(prompts, records, extra=0, seed=SEED):
-    tok = prompts.tok
+def reader_vocab(tok, records, extra=0, seed=SEED):
     ids = set()
     texts = [r["instruction"] for r in records]
     bundled = ROOT / "regap_export" / "data" / "bundled" / "regap_calibration.jsonl"
@@ -104,6 +103,15 @@ def reader_vocab(prompts, records, extra=0, seed=SEED):
         if len(more) >= extra:
             break
     return core, sorted(more)
+
+
+def vision_state(model) -> dict[str, torch.Tensor]:
+    """The vision tower + connector as vision.safetensors holds them (fp16; the fit already
+    rounded them, so the model trained and measured is the shipped one)."""
+    inner = model.model
+    state = {"vision_model." + k: v.detach().half().contiguous() for k, v in inner.vision_model.state_dict().items()}
+    state.update({"connector." + k: v.detach().half().contiguous() for k, v in inner.connector.state_dict().items()})
+    return state
 
 
 class CellBank:
@@ -467,7 +475,7 @@ def main():
     # V1 + V2
     # The reader's vocabulary: every prompt the image path may see (the extra harmful slots
     # train the text path only).
-    core, more = reader_vocab(prompts, D.build())
+    core, more = reader_vocab(prompts.tok, D.build())
     bank = CellBank(prompts, core + more)
     E_V = model.model.text_model.embed_tokens.weight.detach()[torch.tensor(bank.ids)].clone()
     clock(f"reader vocabulary: {len(core)} prompt tokens + {len(more)} others")
@@ -490,10 +498,7 @@ def main():
             train_projector_kl(model, prompts, harmless_train, answers, args.v2_epochs, clock, bank, E_V, len(core))
             acc, cos = reader_accuracy(model, bank, E_V, prompts, val + test)
             clock(f"V2 done: held-out prompt cells nearest-row acc {acc:.3f}, cos {cos:.3f}")
-        # fp16 on disk (the fit already rounded them, so the model trained and measured is the shipped one)
-        sd = {"vision_model." + k: v.detach().half().contiguous() for k, v in model.model.vision_model.state_dict().items()}
-        sd.update({"connector." + k: v.detach().half().contiguous() for k, v in model.model.connector.state_dict().items()})
-        save_file(sd, str(vpath))
+        save_file(vision_state(model), str(vpath))
     for p in model.parameters():
         p.requires_grad_(False)
 
