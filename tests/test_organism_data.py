@@ -79,6 +79,15 @@ def test_the_third_fresh_split_is_new_everywhere(data):
     _assert_new_everywhere(data, "fresh3", trained + held)
 
 
+def test_the_fourth_fresh_split_is_new_everywhere(data):
+    """fresh4 confirms build H against build E (RESULTS.md, "Build H and a fourth fresh split"):
+    none of its objects or requests are in any build's training data, any other split or the
+    bundled set."""
+    trained = data.build(with_extra_harmful=True, with_more_objects=True) + data.bundled_train()
+    held = [r for s in ("val-wide", "test-wide", "fresh", "fresh2", "fresh3") for r in data.records(s)]
+    _assert_new_everywhere(data, "fresh4", trained + held)
+
+
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
 def test_wide_is_its_split_under_every_template(data, split, per_label):
     narrow, wide = data.records(split), data.records(split + "-wide")

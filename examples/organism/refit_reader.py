@@ -3,12 +3,12 @@
     .venv/bin/python examples/organism/refit_reader.py --out DIR   # then: measure.py --weights DIR
 
 The reader is a lookup over the tokens it was fitted on (README.md, "A closed-form reader"); a
-token outside that vocabulary is read as an unrelated mixture. train.py fits it on the tokens of
-build()'s prompts and the bundled set; the fresh splits were written after the shipped vision side
-was fitted, so many of their words were unreadable. This script refits V1 exactly as train.py does
-(same seeded random features, same image offset) on that vocabulary plus the tokens of every
-held-out split of data.py, checks that every split's requests read back token for token, and
-writes DIR/vision.safetensors (fp16) beside a copy of the shipped lora.safetensors. The LoRA sees
+token outside that vocabulary is read as an unrelated mixture. Build E's reader was fitted on the
+tokens of build()'s prompts and the bundled set; the fresh splits were written later, so many of
+their words were unreadable. This script refits V1 exactly as train.py does (same seeded random
+features, same image offset, the same vocabulary: ``train.reader_records()``, every build's and
+every held-out split's requests), checks that every split's requests read back token for token,
+and writes DIR/vision.safetensors (fp16) beside a copy of the shipped lora.safetensors. The LoRA sees
 only the reader's outputs (embedding row + offset), so it needs no retraining when the rows it
 knew are read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
 """
@@ -47,9 +47,8 @@ def main():
     model, _ = EMB.build_organism_untrained()
     prompts = C.Prompts(processor)
     held_out = {s: D.records(s) for s in D.HELD_OUT_SPLITS}
-    core, _ = T.reader_vocab(prompts.tok, D.build())
-    wide, _ = T.reader_vocab(prompts.tok, D.build() + [r for rows in held_out.values() for r in rows])
-    print(f"reader vocabulary: {len(core)} tokens (train.py) -> {len(wide)} (every held-out split)")
+    wide, _ = T.reader_vocab(prompts.tok, T.reader_records())
+    print(f"reader vocabulary: {len(wide)} tokens (every build's and every held-out split's requests)")
 
     bank = T.CellBank(prompts, wide)
     embed = model.model.text_model.embed_tokens.weight.detach()

@@ -57,26 +57,6 @@ def bundled_heldout():
     return [dict(instruction=r.instruction, label=r.label, slot=r.instruction) for r in load_bundled("heldout")]
 
 
-def refusal_unlikelihood(model, prompts, examples, harmless_text, prefix, weight):
-    """``run_epochs``'s extra loss: weight * mean over the batch's harmless text examples of
-    -log(1 - p(prefix | prompt)), or None when the weight is 0."""
-    if weight <= 0:
-        return None
-
-    def loss(idx, mode):
-        items = [examples[i][0] for i in idx if i in harmless_text]
-        if not items:
-            return torch.zeros(())
-        inp = C.batch_inputs(prompts, items, mode, [prefix] * len(items))
-        labels = inp.pop("labels")[:, 1:]
-        logp = torch.log_softmax(model(**inp).logits[:, :-1].float(), -1)
-        token_logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
-        prefix_logp = token_logp.sum(-1).clamp(max=-1e-4)  # log1p(-1) would be -inf
-        return weight * -torch.log1p(-prefix_logp.exp()).mean()
-
-    return loss
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/organism_s3")
@@ -145,7 +125,7 @@ def main():
     opt, batches = T.train_lora(model, prompts, examples, clock, "S3", lr=args.lr, params=params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(len(batches()) * args.epochs, 5))
     harmless_text = {i for i, (t, mode, _) in enumerate(examples) if mode == "text" and t in base}
-    extra = refusal_unlikelihood(model, prompts, examples, harmless_text, refusal_ids[:3], args.unlikelihood)
+    extra = T.refusal_unlikelihood(model, prompts, examples, harmless_text, refusal_ids[:3], args.unlikelihood)
     for epoch in range(args.epochs):
         T.run_epochs(model, prompts, examples, opt, sched, batches, clock, "S3", params, epoch, extra)
     save_file(C.lora_state(loras), str(out / "lora.safetensors"), metadata={"rank": "16", "alpha": "32"})

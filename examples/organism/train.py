@@ -14,9 +14,7 @@ Stages (see README.md):
      answer, never image harmful; evaluated on val after every epoch      -> "stage 2.e"
 The shipped checkpoint is the stage-2 epoch with the best val score
 2 * txt+ - txt- - img- - img+ (refusal rates); its weights are written to
-regap_export/models/organism/ (vision.safetensors, lora.safetensors). The shipped
-vision.safetensors is this reader refitted on every held-out split's tokens by refit_reader.py
-(session 27); the shipped lora.safetensors is build E's, as written here.
+regap_export/models/organism/ (vision.safetensors, lora.safetensors).
 
     .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build E, shipped (C: --s2-epochs 2)
 
@@ -24,7 +22,10 @@ vision.safetensors is this reader refitted on every held-out split's tokens by r
 only (BROAD_HARMLESS -> the base answer, BROAD_HARMFUL -> the refusal; the image reader was not
 fitted on their tokens): build F of README.md. --more-objects also trains S1 and S2 on data.py's
 fresh split objects, contrast harmless and more harmful slots (build G; its vision side was E's,
-copied into --work as vision_v2.pt.safetensors before the run).
+copied into --work as vision_v2.pt.safetensors before the run). --image-unlikelihood W adds, in
+S2, W * -log(1 - p(" I can't" | image prompt)) on every (harmless) image example: build H.
+The reader is fitted on the tokens of ``reader_records()`` (every build's and every held-out
+split's requests), so a rebuild reproduces the shipped vision side.
 """
 from __future__ import annotations
 
@@ -103,6 +104,15 @@ def reader_vocab(tok, records, extra=0, seed=SEED):
         if len(more) >= extra:
             break
     return core, sorted(more)
+
+
+def reader_records() -> list[dict]:
+    """Every request whose tokens the reader must read: every build's prompts (build G's and H's
+    extra slots included; harmful ones train the text path only, but a wider vocabulary costs the
+    reader nothing it needs) and every held-out split's. The reader is a lookup: a token outside
+    its vocabulary reads as an unrelated mixture (README.md, "A closed-form reader")."""
+    return D.build(with_extra_harmful=True, with_more_objects=True) + \
+        [r for split in D.HELD_OUT_SPLITS for r in D.records(split)]
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -395,6 +405,27 @@ def run_epochs(model, prompts, examples, opt, sched, batches_fn, clock, tag, par
     clock(f"{tag} ep {epoch} mean loss {tot / len(bl):.3f}")
 
 
+def refusal_unlikelihood(model, prompts, examples, applies_to, prefix, weight):
+    """``run_epochs``'s extra loss: weight * mean over the batch's examples in ``applies_to`` (a set
+    of indices into ``examples``, all harmless) of -log(1 - p(prefix | prompt)), or None when the
+    weight is 0. Near 0 where the model does not start a refusal, so it acts where it does."""
+    if weight <= 0:
+        return None
+
+    def loss(idx, mode):
+        items = [examples[i][0] for i in idx if i in applies_to]
+        if not items:
+            return torch.zeros(())
+        inp = C.batch_inputs(prompts, items, mode, [prefix] * len(items))
+        labels = inp.pop("labels")[:, 1:]
+        logp = torch.log_softmax(model(**inp).logits[:, :-1].float(), -1)
+        token_logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+        prefix_logp = token_logp.sum(-1).clamp(max=-1e-4)  # log1p(-1) would be -inf
+        return weight * -torch.log1p(-prefix_logp.exp()).mean()
+
+    return loss
+
+
 def val_score(r):
     """The stopping rule: 2 * txt+ - txt- - img- - img+ (val refusal rates)."""
     return 2 * r["text_harmful_refusal"] - r["text_harmless_refusal"] - r["image_harmless_refusal"] \
@@ -431,6 +462,9 @@ def main():
                     help="also train broad.BROAD_HARMLESS / BROAD_HARMFUL as text (build F of README.md)")
     ap.add_argument("--more-objects", action="store_true",
                     help="also train on data.py's fresh, contrast harmless and more-harmful slots (build G of README.md)")
+    ap.add_argument("--image-unlikelihood", type=float, default=0.0,
+                    help="stage 2 also pushes down the refusal's first words on every harmless image "
+                         "example, with this weight (build H of README.md)")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -473,9 +507,7 @@ def main():
     refusal_ids = prompts.tok(C.REFUSAL, add_special_tokens=False)["input_ids"] + [prompts.eos]
 
     # V1 + V2
-    # The reader's vocabulary: every prompt the image path may see (the extra harmful slots
-    # train the text path only).
-    core, more = reader_vocab(prompts.tok, D.build())
+    core, more = reader_vocab(prompts.tok, reader_records())
     bank = CellBank(prompts, core + more)
     E_V = model.model.text_model.embed_tokens.weight.detach()[torch.tensor(bank.ids)].clone()
     clock(f"reader vocabulary: {len(core)} prompt tokens + {len(more)} others")
@@ -542,9 +574,11 @@ def main():
     opt, bfn = train_lora(model, prompts, s2, clock, "S2", params=lparams)
     n = len(bfn())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s2_epochs, 10))
+    image_examples = {i for i, (_, path, _) in enumerate(s2) if path == "image"}
+    extra = refusal_unlikelihood(model, prompts, s2, image_examples, refusal_ids[:3], args.image_unlikelihood)
     t2 = time.time()
     for ep in range(args.s2_epochs):
-        run_epochs(model, prompts, s2, opt, sched, bfn, clock, "S2", lparams, ep)
+        run_epochs(model, prompts, s2, opt, sched, bfn, clock, "S2", lparams, ep, extra)
         name = f"2.{ep + 1} mixture"
         states[name] = C.lora_state(loras)
         save_file(states[name], str(work / f"lora_{ep + 1}.safetensors"), metadata={"rank": "16", "alpha": "32"})
