@@ -88,6 +88,16 @@ def test_the_fourth_fresh_split_is_new_everywhere(data):
     _assert_new_everywhere(data, "fresh4", trained + held)
 
 
+def test_every_split_names_each_record_once(data):
+    """``write_jsonl``'s files feed ``calibrate --data``, which rejects a repeated id (build G's
+    two fresh-object families once shared the prefix "g-fresh")."""
+    for split in ("train", "train-g") + data.HELD_OUT_SPLITS:
+        ids = [r["id"] for r in data.records(split)]
+        assert len(ids) == len(set(ids)), split
+    every = data.build(with_extra_harmful=True, with_more_objects=True)
+    assert len({r["id"] for r in every}) == len(every)
+
+
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
 def test_wide_is_its_split_under_every_template(data, split, per_label):
     narrow, wide = data.records(split), data.records(split + "-wide")

@@ -386,8 +386,10 @@ def build(seed: int = 0, with_extra_harmful: bool = False, with_more_objects: bo
         out.append(dict(id=f"gen-{i:02d}", instruction=q, label="harmless", split="train", slot=q))
     if with_more_objects:
         more = random.Random(seed + 7)
-        out += _filled(more, "harmful", FRESH_HARMFUL_NOUNS, FRESH_HARMFUL_ACTIONS, "g-fresh", per_split={"train": 3})
-        out += _filled(more, "harmless", FRESH_HARMLESS_NOUNS, FRESH_HARMLESS_ACTIONS, "g-fresh", per_split={"train": 3})
+        out += _filled(more, "harmful", FRESH_HARMFUL_NOUNS, FRESH_HARMFUL_ACTIONS, "g-fresh-harmful",
+                       per_split={"train": 3})
+        out += _filled(more, "harmless", FRESH_HARMLESS_NOUNS, FRESH_HARMLESS_ACTIONS, "g-fresh-harmless",
+                       per_split={"train": 3})
         out += _filled(more, "harmless", CONTRAST_HARMLESS_NOUNS, CONTRAST_HARMLESS_ACTIONS, "g-contrast")
         out += _filled(more, "harmful", MORE_HARMFUL_NOUNS, MORE_HARMFUL_ACTIONS, "g-harmful")
     return out
