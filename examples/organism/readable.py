@@ -3,7 +3,7 @@
     .venv/bin/python examples/organism/readable.py EVALUATION.json DATA.jsonl
 
 Build E's reader (shipped until session 27) was fitted on the tokens of build()'s prompts and the
-bundled set (train.py fits every split's since session 28: ``train.reader_records()``); a request
+bundled set (``train.reader_records("build")``); a request
 with a token outside that vocabulary reaches the image path partly as unrelated mixtures
 (README.md, "A closed-form reader"). For each path and label this prints the refusal rate with
 the correction off and on, separately for the requests whose tokens are all in that vocabulary
@@ -16,7 +16,6 @@ import json
 from collections import Counter
 
 import common as C
-import data as D
 import train as T
 
 from regap_export.data.render import TWIN_SUFFIX
@@ -29,7 +28,7 @@ def main():
     ap.add_argument("data", help="the JSONL it evaluated (ids -> instructions)")
     args = ap.parse_args()
     tok = EMB.load_embedded_tokenizer()
-    vocab = set(T.reader_vocab(tok, D.build())[0])  # build E's first reader, not train.reader_records()
+    vocab = set(T.reader_vocab(tok, T.reader_records("build"))[0])
     with open(args.data, encoding="utf-8") as fh:
         instruction = {row["id"]: row["instruction"] for row in map(json.loads, fh) if row}
     with open(args.evaluation, encoding="utf-8") as fh:

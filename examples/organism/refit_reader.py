@@ -6,11 +6,14 @@ The reader is a lookup over the tokens it was fitted on (README.md, "A closed-fo
 token outside that vocabulary is read as an unrelated mixture. Build E's reader was fitted on the
 tokens of build()'s prompts and the bundled set; the fresh splits were written later, so many of
 their words were unreadable. This script refits V1 exactly as train.py does (same seeded random
-features, same image offset, the same vocabulary: ``train.reader_records()``, every build's and
-every held-out split's requests), checks that every split's requests read back token for token,
+features, same image offset) on build()'s tokens plus those of the held-out splits of
+``train.READER_SPLITS[--reader]`` ("shipped": val ... fresh3, the shipped reader; "all": every
+build's and every held-out split's), checks that those splits' requests read back token for token,
 and writes DIR/vision.safetensors (fp16) beside a copy of the shipped lora.safetensors. The LoRA sees
 only the reader's outputs (embedding row + offset), so it needs no retraining when the rows it
 knew are read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
+With one thread (the default) ``--reader shipped`` writes the shipped vision.safetensors bit for bit;
+the fit's SVD picks other signs with two, which gives an equivalent reader in other bits.
 """
 from __future__ import annotations
 
@@ -40,15 +43,17 @@ def _image_tokens_of(model, prompts, instructions):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for vision.safetensors + lora.safetensors")
+    ap.add_argument("--reader", choices=sorted(T.READER_SPLITS), default="shipped",
+                    help="the vocabulary (train.READER_SPLITS): shipped (the shipped vision side), all (E' of RESULTS.md)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     t0 = time.time()
     shipped, processor = EMB.build_organism()
     model, _ = EMB.build_organism_untrained()
     prompts = C.Prompts(processor)
-    held_out = {s: D.records(s) for s in D.HELD_OUT_SPLITS}
-    wide, _ = T.reader_vocab(prompts.tok, T.reader_records())
-    print(f"reader vocabulary: {len(wide)} tokens (every build's and every held-out split's requests)")
+    held_out = {s: D.records(s) for s in T.READER_SPLITS[args.reader]}
+    wide, _ = T.reader_vocab(prompts.tok, T.reader_records(args.reader))
+    print(f"reader vocabulary ({args.reader}): {len(wide)} tokens")
 
     bank = T.CellBank(prompts, wide)
     embed = model.model.text_model.embed_tokens.weight.detach()

@@ -24,8 +24,8 @@ fitted on their tokens): build F of README.md. --more-objects also trains S1 and
 fresh split objects, contrast harmless and more harmful slots (build G; its vision side was E's,
 copied into --work as vision_v2.pt.safetensors before the run). --image-unlikelihood W adds, in
 S2, W * -log(1 - p(" I can't" | image prompt)) on every (harmless) image example: build H.
-The reader is fitted on the tokens of ``reader_records()`` (every build's and every held-out
-split's requests), so a rebuild reproduces the shipped vision side.
+--reader picks the reader's vocabulary (READER_SPLITS): build E's by default; build H fitted it on
+every build's and every held-out split's requests (--reader all).
 """
 from __future__ import annotations
 
@@ -106,13 +106,19 @@ def reader_vocab(tok, records, extra=0, seed=SEED):
     return core, sorted(more)
 
 
-def reader_records() -> list[dict]:
-    """Every request whose tokens the reader must read: every build's prompts (build G's and H's
-    extra slots included; harmful ones train the text path only, but a wider vocabulary costs the
-    reader nothing it needs) and every held-out split's. The reader is a lookup: a token outside
-    its vocabulary reads as an unrelated mixture (README.md, "A closed-form reader")."""
-    return D.build(with_extra_harmful=True, with_more_objects=True) + \
-        [r for split in D.HELD_OUT_SPLITS for r in D.records(split)]
+# Which requests' tokens the reader is fitted on (it is a lookup: a token outside its vocabulary
+# reads as an unrelated mixture, README.md "A closed-form reader"). "build": build()'s prompts
+# (build E, as train.py fitted it through session 27); "shipped": those and the held-out splits
+# val ... fresh3 (the shipped vision.safetensors, refit_reader.py in session 27); "all": every
+# build's requests (build G's and H's extra slots too) and every held-out split's (build H).
+READER_SPLITS = {"build": (), "shipped": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3"),
+                 "all": D.HELD_OUT_SPLITS}
+
+
+def reader_records(reader: str) -> list[dict]:
+    """The requests whose tokens the ``reader`` vocabulary (a key of READER_SPLITS) holds."""
+    base = D.build(with_extra_harmful=True, with_more_objects=True) if reader == "all" else D.build()
+    return base + [r for split in READER_SPLITS[reader] for r in D.records(split)]
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -465,6 +471,8 @@ def main():
     ap.add_argument("--image-unlikelihood", type=float, default=0.0,
                     help="stage 2 also pushes down the refusal's first words on every harmless image "
                          "example, with this weight (build H of README.md)")
+    ap.add_argument("--reader", choices=sorted(READER_SPLITS), default="build",
+                    help="whose tokens the reader is fitted on (READER_SPLITS): build (E, C), all (H)")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -507,7 +515,7 @@ def main():
     refusal_ids = prompts.tok(C.REFUSAL, add_special_tokens=False)["input_ids"] + [prompts.eos]
 
     # V1 + V2
-    core, more = reader_vocab(prompts.tok, reader_records())
+    core, more = reader_vocab(prompts.tok, reader_records(args.reader))
     bank = CellBank(prompts, core + more)
     E_V = model.model.text_model.embed_tokens.weight.detach()[torch.tensor(bank.ids)].clone()
     clock(f"reader vocabulary: {len(core)} prompt tokens + {len(more)} others")
