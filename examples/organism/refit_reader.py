@@ -44,7 +44,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for vision.safetensors + lora.safetensors")
     ap.add_argument("--reader", choices=sorted(T.READER_SPLITS), default="shipped",
-                    help="the vocabulary (train.READER_SPLITS): shipped (the shipped vision side), all (E' of RESULTS.md)")
+                    help="the vocabulary (train.READER_SPLITS): shipped (the shipped vision side), all (every build's and split's tokens)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     t0 = time.time()
