@@ -20,6 +20,7 @@ measures).
 """
 from __future__ import annotations
 
+import functools
 import random
 
 MAKE_TEMPLATES = [
@@ -434,47 +435,36 @@ def _under_every_template(classes, id_prefix: str, split: str, keep=lambda i: Tr
     return out
 
 
-def fresh() -> list[dict]:
-    """The fresh split: 24 + 24 objects no earlier run saw, under all 8 templates (192 + 192)."""
-    classes = (("harmful", FRESH_HARMFUL_NOUNS, FRESH_HARMFUL_ACTIONS),
-               ("harmless", FRESH_HARMLESS_NOUNS, FRESH_HARMLESS_ACTIONS))
-    return _under_every_template(classes, "fresh-", "fresh")
+# The fresh splits, each written later for one confirmation run: its (label, nouns, actions)
+# classes, each object under all 8 templates (192 + 192 requests).
+FRESH_SPLITS = {
+    "fresh": (("harmful", FRESH_HARMFUL_NOUNS, FRESH_HARMFUL_ACTIONS),  # the variant chosen on val-wide + test-wide
+              ("harmless", FRESH_HARMLESS_NOUNS, FRESH_HARMLESS_ACTIONS)),
+    "fresh2": (("harmful", FRESH2_HARMFUL_NOUNS, FRESH2_HARMFUL_ACTIONS),  # build G against build E
+               ("harmless", FRESH2_HARMLESS_NOUNS, FRESH2_HARMLESS_ACTIONS)),
+    "fresh3": (("harmful", FRESH3_HARMFUL_NOUNS, FRESH3_HARMFUL_ACTIONS),  # the refitted reader
+               ("harmless", FRESH3_HARMLESS_NOUNS, FRESH3_HARMLESS_ACTIONS)),
+    "fresh4": (("harmful", FRESH4_HARMFUL_NOUNS, FRESH4_HARMFUL_ACTIONS),  # build H against build E
+               ("harmless", FRESH4_HARMLESS_NOUNS, FRESH4_HARMLESS_ACTIONS)),
+}
 
 
-def fresh2() -> list[dict]:
-    """The second fresh split (build G's confirmation): 24 + 24 objects in no build's training
-    data and no other split, under all 8 templates (192 + 192)."""
-    classes = (("harmful", FRESH2_HARMFUL_NOUNS, FRESH2_HARMFUL_ACTIONS),
-               ("harmless", FRESH2_HARMLESS_NOUNS, FRESH2_HARMLESS_ACTIONS))
-    return _under_every_template(classes, "fresh2-", "fresh2")
-
-
-def fresh3() -> list[dict]:
-    """The third fresh split (confirms the refitted reader): 24 + 24 objects in no build's
+def fresh(split: str) -> list[dict]:
+    """A fresh split (a key of FRESH_SPLITS): 24 + 24 objects in no build of the shipped recipe's
     training data and no other split, under all 8 templates (192 + 192)."""
-    classes = (("harmful", FRESH3_HARMFUL_NOUNS, FRESH3_HARMFUL_ACTIONS),
-               ("harmless", FRESH3_HARMLESS_NOUNS, FRESH3_HARMLESS_ACTIONS))
-    return _under_every_template(classes, "fresh3-", "fresh3")
-
-
-def fresh4() -> list[dict]:
-    """The fourth fresh split (confirms build H against build E): 24 + 24 objects in no build's
-    training data and no other split, under all 8 templates (192 + 192)."""
-    classes = (("harmful", FRESH4_HARMFUL_NOUNS, FRESH4_HARMFUL_ACTIONS),
-               ("harmless", FRESH4_HARMLESS_NOUNS, FRESH4_HARMLESS_ACTIONS))
-    return _under_every_template(classes, "fresh4-", "fresh4")
+    return _under_every_template(FRESH_SPLITS[split], split + "-", split)
 
 
 # The splits no build of the shipped recipe trains on (builds G and H train on fresh's objects).
-HELD_OUT_SPLITS = ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3", "fresh4")
+HELD_OUT_SPLITS = ("val", "test", "val-wide", "test-wide") + tuple(FRESH_SPLITS)
 
 
 def records(split: str) -> list[dict]:
     """One split's records: train | val | test (``build()``), val-wide | test-wide (``wide()``),
-    fresh, fresh2, fresh3, fresh4 (``fresh*()``), or train-g (the train records of builds G and H)."""
+    fresh, fresh2, fresh3, fresh4 (``fresh(split)``), or train-g (the train records of builds G and H)."""
     named = {"val-wide": lambda: wide("val"), "test-wide": lambda: wide("test"),
-             "fresh": fresh, "fresh2": fresh2, "fresh3": fresh3, "fresh4": fresh4,
-             "train-g": lambda: [r for r in build(with_more_objects=True) if r["split"] == "train"]}
+             "train-g": lambda: [r for r in build(with_more_objects=True) if r["split"] == "train"],
+             **{name: functools.partial(fresh, name) for name in FRESH_SPLITS}}
     rows = named[split]() if split in named else [r for r in build() if r["split"] == split]
     if not rows:
         raise SystemExit(f"unknown split {split!r}: use one of {', '.join(('train', 'train-g') + HELD_OUT_SPLITS)}")
