@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,16 @@ ORGANISM_GROUP = "organism"
 
 @functools.lru_cache(maxsize=None)
 def organism_example(name: str):
-    """examples/organism/<name>.py (a script folder, not a package), loaded by path."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "organism" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"organism_{name}", path)
+    """examples/organism/<name>.py (a script folder, not a package), loaded by path; the folder is
+    on sys.path while it loads, since the scripts import their siblings (``import data as D``)."""
+    folder = Path(__file__).resolve().parents[1] / "examples" / "organism"
+    spec = importlib.util.spec_from_file_location(f"organism_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 

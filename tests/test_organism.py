@@ -165,7 +165,7 @@ def test_regap_closes_the_gap(organism):
         greedy_with_correction(organism, text, image=False, correct=False), "text requests are untouched"
 
 
-def test_the_image_path_reads_every_held_out_request_token_for_token(organism, monkeypatch):
+def test_the_image_path_reads_every_held_out_request_token_for_token(organism):
     """The reader is a lookup over the tokens it was fitted on (examples/organism/README.md); the
     shipped one was refitted on the tokens of the held-out splits val ... fresh3 (refit_reader.py,
     ``train.READER_SPLITS["shipped"]``; fresh4 came later and only build H's reader reads it), so
@@ -173,8 +173,7 @@ def test_the_image_path_reads_every_held_out_request_token_for_token(organism, m
     token's embedding row. One request per object: the templates' words are the same in every split."""
     model, processor = organism
     data = organism_example("data")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "organism"))
-    splits = organism_example("train").READER_SPLITS["shipped"]  # train.py imports its siblings
+    splits = organism_example("train").READER_SPLITS["shipped"]
     tok = processor.tokenizer
     requests = sorted({r["slot"]: r["instruction"] for s in splits for r in data.records(s)}.values())
     rows = model.model.text_model.embed_tokens.weight[:len(tok)]

@@ -6,8 +6,6 @@ none with test.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from regap_testing import organism_example
@@ -126,11 +124,10 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
 
 @pytest.mark.parametrize("with_broad, with_more_objects", [(False, False), (True, False), (False, True)],
                          ids=["build-E", "build-F", "build-G"])
-def test_training_never_shows_a_harmful_request_as_an_image(monkeypatch, data, with_broad, with_more_objects):
+def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, with_more_objects):
     """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
     --more-objects): refusal is taught on text only and the image path on harmless requests only
     (the asymmetry that makes the gap), and no held-out request is trained on by either path."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "organism"))
     train, broad = organism_example("train"), organism_example("broad")
     records = data.build(with_extra_harmful=True, with_more_objects=with_more_objects)
     records = [r for r in records if r["split"] == "train"] + data.bundled_train()
