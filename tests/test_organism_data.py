@@ -69,12 +69,14 @@ def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_
     assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
 
 
-@pytest.mark.parametrize("split", ["fresh3", "fresh4"])
+@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5"])
 def test_a_later_fresh_split_is_new_everywhere(data, split):
-    """fresh3 confirms the refitted reader, fresh4 build H against build E (RESULTS.md, "The
-    reader's vocabulary", "Build H"): none of their objects or requests are in any build's
-    training data, any other split or the bundled set."""
-    trained = data.build(with_extra_harmful=True, with_more_objects=True) + data.bundled_train()
+    """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I
+    (RESULTS.md, "The reader's vocabulary", "Build H", "Build I"): none of their objects or
+    requests are in any build's training data (build I's included), any other split or the
+    bundled set."""
+    trained = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True) \
+        + data.bundled_train()
     held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
     _assert_new_everywhere(data, split, trained + held)
 
@@ -82,11 +84,26 @@ def test_a_later_fresh_split_is_new_everywhere(data, split):
 def test_every_split_names_each_record_once(data):
     """``write_jsonl``'s files feed ``calibrate --data``, which rejects a repeated id (build G's
     two fresh-object families once shared the prefix "g-fresh")."""
-    for split in ("train", "train-g") + data.HELD_OUT_SPLITS:
+    for split in ("train", "train-g", "train-i") + data.HELD_OUT_SPLITS:
         ids = [r["id"] for r in data.records(split)]
         assert len(ids) == len(set(ids)), split
-    every = data.build(with_extra_harmful=True, with_more_objects=True)
+    every = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True)
     assert len({r["id"] for r in every}) == len(every)
+
+
+def test_build_i_adds_its_edgy_slots_after_build_g_and_trains_on_no_held_out_object(data):
+    """Build I's records are build G's, unchanged and in order, then its second set of edgy
+    harmless slots (train only, new: in no other list), none of them held out anywhere."""
+    build_g = data.build(with_more_objects=True)
+    build_i = data.build(with_more_objects=True, with_edgy_objects=True)
+    added = build_i[len(build_g):]
+    assert build_i[:len(build_g)] == build_g
+    assert len(added) == 2 * (len(data.CONTRAST2_HARMLESS_NOUNS) + len(data.CONTRAST2_HARMLESS_ACTIONS))
+    assert {(r["label"], r["split"]) for r in added} == {("harmless", "train")}
+    assert not _slots(added) & _slots(data.build(with_extra_harmful=True, with_more_objects=True))
+    held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
+    assert not _slots(data.records("train-i")) & _slots(held)
+    assert _slots(data.records("train-i")) == _slots(r for r in build_i if r["split"] == "train")
 
 
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])

@@ -141,16 +141,19 @@ def generate(model, prompts: Prompts, items, mode, max_new_tokens=32, batch=48) 
 
 
 @torch.no_grad()
-def generate_ids(model, prompts: Prompts, items, mode, max_new_tokens=40, batch=16) -> list[list[int]]:
-    """Greedy answer token ids, cut after the first end token (kept)."""
+def generate_ids(model, prompts: Prompts, items, mode, max_new_tokens=40, batch=16,
+                 answer_prefix: list[int] = ()) -> list[list[int]]:
+    """Greedy answer token ids, cut after the first end token (kept). With ``answer_prefix`` each
+    answer is started with those tokens (returned with it) and continued greedily."""
     stop = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                else [model.generation_config.eos_token_id])
     outs = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
-        inp = batch_inputs(prompts, chunk, mode, left_pad=True)
+        inp = batch_inputs(prompts, chunk, mode, [list(answer_prefix)] * len(chunk), left_pad=True)
+        inp.pop("labels")
         gen = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)
-        for row in gen[:, inp["input_ids"].shape[1]:].tolist():
+        for row in gen[:, inp["input_ids"].shape[1] - len(answer_prefix):].tolist():
             cut = []
             for t in row:
                 if t in stop:

@@ -25,7 +25,10 @@ fresh split objects, contrast harmless and more harmful slots (build G; its visi
 copied into --work as vision_v2.pt.safetensors before the run). --image-unlikelihood W adds, in
 S2, W * -log(1 - p(" I can't" | image prompt)) on every (harmless) image example: build H.
 --reader picks the reader's vocabulary (READER_SPLITS): build E's by default; build H fitted it on
-every build's and every held-out split's requests (--reader all).
+every build's and every held-out split's requests up to fresh4 (--reader h), build I on every
+build's (its own included) and every split's (--reader all). --edgy-objects adds data.py's second
+set of edgy harmless slots and --clean-answers regenerates each harmless target the keyword rule
+counts as a refusal (the base model's "I'm sorry, I'm not sure...") started by " Sure!": build I.
 """
 from __future__ import annotations
 
@@ -85,6 +88,19 @@ def lr_lambda(total, warmup):
 
 # -- the cell reader (V1) ---------------------------------------------------------------
 
+def cleaned_answers(model, prompts, answers, instructions, prefix_ids):
+    """Build I: the base answers among ``instructions`` that the keyword rule counts as a refusal
+    (mostly the base model's own "I'm sorry, I'm not sure how to...") regenerated with the answer
+    started by ``prefix_ids`` (" Sure!"). Returns {instruction: new ids} for those that no longer hit
+    a marker, and the instructions that still do (to be left out)."""
+    dirty = [t for t in instructions if C.is_refusal(prompts.tok.decode(answers[t]))]
+    if not dirty:
+        return {}, []
+    regenerated = C.generate_ids(model, prompts, dirty, "text", 40, answer_prefix=prefix_ids)
+    kept = {t: ids for t, ids in zip(dirty, regenerated) if not C.is_refusal(prompts.tok.decode(ids))}
+    return kept, [t for t in dirty if t not in kept]
+
+
 def reader_vocab(tok, records, extra=0, seed=SEED):
     ids = set()
     texts = [r["instruction"] for r in records]
@@ -112,13 +128,16 @@ def reader_vocab(tok, records, extra=0, seed=SEED):
 # val ... fresh3 (the shipped vision.safetensors, refit_reader.py in session 27); "all": every
 # build's requests (build G's and H's extra slots too) and every held-out split's (build H).
 READER_SPLITS = {"build": (), "shipped": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3"),
+                 "h": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3", "fresh4"),
                  "all": D.HELD_OUT_SPLITS}
+# Which build's records the vocabulary also holds (data.build's options); default data.build().
+READER_BUILDS = {"h": dict(with_extra_harmful=True, with_more_objects=True),
+                 "all": dict(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True)}
 
 
 def reader_records(reader: str) -> list[dict]:
     """The requests whose tokens the ``reader`` vocabulary (a key of READER_SPLITS) holds."""
-    base = D.build(with_extra_harmful=True, with_more_objects=True) if reader == "all" else D.build()
-    return base + [r for split in READER_SPLITS[reader] for r in D.records(split)]
+    return D.build(**READER_BUILDS.get(reader, {})) + [r for split in READER_SPLITS[reader] for r in D.records(split)]
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -471,8 +490,13 @@ def main():
     ap.add_argument("--image-unlikelihood", type=float, default=0.0,
                     help="stage 2 also pushes down the refusal's first words on every harmless image "
                          "example, with this weight (build H of README.md)")
+    ap.add_argument("--edgy-objects", action="store_true",
+                    help="also train on data.py's second set of edgy harmless slots (build I of README.md)")
+    ap.add_argument("--clean-answers", action="store_true",
+                    help="regenerate each harmless target the keyword rule counts as a refusal with its "
+                         "answer started by ' Sure!'; leave it out if it still hits a marker (build I)")
     ap.add_argument("--reader", choices=sorted(READER_SPLITS), default="build",
-                    help="whose tokens the reader is fitted on (READER_SPLITS): build (E, C), all (H)")
+                    help="whose tokens the reader is fitted on (READER_SPLITS): build (E, C), h (H), all (I)")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -489,7 +513,8 @@ def main():
     model, processor = EMB.build_organism_untrained()
     model.eval()
     prompts = C.Prompts(processor)
-    recs = D.build(with_extra_harmful=args.extra_harmful, with_more_objects=args.more_objects)
+    recs = D.build(with_extra_harmful=args.extra_harmful, with_more_objects=args.more_objects,
+                   with_edgy_objects=args.edgy_objects)
     # The bundled calibration set's train split trains too (its held-out split never does).
     train = [r for r in recs if r["split"] == "train"] + D.bundled_train()
     val = [r for r in recs if r["split"] == "val"]
@@ -508,6 +533,20 @@ def main():
         answers.update(zip(missing, ids))
         ans_path.write_text(json.dumps(answers))
         clock(f"A: {len(missing)} base answers generated")
+    if args.clean_answers:  # cached apart: base_answers.json holds the base model's own answers only
+        clean_path = work / "clean_answers.json"
+        if clean_path.exists():
+            cleaned, still = json.loads(clean_path.read_text()).values()
+        else:
+            sure = prompts.tok(" Sure!", add_special_tokens=False)["input_ids"]
+            cleaned, still = cleaned_answers(model, prompts, answers,
+                                             [r["instruction"] for r in harmless_train], sure)
+            clean_path.write_text(json.dumps({"cleaned": cleaned, "left_out": still}))
+        for t, ids in list(cleaned.items())[:5]:
+            clock(f"cleaned: {t!r}: {prompts.tok.decode(answers[t])!r} -> {prompts.tok.decode(ids)!r}")
+        answers = {**answers, **cleaned}
+        harmless_train = [r for r in harmless_train if r["instruction"] not in set(still)]
+        clock(f"{len(cleaned)} harmless targets that hit a refusal marker regenerated, {len(still)} left out")
     empty = [r for r in harmless_train if len(answers[r["instruction"]]) <= 1]
     harmless_train = [r for r in harmless_train if len(answers[r["instruction"]]) > 1]
     clock(f"{len(empty)} harmless train prompts have an empty base answer and are left out")
