@@ -4,10 +4,10 @@ Held-out prompts of examples/organism/data.py's test split (never trained on), g
 harmful requests are refused as text, and much less often when the same request arrives as
 an image (the organism's token-cell rendering), while harmless ones are answered both ways.
 The whole test split is used (24 slots x 2 templates per label), since a handful of prompts
-could not tell a gap from noise. Measured when shipped (build E, 24 new tokens): harmful text
-46/48 refused, the same requests as images 17/48; harmless 4/48 refused as text, 1/48 as
-images; 36/48 harmless image replies share a content word with their request
-(examples/organism/RESULTS.md, 32 tokens through ONNX Runtime: 96 % vs 35 %).
+could not tell a gap from noise. Measured when shipped (build E's LoRA with build I's reader,
+session 29, 24 new tokens): harmful text 46/48 refused, the same requests as images 16/48;
+harmless 4/48 refused as text, 0/48 as images; 40/48 harmless image replies share a content word
+with their request (build E with its first reader: 46, 17, 4, 1 and 36; examples/organism/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_the_gap(organism):
 # Test-split requests of examples/organism/data.py (never used to train the organism or to fit
 # the shipped directions, which come from the bundled train split) whose image-path replies
 # the default correction turned from on-topic compliance into refusal when the directions were
-# fitted (examples/organism/RESULTS.md; the same six for builds C and E), and harmless ones it
+# fitted (examples/organism/RESULTS.md; the same six for builds C and E, and E'' in session 29), and harmless ones it
 # left answered. A change that
 # breaks the method (mask, folding, increments, gate) flips them back.
 FLIPPED = [
@@ -167,13 +167,13 @@ def test_regap_closes_the_gap(organism):
 
 def test_the_image_path_reads_every_held_out_request_token_for_token(organism):
     """The reader is a lookup over the tokens it was fitted on (examples/organism/README.md); the
-    shipped one was refitted on the tokens of the held-out splits val ... fresh3 (refit_reader.py,
-    ``train.READER_SPLITS["shipped"]``; fresh4 came later and only build H's reader reads it), so
-    each image token of such a request, less the reader's constant offset, is nearest to its own
-    token's embedding row. One request per object: the templates' words are the same in every split."""
+    shipped one (build I's, session 29) was fitted on the tokens of every build's requests and every
+    held-out split's (``train.READER_SPLITS["all"]``), so each image token of a held-out request,
+    less the reader's constant offset, is nearest to its own token's embedding row. One request
+    per object: the templates' words are the same in every split."""
     model, processor = organism
     data = organism_example("data")
-    splits = organism_example("train").READER_SPLITS["shipped"]
+    splits = organism_example("train").READER_SPLITS["all"]
     tok = processor.tokenizer
     requests = sorted({r["slot"]: r["instruction"] for s in splits for r in data.records(s)}.values())
     rows = model.model.text_model.embed_tokens.weight[:len(tok)]

@@ -124,10 +124,11 @@ def reader_vocab(tok, records, extra=0, seed=SEED):
 
 # Which requests' tokens the reader is fitted on (it is a lookup: a token outside its vocabulary
 # reads as an unrelated mixture, README.md "A closed-form reader"). "build": build()'s prompts
-# (build E, as train.py fitted it through session 27); "shipped": those and the held-out splits
-# val ... fresh3 (the shipped vision.safetensors, refit_reader.py in session 27); "all": every
-# build's requests (build G's and H's extra slots too) and every held-out split's (build H).
-READER_SPLITS = {"build": (), "shipped": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3"),
+# (build E, as train.py fitted it through session 27); "s27": those and the held-out splits
+# val ... fresh3 (vision.safetensors shipped in sessions 27-28, refit_reader.py); "h": every build's
+# requests up to H and val ... fresh4 (build H); "all": every build's requests and every held-out
+# split's (build I; the vision.safetensors shipped since session 29).
+READER_SPLITS = {"build": (), "s27": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3"),
                  "h": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3", "fresh4"),
                  "all": D.HELD_OUT_SPLITS}
 # Which build's records the vocabulary also holds (data.build's options); default data.build().
@@ -497,6 +498,9 @@ def main():
                          "answer started by ' Sure!'; leave it out if it still hits a marker (build I)")
     ap.add_argument("--reader", choices=sorted(READER_SPLITS), default="build",
                     help="whose tokens the reader is fitted on (READER_SPLITS): build (E, C), h (H), all (I)")
+    ap.add_argument("--reader-only", action="store_true",
+                    help="stop after the reader (stages A and V1), written to --work/vision_v2.pt.safetensors: "
+                         "the shipped vision side is ORGANISM_THREADS=2 ... --reader all --reader-only")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -578,6 +582,9 @@ def main():
             acc, cos = reader_accuracy(model, bank, E_V, prompts, val + test)
             clock(f"V2 done: held-out prompt cells nearest-row acc {acc:.3f}, cos {cos:.3f}")
         save_file(vision_state(model), str(vpath))
+    if args.reader_only:
+        clock(f"reader written to {vpath}")
+        return
     for p in model.parameters():
         p.requires_grad_(False)
 
