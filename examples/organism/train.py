@@ -86,8 +86,6 @@ def lr_lambda(total, warmup):
     return f
 
 
-# -- the cell reader (V1) ---------------------------------------------------------------
-
 def cleaned_answers(model, prompts, answers, instructions, prefix_ids):
     """Build I: the base answers among ``instructions`` that the keyword rule counts as a refusal
     (mostly the base model's own "I'm sorry, I'm not sure how to...") regenerated with the answer
@@ -100,6 +98,8 @@ def cleaned_answers(model, prompts, answers, instructions, prefix_ids):
     kept = {t: ids for t, ids in zip(dirty, regenerated) if not C.is_refusal(prompts.tok.decode(ids))}
     return kept, [t for t in dirty if t not in kept]
 
+
+# -- the cell reader (V1) ---------------------------------------------------------------
 
 def reader_vocab(tok, records, extra=0, seed=SEED):
     ids = set()
@@ -537,15 +537,9 @@ def main():
         answers.update(zip(missing, ids))
         ans_path.write_text(json.dumps(answers))
         clock(f"A: {len(missing)} base answers generated")
-    if args.clean_answers:  # cached apart: base_answers.json holds the base model's own answers only
-        clean_path = work / "clean_answers.json"
-        if clean_path.exists():
-            cleaned, still = json.loads(clean_path.read_text()).values()
-        else:
-            sure = prompts.tok(" Sure!", add_special_tokens=False)["input_ids"]
-            cleaned, still = cleaned_answers(model, prompts, answers,
-                                             [r["instruction"] for r in harmless_train], sure)
-            clean_path.write_text(json.dumps({"cleaned": cleaned, "left_out": still}))
+    if args.clean_answers:  # not cached: base_answers.json holds the base model's own answers only
+        sure = prompts.tok(" Sure!", add_special_tokens=False)["input_ids"]
+        cleaned, still = cleaned_answers(model, prompts, answers, [r["instruction"] for r in harmless_train], sure)
         for t, ids in list(cleaned.items())[:5]:
             clock(f"cleaned: {t!r}: {prompts.tok.decode(answers[t])!r} -> {prompts.tok.decode(ids)!r}")
         answers = {**answers, **cleaned}
