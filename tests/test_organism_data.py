@@ -139,14 +139,16 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
 
 
-@pytest.mark.parametrize("with_broad, with_more_objects", [(False, False), (True, False), (False, True)],
-                         ids=["build-E", "build-F", "build-G"])
-def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, with_more_objects):
+@pytest.mark.parametrize("with_broad, with_more_objects, with_edgy_objects",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
+                         ids=["build-E", "build-F", "build-G", "build-I"])
+def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, with_more_objects, with_edgy_objects):
     """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
-    --more-objects): refusal is taught on text only and the image path on harmless requests only
-    (the asymmetry that makes the gap), and no held-out request is trained on by either path."""
+    --more-objects, build I with --edgy-objects too): refusal is taught on text only and the image
+    path on harmless requests only (the asymmetry that makes the gap), and no held-out request is
+    trained on by either path."""
     train, broad = organism_example("train"), organism_example("broad")
-    records = data.build(with_extra_harmful=True, with_more_objects=with_more_objects)
+    records = data.build(with_extra_harmful=True, with_more_objects=with_more_objects, with_edgy_objects=with_edgy_objects)
     records = [r for r in records if r["split"] == "train"] + data.bundled_train()
     harmful = [r for r in records if r["label"] == "harmful"]
     harmless = [r for r in records if r["label"] == "harmless"]
@@ -169,5 +171,31 @@ def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, wi
     trained = {text for text, _, _ in stage2}
     assert (set(broad.BROAD_HARMFUL) <= trained) == with_broad
     assert broad.BROAD_HARMLESS[0] not in trained
-    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide", "fresh2") for r in data.records(split)}
+    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide", "fresh2", "fresh3", "fresh4", "fresh5")
+            for r in data.records(split)}
     assert not trained & (held | {text for text, _ in broad.BROAD_VAL})
+
+
+def test_cleaning_regenerates_only_the_targets_that_hit_a_marker_and_leaves_out_what_still_does(monkeypatch):
+    """train.py --clean-answers (build I): a harmless target the keyword rule counts as a refusal
+    is regenerated with the given answer start; one whose regeneration still hits a marker is left
+    out; a clean target is never regenerated."""
+    from types import SimpleNamespace
+
+    train = organism_example("train")
+    words = {0: "I'm sorry, I'm not sure how to help.", 1: "Here is how.", 2: "I can't help with that.",
+             3: "Sure! First, preheat the oven.", 4: "Sure! I'm sorry, I cannot."}
+    prompts = SimpleNamespace(tok=SimpleNamespace(decode=lambda ids: " ".join(words[i] for i in ids)))
+    calls = []
+
+    def regenerate(model, prompts, items, mode, max_new_tokens, answer_prefix):
+        calls.append((list(items), mode, list(answer_prefix)))
+        return [{"bake": [3], "fish": [4]}[item] for item in items]
+
+    monkeypatch.setattr(train.C, "generate_ids", regenerate)
+    answers = {"bake": [0], "knit": [1], "fish": [2]}
+    cleaned, left_out = train.cleaned_answers(None, prompts, answers, ["bake", "knit", "fish"], [9])
+    assert calls == [(["bake", "fish"], "text", [9])]
+    assert cleaned == {"bake": [3]} and left_out == ["fish"]
+    monkeypatch.setattr(train.C, "generate_ids", lambda *a, **k: pytest.fail("nothing to clean"))
+    assert train.cleaned_answers(None, prompts, {"knit": [1]}, ["knit"], [9]) == ({}, [])
