@@ -171,8 +171,7 @@ def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, wi
     trained = {text for text, _, _ in stage2}
     assert (set(broad.BROAD_HARMFUL) <= trained) == with_broad
     assert broad.BROAD_HARMLESS[0] not in trained
-    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide", "fresh2", "fresh3", "fresh4", "fresh5")
-            for r in data.records(split)}
+    held = {r["instruction"] for split in data.HELD_OUT_SPLITS if split != "fresh" for r in data.records(split)}  # G trains on fresh
     assert not trained & (held | {text for text, _ in broad.BROAD_VAL})
 
 

@@ -526,14 +526,18 @@ def fresh(split: str) -> list[dict]:
 HELD_OUT_SPLITS = ("val", "test", "val-wide", "test-wide") + tuple(FRESH_SPLITS)
 
 
+def _trained(**build_options) -> list[dict]:
+    """``build(**build_options)``'s train records."""
+    return [r for r in build(**build_options) if r["split"] == "train"]
+
+
 def records(split: str) -> list[dict]:
     """One split's records: train | val | test (``build()``), val-wide | test-wide (``wide()``),
     fresh .. fresh5 (``fresh(split)``), train-g (the train records of builds G and H) or train-i
     (build I's)."""
     named = {"val-wide": lambda: wide("val"), "test-wide": lambda: wide("test"),
-             "train-g": lambda: [r for r in build(with_more_objects=True) if r["split"] == "train"],
-             "train-i": lambda: [r for r in build(with_more_objects=True, with_edgy_objects=True)
-                                 if r["split"] == "train"],
+             "train-g": functools.partial(_trained, with_more_objects=True),
+             "train-i": functools.partial(_trained, with_more_objects=True, with_edgy_objects=True),
              **{name: functools.partial(fresh, name) for name in FRESH_SPLITS}}
     rows = named[split]() if split in named else [r for r in build() if r["split"] == split]
     if not rows:

@@ -7,7 +7,7 @@ token outside that vocabulary is read as an unrelated mixture. Build E's reader 
 tokens of build()'s prompts and the bundled set; the fresh splits were written later, so many of
 their words were unreadable. This script refits V1 exactly as train.py does (same seeded random
 features, same image offset) on build()'s tokens plus those of the held-out splits of
-``train.READER_SPLITS[--reader]`` ("s27": val ... fresh3, the reader shipped in sessions 27-28; "h":
+``train.READERS[--reader]`` ("s27": val ... fresh3, the reader shipped in sessions 27-28; "h":
 build H's, every build's up to H and val ... fresh4; "all": every build's and every held-out
 split's), checks that those splits' requests read back token for token,
 and writes DIR/vision.safetensors (fp16) beside a copy of the shipped lora.safetensors. The LoRA sees
@@ -46,15 +46,15 @@ def _image_tokens_of(model, prompts, instructions):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for vision.safetensors + lora.safetensors")
-    ap.add_argument("--reader", choices=sorted(T.READER_SPLITS), default="s27",
-                    help="the vocabulary (train.READER_SPLITS): s27 (session 27's vision side), h (build H's), all (every build's and split's tokens)")
+    ap.add_argument("--reader", choices=sorted(T.READERS), default="s27",
+                    help="the vocabulary (train.READERS): s27 (session 27's vision side), h (build H's), all (every build's and split's tokens)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     t0 = time.time()
     shipped, processor = EMB.build_organism()
     model, _ = EMB.build_organism_untrained()
     prompts = C.Prompts(processor)
-    held_out = {s: D.records(s) for s in T.READER_SPLITS[args.reader]}
+    held_out = {s: D.records(s) for s in T.READERS[args.reader].splits}
     wide, _ = T.reader_vocab(prompts.tok, T.reader_records(args.reader))
     print(f"reader vocabulary ({args.reader}): {len(wide)} tokens")
 

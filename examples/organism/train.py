@@ -24,7 +24,7 @@ fitted on their tokens): build F of README.md. --more-objects also trains S1 and
 fresh split objects, contrast harmless and more harmful slots (build G; its vision side was E's,
 copied into --work as vision_v2.pt.safetensors before the run). --image-unlikelihood W adds, in
 S2, W * -log(1 - p(" I can't" | image prompt)) on every (harmless) image example: build H.
---reader picks the reader's vocabulary (READER_SPLITS): build E's by default; build H fitted it on
+--reader picks the reader's vocabulary (READERS): build E's by default; build H fitted it on
 every build's and every held-out split's requests up to fresh4 (--reader h), build I on every
 build's (its own included) and every split's (--reader all). --edgy-objects adds data.py's second
 set of edgy harmless slots and --clean-answers regenerates each harmless target the keyword rule
@@ -40,6 +40,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -122,23 +123,34 @@ def reader_vocab(tok, records, extra=0, seed=SEED):
     return core, sorted(more)
 
 
-# Which requests' tokens the reader is fitted on (it is a lookup: a token outside its vocabulary
-# reads as an unrelated mixture, README.md "A closed-form reader"). "build": build()'s prompts
-# (build E, as train.py fitted it through session 27); "s27": those and the held-out splits
-# val ... fresh3 (vision.safetensors shipped in sessions 27-28, refit_reader.py); "h": every build's
-# requests up to H and val ... fresh4 (build H); "all": every build's requests and every held-out
-# split's (build I; the vision.safetensors shipped since session 29).
-READER_SPLITS = {"build": (), "s27": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3"),
-                 "h": ("val", "test", "val-wide", "test-wide", "fresh", "fresh2", "fresh3", "fresh4"),
-                 "all": D.HELD_OUT_SPLITS}
-# Which build's records the vocabulary also holds (data.build's options); default data.build().
-READER_BUILDS = {"h": dict(with_extra_harmful=True, with_more_objects=True),
-                 "all": dict(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True)}
+def _held_out_through(last: str) -> tuple[str, ...]:
+    """data.HELD_OUT_SPLITS up to and including ``last`` (the splits written by then)."""
+    return D.HELD_OUT_SPLITS[:D.HELD_OUT_SPLITS.index(last) + 1]
+
+
+class ReaderVocabulary(NamedTuple):
+    """Whose requests' tokens a reader is fitted on: ``data.build(**build_options)``'s and those of
+    the held-out ``splits``."""
+    build_options: dict
+    splits: tuple[str, ...]
+
+
+# The reader is a lookup: a token outside its vocabulary reads as an unrelated mixture (README.md,
+# "A closed-form reader"). "build": build()'s prompts (build E, as train.py fitted it through
+# session 27); "s27": those and val ... fresh3 (vision.safetensors shipped in sessions 27-28,
+# refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "all": every
+# build's requests and every held-out split's (build I; the vision.safetensors shipped since session 29).
+_BUILD_H = dict(with_extra_harmful=True, with_more_objects=True)
+READERS = {"build": ReaderVocabulary({}, ()),
+           "s27": ReaderVocabulary({}, _held_out_through("fresh3")),
+           "h": ReaderVocabulary(_BUILD_H, _held_out_through("fresh4")),
+           "all": ReaderVocabulary({**_BUILD_H, "with_edgy_objects": True}, D.HELD_OUT_SPLITS)}
 
 
 def reader_records(reader: str) -> list[dict]:
-    """The requests whose tokens the ``reader`` vocabulary (a key of READER_SPLITS) holds."""
-    return D.build(**READER_BUILDS.get(reader, {})) + [r for split in READER_SPLITS[reader] for r in D.records(split)]
+    """The requests whose tokens the ``reader`` vocabulary (a key of READERS) holds."""
+    vocabulary = READERS[reader]
+    return D.build(**vocabulary.build_options) + [r for split in vocabulary.splits for r in D.records(split)]
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -496,8 +508,8 @@ def main():
     ap.add_argument("--clean-answers", action="store_true",
                     help="regenerate each harmless target the keyword rule counts as a refusal with its "
                          "answer started by ' Sure!'; leave it out if it still hits a marker (build I)")
-    ap.add_argument("--reader", choices=sorted(READER_SPLITS), default="build",
-                    help="whose tokens the reader is fitted on (READER_SPLITS): build (E, C), h (H), all (I)")
+    ap.add_argument("--reader", choices=sorted(READERS), default="build",
+                    help="whose tokens the reader is fitted on (READERS): build (E, C), h (H), all (I)")
     ap.add_argument("--reader-only", action="store_true",
                     help="stop after the reader (stages A and V1), written to --work/vision_v2.pt.safetensors: "
                          "the shipped vision side is ORGANISM_THREADS=2 ... --reader all --reader-only")
@@ -543,7 +555,8 @@ def main():
         for t, ids in list(cleaned.items())[:5]:
             clock(f"cleaned: {t!r}: {prompts.tok.decode(answers[t])!r} -> {prompts.tok.decode(ids)!r}")
         answers = {**answers, **cleaned}
-        harmless_train = [r for r in harmless_train if r["instruction"] not in set(still)]
+        left_out = set(still)
+        harmless_train = [r for r in harmless_train if r["instruction"] not in left_out]
         clock(f"{len(cleaned)} harmless targets that hit a refusal marker regenerated, {len(still)} left out")
     empty = [r for r in harmless_train if len(answers[r["instruction"]]) <= 1]
     harmless_train = [r for r in harmless_train if len(answers[r["instruction"]]) > 1]
