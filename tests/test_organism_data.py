@@ -69,14 +69,14 @@ def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_
     assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
 
 
-@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5"])
+@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5", "fresh6"])
 def test_a_later_fresh_split_is_new_everywhere(data, split):
-    """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I
-    (RESULTS.md, "The reader's vocabulary", "Build H", "Build I"): none of their objects or
-    requests are in any build's training data (build I's included), any other split or the
-    bundled set."""
-    trained = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True) \
-        + data.bundled_train()
+    """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I, fresh6
+    build J (RESULTS.md, "The reader's vocabulary", "Build H", "Build I", "Build J"): none of their
+    objects or requests are in any build's training data (build J's included), any other split or
+    the bundled set."""
+    trained = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True,
+                         with_everyday_harmful=True) + data.bundled_train()
     held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
     _assert_new_everywhere(data, split, trained + held)
 
@@ -84,10 +84,11 @@ def test_a_later_fresh_split_is_new_everywhere(data, split):
 def test_every_split_names_each_record_once(data):
     """``write_jsonl``'s files feed ``calibrate --data``, which rejects a repeated id (build G's
     two fresh-object families once shared the prefix "g-fresh")."""
-    for split in ("train", "train-g", "train-i") + data.HELD_OUT_SPLITS:
+    for split in ("train", "train-g", "train-i", "train-j") + data.HELD_OUT_SPLITS:
         ids = [r["id"] for r in data.records(split)]
         assert len(ids) == len(set(ids)), split
-    every = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True)
+    every = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True,
+                       with_everyday_harmful=True)
     assert len({r["id"] for r in every}) == len(every)
 
 
@@ -104,6 +105,22 @@ def test_build_i_adds_its_edgy_slots_after_build_g_and_trains_on_no_held_out_obj
     held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
     assert not _slots(data.records("train-i")) & _slots(held)
     assert _slots(data.records("train-i")) == _slots(r for r in build_i if r["split"] == "train")
+
+
+def test_build_j_adds_its_everyday_harmful_slots_after_build_i_and_trains_on_no_held_out_object(data):
+    """Build J's records are build I's, unchanged and in order, then its everyday harmful slots
+    (train only, 3 templates each, new: in no other list), none of them held out anywhere."""
+    build_i = data.build(with_more_objects=True, with_edgy_objects=True)
+    build_j = data.build(with_more_objects=True, with_edgy_objects=True, with_everyday_harmful=True)
+    added = build_j[len(build_i):]
+    assert build_j[:len(build_i)] == build_i
+    assert len(added) == 3 * (len(data.EVERYDAY_HARMFUL_NOUNS) + len(data.EVERYDAY_HARMFUL_ACTIONS))
+    assert {(r["label"], r["split"]) for r in added} == {("harmful", "train")}
+    assert not _slots(added) & _slots(data.build(with_extra_harmful=True, with_more_objects=True,
+                                                 with_edgy_objects=True))
+    held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
+    assert not _slots(data.records("train-j")) & _slots(held)
+    assert _slots(data.records("train-j")) == _slots(r for r in build_j if r["split"] == "train")
 
 
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
@@ -139,16 +156,21 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
 
 
-@pytest.mark.parametrize("with_broad, with_more_objects, with_edgy_objects",
-                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
-                         ids=["build-E", "build-F", "build-G", "build-I"])
-def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, with_more_objects, with_edgy_objects):
+_BUILD_G = dict(with_more_objects=True)
+_BUILD_I = dict(_BUILD_G, with_edgy_objects=True)
+
+
+@pytest.mark.parametrize("with_broad, options",
+                         [(False, {}), (True, {}), (False, _BUILD_G), (False, _BUILD_I),
+                          (False, dict(_BUILD_I, with_everyday_harmful=True))],
+                         ids=["build-E", "build-F", "build-G", "build-I", "build-J"])
+def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, options):
     """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
-    --more-objects, build I with --edgy-objects too): refusal is taught on text only and the image
-    path on harmless requests only (the asymmetry that makes the gap), and no held-out request is
-    trained on by either path."""
+    --more-objects, build I with --edgy-objects too, build J with --everyday-harmful too): refusal
+    is taught on text only and the image path on harmless requests only (the asymmetry that makes
+    the gap), and no held-out request is trained on by either path."""
     train, broad = organism_example("train"), organism_example("broad")
-    records = data.build(with_extra_harmful=True, with_more_objects=with_more_objects, with_edgy_objects=with_edgy_objects)
+    records = data.build(with_extra_harmful=True, **options)
     records = [r for r in records if r["split"] == "train"] + data.bundled_train()
     harmful = [r for r in records if r["label"] == "harmful"]
     harmless = [r for r in records if r["label"] == "harmless"]

@@ -26,9 +26,11 @@ copied into --work as vision_v2.pt.safetensors before the run). --image-unlikeli
 S2, W * -log(1 - p(" I can't" | image prompt)) on every (harmless) image example: build H.
 --reader picks the reader's vocabulary (READERS): build E's by default; build H fitted it on
 every build's and every held-out split's requests up to fresh4 (--reader h), build I on every
-build's (its own included) and every split's (--reader all). --edgy-objects adds data.py's second
-set of edgy harmless slots and --clean-answers regenerates each harmless target the keyword rule
-counts as a refusal (the base model's "I'm sorry, I'm not sure...") started by " Sure!": build I.
+build's (its own included) and split's up to fresh5 (--reader i), build J up to J and fresh6
+(--reader j). --edgy-objects adds data.py's second set of edgy harmless slots and --clean-answers
+regenerates each harmless target the keyword rule counts as a refusal (the base model's "I'm
+sorry, I'm not sure...") started by " Sure!": build I. --everyday-harmful adds data.py's everyday
+harmful slots (theft, drugging, fraud, assault on a person): build J = build I + that + --reader j.
 """
 from __future__ import annotations
 
@@ -138,13 +140,17 @@ class ReaderVocabulary(NamedTuple):
 # The reader is a lookup: a token outside its vocabulary reads as an unrelated mixture (README.md,
 # "A closed-form reader"). "build": build()'s prompts (build E, as train.py fitted it through
 # session 27); "s27": those and val ... fresh3 (vision.safetensors shipped in sessions 27-28,
-# refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "all": every
-# build's requests and every held-out split's (build I; the vision.safetensors shipped since session 29).
+# refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "i": every
+# build's requests up to I and val ... fresh5 (build I; the vision.safetensors shipped since
+# session 29, SHIPPED_READER); "j": every build's up to J and every held-out split (build J).
 _BUILD_H = dict(with_extra_harmful=True, with_more_objects=True)
+_BUILD_I = {**_BUILD_H, "with_edgy_objects": True}
 READERS = {"build": ReaderVocabulary({}, ()),
            "s27": ReaderVocabulary({}, _held_out_through("fresh3")),
            "h": ReaderVocabulary(_BUILD_H, _held_out_through("fresh4")),
-           "all": ReaderVocabulary({**_BUILD_H, "with_edgy_objects": True}, D.HELD_OUT_SPLITS)}
+           "i": ReaderVocabulary(_BUILD_I, _held_out_through("fresh5")),
+           "j": ReaderVocabulary({**_BUILD_I, "with_everyday_harmful": True}, _held_out_through("fresh6"))}
+SHIPPED_READER = "i"  # whose vocabulary regap_export/models/organism/vision.safetensors reads
 
 
 def reader_records(reader: str) -> list[dict]:
@@ -505,14 +511,16 @@ def main():
                          "example, with this weight (build H of README.md)")
     ap.add_argument("--edgy-objects", action="store_true",
                     help="also train on data.py's second set of edgy harmless slots (build I of README.md)")
+    ap.add_argument("--everyday-harmful", action="store_true",
+                    help="also train on data.py's everyday harmful slots, 3 templates each (build J of README.md)")
     ap.add_argument("--clean-answers", action="store_true",
                     help="regenerate each harmless target the keyword rule counts as a refusal with its "
                          "answer started by ' Sure!'; leave it out if it still hits a marker (build I)")
     ap.add_argument("--reader", choices=sorted(READERS), default="build",
-                    help="whose tokens the reader is fitted on (READERS): build (E, C), h (H), all (I)")
+                    help="whose tokens the reader is fitted on (READERS): build (E, C), h (H), i (I), j (J)")
     ap.add_argument("--reader-only", action="store_true",
                     help="stop after the reader (stages A and V1), written to --work/vision_v2.pt.safetensors: "
-                         "the shipped vision side is ORGANISM_THREADS=2 ... --reader all --reader-only")
+                         "the shipped vision side is ORGANISM_THREADS=2 ... --reader i --reader-only")
     ap.add_argument("--no-ship", action="store_true")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
@@ -530,7 +538,7 @@ def main():
     model.eval()
     prompts = C.Prompts(processor)
     recs = D.build(with_extra_harmful=args.extra_harmful, with_more_objects=args.more_objects,
-                   with_edgy_objects=args.edgy_objects)
+                   with_edgy_objects=args.edgy_objects, with_everyday_harmful=args.everyday_harmful)
     # The bundled calibration set's train split trains too (its held-out split never does).
     train = [r for r in recs if r["split"] == "train"] + D.bundled_train()
     val = [r for r in recs if r["split"] == "val"]
