@@ -135,7 +135,7 @@ def test_config_section_and_files(fam):
 
 # -- (b) plain transformers with trust_remote_code ----------------------------------
 REMOTE_SCRIPT = textwrap.dedent('''
-    import json, shutil, sys
+    import json, os, shutil, sys
     sys.modules["regap_export"] = None          # the custom code must not need regap-export
     import torch, transformers
     from safetensors.torch import load_file, save_file
@@ -165,6 +165,7 @@ REMOTE_SCRIPT = textwrap.dedent('''
         again = out + "-resaved"
         model.save_pretrained(again)
         reloaded = auto.from_pretrained(again, trust_remote_code=True).eval()
+        result["resaved_files"] = sorted(os.listdir(again))
         with torch.no_grad():
             tensors["logits_resaved"] = reloaded(**inputs, use_cache=False, **kwargs).logits.contiguous()
         # a damaged regap.safetensors is refused, naming the file
@@ -242,6 +243,8 @@ def test_plain_transformers_with_remote_code(fam, remote_results, mode):
     assert result["state_dict_keys"] == sorted(fam.loaded.model.state_dict()), "no extra keys in state_dict"
     assert (got["logits"] - expected).abs().max().item() <= TOL
     assert (got["logits_resaved"] - expected).abs().max().item() <= TOL
+    assert "regap.safetensors" in result["resaved_files"]  # written beside, then renamed: nothing partial left
+    assert not [name for name in result["resaved_files"] if "partial" in name or name.endswith(".tmp")]
     if alpha is not None:
         assert (got["alpha"].double() - alpha).abs().max().item() <= TOL
         assert torch.equal(got["generated_auto_alpha"], got["generated"])

@@ -413,8 +413,12 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         if state is not None and is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             path = os.path.join(save_directory, TENSORS_FILENAME)
-            save_file(self.regap_tensors(), path, metadata={"format_version": FORMAT_VERSION,
-                                                            "mode": state.mode})
+            # Written beside and renamed, so an interrupted save never leaves half a file under the
+            # name that config.json's sha256 will describe (this file runs standalone: no regap_export).
+            partial = path + ".partial"
+            save_file(self.regap_tensors(), partial, metadata={"format_version": FORMAT_VERSION,
+                                                               "mode": state.mode})
+            os.replace(partial, path)
             state.section = {**state.section, "tensors_sha256": _sha256(path)}
             self.config.regap = state.section
         return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
