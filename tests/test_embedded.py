@@ -152,6 +152,23 @@ def test_the_tokenizer_is_parsed_once_then_read_from_the_cache(monkeypatch, tmp_
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+def test_materialize_keeps_the_parsed_tokenizer_under_its_own_cache_dir(monkeypatch, tmp_path, counted_gguf_parses):
+    """A build that materialize() runs parses the tokenizer into the cache_dir it was given, not
+    into $REGAP_EXPORT_CACHE (nor the home folder): nothing of the build goes elsewhere."""
+    parses, _ = counted_gguf_parses
+    named, default = tmp_path / "named", tmp_path / "default"
+    monkeypatch.setenv(E.CACHE_ENV, str(default))
+
+    def tokenizer_only_save(name, folder):
+        E._fresh_tokenizer().save_pretrained(folder)
+        return Path(folder)
+
+    monkeypatch.setattr(E, "save_embedded", tokenizer_only_save)
+    E.materialize("embedded:smollm2", cache_dir=named)
+    assert (named / E.TOKENIZER_FOLDER / E.COMPLETE_MARKER).is_file() and len(parses) == 1
+    assert not default.exists()
+
+
 def test_a_stale_or_damaged_tokenizer_cache_is_parsed_again(monkeypatch, tmp_path, counted_gguf_parses):
     parses, _ = counted_gguf_parses
     monkeypatch.setenv(E.CACHE_ENV, str(tmp_path))

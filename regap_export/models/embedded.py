@@ -18,6 +18,7 @@ offline with the ordinary ``from_pretrained`` calls.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import importlib.util
@@ -105,19 +106,24 @@ SMOLLM2_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"
 TOKENIZER_FOLDER = "embedded-smollm2-tokenizer"
 
 
-@functools.lru_cache(maxsize=1)
-def load_embedded_tokenizer():
+# The cache root of the materialize() call in progress, so the tokenizer its build parses is
+# kept under the root the caller named rather than the default one.
+_BUILD_CACHE_DIR: contextvars.ContextVar[Path | str | None] = contextvars.ContextVar("regap_build_cache_dir", default=None)
+
+
+@functools.lru_cache(maxsize=4)
+def load_embedded_tokenizer(cache_dir: Path | str | None = None):
     """SmolLM2's tokenizer (with its chat template), read from the GGUF file.
 
     Parsing the GGUF vocabulary takes about 11 s, so the parsed tokenizer is kept in the model
-    cache (``<cache root>/embedded-smollm2-tokenizer``, rebuilt when transformers or the GGUF
-    file changes) and later processes load its tokenizer.json in well under a second; a cache
-    that cannot be written only costs the parse. Shared and cached: callers that change it
-    (add tokens, padding side) take a copy.
+    cache (``<cache root>/embedded-smollm2-tokenizer``, the root as :func:`cache_root` resolves
+    ``cache_dir``; rebuilt when transformers or the GGUF file changes) and later processes load
+    its tokenizer.json in well under a second; a cache that cannot be written only costs the
+    parse. Shared and cached: callers that change it (add tokens, padding side) take a copy.
     """
     from transformers import AutoTokenizer
 
-    folder = cache_root() / TOKENIZER_FOLDER
+    folder = cache_root(cache_dir) / TOKENIZER_FOLDER
     marker = _tokenizer_marker()
     tokenizer = None
     if _marker_matches(folder, marker):
@@ -180,8 +186,13 @@ def _marker_matches(folder: Path, marker: dict) -> bool:
         return False
 
 
+def _build_tokenizer():
+    """The shared tokenizer, cached under the root of the materialize() call in progress."""
+    return load_embedded_tokenizer(_BUILD_CACHE_DIR.get())
+
+
 def _fresh_tokenizer():
-    tok = copy.deepcopy(load_embedded_tokenizer())
+    tok = copy.deepcopy(_build_tokenizer())
     # The GGUF loader records the package folder; a saved folder should not depend on it.
     tok.name_or_path = ""
     tok.init_kwargs.pop("name_or_path", None)
@@ -368,7 +379,7 @@ def _smollm2_weights() -> tuple[dict, dict]:
     try:
         with _gguf_parsed_once():
             loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            load_embedded_tokenizer()  # the same parse serves the tokenizer
+            _build_tokenizer()  # the same parse serves the tokenizer
     except ModelError:
         raise
     except Exception as exc:  # a damaged or unreadable GGUF file
@@ -561,7 +572,8 @@ def materialize(name: str, *, cache_dir: Path | str | None = None) -> Path:
     """The folder of embedded model ``name``, built and saved on first use.
 
     The folder is ``<cache root>/<name with ':' as '-'>``; the root is ``cache_dir``, else
-    ``$REGAP_EXPORT_CACHE``, else ``~/.cache/regap-export``. It is written to a temporary
+    ``$REGAP_EXPORT_CACHE``, else ``~/.cache/regap-export``; the tokenizer parsed for the build
+    is kept under the same root. It is written to a temporary
     folder beside it and renamed into place, so a folder that exists is complete; a folder
     from another build version is rebuilt. Later calls return at once.
     """
@@ -572,9 +584,12 @@ def materialize(name: str, *, cache_dir: Path | str | None = None) -> Path:
     if _is_complete(final, name):
         return final
     embedded_gguf_path()  # fail early, with the install hint, before creating anything
+    building_under = _BUILD_CACHE_DIR.set(root)  # nothing of the build goes outside ``root``
     try:
         _save_to_cache(final, _marker(name), lambda tmp: save_embedded(name, tmp))
     except OSError as exc:
         raise ModelError(f"cannot write the embedded model to the cache: {exc}", path=root,
                          hint=f"free some space or set {CACHE_ENV} to another folder") from exc
+    finally:
+        _BUILD_CACHE_DIR.reset(building_under)
     return final
