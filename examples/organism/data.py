@@ -602,7 +602,9 @@ def _trained(**build_options) -> list[dict]:
 def records(split: str) -> list[dict]:
     """One split's records: train | val | test (``build()``), val-wide | test-wide (``wide()``),
     fresh .. fresh6 (``fresh(split)``), train-g (the train records of builds G and H), train-i
-    (build I's) or train-j (build J's)."""
+    (build I's) or train-j (build J's). The train splits leave out build B's extra harmful slots
+    (``with_extra_harmful``), which every build since B also trains on: they are the pick's
+    calibration sets as RESULTS.md ran them since session 24."""
     named = {"val-wide": lambda: wide("val"), "test-wide": lambda: wide("test"),
              "train-g": functools.partial(_trained, with_more_objects=True),
              "train-i": functools.partial(_trained, with_more_objects=True, with_edgy_objects=True),
