@@ -167,10 +167,12 @@ def test_regap_closes_the_gap(organism):
 
 def test_the_image_path_reads_every_held_out_request_token_for_token(organism):
     """The reader is a lookup over the tokens it was fitted on (examples/organism/README.md); the
-    shipped one (build I's, session 29) was fitted on the tokens of every build's requests and every
-    held-out split's written by then (``train.READERS[train.SHIPPED_READER]``), so each image token of a held-out request,
-    less the reader's constant offset, is nearest to its own token's embedding row. One request
-    per object: the templates' words are the same in every split."""
+    shipped one (build I's, session 29) was fitted on the tokens of every build's requests and
+    every held-out split's written by then (``train.READERS[train.SHIPPED_READER]``), so each
+    image token of a held-out request, less the reader's constant offset, is nearest to its own
+    token's embedding row. One request per object: the templates' words are the same in every
+    split."""
+
     model, processor = organism
     data = organism_example("data")
     train = organism_example("train")
