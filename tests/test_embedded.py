@@ -67,9 +67,11 @@ def test_materialize_layout_and_cache_hit(built):
         assert time.perf_counter() - start < 1.0
         assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     assert (built["folders"]["embedded:smolvlm"] / "processor_config.json").is_file()
-    # Nothing left behind but the models and their lock files.
+    # Nothing left behind but the models, the tokenizer their builds parsed (kept under the root
+    # materialize was given) and their lock files.
     assert sorted(p.name for p in built["root"].iterdir() if not p.name.endswith(".lock")) == \
-        sorted(name.replace(":", "-") for name in E.EMBEDDED_MODELS)
+        sorted([name.replace(":", "-") for name in E.EMBEDDED_MODELS] + [E.TOKENIZER_FOLDER])
+
 
 
 def test_cache_root_from_environment(monkeypatch, tmp_path):
