@@ -156,21 +156,15 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
 
 
-_BUILD_G = dict(with_more_objects=True)
-_BUILD_I = dict(_BUILD_G, with_edgy_objects=True)
-
-
-@pytest.mark.parametrize("with_broad, options",
-                         [(False, {}), (True, {}), (False, _BUILD_G), (False, _BUILD_I),
-                          (False, dict(_BUILD_I, with_everyday_harmful=True))],
+@pytest.mark.parametrize("with_broad, build_name", [(False, "e"), (True, "e"), (False, "g"), (False, "i"), (False, "j")],
                          ids=["build-E", "build-F", "build-G", "build-I", "build-J"])
-def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, options):
+def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, build_name):
     """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
     --more-objects, build I with --edgy-objects too, build J with --everyday-harmful too): refusal
     is taught on text only and the image path on harmless requests only (the asymmetry that makes
     the gap), and no held-out request is trained on by either path."""
     train, broad = organism_example("train"), organism_example("broad")
-    records = data.build(with_extra_harmful=True, **options)
+    records = data.build(**data.BUILD_OPTIONS[build_name])
     records = [r for r in records if r["split"] == "train"] + data.bundled_train()
     harmful = [r for r in records if r["label"] == "harmful"]
     harmless = [r for r in records if r["label"] == "harmless"]

@@ -594,9 +594,19 @@ def fresh(split: str) -> list[dict]:
 HELD_OUT_SPLITS = ("val", "test", "val-wide", "test-wide") + tuple(FRESH_SPLITS)
 
 
-def _trained(**build_options) -> list[dict]:
-    """``build(**build_options)``'s train records."""
-    return [r for r in build(**build_options) if r["split"] == "train"]
+# What each build since B trains on, as build()'s options (build H trains on G's data; train.py's
+# other flags change how, not on what).
+BUILD_OPTIONS = {"e": dict(with_extra_harmful=True)}
+BUILD_OPTIONS["g"] = dict(BUILD_OPTIONS["e"], with_more_objects=True)
+BUILD_OPTIONS["i"] = dict(BUILD_OPTIONS["g"], with_edgy_objects=True)
+BUILD_OPTIONS["j"] = dict(BUILD_OPTIONS["i"], with_everyday_harmful=True)
+
+
+def _trained(build_name: str) -> list[dict]:
+    """Build ``build_name``'s train records less build B's extra harmful slots: the pick's
+    calibration set as RESULTS.md has run it since session 24."""
+    options = {**BUILD_OPTIONS[build_name], "with_extra_harmful": False}
+    return [r for r in build(**options) if r["split"] == "train"]
 
 
 def records(split: str) -> list[dict]:
@@ -606,10 +616,7 @@ def records(split: str) -> list[dict]:
     (``with_extra_harmful``), which every build since B also trains on: they are the pick's
     calibration sets as RESULTS.md ran them since session 24."""
     named = {"val-wide": lambda: wide("val"), "test-wide": lambda: wide("test"),
-             "train-g": functools.partial(_trained, with_more_objects=True),
-             "train-i": functools.partial(_trained, with_more_objects=True, with_edgy_objects=True),
-             "train-j": functools.partial(_trained, with_more_objects=True, with_edgy_objects=True,
-                                          with_everyday_harmful=True),
+             **{f"train-{name}": functools.partial(_trained, name) for name in ("g", "i", "j")},
              **{name: functools.partial(fresh, name) for name in FRESH_SPLITS}}
     rows = named[split]() if split in named else [r for r in build() if r["split"] == split]
     if not rows:

@@ -143,13 +143,11 @@ class ReaderVocabulary(NamedTuple):
 # refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "i": every
 # build's requests up to I and val ... fresh5 (build I; the vision.safetensors shipped since
 # session 29, SHIPPED_READER); "j": every build's up to J and every held-out split (build J).
-_BUILD_H = dict(with_extra_harmful=True, with_more_objects=True)
-_BUILD_I = {**_BUILD_H, "with_edgy_objects": True}
 READERS = {"build": ReaderVocabulary({}, ()),
            "s27": ReaderVocabulary({}, _held_out_through("fresh3")),
-           "h": ReaderVocabulary(_BUILD_H, _held_out_through("fresh4")),
-           "i": ReaderVocabulary(_BUILD_I, _held_out_through("fresh5")),
-           "j": ReaderVocabulary({**_BUILD_I, "with_everyday_harmful": True}, _held_out_through("fresh6"))}
+           "h": ReaderVocabulary(D.BUILD_OPTIONS["g"], _held_out_through("fresh4")),
+           "i": ReaderVocabulary(D.BUILD_OPTIONS["i"], _held_out_through("fresh5")),
+           "j": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh6"))}
 SHIPPED_READER = "i"  # whose vocabulary regap_export/models/organism/vision.safetensors reads
 
 
