@@ -69,12 +69,12 @@ def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_
     assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
 
 
-@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5", "fresh6"])
+@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5", "fresh6", "fresh7"])
 def test_a_later_fresh_split_is_new_everywhere(data, split):
     """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I, fresh6
-    build J (RESULTS.md, "The reader's vocabulary", "Build H", "Build I", "Build J"): none of their
-    objects or requests are in any build's training data (build J's included), any other split or
-    the bundled set."""
+    build J, fresh7 build K (RESULTS.md, "The reader's vocabulary", "Build H" ... "Build K"): none
+    of their objects or requests are in any build's training data (build J's and K's included),
+    any other split or the bundled set."""
     trained = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True,
                          with_everyday_harmful=True) + data.bundled_train()
     held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
@@ -214,3 +214,22 @@ def test_cleaning_regenerates_only_the_targets_that_hit_a_marker_and_leaves_out_
     assert cleaned == {"bake": [3]} and left_out == ["fish"]
     monkeypatch.setattr(train.C, "generate_ids", lambda *a, **k: pytest.fail("nothing to clean"))
     assert train.cleaned_answers(None, prompts, {"knit": [1]}, ["knit"], [9]) == ({}, [])
+
+
+def test_the_val_rule_chooses_the_best_score_among_the_epochs_that_read_val():
+    """train.py --val-comprehension (build K): the best val score among the stage-2 epochs whose
+    harmless image answers match the text ones (F1 >= 0.5) on enough of val's prompts; without it
+    the score alone (builds A-J); if no epoch reads well enough, the one that reads best."""
+    train = organism_example("train")
+
+    def val(txt_harmful, img_harmful, share):
+        return {"text_harmful_refusal": txt_harmful, "text_harmless_refusal": 0.0,
+                "image_harmful_refusal": img_harmful, "image_harmless_refusal": 0.0, "f1_harmless_ge_0.5": share}
+
+    epochs = {"2.1 mixture": val(0.92, 0.04, 0.46), "2.2 mixture": val(0.92, 0.12, 0.62),
+              "2.3 mixture": val(0.96, 0.21, 0.71)}  # build J's val figures, rounded
+    assert train.choose_epoch(epochs) == "2.1 mixture"
+    assert train.choose_epoch(epochs, 0.5) == "2.2 mixture"
+    assert train.choose_epoch(epochs, 0.7) == "2.3 mixture"
+    assert train.choose_epoch(epochs, 0.8) == "2.3 mixture"
+    assert train.choose_epoch({k: epochs[k] for k in ("2.1 mixture", "2.2 mixture")}, 0.8) == "2.2 mixture"
