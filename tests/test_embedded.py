@@ -73,7 +73,6 @@ def test_materialize_layout_and_cache_hit(built):
         sorted([name.replace(":", "-") for name in E.EMBEDDED_MODELS] + [E.TOKENIZER_FOLDER])
 
 
-
 def test_cache_root_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(E.CACHE_ENV, str(tmp_path / "envcache"))
     assert E.cache_root() == tmp_path / "envcache"

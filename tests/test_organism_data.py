@@ -75,8 +75,7 @@ def test_a_later_fresh_split_is_new_everywhere(data, split):
     build J, fresh7 build K (RESULTS.md, "The reader's vocabulary", "Build H" ... "Build K"): none
     of their objects or requests are in any build's training data (build J's and K's included),
     any other split or the bundled set."""
-    trained = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True,
-                         with_everyday_harmful=True) + data.bundled_train()
+    trained = data.build(**data.BUILD_OPTIONS["j"]) + data.bundled_train()
     held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
     _assert_new_everywhere(data, split, trained + held)
 
@@ -84,11 +83,10 @@ def test_a_later_fresh_split_is_new_everywhere(data, split):
 def test_every_split_names_each_record_once(data):
     """``write_jsonl``'s files feed ``calibrate --data``, which rejects a repeated id (build G's
     two fresh-object families once shared the prefix "g-fresh")."""
-    for split in ("train", "train-g", "train-i", "train-j") + data.HELD_OUT_SPLITS:
+    for split in data.TRAIN_SPLITS + data.HELD_OUT_SPLITS:
         ids = [r["id"] for r in data.records(split)]
         assert len(ids) == len(set(ids)), split
-    every = data.build(with_extra_harmful=True, with_more_objects=True, with_edgy_objects=True,
-                       with_everyday_harmful=True)
+    every = data.build(**data.BUILD_OPTIONS["j"])
     assert len({r["id"] for r in every}) == len(every)
 
 

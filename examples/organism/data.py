@@ -646,6 +646,10 @@ def _trained(build_name: str) -> list[dict]:
     return [r for r in build(**options) if r["split"] == "train"]
 
 
+# The pick's calibration splits: build()'s train records, then each later build's (_trained).
+TRAIN_SPLITS = ("train", "train-g", "train-i", "train-j")
+
+
 def records(split: str) -> list[dict]:
     """One split's records: train | val | test (``build()``), val-wide | test-wide (``wide()``),
     fresh .. fresh7 (``fresh(split)``), train-g (the train records of builds G and H), train-i
@@ -653,11 +657,11 @@ def records(split: str) -> list[dict]:
     (``with_extra_harmful``), which every build since B also trains on: they are the pick's
     calibration sets as RESULTS.md ran them since session 24."""
     named = {"val-wide": lambda: wide("val"), "test-wide": lambda: wide("test"),
-             **{f"train-{name}": functools.partial(_trained, name) for name in ("g", "i", "j")},
+             **{split: functools.partial(_trained, split[len("train-"):]) for split in TRAIN_SPLITS[1:]},
              **{name: functools.partial(fresh, name) for name in FRESH_SPLITS}}
     rows = named[split]() if split in named else [r for r in build() if r["split"] == split]
     if not rows:
-        raise SystemExit(f"unknown split {split!r}: use one of {', '.join(('train', 'train-g', 'train-i', 'train-j') + HELD_OUT_SPLITS)}")
+        raise SystemExit(f"unknown split {split!r}: use one of {', '.join(TRAIN_SPLITS + HELD_OUT_SPLITS)}")
     return rows
 
 

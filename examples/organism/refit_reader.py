@@ -9,11 +9,9 @@ their words were unreadable. This script refits V1 exactly as train.py does (sam
 features, same image offset) on build()'s tokens plus those of the held-out splits of
 ``train.READERS[--reader]`` ("s27": val ... fresh3, the reader shipped in sessions 27-28; "h":
 build H's, every build's up to H and val ... fresh4; "i": build I's, up to I and fresh5; "j": build
-J's, up to J and fresh6; "k": build K's, every build's and every held-out split's), checks that those splits' requests read back
-token for token, and writes DIR/vision.safetensors (fp16) beside a copy of the shipped
-lora.safetensors. The LoRA sees
-
-only the reader's outputs (embedding row + offset), so it needs no retraining when the rows it
+J's, up to J and fresh6; "k": build K's, every build's and every held-out split's), checks that
+those splits' requests read back token for token, and writes DIR/vision.safetensors (fp16) beside
+a copy of the shipped lora.safetensors. The LoRA sees only the reader's outputs (embedding row + offset), so it needs no retraining when the rows it
 knew are read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
 With one thread (the default) ``--reader s27`` writes session 27's vision.safetensors bit for bit;
 the fit's SVD picks other signs with two, which gives an equivalent reader in other bits. The
