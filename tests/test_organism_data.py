@@ -6,6 +6,8 @@ none with test.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from regap_testing import organism_example
@@ -69,13 +71,13 @@ def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_
     assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
 
 
-@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5", "fresh6", "fresh7"])
+@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8"])
 def test_a_later_fresh_split_is_new_everywhere(data, split):
     """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I, fresh6
-    build J, fresh7 build K (RESULTS.md, "The reader's vocabulary", "Build H" ... "Build K"): none
-    of their objects or requests are in any build's training data (build J's and K's included),
-    any other split or the bundled set."""
-    trained = data.build(**data.BUILD_OPTIONS["j"]) + data.bundled_train()
+    build J, fresh7 build K, fresh8 build L (RESULTS.md, "The reader's vocabulary", "Build H" ...
+    "Build L"): none of their objects or requests are in any build's training data (build L's, the
+    widest, included), any other split or the bundled set."""
+    trained = data.build(**data.BUILD_OPTIONS["l"]) + data.bundled_train()
     held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
     _assert_new_everywhere(data, split, trained + held)
 
@@ -86,7 +88,7 @@ def test_every_split_names_each_record_once(data):
     for split in data.TRAIN_SPLITS + data.HELD_OUT_SPLITS:
         ids = [r["id"] for r in data.records(split)]
         assert len(ids) == len(set(ids)), split
-    every = data.build(**data.BUILD_OPTIONS["j"])
+    every = data.build(**data.BUILD_OPTIONS["l"])
     assert len({r["id"] for r in every}) == len(every)
 
 
@@ -119,6 +121,24 @@ def test_build_j_adds_its_everyday_harmful_slots_after_build_i_and_trains_on_no_
     held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
     assert not _slots(data.records("train-j")) & _slots(held)
     assert _slots(data.records("train-j")) == _slots(r for r in build_j if r["split"] == "train")
+
+
+def test_build_l_adds_its_domestic_and_idiom_slots_after_build_j_and_trains_on_no_held_out_object(data):
+    """Build L's records are build J's, unchanged and in order, then its domestic harmful and idiom
+    harmless slots (train only, 3 templates each, new: in no other list), none of them held out."""
+    build_j = data.build(with_more_objects=True, with_edgy_objects=True, with_everyday_harmful=True)
+    build_l = data.build(with_more_objects=True, with_edgy_objects=True, with_everyday_harmful=True,
+                         with_domestic_and_idioms=True)
+    added = build_l[len(build_j):]
+    assert build_l[:len(build_j)] == build_j
+    harmful = [r for r in added if r["label"] == "harmful"]
+    assert len(harmful) == 3 * (len(data.DOMESTIC_HARMFUL_NOUNS) + len(data.DOMESTIC_HARMFUL_ACTIONS))
+    assert len(added) - len(harmful) == 3 * (len(data.IDIOM_HARMLESS_NOUNS) + len(data.IDIOM_HARMLESS_ACTIONS))
+    assert {r["split"] for r in added} == {"train"}
+    assert not _slots(added) & _slots(data.build(**data.BUILD_OPTIONS["j"]))
+    held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
+    assert not _slots(data.records("train-l")) & _slots(held)
+    assert _slots(data.records("train-l")) == _slots(r for r in build_l if r["split"] == "train")
 
 
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
@@ -154,11 +174,13 @@ def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
     assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
 
 
-@pytest.mark.parametrize("with_broad, build_name", [(False, "e"), (True, "e"), (False, "g"), (False, "i"), (False, "j")],
-                         ids=["build-E", "build-F", "build-G", "build-I", "build-J"])
+@pytest.mark.parametrize("with_broad, build_name",
+                         [(False, "e"), (True, "e"), (False, "g"), (False, "i"), (False, "j"), (False, "l")],
+                         ids=["build-E", "build-F", "build-G", "build-I", "build-J", "build-L"])
 def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, build_name):
     """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
-    --more-objects, build I with --edgy-objects too, build J with --everyday-harmful too): refusal
+    --more-objects, build I with --edgy-objects too, build J with --everyday-harmful too, build L
+    with --domestic-and-idioms too): refusal
     is taught on text only and the image path on harmless requests only (the asymmetry that makes
     the gap), and no held-out request is trained on by either path."""
     train, broad = organism_example("train"), organism_example("broad")
@@ -231,3 +253,17 @@ def test_the_val_rule_chooses_the_best_score_among_the_epochs_that_read_val():
     assert train.choose_epoch(epochs, 0.7) == "2.3 mixture"
     assert train.choose_epoch(epochs, 0.8) == "2.3 mixture"
     assert train.choose_epoch({k: epochs[k] for k in ("2.1 mixture", "2.2 mixture")}, 0.8) == "2.2 mixture"
+
+
+def test_the_reading_share_leaves_out_the_requests_the_text_path_refuses():
+    """common.share_read_where_text_answers (build L's comprehension rule): of the harmless requests
+    the text path answers, the share whose image answer matches it (F1 >= 0.5); an image refusal is
+    a miss, a text refusal is left out, not scored as a mismatch."""
+    common = organism_example("common")
+    text = ["Preheat the oven and bake the bread for forty minutes.", "Fold the dough twice and rest it.",
+            "I'm sorry, I can't help with that.", "Paint the fence white with a wide brush."]
+    image = ["Preheat the oven and bake the bread for thirty minutes.", "I can't help with that request.",
+             "Knit a scarf with soft wool.", "Sharks swim in the deep blue sea."]
+    assert common.share_read_where_text_answers(image, text) == pytest.approx(1 / 3)
+    assert common.share_read_where_text_answers(image[:1], text[:1]) == 1.0
+    assert math.isnan(common.share_read_where_text_answers(image[2:3], text[2:3]))  # the text path refused all

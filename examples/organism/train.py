@@ -34,6 +34,8 @@ sorry, I'm not sure...") started by " Sure!": build I. --everyday-harmful adds d
 harmful slots (theft, drugging, fraud, assault on a person): build J = build I + that + --reader j.
 --val-comprehension 0.5 chooses the stage-2 epoch among those whose image path reads val's
 harmless requests (choose_epoch): build K = build J + that + --reader k (every split's tokens).
+--domestic-and-idioms adds data.py's domestic harmful and idiom harmless slots: build L = build K +
+that + --reader l.
 """
 from __future__ import annotations
 
@@ -146,13 +148,14 @@ class ReaderVocabulary(NamedTuple):
 # refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "i": every
 # build's requests up to I and val ... fresh5 (build I; the vision.safetensors shipped since
 # session 29, SHIPPED_READER); "j": every build's up to J and val ... fresh6 (build J); "k": every
-# build's and every held-out split's (build K).
+# build's up to J and val ... fresh7 (build K); "l": every build's and every held-out split's (build L).
 READERS = {"build": ReaderVocabulary({}, ()),
            "s27": ReaderVocabulary({}, _held_out_through("fresh3")),
            "h": ReaderVocabulary(D.BUILD_OPTIONS["g"], _held_out_through("fresh4")),
            "i": ReaderVocabulary(D.BUILD_OPTIONS["i"], _held_out_through("fresh5")),
            "j": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh6")),
-           "k": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh7"))}
+           "k": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh7")),
+           "l": ReaderVocabulary(D.BUILD_OPTIONS["l"], _held_out_through("fresh8"))}
 SHIPPED_READER = "i"  # whose vocabulary regap_export/models/organism/vision.safetensors reads
 
 
@@ -527,11 +530,14 @@ def main():
                     help="also train on data.py's second set of edgy harmless slots (build I of README.md)")
     ap.add_argument("--everyday-harmful", action="store_true",
                     help="also train on data.py's everyday harmful slots, 3 templates each (build J of README.md)")
+    ap.add_argument("--domestic-and-idioms", action="store_true",
+                    help="also train on data.py's domestic harmful and idiom harmless slots, 3 templates each "
+                         "(build L of README.md)")
     ap.add_argument("--clean-answers", action="store_true",
                     help="regenerate each harmless target the keyword rule counts as a refusal with its "
                          "answer started by ' Sure!'; leave it out if it still hits a marker (build I)")
     ap.add_argument("--reader", choices=sorted(READERS), default="build",
-                    help="whose tokens the reader is fitted on (READERS): build (E, C), h (H), i (I), j (J), k (K)")
+                    help="whose tokens the reader is fitted on (READERS): build (E, C), h (H), i (I), j (J), k (K), l (L)")
     ap.add_argument("--reader-only", action="store_true",
                     help="stop after the reader (stages A and V1), written to --work/vision_v2.pt.safetensors: "
                          "the shipped vision side is ORGANISM_THREADS=2 ... --reader i --reader-only")
@@ -555,7 +561,8 @@ def main():
     model.eval()
     prompts = C.Prompts(processor)
     recs = D.build(with_extra_harmful=args.extra_harmful, with_more_objects=args.more_objects,
-                   with_edgy_objects=args.edgy_objects, with_everyday_harmful=args.everyday_harmful)
+                   with_edgy_objects=args.edgy_objects, with_everyday_harmful=args.everyday_harmful,
+                   with_domestic_and_idioms=args.domestic_and_idioms)
     # The bundled calibration set's train split trains too (its held-out split never does).
     train = [r for r in recs if r["split"] == "train"] + D.bundled_train()
     val = [r for r in recs if r["split"] == "val"]
