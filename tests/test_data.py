@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -309,14 +308,12 @@ def test_to_multimodal_pairs(tmp_path):
                              Record(id="a-img", instruction="y", label="harmful")])
 
 
-def test_render_is_fast():
+def test_render_pairs_every_record_of_a_long_set():
     recs = [Record(id=f"r{i}", instruction=f"Request number {i} asks for something "
                    "moderately long so the wrapper has work to do.", label="harmless")
             for i in range(200)]
-    start = time.perf_counter()
     out = to_multimodal_pairs(recs)
-    assert len(out) == 400
-    assert time.perf_counter() - start < 5.0
+    assert [r.id for r in out] == [f"r{i}{suffix}" for i in range(200) for suffix in ("", "-img")]
 
 
 # ------------------------------------------------------------------------- bundled

@@ -62,9 +62,8 @@ def test_materialize_layout_and_cache_hit(built):
         marker = json.loads((folder / E.COMPLETE_MARKER).read_text())
         assert marker["name"] == name and marker["build_version"] == E.BUILD_VERSION
         mtime = (folder / "model.safetensors").stat().st_mtime_ns
-        start = time.perf_counter()
         assert E.materialize(name, cache_dir=built["root"]) == folder
-        assert time.perf_counter() - start < 1.0
+        # A rebuild writes a new folder and renames it into place, so an unchanged mtime is a hit.
         assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     assert (built["folders"]["embedded:smolvlm"] / "processor_config.json").is_file()
     # Nothing left behind but the models, the tokenizer their builds parsed (kept under the root
@@ -386,11 +385,8 @@ def test_tiny_idefics3_left_padding():
         assert torch.isfinite(model(**text_enc).logits).all()
 
 
-def test_tiny_idefics3_is_seeded_and_fast():
-    build_tiny_idefics3()  # warm (tokenizer cached)
-    start = time.perf_counter()
+def test_tiny_idefics3_is_seeded():
     a, _ = build_tiny_idefics3()
-    assert time.perf_counter() - start < 3.0
     b, _ = build_tiny_idefics3()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
