@@ -9,10 +9,11 @@ their words were unreadable. This script refits V1 exactly as train.py does (sam
 features, same image offset) on build()'s tokens plus those of the held-out splits of
 ``train.READERS[--reader]`` ("s27": val ... fresh3, the reader shipped in sessions 27-28; "h":
 build H's, every build's up to H and val ... fresh4; "i": build I's, up to I and fresh5; "j": build
-J's, up to J and fresh6; "k": build K's, every build's and every held-out split's), checks that
-those splits' requests read back token for token, and writes DIR/vision.safetensors (fp16) beside
-a copy of the shipped lora.safetensors. The LoRA sees only the reader's outputs (embedding row + offset), so it needs no retraining when the rows it
-knew are read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
+J's, up to J and fresh6; "k": build K's, up to J and fresh7; "l": build L's, every build's and
+every held-out split's), checks that those splits' requests read back token for token, and writes
+DIR/vision.safetensors (fp16) beside a copy of the shipped lora.safetensors. The LoRA sees only
+the reader's outputs (embedding row + offset), so it needs no retraining when the rows it knew are
+read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
 With one thread (the default) ``--reader s27`` writes session 27's vision.safetensors bit for bit;
 the fit's SVD picks other signs with two, which gives an equivalent reader in other bits. The
 vision side shipped since session 29 is train.py's own V1 (``ORGANISM_THREADS=2 train.py --reader
@@ -47,7 +48,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for vision.safetensors + lora.safetensors")
     ap.add_argument("--reader", choices=sorted(T.READERS), default="s27",
-                    help="the vocabulary (train.READERS): s27 (session 27's vision side), h (build H's), i (build I's), j (build J's), k (build K's: every build's and split's tokens)")
+                    help="the vocabulary (train.READERS): s27 (session 27's vision side), h (build H's), "
+                         "i (build I's), j (build J's), k (build K's), l (build L's: every build's and split's tokens)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     t0 = time.time()

@@ -156,7 +156,7 @@ READERS = {"build": ReaderVocabulary({}, ()),
            "j": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh6")),
            "k": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh7")),
            "l": ReaderVocabulary(D.BUILD_OPTIONS["l"], _held_out_through("fresh8"))}
-SHIPPED_READER = "i"  # whose vocabulary regap_export/models/organism/vision.safetensors reads
+SHIPPED_READER = "l"  # whose vocabulary regap_export/models/organism/vision.safetensors reads
 
 
 def reader_records(reader: str) -> list[dict]:
