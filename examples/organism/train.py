@@ -146,9 +146,10 @@ class ReaderVocabulary(NamedTuple):
 # "A closed-form reader"). "build": build()'s prompts (build E, as train.py fitted it through
 # session 27); "s27": those and val ... fresh3 (vision.safetensors shipped in sessions 27-28,
 # refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "i": every
-# build's requests up to I and val ... fresh5 (build I; the vision.safetensors shipped since
-# session 29, SHIPPED_READER); "j": every build's up to J and val ... fresh6 (build J); "k": every
-# build's up to J and val ... fresh7 (build K); "l": every build's and every held-out split's (build L).
+# build's requests up to I and val ... fresh5 (build I; the vision.safetensors shipped in sessions
+# 29-31); "j": every build's up to J and val ... fresh6 (build J); "k": every build's up to J and
+# val ... fresh7 (build K); "l": every build's and every held-out split's (build L, shipped since
+# session 32: SHIPPED_READER).
 READERS = {"build": ReaderVocabulary({}, ()),
            "s27": ReaderVocabulary({}, _held_out_through("fresh3")),
            "h": ReaderVocabulary(D.BUILD_OPTIONS["g"], _held_out_through("fresh4")),
