@@ -16,8 +16,9 @@ the reader's outputs (embedding row + offset), so it needs no retraining when th
 read as before; ``cos old/new`` reports how close the old and new readers' image tokens are.
 With one thread (the default) ``--reader s27`` writes session 27's vision.safetensors bit for bit;
 the fit's SVD picks other signs with two, which gives an equivalent reader in other bits. The
-vision side shipped since session 29 is train.py's own V1 (``ORGANISM_THREADS=2 train.py --reader
-i --reader-only``: train.py's vocabulary holds one more token than this script's).
+vision side shipped in sessions 29-31 was train.py's own V1 (``ORGANISM_THREADS=2 train.py --reader
+i --reader-only``: train.py's vocabulary holds one more token than this script's); since session
+32 it is build L's (train.py --reader l, RESULTS.md "Build L").
 """
 from __future__ import annotations
 
