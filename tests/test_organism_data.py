@@ -92,53 +92,37 @@ def test_every_split_names_each_record_once(data):
     assert len({r["id"] for r in every}) == len(every)
 
 
-def test_build_i_adds_its_edgy_slots_after_build_g_and_trains_on_no_held_out_object(data):
+def _added_slots(data, build_name):
+    """(label, templates per slot, nouns, actions) that ``build_name`` adds after the build before it."""
+    return {"i": [("harmless", 2, data.CONTRAST2_HARMLESS_NOUNS, data.CONTRAST2_HARMLESS_ACTIONS)],
+            "j": [("harmful", 3, data.EVERYDAY_HARMFUL_NOUNS, data.EVERYDAY_HARMFUL_ACTIONS)],
+            "l": [("harmful", 3, data.DOMESTIC_HARMFUL_NOUNS, data.DOMESTIC_HARMFUL_ACTIONS),
+                  ("harmless", 3, data.IDIOM_HARMLESS_NOUNS, data.IDIOM_HARMLESS_ACTIONS)]}[build_name]
+
+
+@pytest.mark.parametrize("build_name, before", [("i", "g"), ("j", "i"), ("l", "j")])
+def test_a_later_build_adds_its_slots_after_the_build_before_and_trains_on_no_held_out_object(
+        data, build_name, before):
     """Build I's records are build G's, unchanged and in order, then its second set of edgy
-    harmless slots (train only, new: in no other list), none of them held out anywhere."""
-    build_g = data.build(with_more_objects=True)
-    build_i = data.build(with_more_objects=True, with_edgy_objects=True)
-    added = build_i[len(build_g):]
-    assert build_i[:len(build_g)] == build_g
-    assert len(added) == 2 * (len(data.CONTRAST2_HARMLESS_NOUNS) + len(data.CONTRAST2_HARMLESS_ACTIONS))
-    assert {(r["label"], r["split"]) for r in added} == {("harmless", "train")}
-    assert not _slots(added) & _slots(data.build(with_extra_harmful=True, with_more_objects=True))
-    held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
-    assert not _slots(data.records("train-i")) & _slots(held)
-    assert _slots(data.records("train-i")) == _slots(r for r in build_i if r["split"] == "train")
+    harmless slots; build J's are I's, then its everyday harmful slots; build L's are J's, then its
+    domestic harmful and idiom harmless slots: train only, new (in no other list), none of them
+    held out anywhere."""
+    def without_extra_harmful(name):
+        return data.build(**{**data.BUILD_OPTIONS[name], "with_extra_harmful": False})
 
-
-def test_build_j_adds_its_everyday_harmful_slots_after_build_i_and_trains_on_no_held_out_object(data):
-    """Build J's records are build I's, unchanged and in order, then its everyday harmful slots
-    (train only, 3 templates each, new: in no other list), none of them held out anywhere."""
-    build_i = data.build(with_more_objects=True, with_edgy_objects=True)
-    build_j = data.build(with_more_objects=True, with_edgy_objects=True, with_everyday_harmful=True)
-    added = build_j[len(build_i):]
-    assert build_j[:len(build_i)] == build_i
-    assert len(added) == 3 * (len(data.EVERYDAY_HARMFUL_NOUNS) + len(data.EVERYDAY_HARMFUL_ACTIONS))
-    assert {(r["label"], r["split"]) for r in added} == {("harmful", "train")}
-    assert not _slots(added) & _slots(data.build(with_extra_harmful=True, with_more_objects=True,
-                                                 with_edgy_objects=True))
-    held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
-    assert not _slots(data.records("train-j")) & _slots(held)
-    assert _slots(data.records("train-j")) == _slots(r for r in build_j if r["split"] == "train")
-
-
-def test_build_l_adds_its_domestic_and_idiom_slots_after_build_j_and_trains_on_no_held_out_object(data):
-    """Build L's records are build J's, unchanged and in order, then its domestic harmful and idiom
-    harmless slots (train only, 3 templates each, new: in no other list), none of them held out."""
-    build_j = data.build(with_more_objects=True, with_edgy_objects=True, with_everyday_harmful=True)
-    build_l = data.build(with_more_objects=True, with_edgy_objects=True, with_everyday_harmful=True,
-                         with_domestic_and_idioms=True)
-    added = build_l[len(build_j):]
-    assert build_l[:len(build_j)] == build_j
-    harmful = [r for r in added if r["label"] == "harmful"]
-    assert len(harmful) == 3 * (len(data.DOMESTIC_HARMFUL_NOUNS) + len(data.DOMESTIC_HARMFUL_ACTIONS))
-    assert len(added) - len(harmful) == 3 * (len(data.IDIOM_HARMLESS_NOUNS) + len(data.IDIOM_HARMLESS_ACTIONS))
+    earlier, later = without_extra_harmful(before), without_extra_harmful(build_name)
+    added = later[len(earlier):]
+    assert later[:len(earlier)] == earlier
+    expected = {label: 0 for label in ("harmful", "harmless")}
+    for label, templates, nouns, actions in _added_slots(data, build_name):
+        expected[label] += templates * (len(nouns) + len(actions))
+    assert {label: sum(r["label"] == label for r in added) for label in expected} == expected
+    assert len(added) == sum(expected.values())
     assert {r["split"] for r in added} == {"train"}
-    assert not _slots(added) & _slots(data.build(**data.BUILD_OPTIONS["j"]))
+    assert not _slots(added) & _slots(data.build(**data.BUILD_OPTIONS[before]))
     held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
-    assert not _slots(data.records("train-l")) & _slots(held)
-    assert _slots(data.records("train-l")) == _slots(r for r in build_l if r["split"] == "train")
+    assert not _slots(data.records("train-" + build_name)) & _slots(held)
+    assert _slots(data.records("train-" + build_name)) == _slots(r for r in later if r["split"] == "train")
 
 
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
