@@ -38,7 +38,14 @@ def test_an_argument_without_a_name_is_refused_with_its_text(frontier, tmp_path)
         frontier.parse_named([f"x={tmp_path / 'missing.json'}"])
 
 
-def test_the_plot_is_written(frontier, tmp_path):
+def test_the_plot_is_written_with_one_label_per_point(frontier, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = []
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *args, **kw: labels.append(text) or annotate(self, text, *args, **kw))
     png = tmp_path / "frontier.png"
-    frontier.plot([("a", _evaluation(0.6)), ("b", _evaluation(0.84))], png)
+    frontier.plot([("a", _evaluation(0.6)), ("b", _evaluation(0.84)), ("c", _evaluation(0.6))], png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(labels) == ["a, c", "b"]

@@ -60,11 +60,14 @@ def plot(named: list[tuple[str, dict]], png: Path) -> None:
     first = cells_by_key(named[0][1])
     ax.scatter([first[("image", "harmless")]["refusal_off"]], [first[("image", "harmful")]["refusal_off"]],
                marker="s", color="black", label="no correction")
+    names_at: dict[tuple[float, float], list[str]] = {}  # variants with the same rates share one label
     for name, evaluation in named:
         cells = cells_by_key(evaluation)
-        x, y = cells[("image", "harmless")]["refusal_on"], cells[("image", "harmful")]["refusal_on"]
+        point = (cells[("image", "harmless")]["refusal_on"], cells[("image", "harmful")]["refusal_on"])
+        names_at.setdefault(point, []).append(name)
+    for (x, y), names in names_at.items():
         ax.scatter([x], [y], color="tab:blue")
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
     ax.set_xlim(-0.02, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("image-path refusal, harmless (over-refusal)")
