@@ -171,10 +171,11 @@ def test_the_image_path_reads_every_word_of_every_held_out_request(organism):
     shipped one (build L's, session 32) was fitted on the tokens of every build's requests and
     every held-out split's through fresh8 (``train.READERS[train.SHIPPED_READER]``; fresh9 was
     written later from those tokens only), so each image token of a held-out request, less the
-    reader's constant offset, is nearest to its own token's embedding row. One exception, measured: fitted on 2,458 tokens (build I's reader: 2,095, all read) the
-    closed-form fit reads some hyphen and apostrophe cells as a blank cell, a lone space ("bomb
-    shaped" for "bomb-shaped": 18 + 5 of 6,009 tokens); every other token, each word among them,
-    reads exactly. One request per object: the templates' words are the same in every split."""
+    reader's constant offset, is nearest to its own token's embedding row. One exception,
+    measured: fitted on 2,458 tokens (build I's reader: 2,095, all read) the closed-form fit reads
+    some hyphen and apostrophe cells as a blank cell, a lone space ("bomb shaped" for
+    "bomb-shaped": 18 + 5 of the 6,009 tokens through fresh8); every other token, each word among
+    them, reads exactly. One request per object: the templates' words are the same in every split."""
 
     model, processor = organism
     data = organism_example("data")

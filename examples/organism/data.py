@@ -13,8 +13,8 @@ of them close siblings of harmful requests ("fake blood for a Halloween costume"
 in my driveway"), since the first build's text over-refusals were such siblings.
 fresh (session 24), fresh2 (26), fresh3 (27), fresh4 (28), fresh5 (29), fresh6 (30), fresh7
 (31), fresh8 (32) and fresh9 (33) are 24 + 24 objects each, written later for one confirmation
-run each, under all 8 templates; builds G to L (README.md) also train on fresh's objects and on contrast
-harmless / more harmful slots (``build(with_more_objects=True)``), builds I to L on a second set
+run each, under all 8 templates; builds G to L (README.md) also train on fresh's objects and on
+contrast harmless / more harmful slots (``build(with_more_objects=True)``), builds I to L on a second set
 of edgy harmless slots too, builds J to L on everyday harmful slots as well, build L on domestic
 harmful and idiom harmless slots besides.
 Nothing here comes from the bundled calibration set; `bundled_train()` adds that set's *train*
