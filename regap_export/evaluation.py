@@ -457,14 +457,17 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
-    """Refusal off vs on per cell (with 95 % intervals), and the image-text gap along rhat per layer."""
+    """Refusal off vs on per cell (with 95 % intervals), the image-text gap along rhat per layer,
+    and the separability d' per layer: text, and image off vs on (Safety Geometry Collapse is the
+    image curve under the text one; d' rather than their ratio, which divides noise where text
+    barely separates, in the first layers)."""
     from .report import pyplot
 
     plt = pyplot()
     if plt is None:
         return None
     cells = report["behaviour"]["cells"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right, collapse) = plt.subplots(1, 3, figsize=(16, 4))
     x = np.arange(len(cells))
     for side, shift in (("off", -0.2), ("on", 0.2)):
         rates = np.array([100 * c[f"refusal_{side}"] for c in cells])
@@ -485,6 +488,16 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     right.set_xlabel("layer")
     right.set_ylabel("mean (image - text twin) . rhat")
     right.legend()
+    def dprimes(state: str, key: str) -> list[float]:
+        return [np.nan if row.get(key) is None else row[key] for row in layers[state]]
+
+    collapse.plot(range(len(layers["off"])), dprimes("off", "dprime_T"), color="black", label="text")
+    for state, style in (("off", "-"), ("on", "--")):
+        collapse.plot(range(len(layers[state])), dprimes(state, "dprime_M"), style, label=f"image, correction {state}")
+    collapse.axvline(report["geometry"]["read_layer"]["layer"], color="grey", linestyle=":")
+    collapse.set_xlabel("layer")
+    collapse.set_ylabel("d' harmful vs harmless along rhat")
+    collapse.legend()
     fig.suptitle(f"{report['mode']}, positions {report['options']['positions']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
