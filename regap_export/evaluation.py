@@ -488,6 +488,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     right.set_xlabel("layer")
     right.set_ylabel("mean (image - text twin) . rhat")
     right.legend()
+
     def dprimes(state: str, key: str) -> list[float]:
         return [np.nan if row.get(key) is None else row[key] for row in layers[state]]
 

@@ -75,8 +75,9 @@ def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_
 def test_a_later_fresh_split_is_new_everywhere(data, split):
     """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I, fresh6
     build J, fresh7 build K, fresh8 build L, fresh9 the variant chosen on L (RESULTS.md, "The
-    reader's vocabulary", "Build H" ... "Modes and variants on build L"): none of their objects or requests are in any build's training data (build L's, the
-    widest, included), any other split or the bundled set."""
+    reader's vocabulary", "Build H" ... "Modes and variants on build L"): none of their objects or
+    requests are in any build's training data (build L's, the widest, included), any other split
+    or the bundled set."""
     trained = data.build(**data.BUILD_OPTIONS["l"]) + data.bundled_train()
     held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
     _assert_new_everywhere(data, split, trained + held)
