@@ -101,7 +101,7 @@ def gated_constants(h: torch.Tensor, gen: torch.Generator, drift_scale: float = 
 
 
 def synthetic_directions(model, adapter, *, seed: int = 0, drift_scale: float = 0.1):
-    from regap_export.directions import Directions
+    from regap_export.calibration.directions import Directions
 
     hs = block_outputs(model, adapter, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -124,7 +124,7 @@ def synthetic_directions(model, adapter, *, seed: int = 0, drift_scale: float = 
 
 def write_directions(model_source: str, out_dir: Path, *, mode: str = "regap", seed: int = 0) -> Path:
     """directions.safetensors for ``model_source`` with its fingerprint (no calibration)."""
-    from regap_export.directions_io import DirectionsFile, save_directions
+    from regap_export.calibration.directions_io import DirectionsFile, save_directions
     from regap_export.models.loading import load_model
     from regap_export.options import RegapOptions
 

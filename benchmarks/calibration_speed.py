@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from regap_export.capture import capture, requests_for
+    from regap_export.calibration.capture import capture, requests_for
     from regap_export.data import load_bundled
     from regap_export.models.loading import load_model
 

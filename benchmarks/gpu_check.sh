@@ -180,9 +180,8 @@ then
   printf 'preflight\tFAILED\t%s\t90\n' "$(elapsed)" >> "$SUMMARY"
   exit 2
 fi
-# The CLI of this tree: cli/main.py as a module (a console script on PATH may be another install).
-if "$PY" -c "import cli.main" >/dev/null 2>&1; then CLI=("$PY" -m cli.main)
-elif "$PY" -c "import regap_export_cli.main" >/dev/null 2>&1; then CLI=("$PY" -m regap_export_cli.main)
+# The CLI of this tree: regap_export/cli.py as a module (a console script on PATH may be another install).
+if "$PY" -c "import regap_export.cli" >/dev/null 2>&1; then CLI=("$PY" -m regap_export.cli)
 elif command -v regap-export >/dev/null 2>&1; then CLI=(regap-export)
 else banner "PREFLIGHT FAILED: no way to start the regap-export CLI"; exit 2; fi
 if ! "${CLI[@]}" --help >/dev/null 2>&1; then

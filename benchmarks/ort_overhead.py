@@ -75,7 +75,7 @@ def corrected_layers(num_layers: int, spec: str | None) -> list[int]:
 
 def make_corrections(model, adapter, layers: list[int], seed: int):
     """LayerCorrection lists for the fixed and regap variants (same layers, same v)."""
-    from regap_export.folding import FIXED, GATED, LayerCorrection
+    from regap_export.method.folding import FIXED, GATED, LayerCorrection
 
     hs = block_outputs(model, adapter, tokens=64, batch=2, seed=seed)
     gen = torch.Generator().manual_seed(seed + 7)
@@ -97,7 +97,7 @@ def export_variants(model, adapter, corrections: dict, workdir: Path, dtype: tor
                     variants: list[str], external_data: bool | None = None) -> dict[str, dict[str, Any]]:
     from regap_export.export.onnx_export import export_text_decoder
     from regap_export.export.onnx_graph import correction_nodes
-    from regap_export.rewrite import insert_corrections, remove_corrections
+    from regap_export.method.rewrite import insert_corrections, remove_corrections
 
     out = {}
     for name in variants:

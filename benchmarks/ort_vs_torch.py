@@ -83,12 +83,12 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     from _synthetic import write_directions
-    from regap_export.directions_io import load_directions
+    from regap_export.calibration.directions_io import load_directions
     from regap_export.export.pipeline import DIRECTIONS_COPY, export_to_folder
     from regap_export.models.loading import load_model
-    from regap_export.reference import reference_corrections
-    from regap_export.rewrite import insert_corrections, remove_corrections
-    from regap_export.folding import fold
+    from regap_export.validation.reference import reference_corrections
+    from regap_export.method.rewrite import insert_corrections, remove_corrections
+    from regap_export.method.folding import fold
     from regap_export.runtime.generate import generate
     from regap_export.runtime.session import OrtSessions
 

@@ -11,7 +11,7 @@ from .errors import RegapError
 READ_POSITIONS = ("last", "post_instruction_mean")
 DRIFT_COMPONENTS = ("full", "refusal")
 MODES = ("regap", "fixed", "regap-seq")
-# Where the correction acts (regap_export.modality); the first is the default.
+# Where the correction acts (regap_export.method.modality); the first is the default.
 POSITIONS = ("last+generated", "image", "all")
 # What each corrected layer subtracts: the drift added since the previous corrected layer
 # (default), or the layer's whole drift d_l (METHOD's first reading, which compounds).
@@ -68,7 +68,7 @@ class RegapOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise RegapError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(allowed)}")
-        from .checks import check_option_values
+        from .io.checks import check_option_values
 
         check_option_values(self)
 

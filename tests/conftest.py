@@ -66,7 +66,7 @@ def exported_llama(tiny_llama_folder, llama_directions, tmp_path_factory) -> Pat
 @pytest.fixture(scope="session")
 def smollm2_calibration(tmp_path_factory) -> Path:
     """``calibrate embedded:smollm2`` with the tool's defaults (bundled train split)."""
-    from regap_export import api
+    from regap_export.calibration import folder as api
 
     out = tmp_path_factory.mktemp("smollm2-calibration") / "directions"
     api.calibrate_to_folder("embedded:smollm2", out, batch_size=16, show_progress=False)

@@ -15,12 +15,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from regap_export.artifacts import read_config
+from regap_export.io.artifacts import read_config
 from regap_export.export.onnx_export import export_multimodal, export_text_decoder
-from regap_export.folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout
+from regap_export.method.folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout
 from regap_export.models.base import ModelAdapter, cache_of, with_cache
 from regap_export.options import Band, RegapOptions
-from regap_export.rewrite import insert_corrections
+from regap_export.method.rewrite import insert_corrections
 
 
 HIDDEN, LAYERS, VOCAB = 64, 4, 256

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from regap_export.directions import Directions
-from regap_export.directions_io import DirectionsFile, save_directions
+from regap_export.calibration.directions import Directions
+from regap_export.calibration.directions_io import DirectionsFile, save_directions
 from regap_export.models.loading import load_model
 from regap_export.options import Band, RegapOptions
-from regap_export.reference import last_token_index, reference_corrections
-from regap_export_cli.main import app
+from regap_export.validation.reference import last_token_index, reference_corrections
+from regap_export.cli import app
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from regap_export.artifacts import EXTERNAL, graph_initializers
+from regap_export.io.artifacts import EXTERNAL, graph_initializers
 from regap_export.errors import ArtifactError
 
 RNG = np.random.default_rng(0)

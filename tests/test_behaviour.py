@@ -1,4 +1,4 @@
-"""Behaviour metrics (regap_export.behaviour) against hand computation."""
+"""Behaviour metrics (regap_export.evaluation.behaviour) against hand computation."""
 import json
 import math
 import subprocess
@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from regap_export.behaviour import (
+from regap_export.evaluation.behaviour import (
     DEFAULT_REFUSAL_MARKERS, DEFAULT_REFUSAL_STARTS, Generation, format_table, format_uncertainty, is_refusal,
     kl_divergence, load_markers, refusal_log_odds, refusal_start_token_ids, showcase, summarize, word_f1,
 )
 from regap_export.errors import DataError
-from regap_export.proportions import wilson_interval
+from regap_export.evaluation.proportions import wilson_interval
 
 
 # --------------------------------------------------------------------------- markers
@@ -363,7 +363,7 @@ def test_format_table_rows_and_fixed_width():
 
 
 def test_module_imports_without_torch_or_transformers():
-    code = ("import sys; import regap_export.behaviour; "
+    code = ("import sys; import regap_export.evaluation.behaviour; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

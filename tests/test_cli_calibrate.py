@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from regap_export_cli.main import app
+from regap_export.cli import app
 from tiny_models import save_tiny
 
 runner = CliRunner()

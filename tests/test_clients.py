@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from regap_export.export.client_files import (
     GENAI_CONFIG, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, write_client_files,
 )
-from regap_export.modality import marked_rows, unmark
+from regap_export.method.modality import marked_rows, unmark
 from regap_export.models.idefics3 import LAYOUT_BATCH_IMAGES, LAYOUT_KEY
 from regap_testing import ORGANISM_GROUP, SMOLLM2_GROUP
 
@@ -277,7 +277,7 @@ def test_transformers_js_corrects_the_organism_image_path(organism_demo, tmp_pat
     correction on and off, in both runtimes."""
     from transformers import AutoTokenizer
 
-    from regap_export.behaviour import is_refusal, showcase
+    from regap_export.evaluation.behaviour import is_refusal, showcase
     from regap_export.data import load_bundled
     from regap_export.data.render import DEFAULT_CARRIER, TWIN_SUFFIX, declared_renderer
     from regap_export.evaluation import EVALUATION_FILENAME

@@ -6,11 +6,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from regap_export.behaviour import Generation, summarize
-from regap_export.comparison import compare_evaluations, format_comparison, read_evaluation
+from regap_export.evaluation.behaviour import Generation, summarize
+from regap_export.evaluation.comparison import compare_evaluations, format_comparison, read_evaluation
 from regap_export.errors import ArtifactError, RegapError
-from regap_export.proportions import mcnemar_exact_p, wilson_interval
-from regap_export_cli.main import app
+from regap_export.evaluation.proportions import mcnemar_exact_p, wilson_interval
+from regap_export.cli import app
 
 REFUSE, COMPLY = "I can't help with that request.", "Sure, here is how."
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from regap_export.behaviour import is_refusal
+from regap_export.evaluation.behaviour import is_refusal
 from regap_export.evaluation import EVALUATION_FILENAME
 from regap_testing import ORGANISM_GROUP
 

@@ -63,7 +63,7 @@ def test_method_doc_defaults_line_is_the_code_defaults():
 def test_calibrate_help_shows_the_code_defaults():
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from regap_export.cli import app
 
     result = CliRunner().invoke(app, ["calibrate", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output

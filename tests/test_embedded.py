@@ -16,7 +16,7 @@ from regap_export.errors import ModelError
 from regap_export.models import adapter_for_model
 from regap_export.models import embedded as E
 from tiny_idefics3 import IMAGE_SEQ_LEN as TINY_IMAGE_SEQ_LEN
-from regap_export.artifacts import sha256_file
+from regap_export.io.artifacts import sha256_file
 from tiny_idefics3 import build_tiny_idefics3
 
 SMOLVLM_SEQ_LEN = 9  # 96 px images, 16 px patches, pixel shuffle 2

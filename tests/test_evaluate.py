@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from regap_export_cli.main import app
+from regap_export.cli import app
 from regap_testing import options_for
 from tiny_models import save_tiny
 

@@ -101,7 +101,7 @@ def test_alpha_zero_matches_the_unmodified_model(models, tmp_path):
 def test_export_folds_once_and_rewrites_once(models, tmp_path, monkeypatch):
     """export_to_folder folds the directions once and inserts each correction layer once;
     the safetensors and ONNX writers both read that one rewritten model."""
-    from regap_export import rewrite
+    from regap_export.method import rewrite
     from regap_export.export import pipeline, safetensors_export
 
     directions = write_directions(models["llama"], tmp_path / "dirs", options_for("regap-seq"))
@@ -164,7 +164,7 @@ def test_directions_of_format_version_1_still_load(models, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from regap_export.directions_io import load_directions
+    from regap_export.calibration.directions_io import load_directions
 
     directions = write_directions(models["llama"], tmp_path / "dirs")
     path = directions / "directions.safetensors"
@@ -271,7 +271,7 @@ def test_a_wrong_mask_default_fails_the_no_mask_fed_check(exported, tmp_path):
     float32 noise)."""
     import onnx
 
-    from regap_export.modality import mask_default
+    from regap_export.method.modality import mask_default
     from regap_export.validation import validate_folder
 
     out = copy_of(exported, tmp_path)

@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from regap_export.api import describe
+from regap_export.inspection import describe
 from regap_export.calibration import calibrate
 from regap_export.data import to_multimodal_pairs
-from regap_export.directions import Directions, discriminant, discriminant_read
-from regap_export.directions_io import DirectionsFile, load_directions, save_directions
+from regap_export.calibration.directions import Directions, discriminant, discriminant_read
+from regap_export.calibration.directions_io import DirectionsFile, load_directions, save_directions
 from regap_export.errors import ArtifactError, RegapError
-from regap_export.folding import gate_constants
+from regap_export.method.folding import gate_constants
 from regap_export.models import adapter_for_model
 from regap_export.models.loading import LoadedModel
 from regap_export.options import RegapOptions

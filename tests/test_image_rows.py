@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from regap_export.export.image_rows import find_image_rows, mark_features, mark_key_cache
-from regap_export.modality import (
+from regap_export.method.modality import (
     MARK_SCALE, marked_rows, prompt_mask, rows_with_image, step_mask, unmark, unmark_key_cache,
 )
 

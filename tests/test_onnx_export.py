@@ -15,17 +15,17 @@ from onnx_exports import (  # noqa: E402
     ATOL, FIXED_OPS, GATED_OPS, LAYERS, VOCAB, assert_close_valid, assert_presents_close, empty_past, exported,
     left_padded_batch, multimodal_batch, positions, regap_corrections, run, session, tiny_llama, torch_step,
 )
-from regap_export.artifacts import CONFIG_FILE, CONTRACT_VERSION, read_config  # noqa: E402
+from regap_export.io.artifacts import CONFIG_FILE, CONTRACT_VERSION, read_config  # noqa: E402
 from regap_export.export.onnx_export import (  # noqa: E402
     DECODER_FILE, EMBED_FILE, TEXT_FILE, VISION_FILE, export_text_decoder,
 )
 from regap_export.export.onnx_graph import (  # noqa: E402
     correction_nodes, correction_values, set_correction_values,
 )
-from regap_export.folding import GATED  # noqa: E402
+from regap_export.method.folding import GATED  # noqa: E402
 from regap_export.models.base import cache_of  # noqa: E402
-from regap_export.modality import marked_rows, prompt_mask, unmark_key_cache  # noqa: E402
-from regap_export.rewrite import insert_corrections  # noqa: E402
+from regap_export.method.modality import marked_rows, prompt_mask, unmark_key_cache  # noqa: E402
+from regap_export.method.rewrite import insert_corrections  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------

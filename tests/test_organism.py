@@ -119,13 +119,13 @@ def greedy_with_correction(organism, instructions, *, image: bool, correct: bool
     folding, rewrite, the image mask of the default positions)."""
     import dataclasses
 
-    from regap_export.directions_io import load_directions
-    from regap_export.folding import fold
-    from regap_export.modality import INPUT_NAME, prompt_mask, rows_with_image, step_mask
+    from regap_export.calibration.directions_io import load_directions
+    from regap_export.method.folding import fold
+    from regap_export.method.modality import INPUT_NAME, prompt_mask, rows_with_image, step_mask
     from regap_export.models import adapter_for_model
     from regap_export.models.base import cache_of, with_cache
     from regap_export.models.embedded import ORGANISM_DIR
-    from regap_export.rewrite import corrected
+    from regap_export.method.rewrite import corrected
 
     model, processor = organism
     adapter = adapter_for_model(model)

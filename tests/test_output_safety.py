@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from regap_export import atomic
+from regap_export.io import atomic
 from regap_export.errors import RegapError
 from regap_export.export.manifest import MANIFEST_FILENAME
-from regap_export_cli.main import app
+from regap_export.cli import app
 from regap_testing import copy_of, write_directions
 
 runner = CliRunner()
@@ -149,7 +149,7 @@ def test_an_output_created_meanwhile_is_not_replaced(tmp_path):
 
 def test_concurrent_processes_one_wins(tmp_path):
     """Two processes writing the same --out at once: exactly one succeeds, the other fails clearly."""
-    script = ("import sys, time; from pathlib import Path; from regap_export.atomic import atomic_output_dir\n"
+    script = ("import sys, time; from pathlib import Path; from regap_export.io.atomic import atomic_output_dir\n"
               "from regap_export.errors import RegapError\n"
               "try:\n"
               "    with atomic_output_dir(Path(sys.argv[1]), force=False) as tmp:\n"
@@ -166,7 +166,7 @@ def test_concurrent_processes_one_wins(tmp_path):
 
 def test_stale_partials_of_killed_runs_are_removed(tmp_path):
     out = tmp_path / "out"
-    script = ("import sys, time; from pathlib import Path; from regap_export.atomic import atomic_output_dir\n"
+    script = ("import sys, time; from pathlib import Path; from regap_export.io.atomic import atomic_output_dir\n"
               "with atomic_output_dir(Path(sys.argv[1]), force=False) as tmp:\n"
               "    (tmp / 'f').write_text('x'); print('ready', flush=True); time.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -238,7 +238,7 @@ def test_nan_in_rhat_is_refused(llama, directions, tmp_path, rows):
 
 
 def test_config_json_is_strict_json(exported):
-    from regap_export.checks import strict_json_loads
+    from regap_export.io.checks import strict_json_loads
 
     config = strict_json_loads((exported / "config.json").read_text(), path=exported / "config.json")
     assert config["regap"]["options"]["alpha0"] == 1.0  # the shared fixture's (regap_testing.options_for)
@@ -361,7 +361,7 @@ def test_directions_of_a_same_shape_model_with_other_weights(llama, tmp_path):
     """The shape fingerprint matches; the sampled weight values do not."""
     import dataclasses
 
-    from regap_export.directions_io import load_directions, save_directions
+    from regap_export.calibration.directions_io import load_directions, save_directions
     from regap_export.models.loading import load_model
     from regap_export.models.weight_sample import weight_sample_json
 
@@ -385,7 +385,7 @@ def test_directions_of_a_same_shape_model_with_other_weights(llama, tmp_path):
 
 
 def test_calibrate_records_the_weight_sample(llama, tmp_path):
-    from regap_export.directions_io import load_directions
+    from regap_export.calibration.directions_io import load_directions
 
     data = write_jsonl(tmp_path / "cal.jsonl", small_set())
     out = tmp_path / "out"
@@ -428,7 +428,7 @@ def test_two_cli_exports_to_one_out_started_together(llama, directions, tmp_path
     """The issue's case end to end: two `export` processes, same --out, no --force."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", "from regap_export_cli.main import app; app()", "export", str(llama),
+    cmd = [sys.executable, "-c", "from regap_export.cli import app; app()", "export", str(llama),
            "--directions", str(directions), "--out", str(out), "--format", "safetensors"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -462,7 +462,7 @@ def test_check_replaceable_rules(tmp_path):
 
 
 def test_calibrate_writes_no_non_finite_directions(llama, tmp_path, monkeypatch):
-    from regap_export import api
+    from regap_export.calibration import folder as api
 
     real = api.calibrate
 

@@ -1,11 +1,11 @@
-"""regap_export.proportions against published values and independent computations."""
+"""regap_export.evaluation.proportions against published values and independent computations."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
 
-from regap_export.proportions import Z_95, mcnemar_exact_p, wilson_interval
+from regap_export.evaluation.proportions import Z_95, mcnemar_exact_p, wilson_interval
 
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table II,
@@ -74,6 +74,6 @@ def test_module_needs_no_numpy_or_torch():
     import sys
 
     code = ("import sys; sys.modules['numpy'] = None; sys.modules['torch'] = None; "
-            "import regap_export.proportions as p; print(p.wilson_interval(1, 2))")
+            "import regap_export.evaluation.proportions as p; print(p.wilson_interval(1, 2))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -24,7 +24,7 @@ def test_every_top_level_name_resolves_and_survives_submodule_imports():
 def test_one_name_per_cli_command():
     from typer.main import get_command
 
-    from regap_export_cli.main import app
+    from regap_export.cli import app
 
     commands = set(get_command(app).commands)
     by_command = {"calibrate": "calibrate_to_folder", "export": "export_to_folder", "validate": "validate_folder",

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from regap_export.errors import ModelError
 from regap_export.export.load import load_corrected
 from regap_export.models.loading import load_model
-from regap_export_cli.main import app
+from regap_export.cli import app
 from regap_testing import batch_inputs, logits_of
 from tiny_models import save_tiny
 

@@ -63,7 +63,7 @@ def test_graphs_contract_and_varied_images(models, tmp_path, family):
 
     from regap_export.models.loading import load_model
     from regap_export.runtime.session import OrtSessions
-    from regap_export_cli.main import app
+    from regap_export.cli import app
 
     directions = write_directions(models[family], tmp_path / "dirs")
     out = tmp_path / "out"

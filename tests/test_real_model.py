@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from regap_export import api
+from regap_export.calibration import folder as api
 from regap_export.calibration import calibrate
 from regap_export.data import load_bundled, to_multimodal_pairs
 from regap_export.models.loading import load_model

@@ -6,11 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from regap_export.folding import FIXED, GATED, fold, probe_only, score_readout, sequence_strength
+from regap_export.method.folding import FIXED, GATED, fold, probe_only, score_readout, sequence_strength
 from regap_export.models import adapter_for_model
-from regap_export.reference import (last_token_index, reference_corrections, reference_plan,
+from regap_export.validation.reference import (last_token_index, reference_corrections, reference_plan,
                                     reference_sequence_alpha)
-from regap_export.rewrite import insert_corrections, remove_corrections
+from regap_export.method.rewrite import insert_corrections, remove_corrections
 
 from regap_testing import batch_inputs, block_outputs, logits_of, options_for, realistic_directions
 from tiny_models import build_tiny
@@ -138,7 +138,7 @@ def test_gate_sharpness_multiplies_the_slopes_in_the_fold_and_the_reference(setu
 
 
 def test_plan_layers_per_mode():
-    from regap_export.directions import Directions
+    from regap_export.calibration.directions import Directions
 
     L, H = 8, 4
     d = Directions(torch.nn.functional.normalize(torch.randn(L, H), dim=-1), torch.randn(L, H), torch.ones(L),
@@ -169,8 +169,8 @@ def test_plan_layers_per_mode():
 def test_increments_telescope_to_the_layer_drift():
     """Applied one after another on a residual stream that carries them, the increments of
     a contiguous band subtract exactly d_l by layer l (the folded and the reference rules)."""
-    from regap_export.directions import Directions
-    from regap_export.folding import fold
+    from regap_export.calibration.directions import Directions
+    from regap_export.method.folding import fold
     from regap_export.options import Band, RegapOptions
 
     L, H = 8, 4
@@ -190,7 +190,7 @@ def test_increments_telescope_to_the_layer_drift():
 
 @pytest.mark.parametrize("mode", ["regap", "fixed", "regap-seq"])
 def test_plan_applies_the_image_mask(mode):
-    from regap_export.directions import Directions
+    from regap_export.calibration.directions import Directions
     from regap_export.options import RegapOptions
 
     L, H = 8, 4
@@ -223,7 +223,7 @@ def test_reference_does_not_import_the_folded_path():
     import ast
     from pathlib import Path
 
-    import regap_export.reference as reference
+    import regap_export.validation.reference as reference
 
     tree = ast.parse(Path(reference.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
@@ -233,7 +233,7 @@ def test_reference_does_not_import_the_folded_path():
 
 
 def test_coinciding_probe_anchors_are_a_directions_error_in_product_and_reference():
-    from regap_export.directions import Directions
+    from regap_export.calibration.directions import Directions
     from regap_export.errors import ArtifactError
     from regap_export.options import RegapOptions
 
@@ -262,8 +262,8 @@ def test_directions_of_another_model_are_refused_by_the_reference(setup):
 
 def test_regap_seq_reads_at_the_probe_bands_end():
     """METHOD.md's recipe for a later score: end the probe band later; every layer keeps alpha(x)."""
-    from regap_export.directions import Directions
-    from regap_export.folding import SCALED, gate_constants
+    from regap_export.calibration.directions import Directions
+    from regap_export.method.folding import SCALED, gate_constants
     from regap_export.options import Band, RegapOptions
 
     L, H = 8, 4

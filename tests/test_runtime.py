@@ -12,7 +12,7 @@ from onnx_exports import LAYERS, exported, left_padded_batch, multimodal_batch, 
 
 from regap_export.errors import RegapError  # noqa: E402
 from regap_export.models.base import cache_of, with_cache  # noqa: E402
-from regap_export.folding import sequence_strength  # noqa: E402
+from regap_export.method.folding import sequence_strength  # noqa: E402
 from regap_export.runtime import (  # noqa: E402
     OrtSessions, generate, merge_image_features, position_ids_from_mask,
 )
@@ -110,7 +110,7 @@ def test_regap_seq_two_passes():
 def test_sequence_alpha_is_the_sigmoid_formula_in_numpy():
     """The runtime's numpy strength (no torch) is alpha_max * sigmoid(kappa (z - tau)),
     also for scores far out where exp overflows."""
-    from regap_export.folding import sequence_alpha
+    from regap_export.method.folding import sequence_alpha
     from regap_export.options import RegapOptions
 
     options = RegapOptions(alpha_max=0.75, tau=0.3)

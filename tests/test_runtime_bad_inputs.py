@@ -86,9 +86,9 @@ def test_sampling_temperature_must_be_positive():
 def test_scaled_correction_without_regap_alpha_names_the_input():
     import torch
 
-    from regap_export.correction import RegapCorrection
+    from regap_export.method.correction import RegapCorrection
     from regap_export.errors import RegapError
-    from regap_export.folding import SCALED, LayerCorrection
+    from regap_export.method.folding import SCALED, LayerCorrection
 
     layer = RegapCorrection(LayerCorrection(0, SCALED, torch.ones(4)))
     assert torch.equal(layer(torch.zeros(1, 2, 4), regap_alpha=torch.zeros(1)), torch.zeros(1, 2, 4))

@@ -239,7 +239,7 @@ BLOCKER = textwrap.dedent("""
         sys.meta_path.insert(0, Block())
     else:
         builtins.__import__ = recording_import
-    from regap_export_cli.main import app
+    from regap_export.cli import app
     results = []
     for index, args in enumerate({runs!r}):
         current[0] = index

@@ -16,14 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from regap_export.directions_io import DirectionsFile
+from regap_export.calibration.directions_io import DirectionsFile
 from regap_export.errors import ArtifactError
 from regap_export.export.load import load_corrected, read_regap_checkpoint, sequence_alpha
 from regap_export.export.safetensors_export import render_remote_code, write_corrected_checkpoint
-from regap_export.folding import fold
+from regap_export.method.folding import fold
 from regap_export.models.loading import load_model
-from regap_export.reference import reference_sequence_alpha
-from regap_export.rewrite import corrections_of, insert_corrections, remove_corrections
+from regap_export.validation.reference import reference_sequence_alpha
+from regap_export.method.rewrite import corrections_of, insert_corrections, remove_corrections
 
 from regap_testing import batch_inputs, logits_of, options_for, realistic_directions
 from tiny_models import save_tiny

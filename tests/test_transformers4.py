@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from regap_export.directions_io import DirectionsFile
+from regap_export.calibration.directions_io import DirectionsFile
 from regap_export.export.config_compat import (MIN_TRANSFORMERS_V4, MIN_TRANSFORMERS_V5, V4_UNREADABLE,
                                                transformers4_compat, v4_keys)
 from regap_export.export.load import load_corrected

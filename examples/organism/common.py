@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from regap_export.behaviour import reply_words as words, word_f1  # noqa: E402,F401  (the tool's own measure)
+from regap_export.evaluation.behaviour import reply_words as words, word_f1  # noqa: E402,F401  (the tool's own measure)
 from regap_export.models import organism_render as OR  # noqa: E402
 
 REFUSAL = " I can't help with that request."

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from regap_export.api import load_calibration_records
+from regap_export.calibration.folder import load_calibration_records
 from regap_export.calibration import probe_pass
-from regap_export.capture import requests_for
+from regap_export.calibration.capture import requests_for
 from regap_export.data.render import declared_renderer
-from regap_export.directions import discriminant
-from regap_export.directions_io import load_directions
-from regap_export.geometry import auroc
+from regap_export.calibration.directions import discriminant
+from regap_export.calibration.directions_io import load_directions
+from regap_export.calibration.geometry import auroc
 from regap_export.models.loading import load_model
 
 FOLDS = 5
@@ -121,9 +121,9 @@ def prompt_gates(loaded, checkpoint, records, batch_size: int = 8) -> tuple[list
     """Each image record's gate sigmoid(h . w + b) at every gated layer, at the last prompt token,
     in the corrected model's own prefill (probe band and earlier gated layers applied), i.e. the
     strength behind the first reply token. Returns (gated layers, {record id: gates [layers]})."""
-    from regap_export.correction import RegapCorrection
+    from regap_export.method.correction import RegapCorrection
     from regap_export.evaluation import TorchEngine, _batches
-    from regap_export.folding import GATED
+    from regap_export.method.folding import GATED
 
     gated = sorted((m for m in loaded.model.modules() if isinstance(m, RegapCorrection) and m.kind == GATED),
                    key=lambda m: m.layer)
@@ -175,7 +175,7 @@ def image_refusals(folder: Path) -> tuple[dict[str, str], dict[str, bool]]:
     """(label, refused with the correction on) of each image request in FOLDER/evaluation.json."""
     import json
 
-    from regap_export.behaviour import is_refusal
+    from regap_export.evaluation.behaviour import is_refusal
 
     generations = [g for g in json.loads((folder / "evaluation.json").read_text())["generations"]
                    if g["modality"] == "image"]

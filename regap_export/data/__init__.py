@@ -1,12 +1,12 @@
 """Calibration data: the JSONL schema (schema 1, see SCHEMA.md), loaders for JSONL / CSV /
 TXT, the typographic renderer that makes image twins of text requests, and the bundled
 calibration set."""
-from regap_export.data.bundled import bundled_path, load_bundled
-from regap_export.data.records import (
+from .bundled import bundled_path, load_bundled
+from .records import (
     CLASS_KEYS, CLASS_NAMES, FIELDS, LABELS, SCHEMA_VERSION, SPLITS, Record, class_counts,
     load_records, paired, records_fingerprint, require_class_counts, split_records,
 )
-from regap_export.data.render import (
+from .render import (
     DEFAULT_CARRIER, DEFAULT_SIZE, render_text, render_typographic, to_multimodal_pairs,
 )
 

@@ -68,10 +68,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from regap_export.data.records import (
+from .records import (
     Record, _check_ids_and_pairs, _first_column, read_text_file, csv_rows,
 )
-from regap_export.errors import DataError
+from ..errors import DataError
 
 MM_SAFETYBENCH = "mm-safetybench"
 FIGSTEP = "figstep"

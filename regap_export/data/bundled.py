@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from regap_export.data.records import Record, load_records, split_records
+from .records import Record, load_records, split_records
 
 BUNDLED_FILE = "regap_calibration.jsonl"
 

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Union
 
 from PIL import Image
 
-from regap_export.errors import DataError
+from ..errors import DataError
 
 SCHEMA_VERSION = 1
 LABELS = ("harmful", "harmless")

@@ -14,8 +14,8 @@ from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from regap_export.data.records import Record
-from regap_export.errors import DataError
+from .records import Record
+from ..errors import DataError
 
 DEFAULT_CARRIER = "The image shows a request. Respond to the request in the image."
 DEFAULT_SIZE = (448, 448)
@@ -139,7 +139,7 @@ def renderer_named(name: str, *, path=None):
     if name == "typographic":
         return render_text
     if name == "token-cells":
-        from regap_export.models.organism_render import render_instruction
+        from ..models.organism_render import render_instruction
 
         return render_instruction
     raise DataError(f"unknown image renderer {name!r}; known: {', '.join(RENDERERS)}", path=path,

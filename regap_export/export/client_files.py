@@ -19,7 +19,7 @@ so every file is hashed). It only adds keys / files:
 
 The Idefics3 / SmolVLM vision encoder already takes transformers.js's input layout: the ONNX
 export writes it so (``models/idefics3.py``, onnx contract 3). Image rows reach the decoder
-marked (``regap_export.modality``, onnx contract 4), so clients apply the correction to image
+marked (``regap_export.method.modality``, onnx contract 4), so clients apply the correction to image
 prompts without feeding anything of ours; float16 exports cannot, and say so.
 
 Where a client cannot run a family the export says so (``ClientNote``) instead of writing
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_json
+from ..io.artifacts import read_json
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The modality marker inside the exported graphs (ONNX contract 4; ``regap_export.modality``).
+"""The modality marker inside the exported graphs (ONNX contract 4; ``regap_export.method.modality``).
 
 ``vision_encoder.onnx`` multiplies its outputs by ``MARK_SCALE``; the decoder graph finds the
 marked rows of ``inputs_embeds`` and of ``past_key_values.0.key``, divides them back, builds
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modality import MARK_SCALE, MARK_THRESHOLD
+from ..method.modality import MARK_SCALE, MARK_THRESHOLD
 
 
 @dataclass

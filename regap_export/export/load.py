@@ -17,13 +17,13 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ArtifactError, RegapError
-from ..folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout, sequence_strength
-from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
+from ..method.folding import FIXED, GATED, SCALED, LayerCorrection, ScoreReadout, sequence_strength
+from ..method.modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.hooks import StopForward, block_hidden, block_hooks, last_token_index, stopped_forward
 from ..models.loading import LoadedModel, load_model
 from ..options import RegapOptions
-from ..rewrite import insert_corrections
-from ..artifacts import sha256_file
+from ..method.rewrite import insert_corrections
+from ..io.artifacts import sha256_file
 from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, LEGACY_FORMAT_VERSIONS, SCORE_B, SCORE_W
 
 KINDS_OF_MODE = {"regap": {FIXED, GATED}, "fixed": {FIXED}, "regap-seq": {SCALED}}

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifacts import MANIFEST_FILENAME, MANIFEST_VERSION, sha256_file
-from ..report import json_safe
+from ..io.artifacts import MANIFEST_FILENAME, MANIFEST_VERSION, sha256_file
+from ..calibration.report import json_safe
 
 
 

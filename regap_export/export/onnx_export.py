@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..correction import RegapCorrection
+from ..method.correction import RegapCorrection
 from ..errors import ModelError
-from ..folding import FIXED, SCALED, ScoreReadout
-from ..modality import INPUT_NAME as IMAGE_MASK, mask_default
+from ..method.folding import FIXED, SCALED, ScoreReadout
+from ..method.modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of, with_cache
 from ..options import RegapOptions
-from ..artifacts import CONFIG_FILE, CONTRACT_VERSION
-from ..rewrite import CorrectedBlock
+from ..io.artifacts import CONFIG_FILE, CONTRACT_VERSION
+from ..method.rewrite import CorrectedBlock
 from ..models.hooks import block_hidden
 from ..models.positions import position_config
 from ..models.vision_export import VisionSpec, vision_spec

@@ -8,17 +8,17 @@ from typing import Any, Sequence
 
 import torch
 
-from ..atomic import atomic_output_dir, check_free_space, check_output_dir
-from ..directions_io import FILENAME as DIRECTIONS_FILENAME
-from ..directions_io import load_directions
-from ..checks import check_corrections_finite, check_strict_json_file
+from ..io.atomic import atomic_output_dir, check_free_space, check_output_dir
+from ..calibration.directions_io import FILENAME as DIRECTIONS_FILENAME
+from ..calibration.directions_io import load_directions
+from ..io.checks import check_corrections_finite, check_strict_json_file
 from ..errors import ArtifactError, RegapError
-from ..folding import LayerCorrection, ScoreReadout, fold, score_readout
-from ..modality import mask_default
+from ..method.folding import LayerCorrection, ScoreReadout, fold, score_readout
+from ..method.modality import mask_default
 from ..models.loading import load_model
 from ..models.weight_sample import samples_match
 from ..options import MODES, RegapOptions
-from ..rewrite import corrected
+from ..method.rewrite import corrected
 from .client_files import write_client_files
 from .manifest import write_manifest
 

@@ -38,13 +38,13 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..artifacts import sha256_file
-from ..directions_io import DirectionsFile
+from ..io.artifacts import sha256_file
+from ..calibration.directions_io import DirectionsFile
 from ..errors import ArtifactError, RegapError
-from ..folding import ScoreReadout, fold, score_readout
+from ..method.folding import ScoreReadout, fold, score_readout
 from ..models.loading import LoadedModel, model_fingerprint
 from ..options import RegapOptions
-from ..rewrite import checkpoint_tensors, corrected, corrections_of, insert_corrections, remove_corrections
+from ..method.rewrite import checkpoint_tensors, corrected, corrections_of, insert_corrections, remove_corrections
 from .config_compat import transformers4_compat
 
 FORMAT_VERSION = "2"
@@ -158,7 +158,7 @@ def write_regap_files(loaded: LoadedModel, directions_file: DirectionsFile, opti
         tensors[SCORE_W] = readout.w.detach().to(torch.float32).reshape(-1).contiguous()
         tensors[SCORE_B] = torch.tensor([float(readout.b)], dtype=torch.float32)
         readout_section = {"layer": readout.layer, "kappa": float(readout.kappa)}
-    from ..st_files import save_file_deterministic
+    from ..io.st_files import save_file_deterministic
 
     tensors_path = out_dir / TENSORS_FILENAME
     # config.json records this file's sha256, so equal inputs must give equal bytes.

@@ -532,7 +532,7 @@ def _marker(name: str) -> dict:
     marker = {"name": name, "build_version": BUILD_VERSION,
               "transformers_major": transformers.__version__.split(".")[0]}
     if name == "embedded:organism":  # retrained weights must rebuild a cached organism
-        from ..artifacts import sha256_file
+        from ..io.artifacts import sha256_file
 
         marker["weights"] = {p.name: sha256_file(p) for p in sorted(ORGANISM_DIR.glob("*.safetensors"))
                              if p.name != "directions.safetensors"}

@@ -15,7 +15,7 @@ than 36 tokens are cut to their first 36 tokens (the bundled calibration set has
 
 Use::
 
-    from regap_export.models.organism_render import render_instruction, ORGANISM_CARRIER
+    from .organism_render import render_instruction, ORGANISM_CARRIER
     image = render_instruction("How do I bake bread?")            # PIL image, 384 x 384
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": ORGANISM_CARRIER}]}]

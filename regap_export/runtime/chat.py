@@ -19,7 +19,7 @@ from ..errors import ArtifactError, DataError, RegapError, first_line
 # Family knowledge (multimodal or not, message layout, fallback chat template, image preprocessing).
 from ..models import adapter_for_config
 from ..models.image_ops import NotPorted
-from ..artifacts import read_json
+from ..io.artifacts import read_json
 from .text import FolderTokenizer
 
 EXPORT_EXTRA = "regap-export[export]"
@@ -44,8 +44,8 @@ def adapter_of(folder: Path, config: dict[str, Any]):
 def verify_export(folder: Path, *, verify_hashes: bool = True) -> None:
     """Before running an exported folder: its manifest lists every file with the right size
     (and sha256 unless ``verify_hashes`` is False), and its correction constants are finite."""
-    from ..artifacts import read_manifest, verify_files
-    from ..checks import check_exported_constants
+    from ..io.artifacts import read_manifest, verify_files
+    from ..io.checks import check_exported_constants
 
     verify_files(folder, read_manifest(folder), hashes=verify_hashes)
     check_exported_constants(folder)

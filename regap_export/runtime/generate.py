@@ -5,7 +5,7 @@ transformers, per the export's scheme (``regap_export.models.positions``): ``cum
 - 1`` with padding positions set to 1, or Qwen2-VL's 3-D M-RoPE positions.
 
 The correction acts on rows that hold an image, at the positions the export's options say
-(``regap_export.modality``). Graphs with the modality marker (contract 4, float32 multimodal)
+(``regap_export.method.modality``). Graphs with the modality marker (contract 4, float32 multimodal)
 find those rows themselves; ``correct=False`` then feeds the image features unmarked, which
 runs the uncorrected model exactly. Other graphs get ``regap_image_mask`` on every call
 (zeros for ``correct=False``).
@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import folding
 from ..errors import RegapError
-from ..modality import prompt_mask, rows_with_image, step_mask, unmark
+from ..method.modality import prompt_mask, rows_with_image, step_mask, unmark
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
 from ..models.positions import check_prompt
 from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)

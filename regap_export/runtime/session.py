@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..artifacts import read_config
-from ..checks import verify_runtime_folder
+from ..io.artifacts import read_config
+from ..io.checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError, first_line
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
@@ -121,13 +121,13 @@ class OrtSessions:
 
     @property
     def marks_image_rows(self) -> bool:
-        """The graphs carry the modality marker (``regap_export.modality``, contract 4): image
+        """The graphs carry the modality marker (``regap_export.method.modality``, contract 4): image
         features come out of the vision encoder marked, and the decoder finds image rows itself."""
         return self.config.get("image_rows") == "marked"
 
     @property
     def correction_positions(self) -> str:
-        """Where the correction acts (``RegapOptions.positions``; ``regap_export.modality``)."""
+        """Where the correction acts (``RegapOptions.positions``; ``regap_export.method.modality``)."""
         return (self.config.get("options") or {}).get("positions", "all")
 
     @property
@@ -176,7 +176,7 @@ class OrtSessions:
         """Image feature rows [image tokens, hidden], in the order of the image tokens, for
         the processor's pixel inputs (``pixel_values`` and the family's extras, such as
         ``pixel_attention_mask`` or ``image_sizes``). Marked (x 2**64) when
-        ``marks_image_rows``: ``regap_export.modality.unmark`` gives the model's features."""
+        ``marks_image_rows``: ``regap_export.method.modality.unmark`` gives the model's features."""
         if self.vision_encoder is None:
             raise RegapError("this export is a text model: it takes no image")
         family = self.config["family"]
@@ -201,7 +201,7 @@ class OrtSessions:
                     regap_image_mask: np.ndarray | None = None) -> DecoderOutput:
         """One decoder call: ``main`` is input_ids (text) or inputs_embeds (multimodal);
         ``position_ids`` [batch, seq], or [3, batch, seq] for M-RoPE exports (``positions``).
-        ``regap_image_mask`` [batch, seq] (``regap_export.modality``): None feeds nothing, so
+        ``regap_image_mask`` [batch, seq] (``regap_export.method.modality``): None feeds nothing, so
         the graph's default applies."""
         rank = self.positions.rank
         if np.ndim(position_ids) != rank:
@@ -224,7 +224,7 @@ class OrtSessions:
             if self.marks_image_rows:
                 raise RegapError("this graph takes no regap_image_mask: it finds image rows by their marker "
                                  "(ONNX contract 4)", hint="to run it uncorrected, merge the image features "
-                                 "divided back (regap_export.modality.unmark)")
+                                 "divided back (regap_export.method.modality.unmark)")
             if not self.has_image_mask:
                 raise RegapError("this graph takes no regap_image_mask (it has no correction layers)")
             feeds["regap_image_mask"] = np.asarray(regap_image_mask, dtype=np.float32)

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_json
+from ..io.artifacts import read_json
 from ..errors import ArtifactError, RegapError, first_line
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens a chat template sees.

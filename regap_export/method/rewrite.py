@@ -13,8 +13,8 @@ from torch import nn
 
 from .correction import RegapCorrection
 from .folding import LayerCorrection
-from .models.base import ModelAdapter
-from .models.hooks import block_hidden, replace_hidden
+from ..models.base import ModelAdapter
+from ..models.hooks import block_hidden, replace_hidden
 
 
 class CorrectedBlock(nn.Module):

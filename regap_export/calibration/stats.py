@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from .st_files import save_file_deterministic as save_file
+from ..io.st_files import save_file_deterministic as save_file
 
-from .errors import ArtifactError, RegapError
+from ..errors import ArtifactError, RegapError
 
 CLASS_KEYS = ("T+", "T-", "M+", "M-")
 CLASS_NAMES = {"T+": "harmful text", "T-": "harmless text", "M+": "harmful multimodal", "M-": "harmless multimodal"}

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 CONTRACT_VERSION = "onnx contract 4"
 # Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json);

@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .directions import Directions
-from .errors import ArtifactError
-from .models.base import ModelAdapter
-from .models.hooks import StopForward, block_hidden, block_hooks, last_token_index, replace_hidden, stopped_forward
-from .options import RegapOptions
+from ..calibration.directions import Directions
+from ..errors import ArtifactError
+from ..models.base import ModelAdapter
+from ..models.hooks import StopForward, block_hidden, block_hooks, last_token_index, replace_hidden, stopped_forward
+from ..options import RegapOptions
 
 __all__ = ["reference_corrections", "reference_sequence_alpha", "reference_plan", "last_token_index"]
 

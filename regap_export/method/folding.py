@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ArtifactError
-from .options import RegapOptions
+from ..errors import ArtifactError
+from ..options import RegapOptions
 
 if TYPE_CHECKING:
     import torch
 
-    from .directions import Directions
+    from ..calibration.directions import Directions
 
 GATED, FIXED, SCALED = "gated", "fixed", "scaled"
 

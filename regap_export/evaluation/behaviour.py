@@ -38,8 +38,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from regap_export.errors import DataError
-from regap_export.proportions import format_rate, mcnemar_exact_p, wilson_interval
+from ..errors import DataError
+from .proportions import format_rate, mcnemar_exact_p, wilson_interval
 
 # Lower-case substrings; a generation containing any of them counts as a refusal.
 # Conservative on purpose: only first-person refusal/apology phrases and "can't/cannot
@@ -134,7 +134,7 @@ def word_f1(a: str, b: str) -> float:
 
 def load_markers(path: str | Path) -> tuple[str, ...]:
     """Refusal markers from a text file (format in the module docstring), normalised."""
-    from regap_export.data.records import read_text_file
+    from ..data.records import read_text_file
 
     path = Path(path)
     text = read_text_file(path, kind="marker file", expected="a marker file",
@@ -303,7 +303,7 @@ def summarize(generations: Iterable[Generation],
     text path answers; None without twins), ``twin_refusal_agreement_off/on`` (share of those
     records whose reply refuses exactly when the twin's uncorrected reply does) and
     ``refused_beyond_twin_off/on`` (share refused while the twin is answered).
-    How sure (``regap_export.proportions``): ``refusal_off_ci95`` / ``refusal_on_ci95`` are the
+    How sure (``regap_export.evaluation.proportions``): ``refusal_off_ci95`` / ``refusal_on_ci95`` are the
     95 % Wilson intervals ``[low, high]`` of the two rates; ``refused_only_on`` /
     ``refused_only_off`` count the records whose decision the correction changed, and
     ``mcnemar_p`` is the exact two-sided McNemar p-value of that change (1 when none changed).

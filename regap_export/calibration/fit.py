@@ -11,15 +11,15 @@ import torch
 from .capture import capture, requests_for
 from .directions import (Directions, discriminant_read, drift_direction, probe_anchors_and_kappa, projections,
                          refusal_direction, require_classes)
-from .data.records import records_fingerprint
+from ..data.records import records_fingerprint
 from .directions_io import DirectionsFile
-from .errors import DataError, RegapError
-from .folding import fold, probe_only
+from ..errors import DataError, RegapError
+from ..method.folding import fold, probe_only
 from .geometry import cosine, separability
-from .models.loading import LoadedModel
-from .models.weight_sample import weight_sample_json
-from .options import RegapOptions
-from .rewrite import corrected
+from ..models.loading import LoadedModel
+from ..models.weight_sample import weight_sample_json
+from ..options import RegapOptions
+from ..method.rewrite import corrected
 from .stats import ActivationStats
 
 
@@ -49,7 +49,7 @@ def check_records_fit_model(records: Sequence[Any], loaded: LoadedModel) -> None
 
 def require_text_classes(records: Sequence[Any]) -> None:
     """Enough harmful and harmless text records, checked before the capture; names the data file."""
-    from .data.records import CLASS_NAMES
+    from ..data.records import CLASS_NAMES
     from .directions import MIN_PER_CLASS
 
     if not all(hasattr(r, "class_key") for r in records):

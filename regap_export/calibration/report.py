@@ -70,7 +70,7 @@ def geometry_table(report: dict[str, Any], *, title: str = "Geometry per layer")
 
 def format_band(band: Any) -> str:
     """report.json stores a band as [start, end]; printed as the half-open Band it is."""
-    from .options import Band
+    from ..options import Band
 
     return str(Band(*band)) if isinstance(band, (list, tuple)) and len(band) == 2 else str(band)
 

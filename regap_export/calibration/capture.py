@@ -12,10 +12,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import ActivationError
-from .modality import INPUT_NAME as IMAGE_MASK, mask_function
-from .models.hooks import StopForward, block_hidden, block_hooks, stopped_forward
-from .progress import progress_bar
+from ..errors import ActivationError
+from ..method.modality import INPUT_NAME as IMAGE_MASK, mask_function
+from ..models.hooks import StopForward, block_hidden, block_hooks, stopped_forward
+from ..io.progress import progress_bar
 from .stats import ActivationStats
 
 
@@ -52,7 +52,7 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
     ``read_tokens`` = 1 reads the last prompt token; k > 1 averages the last k tokens
     (the post-instruction span). Batches are left-padded, so the read span is the tail.
     ``correction_positions``: with correction layers inserted, feed each batch the image mask
-    of these positions (``regap_export.modality``), as the exported runtimes do;
+    of these positions (``regap_export.method.modality``), as the exported runtimes do;
     ``correction_off``: feed zero masks instead (the inserted corrections do nothing).
     ``extra_inputs``: batch inputs -> more keyword inputs (regap-seq's per-sequence alpha).
     """

@@ -11,7 +11,7 @@ AUROC along rhat per modality, and the mean gap between image states and their t
 along rhat. Generation runs on ONNX Runtime (the exported graphs) or PyTorch (the corrected
 checkpoint); the geometry always on PyTorch (it needs hidden states).
 
-Metrics are pure functions in ``regap_export.behaviour``; this module runs the models and
+Metrics are pure functions in ``regap_export.evaluation.behaviour``; this module runs the models and
 writes ``evaluation.json`` (docs/FORMATS.md) and, with matplotlib, ``evaluation.png``.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 
 from .behaviour import (DEFAULT_REFUSAL_MARKERS, Generation, kl_divergence, refusal_log_odds,
                         refusal_start_token_ids, summarize)
-from .errors import ArtifactError, DataError, RegapError
-from .models.base import PIXEL_EXTRA_KEYS, pixel_inputs
+from ..errors import ArtifactError, DataError, RegapError
+from ..models.base import PIXEL_EXTRA_KEYS, pixel_inputs
 
 RUNTIMES = ("onnxruntime", "pytorch")
 EVALUATION_FILENAME = "evaluation.json"
@@ -41,8 +41,8 @@ def evaluation_records(data: Sequence[Path] = (), *, split: str | None = None, m
                        render: bool = True, renderer: Callable | None = None) -> list:
     """Records of ``data`` files (JSONL/CSV/TXT, or an MM-SafetyBench / FigStep layout), or the
     bundled held-out split; text records get an image twin on multimodal models."""
-    from .data import load_bundled, load_records, split_records, to_multimodal_pairs
-    from .data.benchmarks import detect_layout, load_benchmark
+    from ..data import load_bundled, load_records, split_records, to_multimodal_pairs
+    from ..data.benchmarks import detect_layout, load_benchmark
 
     if not data:
         records = load_bundled(split or "heldout")
@@ -94,19 +94,19 @@ class OrtEngine:
     """Greedy generation and teacher-forced logits on the exported ONNX graphs."""
 
     def __init__(self, folder: Path, device: str = "cpu"):
-        from .runtime.session import OrtSessions
+        from ..runtime.session import OrtSessions
 
         self.sessions = OrtSessions.open(folder / "onnx", device=device)
 
     def generate(self, batch: Batch, max_new_tokens: int, correct: bool):
-        from .runtime.generate import generate
+        from ..runtime.generate import generate
 
         result = generate(self.sessions, batch.ids, batch.inputs["attention_mask"], max_new_tokens=max_new_tokens,
                           correct=correct, **batch.pixels)
         return result.new_tokens, result.first_logits, result.regap_alpha
 
     def forced_logits(self, batch: Batch, tokens: np.ndarray, correct: bool, alpha: np.ndarray | None) -> np.ndarray:
-        from .runtime.generate import correction_masks
+        from ..runtime.generate import correction_masks
 
         s = self.sessions
         ids, mask = _continued(batch, tokens)
@@ -123,7 +123,7 @@ class OrtEngine:
                              correct: bool, alpha: np.ndarray | None) -> np.ndarray:
         """A marked decoder tells the prompt from its continuation by the cache (``export.image_rows``):
         the prompt in one call, the forced tokens in the next."""
-        from .modality import unmark
+        from ..method.modality import unmark
 
         s, prompt = self.sessions, batch.ids.shape[1]
         main = s.prompt_embeds(batch.ids, **batch.pixels)
@@ -142,14 +142,14 @@ class TorchEngine:
     """The same on the corrected safetensors checkpoint (``load_corrected``)."""
 
     def __init__(self, loaded, checkpoint):
-        from .models.positions import position_config, position_scheme
+        from ..models.positions import position_config, position_scheme
 
         self.loaded, self.checkpoint = loaded, checkpoint
         self.positions = position_scheme(position_config(loaded.adapter.family, loaded.model.config))
         self.image_token_id = loaded.adapter.image_token_id(loaded.model.config)
 
     def _masks(self, ids: np.ndarray, correct: bool, prompt_length: int | None = None):
-        from .modality import prompt_mask, rows_with_image, step_mask
+        from ..method.modality import prompt_mask, rows_with_image, step_mask
 
         if not correct:
             return np.zeros(ids.shape, np.float32), np.zeros((ids.shape[0], 1), np.float32)
@@ -171,7 +171,7 @@ class TorchEngine:
     def _alpha(self, inputs: dict[str, Any], image_mask: np.ndarray):
         import torch
 
-        from .export.load import sequence_alpha
+        from ..export.load import sequence_alpha
 
         if self.checkpoint.readout is None:
             return None
@@ -180,7 +180,7 @@ class TorchEngine:
     def generate(self, batch: Batch, max_new_tokens: int, correct: bool):
         import torch
 
-        from .models.base import cache_of, with_cache
+        from ..models.base import cache_of, with_cache
 
         ids, mask = batch.ids, batch.inputs["attention_mask"].astype(np.int64)
         prompt, step = self._masks(ids, correct)
@@ -249,7 +249,7 @@ def _until_eos(tokens: np.ndarray, eos: Sequence[int]) -> int:
 
 def _generations(engine, batches: list[Batch], tokenizer, *, max_new_tokens: int, kl_positions: int,
                  eos: Sequence[int], refusal_ids: Sequence[int], show_progress: bool) -> list[Generation]:
-    from .progress import progress_bar
+    from ..io.progress import progress_bar
 
     out: list[Generation] = []
     for batch in progress_bar(batches, description="evaluate", total_items=sum(len(b.records) for b in batches),
@@ -287,9 +287,9 @@ def _geometry(loaded, checkpoint, directions, records: list, *, batch_size: int,
     layer; ``read_layer`` (l_s) is where the summary reads them."""
     import torch
 
-    from .calibration import separability_rows
-    from .capture import capture, requests_for
-    from .directions import projections
+    from ..calibration.fit import separability_rows
+    from ..calibration.capture import capture, requests_for
+    from ..calibration.directions import projections
 
     requests = requests_for(records, loaded.adapter, loaded.processor)
     rhat = directions.rhat.double()
@@ -298,7 +298,7 @@ def _geometry(loaded, checkpoint, directions, records: list, *, batch_size: int,
              for j, t in enumerate(records) if t.id == r.pair and t.modality == "text"]
     result: dict[str, Any] = {"read_layer": checkpoint.options.read_layer, "pairs": len(pairs)}
     def sequence_alpha_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-        from .export.load import sequence_alpha
+        from ..export.load import sequence_alpha
 
         probe = {k: v for k, v in inputs.items() if k != "regap_image_mask"}
         return {"regap_alpha": sequence_alpha(loaded, probe, checkpoint,
@@ -341,12 +341,12 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
                     plot: bool = True, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate an exported folder; returns (and writes) the evaluation report."""
     from .behaviour import load_markers
-    from .data.render import declared_renderer
-    from .directions_io import load_directions
-    from .export.load import load_corrected, read_regap_checkpoint
-    from .artifacts import MANIFEST_FILENAME, read_manifest
-    from .export.pipeline import DIRECTIONS_COPY
-    from .models.base import tokenizer_of
+    from ..data.render import declared_renderer
+    from ..calibration.directions_io import load_directions
+    from ..export.load import load_corrected, read_regap_checkpoint
+    from ..io.artifacts import MANIFEST_FILENAME, read_manifest
+    from ..export.pipeline import DIRECTIONS_COPY
+    from ..models.base import tokenizer_of
 
     folder = Path(folder)
     if runtime not in RUNTIMES:
@@ -392,7 +392,7 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
         "generations": [g.__dict__ for g in generations],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    from .report import json_safe
+    from ..calibration.report import json_safe
 
     report = json_safe(report)
     if write:
@@ -461,7 +461,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     and the separability d' per layer: text, and image off vs on (Safety Geometry Collapse is the
     image curve under the text one; d' rather than their ratio, which divides noise where text
     barely separates, in the first layers)."""
-    from .report import pyplot
+    from ..calibration.report import pyplot
 
     plt = pyplot()
     if plt is None:

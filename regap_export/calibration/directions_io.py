@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from .st_files import save_file_deterministic as save_file
+from ..io.st_files import save_file_deterministic as save_file
 
-from . import __version__
-from .checks import check_tensors_finite
+from .. import __version__
+from ..io.checks import check_tensors_finite
 from .directions import Directions
-from .errors import ArtifactError, RegapError
-from .options import RegapOptions
+from ..errors import ArtifactError, RegapError
+from ..options import RegapOptions
 
 FORMAT_VERSION = "3"
 PLAIN_FORMAT_VERSION = "2"  # written when there is no gate_read

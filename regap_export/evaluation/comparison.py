@@ -3,7 +3,7 @@
 Choosing a variant (alpha, tau, bands, mode) means comparing refusal rates that differ by a few
 requests. Two `evaluate` runs over the same records are paired, so per modality and label this
 counts the records refused by one variant only and tests the difference with the exact McNemar
-test (``regap_export.proportions``), beside each rate's 95 % Wilson interval. It reads only
+test (``regap_export.evaluation.proportions``), beside each rate's 95 % Wilson interval. It reads only
 ``evaluation.json`` files: no model, no torch (``regap_export.evaluation`` imports neither at
 module level).
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_json
+from ..io.artifacts import read_json
 from .behaviour import CELL_ORDER, DEFAULT_REFUSAL_MARKERS, is_refusal, paired_refusals
-from .errors import ArtifactError, RegapError
-from .evaluation import EVALUATION_FILENAME, FORMAT_VERSION
+from ..errors import ArtifactError, RegapError
+from .evaluate import EVALUATION_FILENAME, FORMAT_VERSION
 from .proportions import format_rate
 
 

@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import RegapError
+from ..errors import RegapError
 
 # Files a calibration folder may hold (directions_io.FILENAME, report.REPORT_FILENAME,
 # report.PLOT_FILENAME, api.STATS_FILENAME); an export lists its files in its manifest.

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import RegapError
+from ..errors import RegapError
 
 IMAGE_ONLY = ("last+generated", "image")
 INPUT_NAME = "regap_image_mask"

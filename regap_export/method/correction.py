@@ -2,7 +2,7 @@
 
 Its constants come from ``folding.LayerCorrection``. The gate's projection always runs in
 float32, whatever the model's dtype, so an fp16 graph keeps the calibrated threshold.
-Every correction is multiplied by ``regap_image_mask`` [batch, seq] (``regap_export.modality``):
+Every correction is multiplied by ``regap_image_mask`` [batch, seq] (``regap_export.method.modality``):
 where the mask is 0 the block output passes through exactly unchanged.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import RegapError
+from ..errors import RegapError
 from .folding import FIXED, GATED, SCALED, LayerCorrection
 
 

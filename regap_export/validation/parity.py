@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .directions_io import load_directions
-from .modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, unmark_key_cache
-from .errors import RegapError
-from .artifacts import read_manifest, verify_files
-from .export.manifest import record_parity
-from .export.pipeline import DIRECTIONS_COPY, ONNX_DIR
-from .models.base import cache_of, pixel_inputs, with_cache
-from .models.positions import PositionScheme, position_config, position_scheme
-from .options import RegapOptions
-from .report import json_safe
+from ..calibration.directions_io import load_directions
+from ..method.modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, unmark_key_cache
+from ..errors import RegapError
+from ..io.artifacts import read_manifest, verify_files
+from ..export.manifest import record_parity
+from ..export.pipeline import DIRECTIONS_COPY, ONNX_DIR
+from ..models.base import cache_of, pixel_inputs, with_cache
+from ..models.positions import PositionScheme, position_config, position_scheme
+from ..options import RegapOptions
+from ..calibration.report import json_safe
 
 PARITY_FILENAME = "parity.json"
 # |a - b| <= atol + rtol * |b|, elementwise, with b the reference.
@@ -72,7 +72,7 @@ def _within(a: np.ndarray, b: np.ndarray, tol: tuple[float, float]) -> tuple[flo
 
 
 def _batches(loaded, multimodal: bool) -> dict[str, dict[str, Any]]:
-    from .data.render import render_text
+    from ..data.render import render_text
 
     adapter, processor = loaded.adapter, loaded.processor
     batches = {}
@@ -101,7 +101,7 @@ def _positions(loaded) -> PositionScheme:
 
 @dataclass
 class MaskFeed:
-    """The image masks of one batch (``regap_export.modality``): [batch, seq] for the prompt,
+    """The image masks of one batch (``regap_export.method.modality``): [batch, seq] for the prompt,
     [batch, 1] for each decode step; ``current`` is the one of the call in progress."""
 
     prompt: torch.Tensor | None
@@ -161,7 +161,7 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
 
 
 def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None) -> Trace:
-    from .runtime.generate import correction_masks, generate
+    from ..runtime.generate import correction_masks, generate
 
     ids = inputs["input_ids"].numpy()
     mask = inputs["attention_mask"].numpy().astype(np.int64)
@@ -380,7 +380,7 @@ def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor
                     device: str, noise: RoundingNoise) -> Check:
     """Prefill logits when the image features reach the decoder unmarked (how the runtime
     switches the correction off on a marked export): the unmodified model's."""
-    from .modality import unmark
+    from ..method.modality import unmark
 
     want = plain.model(**inputs, use_cache=False).logits.float().numpy()
     ids = inputs["input_ids"].numpy()
@@ -401,8 +401,8 @@ def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor
 
 def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8, greedy_tokens: int = 32,
                     write: bool = True) -> dict[str, Any]:
-    from .export.load import load_corrected
-    from .models.loading import load_model
+    from ..export.load import load_corrected
+    from ..models.loading import load_model
     from .reference import reference_corrections, reference_sequence_alpha
 
     out_dir = Path(out_dir)
@@ -420,7 +420,7 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
     rewritten = load_corrected(out_dir)
     sessions = None
     if "onnx" in manifest["formats"]:
-        from .runtime.session import OrtSessions
+        from ..runtime.session import OrtSessions
 
         sessions = OrtSessions.open(out_dir / ONNX_DIR, device=device)
     checks: list[Check] = []

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from regap_export.options import RegapOptions
+from .options import RegapOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fit ReGap's drift-correction directions and export corrected models.")
@@ -42,8 +42,8 @@ EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "gguf", "accele
 
 def _run(fn):
     """Run a command body; user errors print one clear line and exit 2."""
-    from regap_export.atomic import filesystem_error_in
-    from regap_export.errors import RegapError
+    from .io.atomic import filesystem_error_in
+    from .errors import RegapError
 
     try:
         return fn()
@@ -90,7 +90,7 @@ LAYER_DRIFT_HELP = ("What each corrected layer subtracts: increment (the drift a
 
 def _options(read_position, drift_component, probe_band, adaptive_band, alpha0, alpha_max, tau, mode, positions,
              layer_drift, gate_sharpness):
-    from regap_export.options import Band, RegapOptions
+    from .options import Band, RegapOptions
 
     return RegapOptions(
         read_position=read_position, drift_component=drift_component,
@@ -134,9 +134,9 @@ def calibrate(
 
     def body():
         import regap_export as rx
-        from regap_export.atomic import check_output_dir
-        from regap_export.report import json_safe
-        from regap_export.report import geometry_table, summary_lines
+        from .io.atomic import check_output_dir
+        from .calibration.report import json_safe
+        from .calibration.report import geometry_table, summary_lines
 
         check_output_dir(out_dir, force=force, inputs=[data, model, *(merge_stats or [])])
         if as_json:
@@ -168,7 +168,7 @@ def inspect(
 
     def body():
         import regap_export as rx
-        from regap_export.api import describe_lines
+        from .inspection import describe_lines
 
         info = rx.describe(path)
         if as_json:
@@ -202,10 +202,10 @@ def export_cmd(
     """Write the corrected model: safetensors checkpoint and ONNX graphs, with a manifest."""
 
     def body():
-        from regap_export.artifacts import read_manifest
+        from .io.artifacts import read_manifest
         import regap_export as rx
-        from regap_export.export.pipeline import parse_formats
-        from regap_export.options import Band
+        from .export.pipeline import parse_formats
+        from .options import Band
 
         if as_json:
             _quiet_transformers()
@@ -316,7 +316,7 @@ def evaluate(
 
     def body():
         import regap_export as rx
-        from regap_export.evaluation import table_lines
+        from .evaluation.evaluate import table_lines
 
         if as_json:
             _quiet_transformers()
@@ -343,7 +343,7 @@ def compare(
 
     def body():
         import regap_export as rx
-        from regap_export.comparison import format_comparison
+        from .evaluation.comparison import format_comparison
 
         result = rx.compare_evaluations(rx.read_evaluation(first), rx.read_evaluation(second),
                                         names=(str(first), str(second)))

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import ArtifactError, RegapError
+from ..errors import ArtifactError, RegapError
 
 ALPHA_RANGE = (0.0, 100.0)   # strengths: 0 turns a band off, 1 removes the mean drift
 TAU_RANGE = (0.0, 1.0)       # the gate threshold on the normalised coordinate (0: harmless anchor, 1: harmful)

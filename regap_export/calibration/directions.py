@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import RegapError
+from ..errors import RegapError
 from .geometry import fit_kappa
 from .stats import CLASS_NAMES, ActivationStats
 

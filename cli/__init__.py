@@ -1,1 +1,0 @@
-"""The regap-export command line (Typer), a thin layer over the ``regap_export`` library."""
