@@ -40,7 +40,10 @@ def parse_formats(text: str) -> tuple[str, ...]:
 def check_dtype_can_run(dtype: str, formats: Sequence[str]) -> None:
     if dtype not in EXPORT_DTYPES:
         raise RegapError(f"unknown dtype {dtype!r}; choose fp32 or fp16")
-    if dtype == "fp16" and "onnx" in formats and not torch.cuda.is_available():
+    # Refused on a CPU-only machine whatever the formats (as the README says): tracing in
+    # float16 there is unsupported by several CPU kernels, and a safetensors-only export would
+    # be recorded as fp16 while its checkpoint keeps the model's own dtype.
+    if dtype == "fp16" and not torch.cuda.is_available():
         raise RegapError(
             "fp16 export needs a CUDA GPU: tracing in float16 on this CPU-only machine is unsupported "
             "by several CPU kernels, and ONNX Runtime's CPU provider would run the graph slower than fp32",

@@ -71,12 +71,17 @@ def probe_score(sessions: OrtSessions, main: np.ndarray, attention_mask: np.ndar
 
 
 def correction_masks(sessions: OrtSessions, input_ids: np.ndarray, *, correct: bool = True,
-                     prompt_length: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+                     prompt_length: int | None = None, images: bool = True
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(prompt mask [batch, seq], decode-step mask [batch, 1]) for this export, or (None, None)
-    for a graph without corrections. ``correct=False``: zeros (the uncorrected model)."""
+    for a graph without corrections. ``correct=False``: zeros (the uncorrected model).
+    ``images=False`` (no pixel inputs given): no row holds an image, whatever ids it holds, as
+    the marked graphs see it (image rows are the rows given image features)."""
     if not sessions.has_image_mask:
         return None, None
     ids = np.asarray(input_ids)
+    if not images and sessions.correction_positions != "all":
+        correct = False
     if not correct:
         return np.zeros(ids.shape, dtype=np.float32), np.zeros((ids.shape[0], 1), dtype=np.float32)
     positions = sessions.correction_positions
@@ -150,7 +155,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
 
     if sessions.marks_image_rows and not correct:
         main = unmark(main)
-    image_mask, step_image_mask = correction_masks(sessions, input_ids, correct=correct)
+    image_mask, step_image_mask = correction_masks(sessions, input_ids, correct=correct,
+                                                   images=pixel_values is not None)
     alpha = score = None
     if sessions.has_regap_alpha:
         if regap_alpha is None:

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io.artifacts import read_config
-from ..io.checks import verify_runtime_folder
+from ..io.artifacts import exported_folder_of
 from ..errors import ArtifactError, RegapError, first_line
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
@@ -50,12 +49,15 @@ class OrtSessions:
     @classmethod
     def open(cls, folder: str | Path, device: str = "cpu", *, device_id: int = 0,
              session_options: Any = None, intra_op_threads: int | None = None,
-             cuda_tf32: bool = False) -> "OrtSessions":
+             cuda_tf32: bool = False, verify_hashes: bool = True) -> "OrtSessions":
+        """The sessions of an exported folder's graphs (``folder``: its ``onnx/`` folder, or the
+        exported folder itself), after ``io.artifacts.ExportedFolder.open`` verified the folder
+        (``verify_hashes=False`` skips the sha256 of each file, and only that)."""
         import onnxruntime as ort
 
-        folder = Path(folder)
-        verify_runtime_folder(folder)
-        config = read_config(folder)
+        exported = exported_folder_of(folder, verify_hashes=verify_hashes)
+        folder = exported.onnx_folder()
+        config = exported.onnx_config()
         if device not in ("cpu", "cuda"):
             raise RegapError(f"unknown device {device!r}; choose cpu or cuda")
         if device == "cuda":
@@ -71,9 +73,7 @@ class OrtSessions:
             providers = ["CPUExecutionProvider"]
 
         def make(name: str):
-            path = folder / name
-            if not path.is_file():
-                raise ArtifactError(f"{name} is missing", path=folder)
+            path = exported.path(f"{folder.name}/{name}")
             opts = session_options
             if opts is None:
                 opts = ort.SessionOptions()
