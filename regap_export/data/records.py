@@ -222,6 +222,9 @@ def _parse_jsonl(text: str, path: Path, default_label: str | None) -> list[Recor
         except json.JSONDecodeError as exc:
             raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=path,
                             line=lineno, hint="each line must be one JSON object") from None
+        except RecursionError:
+            raise DataError("malformed JSON: nested too deeply", path=path, line=lineno,
+                            hint="each line must be one JSON object of strings") from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path,
                             line=lineno, hint="each line must be one JSON object")

@@ -41,7 +41,8 @@ CALIBRATION_FILES = ("directions.safetensors", "report.json", "separability.png"
 MANIFEST_FILE = "regap_manifest.json"
 # written into an export after it: validate's report, evaluate's report and plot, and their temporaries
 EXPORT_EXTRA_FILES = (MANIFEST_FILE, "parity.json", "evaluation.json", "evaluation.png")
-EXPORT_EXTRA_TEMPORARIES = ("regap_manifest.json.tmp", ".evaluation.json.tmp-")
+# atomic_file's temporaries of those (``.<name>.tmp-<pid>-<hex>``), and the older fixed names
+EXPORT_EXTRA_TEMPORARIES = (*(f".{name}.tmp-" for name in EXPORT_EXTRA_FILES), "regap_manifest.json.tmp")
 FS_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
              errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent is not a directory",

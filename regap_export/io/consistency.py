@@ -181,12 +181,11 @@ def _check_graphs(folder: ExportedFolder, family: str, options: dict[str, Any],
         if role.startswith(DECODER):
             _check_decoder(onnx, facts, folder.path(rel), sizes)
         elif role.startswith(EMBED_TOKENS):
+            _check_names(facts, ["input_ids"], ["inputs_embeds"], "the embed_tokens graph", folder.path(rel))
             _check_width(facts.outputs.get("inputs_embeds"), "inputs_embeds", folder.path(rel), sizes)
         elif role.startswith(VISION_ENCODER):
-            for name in onnx.get("vision_outputs") or ["image_features"]:
-                if name not in facts.outputs:
-                    raise ArtifactError(f"the graph has no output {name!r} (regap_onnx.json's vision_outputs)",
-                                        path=folder.path(rel), hint="re-run export")
+            _check_names(facts, onnx.get("vision_inputs"), onnx.get("vision_outputs") or ["image_features"],
+                         "the vision encoder graph", folder.path(rel))
             _check_width(facts.outputs.get("image_features"), "image_features", folder.path(rel), sizes)
 
 
@@ -198,6 +197,18 @@ def _check_external_data(folder: ExportedFolder, rel: str, facts) -> None:
                 or target.split("/")[:1] == [".."] or target not in folder.manifest["files"]):
             raise ArtifactError(f"the graph reads external data from {location!r}, which is not a file the "
                                 "manifest lists beside it", path=folder.root / rel, hint="re-run export")
+
+
+def _check_names(facts, inputs: Any, outputs: Any, what: str, path) -> None:
+    """The graph declares these inputs and outputs (None: not checked)."""
+    absent = [name for name in (inputs if isinstance(inputs, list) else []) if name not in facts.inputs]
+    if absent:
+        raise ArtifactError(f"{what} takes no input {absent[0]!r}: a graph of another kind or model", path=path,
+                            hint="re-run export")
+    missing = [name for name in (outputs if isinstance(outputs, list) else []) if name not in facts.outputs]
+    if missing:
+        raise ArtifactError(f"{what} has no output {missing[0]!r}: a graph of another kind or model", path=path,
+                            hint="re-run export")
 
 
 def _check_width(dims, name: str, path, sizes: dict[str, tuple[Any, str]]) -> None:

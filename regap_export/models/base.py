@@ -149,8 +149,12 @@ class ModelAdapter:
                                     path=getattr(tokenizer_of(processor), "name_or_path", None) or None)
 
     def _reserved(self, processor: Any) -> tuple[str, ...]:
-        """Tokens the processor writes beside the template's own (the image token)."""
-        return tuple(t for t in (getattr(processor, "image_token", None),) if isinstance(t, str))
+        """Tokens the processor writes beside the template's own: its ``*_token`` attributes
+        (``image_token``, ``video_token``, ``fake_image_token``, ...)."""
+        if processor is tokenizer_of(processor):
+            return ()
+        names = sorted(name for name in vars(processor) if name.endswith("_token"))
+        return tuple(value for value in (getattr(processor, name) for name in names) if isinstance(value, str))
 
     def post_instruction_length(self, processor: Any) -> int:
         """Tokens after the instruction in a rendered prompt (the template's suffix)."""
@@ -213,7 +217,13 @@ class TokenizerText:
 
     added: dict[str, tuple[int, bool]]   # content -> (id, special)
     special_tokens: dict[str, str]       # bos_token, eos_token, ... as the chat template sees them
-    plain: Any                           # piece -> ids, no added token matched
+    make_plain: Any                      # () -> (piece -> ids, no added token matched)
+    _plain: Any = None
+
+    def plain(self, piece: str) -> list[int]:
+        if self._plain is None:
+            self._plain = self.make_plain()
+        return self._plain(piece)
 
     def control_tokens(self, template: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
         from ..runtime.text import control_tokens_of
@@ -243,10 +253,11 @@ def tokenizer_text(processor: Any) -> TokenizerText:
         return cached[1]
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
-        added, plain = added_tokens_of(backend), PlainTextEncoder(backend)
+        added, plain = added_tokens_of(backend), functools.partial(PlainTextEncoder, backend)
     else:  # a tokenizer without a tokenizers backend: transformers' own split_special_tokens
         added = {t.content: (int(i), bool(t.special)) for i, t in tok.added_tokens_decoder.items()}
-        plain = functools.partial(_plain_with_transformers, tok)
+        def plain():
+            return functools.partial(_plain_with_transformers, tok)
     special = {name: getattr(tok, name) for name in SPECIAL_TOKEN_NAMES}
     text = TokenizerText(added, {k: v for k, v in special.items() if isinstance(v, str)}, plain)
     _TOKENIZER_TEXT[tok] = (size, text)
