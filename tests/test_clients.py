@@ -1,4 +1,4 @@
-"""Exported folders in the clients users already run, as written (issue 10): greedy tokens
+"""Exported folders in the clients users already run, as written: greedy tokens
 from transformers.js (npm ``@huggingface/transformers``, ``clients/``) and ONNX Runtime GenAI
 equal ``regap_export.runtime``'s, with and without images.
 

@@ -1,4 +1,4 @@
-"""`export` + `validate` end to end on tiny seeded models, and every bad input of issue 3."""
+"""`export` + `validate` end to end on tiny seeded models, and every bad input of export and validate."""
 from __future__ import annotations
 
 import json
