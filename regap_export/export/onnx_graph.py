@@ -71,14 +71,16 @@ def _cast_to(node: onnx.NodeProto) -> int | None:
 def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
     """The nodes of every correction, in execution order, keyed by layer.
 
-    gated:  [Cast?] MatMul(h, w) -> Add(., b) -> Sigmoid -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast?]
+    gated:  [Cast] MatMul(h, w) -> Add(., b) -> Sigmoid -> [Cast] -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast]
     fixed:  Mul(m, v) -> Add(h, .)
-    scaled: [Cast?] Mul(s, v) -> Add(h, .) [Cast?]
+    scaled: [Cast] Mul(s, v) -> Add(h, .) [Cast]
 
-    m is the image mask ``regap_image_mask`` unsqueezed to [batch, seq, 1] and s = alpha * m:
-    both are computed once per graph and shared by every layer, so they are not part of a
-    chain. Casts appear only in half-precision graphs: one into float32 before the
-    projection, one back to the model's dtype after the residual add.
+    m is the image mask [batch, seq, 1] (``regap_image_mask``, or built from the modality
+    channel) and s = alpha * m: both are computed once per graph and shared by every layer, so
+    they are not part of a chain. Casts appear in half-precision graphs only: the gate's
+    projection runs in float32, so a Cast into float32 feeds the MatMul; a ``--precision fp16``
+    graph casts the gate back (``Sigmoid -> Cast``) and adds in float16, a graph traced in
+    float16 adds in float32 and casts the sum back (``Add -> Cast``).
     Raises ``ValueError`` when a correction is not in its folded form.
     """
     proto = load_graph(model)
@@ -101,21 +103,31 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
             if names["b"] not in add_b.input:
                 raise ValueError(f"layer {layer}: the Add after the MatMul does not add regap.{layer}.b")
             sigmoid = _only(consumers.get(add_b.output[0], []), "Sigmoid", f"after layer {layer}'s gate Add")
-            mask_mul = _only(consumers.get(sigmoid.output[0], []), "Mul", f"after layer {layer}'s Sigmoid")
+            gate = [matmul, add_b, sigmoid]
+            after = consumers.get(sigmoid.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Cast":  # the gate cast back to float16
+                gate.append(after[0])
+                after = consumers.get(after[0].output[0], [])
+            mask_mul = _only(after, "Mul", f"after layer {layer}'s gate")
             if mask_mul.output[0] not in scale_v.input:
                 raise ValueError(f"layer {layer}: the masked gate does not scale regap.{layer}.v")
-            if matmul.input[0] != h:
+            head = producer.get(matmul.input[0])
+            if matmul.input[0] == h:
+                chain = gate + [mask_mul, scale_v, residual]
+            elif head is not None and head.op_type == "Cast" and head.input[0] == h:
+                chain = [head] + gate + [mask_mul, scale_v, residual]   # --precision fp16
+            else:
                 raise ValueError(f"layer {layer}: the residual Add does not add the gate's input")
-            chain = [matmul, add_b, sigmoid, mask_mul, scale_v, residual]
         else:
             chain = [scale_v, residual]
-        # Half precision: a Cast into float32 before, a Cast back after.
-        head = producer.get(h)
-        if head is not None and head.op_type == "Cast" and _cast_to(head) == onnx.TensorProto.FLOAT:
-            chain.insert(0, head)
-        tail_users = consumers.get(chain[-1].output[0], [])
-        if len(tail_users) == 1 and tail_users[0].op_type == "Cast" and chain[0].op_type == "Cast":
-            chain.append(tail_users[0])
+        # Traced in half precision: h cast into float32 before the chain, the sum cast back after.
+        traced = producer.get(h)
+        if chain[0].op_type != "Cast" and traced is not None and traced.op_type == "Cast" \
+                and _cast_to(traced) == onnx.TensorProto.FLOAT:
+            chain.insert(0, traced)
+            tail_users = consumers.get(residual.output[0], [])
+            if len(tail_users) == 1 and tail_users[0].op_type == "Cast":
+                chain.append(tail_users[0])
         chains[layer] = chain
     return chains
 
@@ -124,8 +136,8 @@ def correction_nodes(model: OnnxLike) -> dict[int, list[str]]:
     """``{layer: [op_type, ...]}``: the ops of each correction, in order (see ``correction_chains``).
 
     A float32 graph gives ``["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]`` per gated layer
-    and ``["Mul", "Add"]`` per fixed or scaled layer; a float16 graph adds a ``Cast`` at each end of
-    a gated or scaled chain.
+    and ``["Mul", "Add"]`` per fixed or scaled layer; a ``--precision fp16`` graph adds a ``Cast``
+    before the MatMul and one after the Sigmoid (the scalar gate back to float16).
     """
     return {layer: [n.op_type for n in chain] for layer, chain in correction_chains(model).items()}
 
