@@ -71,16 +71,16 @@ def _cast_to(node: onnx.NodeProto) -> int | None:
 def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
     """The nodes of every correction, in execution order, keyed by layer.
 
-    gated:  [Cast] MatMul(h, w) -> Add(., b) -> Sigmoid -> [Cast] -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast]
+    gated:  [Cast] MatMul(h, w) -> Add(., b) -> Sigmoid -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast]
     fixed:  Mul(m, v) -> Add(h, .)
     scaled: [Cast] Mul(s, v) -> Add(h, .) [Cast]
 
     m is the image mask [batch, seq, 1] (``regap_image_mask``, or built from the modality
     channel) and s = alpha * m: both are computed once per graph and shared by every layer, so
-    they are not part of a chain. Casts appear in half-precision graphs only: the gate's
-    projection runs in float32, so a Cast into float32 feeds the MatMul; a ``--precision fp16``
-    graph casts the gate back (``Sigmoid -> Cast``) and adds in float16, a graph traced in
-    float16 adds in float32 and casts the sum back (``Add -> Cast``).
+    they are not part of a chain. The graphs of every ``--precision`` have exactly these ops (a
+    float16 graph computes its correction in float16). The Casts appear only in graphs traced in
+    half precision by the library (``export_text_decoder(dtype=torch.float16)``), which compute
+    the correction in float32: one into float32 before, one back after.
     Raises ``ValueError`` when a correction is not in its folded form.
     """
     proto = load_graph(model)
@@ -103,27 +103,17 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
             if names["b"] not in add_b.input:
                 raise ValueError(f"layer {layer}: the Add after the MatMul does not add regap.{layer}.b")
             sigmoid = _only(consumers.get(add_b.output[0], []), "Sigmoid", f"after layer {layer}'s gate Add")
-            gate = [matmul, add_b, sigmoid]
-            after = consumers.get(sigmoid.output[0], [])
-            if len(after) == 1 and after[0].op_type == "Cast":  # the gate cast back to float16
-                gate.append(after[0])
-                after = consumers.get(after[0].output[0], [])
-            mask_mul = _only(after, "Mul", f"after layer {layer}'s gate")
+            mask_mul = _only(consumers.get(sigmoid.output[0], []), "Mul", f"after layer {layer}'s Sigmoid")
             if mask_mul.output[0] not in scale_v.input:
                 raise ValueError(f"layer {layer}: the masked gate does not scale regap.{layer}.v")
-            head = producer.get(matmul.input[0])
-            if matmul.input[0] == h:
-                chain = gate + [mask_mul, scale_v, residual]
-            elif head is not None and head.op_type == "Cast" and head.input[0] == h:
-                chain = [head] + gate + [mask_mul, scale_v, residual]   # --precision fp16
-            else:
+            if matmul.input[0] != h:
                 raise ValueError(f"layer {layer}: the residual Add does not add the gate's input")
+            chain = [matmul, add_b, sigmoid, mask_mul, scale_v, residual]
         else:
             chain = [scale_v, residual]
         # Traced in half precision: h cast into float32 before the chain, the sum cast back after.
         traced = producer.get(h)
-        if chain[0].op_type != "Cast" and traced is not None and traced.op_type == "Cast" \
-                and _cast_to(traced) == onnx.TensorProto.FLOAT:
+        if traced is not None and traced.op_type == "Cast" and _cast_to(traced) == onnx.TensorProto.FLOAT:
             chain.insert(0, traced)
             tail_users = consumers.get(residual.output[0], [])
             if len(tail_users) == 1 and tail_users[0].op_type == "Cast":
@@ -135,9 +125,9 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
 def correction_nodes(model: OnnxLike) -> dict[int, list[str]]:
     """``{layer: [op_type, ...]}``: the ops of each correction, in order (see ``correction_chains``).
 
-    A float32 graph gives ``["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]`` per gated layer
-    and ``["Mul", "Add"]`` per fixed or scaled layer; a ``--precision fp16`` graph adds a ``Cast``
-    before the MatMul and one after the Sigmoid (the scalar gate back to float16).
+    The graphs of every ``--precision`` give ``["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]``
+    per gated layer and ``["Mul", "Add"]`` per fixed or scaled layer; a graph traced in float16 adds
+    a ``Cast`` at each end of a gated or scaled chain.
     """
     return {layer: [n.op_type for n in chain] for layer, chain in correction_chains(model).items()}
 

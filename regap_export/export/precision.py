@@ -1,10 +1,15 @@
 """Graphs at the precisions users ship (ONNX contract 5, "Precisions"), made from the exported
 float32 graphs by ONNX Runtime's own tools (no quantizer of ours):
 
-- ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16``; the correction's
-  gate projection (MatMul, Add, Sigmoid of every gated layer) stays float32 through its
-  ``node_block_list``, and pixel inputs stay float32 (``keep_io_types``), as transformers.js
-  feeds them; every other floating-point input and output is float16;
+- ``fp16``: ONNX Runtime's float16 conversion
+  (``onnxruntime.transformers.onnx_model.OnnxModel.convert_float_to_float16``: the float16
+  converter, then its removal of redundant Casts). The correction runs in float16 like the rest
+  of the model, gate included: the same six ops per gated layer as float32 (a float32 gate costs
+  two Casts more; the gate error float16 adds, at most 1e-3 on embedded:organism, is below what
+  float16 hidden states already carry: METHOD section 6, ``benchmarks/fp16_gate.py``). Pixel
+  inputs stay float32 (as transformers.js feeds them) and so do ``regap_image_mask``,
+  ``regap_alpha`` and ``regap_score`` (``keep_io_types``); every other floating-point input and
+  output is float16;
 - ``q4f16``: the fp16 graph with its MatMul weights in 4-bit blocks of 32
   (``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, symmetric, as
   transformers.js's conversion script does; ONNX Runtime's ``MatMulNBits`` op);
@@ -13,8 +18,8 @@ float32 graphs by ONNX Runtime's own tools (no quantizer of ours):
 - ``q4``: the float32 graph with 4-bit MatMul weights (``MatMulNBitsQuantizer``).
 
 The correction's own nodes are never quantized (``nodes_to_exclude``): its constants keep their
-names, dtypes and values (``onnx_graph.correction_values``), so ``set_correction_values`` still
-edits them. Files take transformers.js's names (``<name>_fp16.onnx``, ``<name>_q4f16.onnx``,
+names and values (in float16 in the fp16 and q4f16 graphs; ``onnx_graph.correction_values``),
+so ``set_correction_values`` still edits them. Files take transformers.js's names (``<name>_fp16.onnx``, ``<name>_q4f16.onnx``,
 ``<name>_quantized.onnx``, ``<name>_q4.onnx``); each graph's metadata says its precision, and
 ``regap_onnx.json`` lists the files of each precision under ``precisions``.
 """
@@ -32,7 +37,7 @@ import onnx
 
 from ..errors import RegapError
 from ..io.artifacts import CONFIG_FILE, read_config
-from ..io.graph_metadata import DEFAULT_PRECISION, PRECISION_KEY, PRECISIONS, precision_file
+from ..io.graph_metadata import DEFAULT_PRECISION, FLOAT32_IO, PRECISION_KEY, PRECISIONS, precision_file
 from .onnx_graph import correction_chains
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ def write_precisions(folder: Path, precisions: Sequence[str]) -> dict[str, dict[
         files = {}
         for key, name in base.items():
             target = precision_file(name, precision)
-            convert_graph(folder / name, folder / target, precision, keep_float32=_pixel_inputs(config, key))
+            convert_graph(folder / name, folder / target, precision, keep_float32=_float32_io(config, key))
             files[key] = target
         table[precision] = files
     config["precisions"] = table
@@ -76,18 +81,13 @@ def write_precisions(folder: Path, precisions: Sequence[str]) -> dict[str, dict[
     return table
 
 
-def _pixel_inputs(config: dict, key: str) -> list[str]:
-    return list(config.get("vision_inputs") or []) if key == "vision_encoder" else []
-
-
-def gate_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that compute the gates of the gated corrections (the projection, its
-    bias and the sigmoid): float32 in every precision."""
-    names = []
-    for chain in correction_chains(model).values():
-        if chain[0].op_type == "MatMul":  # gated: MatMul, Add, Sigmoid, Mul (mask), Mul (v), Add
-            names += [node.name for node in chain[:3]]
-    return names
+def _float32_io(config: dict, key: str) -> list[str]:
+    """What stays float32 in a float16 graph: the pixel inputs (transformers.js feeds them so) and
+    the correction's own inputs and outputs."""
+    if key == "vision_encoder":
+        return list(config.get("vision_inputs") or [])
+    names = set(config.get("decoder_inputs") or []) | set(config.get("decoder_outputs") or [])
+    return [name for name in FLOAT32_IO if name in names]
 
 
 def correction_node_names(model: onnx.ModelProto) -> list[str]:
@@ -133,29 +133,8 @@ def _to_fp16(model: onnx.ModelProto, keep_float32: Sequence[str]) -> onnx.ModelP
 
     wrapped = OnnxModel(model)
     with _quiet():
-        wrapped.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=list(keep_float32) or False,
-                                         node_block_list=gate_nodes(model))
-    _drop_initializer_casts(wrapped.model)
+        wrapped.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=list(keep_float32) or False)
     return wrapped.model
-
-
-def _drop_initializer_casts(model: onnx.ModelProto) -> None:
-    """The converter casts a float32 initializer that feeds a float32 node "to float32" (left in
-    place by its cleanup, which cannot type initializers): read the initializer directly."""
-    dtypes = {init.name: init.data_type for init in model.graph.initializer}
-    kept, renamed = [], {}
-    for node in model.graph.node:
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if node.op_type == "Cast" and dtypes.get(node.input[0]) == to:
-            renamed[node.output[0]] = node.input[0]
-        else:
-            kept.append(node)
-    for node in kept:
-        for i, name in enumerate(node.input):
-            if name in renamed:
-                node.input[i] = renamed[name]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
 
 
 def _to_q4(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -171,6 +150,10 @@ def _to_q4(model: onnx.ModelProto) -> onnx.ModelProto:
 def _to_q8(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # quantize_dynamic runs ONNX's strict shape inference, which rejects shapes the tracer recorded
+    # that it would compute otherwise (Idefics3's float arange counts one boundary more in torch):
+    # the intermediate shapes are dropped, as the exporter drops them for ONNX Runtime.
+    del model.graph.value_info[:]
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(source), save_as_external_data=_large(model), location="in.onnx.data")

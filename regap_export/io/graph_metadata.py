@@ -32,6 +32,8 @@ ROLE_MODEL, ROLE_DECODER, ROLE_EMBED, ROLE_VISION = "model", "decoder", "embed_t
 # regap_onnx.json "files" key of each role
 ROLE_OF_FILE_KEY = {"decoder": None, "embed_tokens": ROLE_EMBED, "vision_encoder": ROLE_VISION}
 IMAGE_ROWS_CHANNEL, IMAGE_ROWS_MASK, IMAGE_ROWS_NONE = "channel", "mask input", "none"
+# Float32 at every precision: the correction's own inputs and outputs (pixel inputs too).
+FLOAT32_IO = ("regap_image_mask", "regap_alpha", "regap_score")
 
 
 @dataclass(frozen=True)
@@ -91,30 +93,29 @@ def check_graph(path: Path, metadata: Mapping[str, str], io_types: Mapping[str, 
     from .artifacts import CONTRACT_VERSION
 
     redo = "re-export the folder (regap-export export --precision ...) and use its graphs together, as written"
-    name = path.name
     if metadata.get(CONTRACT_KEY) != CONTRACT_VERSION or PRECISION_KEY not in metadata:
-        raise ArtifactError(f"{name} carries no {CONTRACT_VERSION} metadata (regap.onnx_contract "
+        raise ArtifactError(f"it carries no {CONTRACT_VERSION} metadata (regap.onnx_contract "
                             f"{metadata.get(CONTRACT_KEY)!r}): it was not written by this export, or was "
                             "rewritten by another tool", path=path, hint=redo)
     if metadata.get(EXPORT_ID_KEY) != config.get("export_id"):
-        raise ArtifactError(f"{name} comes from another export (export id {metadata.get(EXPORT_ID_KEY)}, "
+        raise ArtifactError(f"it comes from another export (export id {metadata.get(EXPORT_ID_KEY)}, "
                             f"regap_onnx.json says {config.get('export_id')}): graphs of different exports "
                             "do not fit together", path=path, hint=redo)
     if metadata.get(ROLE_KEY) != role:
-        raise ArtifactError(f"{name} is a {metadata.get(ROLE_KEY)} graph where regap_onnx.json expects the "
+        raise ArtifactError(f"it is a {metadata.get(ROLE_KEY)} graph where regap_onnx.json expects the "
                             f"{role}", path=path, hint=redo)
     if metadata.get(PRECISION_KEY) != precision:
-        raise ArtifactError(f"{name}: its metadata says precision {metadata.get(PRECISION_KEY)}, regap_onnx.json "
+        raise ArtifactError(f"its metadata says precision {metadata.get(PRECISION_KEY)}, regap_onnx.json "
                             f"lists it as {precision}", path=path, hint=redo)
     want_rows = _image_rows_of(config, role)
     if metadata.get(IMAGE_ROWS_KEY) != want_rows:
-        raise ArtifactError(f"{name}: image rows {metadata.get(IMAGE_ROWS_KEY)!r}, regap_onnx.json says "
+        raise ArtifactError(f"image rows {metadata.get(IMAGE_ROWS_KEY)!r}, regap_onnx.json says "
                             f"{want_rows!r} (a graph of an export with other options)", path=path, hint=redo)
     want = PRECISIONS[precision].io_dtype
-    pixel_inputs = tuple(config.get("vision_inputs") or ()) if role == ROLE_VISION else ()
-    for io_name, got in _float_types(io_types, pixel_inputs).items():
+    float32_always = tuple(config.get("vision_inputs") or ()) if role == ROLE_VISION else FLOAT32_IO
+    for io_name, got in _float_types(io_types, float32_always).items():
         if got != want:
-            raise ArtifactError(f"{name}: its metadata says {precision} ({want} inputs and outputs) but "
+            raise ArtifactError(f"its metadata says {precision} ({want} inputs and outputs) but "
                                 f"{io_name} is {got}: the graph was converted after export (e.g. by a float16 "
                                 "or quantization script), which this contract does not cover", path=path,
                                 hint=f"re-export with regap-export export --precision {_suggest(got)}")

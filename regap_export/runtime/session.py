@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +30,30 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(bool)": np.bool_, "tensor(double)": np.float64, "tensor(int32)": np.int32}
 _TYPE_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
                "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(double)": "float64", "tensor(int32)": "int32"}
+
+
+def module_precisions(config: dict[str, Any], precision: str | Mapping[str, str]) -> dict[str, str]:
+    """``{files key: precision}``: one precision for every graph, or one per module
+    (``{"vision_encoder": "fp16", "decoder": "q4f16", ...}``, as transformers.js's ``dtype``
+    option takes them; modules not named get fp32). Modules whose floating-point inputs and
+    outputs differ in type (fp32 / q8 / q4 against fp16 / q4f16) do not fit together."""
+    keys = list(config["files"])
+    if isinstance(precision, str):
+        chosen = {key: precision for key in keys}
+    else:
+        unknown = sorted(set(precision) - set(keys))
+        if unknown:
+            raise RegapError(f"this export has no module {', '.join(map(repr, unknown))} (it has {', '.join(keys)})")
+        chosen = {key: precision.get(key, DEFAULT_PRECISION) for key in keys}
+    for key, name in chosen.items():
+        if name not in PRECISIONS:
+            raise RegapError(f"unknown precision {name!r} for {key}; choose one of {', '.join(PRECISIONS)}")
+    io_types = {PRECISIONS[name].io_dtype for name in chosen.values()}
+    if len(io_types) > 1:
+        raise RegapError(f"these precisions do not fit together ({', '.join(f'{k} {v}' for k, v in chosen.items())}): "
+                         "their graphs pass embeddings as " + " and ".join(sorted(io_types)),
+                         hint="pick modules of one kind: fp32, q8, q4 (float32) or fp16, q4f16 (float16)")
+    return chosen
 
 
 def precision_files(config: dict[str, Any], precision: str) -> dict[str, str]:
@@ -67,20 +91,24 @@ class OrtSessions:
     device: str = "cpu"
     device_id: int = 0
     cuda_tf32: bool = False
-    precision: str = DEFAULT_PRECISION
+    precision: str = DEFAULT_PRECISION   # of the decoder; ``precisions`` has every module's
+    precisions: dict[str, str] = field(default_factory=dict)
     _input_types: dict[str, Any] = field(default_factory=dict)
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | Path, device: str = "cpu", *, device_id: int = 0,
              session_options: Any = None, intra_op_threads: int | None = None,
-             cuda_tf32: bool = False, precision: str = DEFAULT_PRECISION) -> "OrtSessions":
+             cuda_tf32: bool = False, precision: str | Mapping[str, str] = DEFAULT_PRECISION) -> "OrtSessions":
+        """``precision``: one of the export's precisions for every graph, or one per module
+        (``module_precisions``)."""
         import onnxruntime as ort
 
         folder = Path(folder)
         verify_runtime_folder(folder)
         config = read_config(folder)
-        files = precision_files(config, precision)
+        chosen = module_precisions(config, precision)
+        files = {key: precision_files(config, name)[key] for key, name in chosen.items()}
         if device not in ("cpu", "cuda"):
             raise RegapError(f"unknown device {device!r}; choose cpu or cuda")
         if device == "cuda":
@@ -95,7 +123,7 @@ class OrtSessions:
         else:
             providers = ["CPUExecutionProvider"]
 
-        def make(name: str, role: str):
+        def make(name: str, role: str, precision: str):
             path = folder / name
             if not path.is_file():
                 raise ArtifactError(f"{name} is missing", path=folder)
@@ -123,11 +151,12 @@ class OrtSessions:
             return sess
 
         multimodal = config["kind"] == "multimodal"
-        out = cls(folder=folder, config=config, decoder=make(files["decoder"], ROLE_DECODER if multimodal else ROLE_MODEL),
-                  device=device, device_id=device_id, cuda_tf32=cuda_tf32 and device == "cuda", precision=precision)
+        decoder = make(files["decoder"], ROLE_DECODER if multimodal else ROLE_MODEL, chosen["decoder"])
+        out = cls(folder=folder, config=config, decoder=decoder, device=device, device_id=device_id,
+                  cuda_tf32=cuda_tf32 and device == "cuda", precision=chosen["decoder"], precisions=chosen)
         if multimodal:
-            out.embed_tokens = make(files["embed_tokens"], ROLE_EMBED)
-            out.vision_encoder = make(files["vision_encoder"], ROLE_VISION)
+            out.embed_tokens = make(files["embed_tokens"], ROLE_EMBED, chosen["embed_tokens"])
+            out.vision_encoder = make(files["vision_encoder"], ROLE_VISION, chosen["vision_encoder"])
         out._input_types = {i.name: _ORT_TYPES.get(i.type, None) for i in out.decoder.get_inputs()}
         return out
 
