@@ -332,3 +332,18 @@ def test_a_two_turn_chat_is_the_reference_in_every_runtime(export):
                               regap_image_mask=torch.from_numpy(one_pass),
                               **{k: torch.from_numpy(v) for k, v in pixel_inputs(inputs).items()})
     np.testing.assert_allclose(out.logits[:, -1].float().numpy(), turn2.first_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_modules_of_one_float_type_mix_and_others_are_refused(export):
+    """As transformers.js's per-module dtype: a float16 vision encoder with a q4f16 decoder runs;
+    float32 and float16 modules pass embeddings of different types and are refused in one line."""
+    sessions = OrtSessions.open(export / "onnx", precision={"vision_encoder": "fp16", "embed_tokens": "fp16",
+                                                            "decoder": "q4f16"})
+    assert sessions.precisions == {"vision_encoder": "fp16", "embed_tokens": "fp16", "decoder": "q4f16"}
+    inputs = image_batch(export)
+    generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=1, **pixel_inputs(inputs))
+    with pytest.raises(RegapError, match="do not fit together") as info:
+        OrtSessions.open(export / "onnx", precision={"vision_encoder": "fp16", "decoder": "fp32"})
+    assert "fp16, q4f16 (float16)" in info.value.hint
+    with pytest.raises(RegapError, match="no module 'lm_head'"):
+        OrtSessions.open(export / "onnx", precision={"lm_head": "fp16"})
