@@ -240,7 +240,7 @@ def validate(
     path: Path = typer.Argument(..., help="A folder written by export."),
     device: str = typer.Option("cpu", help="cpu | cuda (ONNX Runtime's execution provider)."),
     precision: Optional[str] = typer.Option(None, help="Comma-separated ONNX precisions to check (default: every "
-                                            "one the export wrote; each has its own rule, docs/CLI.md)."),
+                                            "one the export wrote; each has its own rule, listed in parity.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print parity.json instead of a table."),
 ):
     """Prove parity: the reference vs the rewritten PyTorch model and ONNX Runtime.

@@ -1,8 +1,9 @@
-"""ONNX export of a (corrected) Hugging Face model: "onnx contract 4" (docs/ONNX_CONTRACT.md).
+"""ONNX export of a (corrected) Hugging Face model: "onnx contract 5" (docs/ONNX_CONTRACT.md).
 
 Text LLMs give one graph, ``model.onnx``; multimodal LLMs give the split existing ONNX
 runtimes consume: ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
 ``decoder_model_merged.onnx``. One decoder graph serves prefill (past length 0) and decode.
+These are the float32 graphs; ``export.precision`` makes the other precisions from them.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) on a small
 wrapper module that turns the flat ``past_key_values.{i}.key|value`` inputs into a
@@ -13,10 +14,13 @@ exporter's optimizer (constant folding, initializer de-duplication, no-op rewrit
 ``x + 0``) from touching them, every correction buffer carries a unique random *sentinel*
 value while tracing; afterwards the sentinels are found by value, renamed to their public
 names, and given their real values. The graph stays folded: per gated layer exactly
-MatMul, Add, Sigmoid, Mul (image mask), Mul, Add (plus one Cast in, one Cast out in
-float16); per fixed layer Mul (image mask), Add. The decoder's ``regap_image_mask`` input is
-an overridable initializer (its default: ``modality.mask_default``). The optimizer runs
-without onnxscript's one quadratic-time rule (``QUADRATIC_REWRITES``).
+MatMul, Add, Sigmoid, Mul (image mask), Mul, Add; per fixed layer Mul (image mask), Add.
+Where the image mask comes from: multimodal graphs with image-only positions build it from the
+modality channel (``export.image_rows``); every other corrected decoder takes
+``regap_image_mask``, an overridable initializer (its default: ``modality.mask_default``).
+Every graph's metadata names its contract, role, precision, image-row scheme and export
+(``io.graph_metadata``). The optimizer runs without onnxscript's one quadratic-time rule
+(``QUADRATIC_REWRITES``).
 """
 from __future__ import annotations
 
