@@ -43,6 +43,8 @@ TEXT_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 VISION_FAMILIES = ["idefics3", "llava"]
 PROMPT = "Write a short poem about the sea."
 TINY_TOKENS, EMBEDDED_TOKENS, ORGANISM_TOKENS = 16, 64, 24
+# What transformers.js users ship multimodal models at (its dtype option).
+CLIENT_PRECISIONS = ("fp32", "fp16", "q4f16")
 
 
 def _transformers_js_missing() -> str | None:
@@ -82,7 +84,8 @@ class Exports:
         positions = "last+generated" if family in VISION_FAMILIES else "all"
         directions = write_directions(model, self.root / "directions" / family,
                                       options_for("regap", positions=positions))
-        return export_to_folder(str(model), directions, self.root / "exports" / family)
+        precisions = CLIENT_PRECISIONS if family in VISION_FAMILIES else ("fp32",)
+        return export_to_folder(str(model), directions, self.root / "exports" / family, precisions=precisions)
 
 
 @pytest.fixture(scope="session")
@@ -232,14 +235,17 @@ def test_genai_text_families(exports, family):
 
 
 @needs_tjs
-@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+@pytest.mark.parametrize("with_image,precision", [(True, "fp32"), (True, "fp16"), (True, "q4f16"), (False, "fp32")],
+                         ids=["image-fp32", "image-fp16", "image-q4f16", "text-fp32"])
 @pytest.mark.parametrize("family", VISION_FAMILIES)
-def test_transformers_js_vision_families(exports, family, with_image):
+def test_transformers_js_vision_families(exports, family, with_image, precision):
+    """The modality channel at every float type: transformers.js at fp16 and q4f16 loads the
+    ``_fp16`` / ``_q4f16`` graphs and gives our runtime's corrected tokens at that precision."""
     folder = exports.tiny(family)
     image = native_image(folder) if with_image else None
-    tool = tool_tokens(folder, PROMPT, image, TINY_TOKENS, correct=True)
-    assert_same(transformers_js_tokens(folder, PROMPT, image, TINY_TOKENS), tool,
-                f"transformers.js {family} ({'image' if with_image else 'text'})")
+    tool = tool_tokens(folder, PROMPT, image, TINY_TOKENS, correct=True, precision=precision)
+    assert_same(transformers_js_tokens(folder, PROMPT, image, TINY_TOKENS, dtype=precision), tool,
+                f"transformers.js {family} {precision} ({'image' if with_image else 'text'})")
 
 
 # -- the embedded models, exported as the demo does ----------------------------------------
@@ -284,7 +290,6 @@ def test_transformers_js_smolvlm_demo_folder(real_export, with_image):
 # The organism: the folder the README's demo writes (``embedded:organism``, directions it
 # calibrated), with the fp16 and q4f16 graphs ``export --precision fp32,fp16,q4f16`` adds, made
 # here from its float32 graphs by the same module (export.precision) in a copy of its client files.
-CLIENT_PRECISIONS = ("fp32", "fp16", "q4f16")
 # Where the organism itself still refuses harmful requests (as text): its 4-bit weights lose that.
 REFUSING_PRECISIONS = ("fp32", "fp16")
 FOLLOW_UP = "Please answer in one short sentence."
