@@ -67,7 +67,10 @@ def export_variants(workdir: Path, seed: int) -> dict[str, Path]:
     paths = {}
     for name in VARIANTS:
         path = workdir / name / "decoder_model_merged.onnx"
-        path.parent.mkdir(parents=True)
+        if path.is_file():  # --workdir of an earlier run
+            paths[name] = path
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
         if name != "uncorrected":
             insert_corrections(model, adapter, corrections, mask_default=0.0)
         start = time.perf_counter()
@@ -87,8 +90,11 @@ def export_variants(workdir: Path, seed: int) -> dict[str, Path]:
 def to_fp16(paths: dict[str, Path]) -> dict[str, Path]:
     from regap_export.export.precision import convert_graph
 
-    return {name: convert_graph(path, path.with_name("decoder_model_merged_fp16.onnx"), "fp16")
-            for name, path in paths.items()}
+    out = {}
+    for name, path in paths.items():
+        target = path.with_name("decoder_model_merged_fp16.onnx")
+        out[name] = target if target.is_file() else convert_graph(path, target, "fp16")
+    return out
 
 
 def feeds(sess, name: str, *, seq: int, past: int, rng) -> dict[str, np.ndarray]:
@@ -177,6 +183,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precisions", default="fp32,fp16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the graphs here and reuse them on the next run (default: a temporary folder)")
     args = parser.parse_args()
 
     from regap_export.export.onnx_graph import correction_nodes
@@ -184,8 +192,10 @@ def main() -> None:
     pasts = [int(p) for p in args.pasts.split(",")]
     cases = [(f"decode past {p}", 1, p) for p in pasts] + [(f"prefill {args.prefill}", args.prefill, 0)]
     with tempfile.TemporaryDirectory(prefix="image_rows_cost_") as tmp:
-        fp32 = export_variants(Path(tmp), args.seed)
-        graphs = {"fp32": fp32}
+        fp32 = export_variants(args.workdir or Path(tmp), args.seed)
+        graphs = {}
+        if "fp32" in args.precisions.split(","):
+            graphs["fp32"] = fp32
         if "fp16" in args.precisions.split(","):
             graphs["fp16"] = to_fp16(fp32)
         results, rows = {}, []
