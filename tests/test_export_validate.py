@@ -299,7 +299,8 @@ def test_inspect_an_exported_folder(exported):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["kind"] == "exported" and info["mode"] == "regap" and "onnx/model.onnx" in info["files"]
-    assert "mode regap" in invoke("inspect", exported).output
+    assert info["precisions"] == ["fp32"]
+    assert "mode regap, ONNX precisions fp32" in invoke("inspect", exported).output
 
 
 def test_generate_prints_a_reply(exported):
