@@ -14,10 +14,11 @@ import numpy as np
 
 from ..errors import ArtifactError
 
-CONTRACT_VERSION = "onnx contract 4"
+CONTRACT_VERSION = "onnx contract 5"
 # Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json);
-# 4 adds the modality marker (regap_onnx.json "image_rows": "marked"); older folders take the mask.
-READABLE_CONTRACTS = ("onnx contract 2", "onnx contract 3", CONTRACT_VERSION)
+# 4 added the modality marker (regap_onnx.json "image_rows": "marked"), which 5 replaces by the
+# modality channel: contract-4 folders without the marker read as contract 3.
+READABLE_CONTRACTS = ("onnx contract 2", "onnx contract 3", "onnx contract 4", CONTRACT_VERSION)
 CONFIG_FILE = "regap_onnx.json"
 MANIFEST_FILENAME = "regap_manifest.json"
 MANIFEST_VERSION = "1"
@@ -50,6 +51,10 @@ def read_config(out_dir: Path) -> dict[str, Any]:
     if data.get("contract") not in READABLE_CONTRACTS:
         raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
                             f"{CONTRACT_VERSION!r})", path=path)
+    if data.get("image_rows") == "marked":
+        raise ArtifactError("these graphs find image rows by onnx contract 4's modality marker (features x 2^64), "
+                            "which this version no longer runs", path=path,
+                            hint="re-export: contract 5 carries the image rows in a modality channel")
     return data
 
 
