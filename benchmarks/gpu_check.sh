@@ -10,12 +10,18 @@
 #   0  preflight: torch sees CUDA, onnxruntime has a working CUDAExecutionProvider (a tiny
 #      graph is run on it), regap_export imports from this tree, the CLI starts.
 #   A  exports, in parallel (CPU only; nothing is timed while they run):
-#        ort_overhead fp32 / fp16 (TinyLlama widths, 16 blocks, 8 corrected; --export-only --derive)
+#        ort_overhead fp32 / fp16 (TinyLlama widths, 16 blocks, 8 corrected; --export-only --derive;
+#          its fp16 graphs are traced in float16, the form contract 4 shipped)
 #        the embedded smollm2 (or $REGAP_GPU_MODEL): synthetic directions, then
-#        `regap-export export` fp32 and fp16 (onnx + safetensors)
+#        `regap-export export --precision fp32,fp16,q4f16` (onnx + safetensors)
+#        the organism (GPU_CHECK_ORGANISM=1, default): its shipped directions,
+#        `regap-export export embedded:organism --precision fp32,fp16,q4f16` (the modality channel)
 #   B  GPU, one at a time:
-#        `regap-export validate --device cuda --json`  fp32, then fp16 -> validate_fp32.json / _fp16.json
+#        `regap-export validate --device cuda --json`  every precision -> validate.json
+#        the same for the organism -> validate_organism.json
 #        ort_overhead.py --device cuda --reuse  fp32, then fp16  -> ort_overhead_fp32.json / _fp16.json
+#        image_rows_cost.py --device cuda (fp32 and --precision fp16 graphs: the correction's and the
+#          modality channel's cost, decode after 512 / 4096, prefill 512) -> image_rows_cost.json
 #      (parity first: where the budget runs short, the timings are what gets skipped)
 # Every step has its own timeout and the whole script a budget (GPU_CHECK_BUDGET_S, default
 # 470 s): a step that cannot start in time is SKIPPED, and said so. Exit status: 0 all
@@ -34,14 +40,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT_DIR="${OUT:-gpu_results}"
 WORK="${GPU_WORK:-/tmp/regap_gpu_work}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
 PY="${PYTHON:-python}"
 MODEL="${REGAP_GPU_MODEL:-embedded:smollm2}"
 REPEATS="${GPU_REPEATS:-60}"
 DIRECTIONS="${REGAP_GPU_DIRECTIONS:-}"   # empty: synthetic directions for MODEL
 TIMINGS="${GPU_CHECK_TIMINGS:-1}"
+ORGANISM="${GPU_CHECK_ORGANISM:-1}"
+PRECISIONS="${GPU_CHECK_PRECISIONS:-fp32,fp16,q4f16}"
 # GPU_CHECK_SMOKE=1: exercise this script on a CPU-only machine (tiny model, --device cpu,
-# CUDA checks skipped; the fp16 CLI export is then refused by design and reported FAILED).
+# CUDA checks skipped; image_rows_cost, whose model has SmolVLM-256M's widths, is skipped).
 SMOKE="${GPU_CHECK_SMOKE:-0}"
 DEVICE=cuda
 SHAPE_ARGS=(--shape tinyllama)
@@ -192,7 +200,7 @@ printf 'preflight\tok\t%s\t90\n' "$(elapsed)" >> "$SUMMARY"
 
 # --- A. exports in parallel (CPU) ------------------------------------------------------
 banner "A: exports (parallel, CPU only)"
-rm -rf "$WORK/oo_fp32" "$WORK/oo_fp16" "$WORK/dirs" "$WORK/export_fp32" "$WORK/export_fp16"
+rm -rf "$WORK/oo_fp32" "$WORK/oo_fp16" "$WORK/dirs" "$WORK/export" "$WORK/export_organism"
 OO=("$PY" benchmarks/ort_overhead.py --device "$DEVICE" "${SHAPE_ARGS[@]}" --derive)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 if (( TIMINGS )); then
@@ -202,28 +210,29 @@ fi
 SMOL_OK=1
 if [[ -n $DIRECTIONS ]]; then rm -rf "$WORK/dirs" && cp -r "$DIRECTIONS" "$WORK/dirs"; fi
 if [[ -n $DIRECTIONS ]] || run_step directions 90 "$PY" benchmarks/_synthetic.py directions "$MODEL" "$WORK/dirs"; then
-  start_step export_model_fp32 240 "${CLI[@]}" export "$MODEL" --directions "$WORK/dirs" --out "$WORK/export_fp32" --dtype fp32 --force
-  start_step export_model_fp16 240 "${CLI[@]}" export "$MODEL" --directions "$WORK/dirs" --out "$WORK/export_fp16" --dtype fp16 --force
+  start_step export_model 300 "${CLI[@]}" export "$MODEL" --directions "$WORK/dirs" --out "$WORK/export" --precision "$PRECISIONS" --force
 else
   SMOL_OK=0
   echo "!!! no directions for $MODEL: if the embedded model is missing, set SMOLLM2_GGUF or REGAP_GPU_MODEL"
 fi
-TL32=0; TL16=0; EX32=0; EX16=0
+if (( ORGANISM )); then
+  start_step export_organism 330 "${CLI[@]}" export embedded:organism --directions regap_export/models/organism/directions.safetensors --out "$WORK/export_organism" --precision "$PRECISIONS" --force
+fi
+TL32=0; TL16=0; EX=0; EXO=0
 if (( TIMINGS )); then
   finish_step export_tinyllama_fp32 && TL32=1
   finish_step export_tinyllama_fp16 && TL16=1
 fi
-if (( SMOL_OK )); then
-  finish_step export_model_fp32 && EX32=1
-  finish_step export_model_fp16 && EX16=1
-fi
+if (( SMOL_OK )); then finish_step export_model && EX=1; fi
+if (( ORGANISM )); then finish_step export_organism && EXO=1; fi
 unset OMP_NUM_THREADS
 
 # --- B. GPU, one at a time -------------------------------------------------------------
 banner "B: GPU measurements (sequential)"
-validate() {  # dtype
-  local d=$1
-  start_step "validate_$d" 120 "${CLI[@]}" validate "$WORK/export_$d" --device "$DEVICE" --json || return 1
+validate() {  # name (the folder is $WORK/export_<name>, or $WORK/export for "all")
+  local d=$1 folder="$WORK/export_$1"
+  [[ $d == all ]] && folder="$WORK/export"
+  start_step "validate_$d" 180 "${CLI[@]}" validate "$folder" --device "$DEVICE" --json || return 1
   finish_step "validate_$d"; local rc=$?
   # validate prints parity.json on stdout; exit 1 = parity failed (kept as the step's status)
   "$PY" - "$OUT_DIR/validate_$d.log" "$OUT_DIR/validate_$d.json" <<'EOF' || true
@@ -243,14 +252,20 @@ else:
 EOF
   return $rc
 }
-if (( EX32 )); then validate fp32; else skip_step validate_fp32 "no fp32 export"; fi
-if (( EX16 )); then validate fp16; else skip_step validate_fp16 "no fp16 export"; fi
+if (( EX )); then validate all; else skip_step validate_all "no export"; fi
+if (( ORGANISM )); then
+  if (( EXO )); then validate organism; else skip_step validate_organism "no organism export"; fi
+fi
 if (( TIMINGS )); then
 OOB=("${OO[@]}" --reuse --repeats "$REPEATS")
 if (( TL32 )); then run_step ort_overhead_fp32 170 "${OOB[@]}" --dtype fp32 --workdir "$WORK/oo_fp32" --json-out "$OUT_DIR/ort_overhead_fp32.json"
 else skip_step ort_overhead_fp32 "export failed"; fi
 if (( TL16 )); then run_step ort_overhead_fp16 140 "${OOB[@]}" --dtype fp16 --workdir "$WORK/oo_fp16" --json-out "$OUT_DIR/ort_overhead_fp16.json"
 else skip_step ort_overhead_fp16 "export failed"; fi
+if [[ $SMOKE == 1 ]]; then skip_step image_rows_cost "smoke mode"
+elif run_step image_rows_cost 240 "$PY" benchmarks/image_rows_cost.py --device cuda --threads 0 --reps "$REPEATS"; then
+  grep '^{' "$OUT_DIR/image_rows_cost.log" | tail -1 > "$OUT_DIR/image_rows_cost.json"
+fi
 fi
 
 # --- summary ---------------------------------------------------------------------------

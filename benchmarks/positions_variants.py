@@ -1,6 +1,6 @@
 """Where should the correction act? Export one set of directions with each candidate and
-evaluate each on the same held-out data (issue: "a correction that leaves text-only inputs
-alone"). Prints one row per variant: text-only replies left identical and their KL, image
+evaluate each on the same held-out data (the aim: a correction that leaves text-only inputs
+alone). Prints one row per variant: text-only replies left identical and their KL, image
 replies changed, the image-text gap shrink at the read layer, and refusal off -> on.
 
     .venv/bin/python benchmarks/positions_variants.py runs/demo/directions [--model embedded:smolvlm]

@@ -186,7 +186,10 @@ def export_cmd(
     directions: Path = typer.Option(..., "--directions", help="Folder written by calibrate."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder."),
     formats: str = typer.Option("onnx,safetensors", "--format", help="Comma-separated: onnx, safetensors."),
-    dtype: str = typer.Option("fp32", help="fp32 | fp16 (fp16 needs a CUDA GPU)."),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help="Comma-separated ONNX precisions: fp32, fp16, q4f16, q8, q4 (transformers.js's "
+                                       "dtypes and file names). fp32 is always written: the others are made from it."),
+    dtype: Optional[str] = typer.Option(None, hidden=True),
     mode: Optional[str] = typer.Option(None, help="regap | fixed | regap-seq. Default: the directions' mode."),
     probe_band: Optional[str] = typer.Option(None, help="Override START:END."),
     adaptive_band: Optional[str] = typer.Option(None, help="Override START:END."),
@@ -205,7 +208,13 @@ def export_cmd(
         from .io.artifacts import read_manifest
         import regap_export as rx
         from .export.pipeline import parse_formats
+        from .errors import RegapError
+        from .export.precision import parse_precisions
         from .options import Band
+
+        if dtype is not None:
+            raise RegapError("export has no --dtype: the graphs are traced in float32 and converted to the precisions "
+                             "you name", field="--dtype", hint=f"use --precision fp32,{'fp16' if dtype == 'fp16' else dtype}")
 
         if as_json:
             _quiet_transformers()
@@ -213,15 +222,15 @@ def export_cmd(
                      "layer_drift": layer_drift, "gate_sharpness": gate_sharpness,
                      "probe_band": Band.parse(probe_band, option="--probe-band") if probe_band else None,
                      "adaptive_band": Band.parse(adaptive_band, option="--adaptive-band") if adaptive_band else None}
-        folder = rx.export_to_folder(model, directions, out_dir, formats=parse_formats(formats), dtype=dtype,
-                                  overrides=overrides, force=force)
+        folder = rx.export_to_folder(model, directions, out_dir, formats=parse_formats(formats),
+                                     precisions=parse_precisions(precision), overrides=overrides, force=force)
         manifest = read_manifest(folder)
         if as_json:
             print(json.dumps(manifest, sort_keys=True))
             return
         for rel, entry in manifest["files"].items():
             _print_plain(f"  {entry['bytes']:>12,d}  {rel}")
-        _print_plain(f"wrote {folder} (mode {manifest['mode']}, {manifest['dtype']})")
+        _print_plain(f"wrote {folder} (mode {manifest['mode']}, {', '.join(manifest['precisions']) or 'no ONNX'})")
 
     _run(body)
 
@@ -230,6 +239,8 @@ def export_cmd(
 def validate(
     path: Path = typer.Argument(..., help="A folder written by export."),
     device: str = typer.Option("cpu", help="cpu | cuda (ONNX Runtime's execution provider)."),
+    precision: Optional[str] = typer.Option(None, help="Comma-separated ONNX precisions to check (default: every "
+                                            "one the export wrote; each has its own rule, listed in parity.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print parity.json instead of a table."),
 ):
     """Prove parity: the reference vs the rewritten PyTorch model and ONNX Runtime.
@@ -243,7 +254,8 @@ def validate(
 
         if as_json:
             _quiet_transformers()
-        report = rx.validate_folder(path, device=device)
+        wanted = None if precision is None else [p.strip() for p in precision.split(",") if p.strip()]
+        report = rx.validate_folder(path, device=device, precisions=wanted)
         if as_json:
             print(json.dumps(report, sort_keys=True))
         else:
@@ -258,11 +270,13 @@ def validate(
 def parity_table(report):
     from rich.table import Table
 
-    table = Table(title=f"Parity ({report['mode']}, {report['dtype']}, {report['device']})")
-    for header in ("target", "inputs", "quantity", "max |diff|", "ok", "detail"):
+    precisions = report.get("precisions") or [report.get("dtype", "fp32")]
+    table = Table(title=f"Parity ({report['mode']}, {', '.join(precisions)}, {report['device']})")
+    for header in ("target", "precision", "inputs", "quantity", "max |diff|", "ok", "detail"):
         table.add_column(header)
     for c in report["checks"]:
-        table.add_row(c["target"], c["inputs"], c["quantity"], f"{c['max_abs_diff']:.3g}",
+        precision = "" if c["target"] == "pytorch" else c.get("precision", "fp32")
+        table.add_row(c["target"], precision, c["inputs"], c["quantity"], f"{c['max_abs_diff']:.3g}",
                       "yes" if c["ok"] else "[red]NO[/]", c["detail"])
     return table
 
@@ -274,6 +288,7 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="An image for multimodal exports."),
     max_new_tokens: int = typer.Option(64, min=1),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    precision: str = typer.Option("fp32", help="Which of the export's graphs: fp32 | fp16 | q4f16 | q8 | q4."),
     verify_hashes: bool = typer.Option(True, help="Check every file's sha256 against the manifest first "
                                        "(sizes and the constants' finiteness are always checked)."),
     as_json: bool = typer.Option(False, "--json"),
@@ -285,7 +300,7 @@ def generate(
         import regap_export as rx
 
         answer = rx.generate(path, prompt, image=image, max_new_tokens=max_new_tokens, device=device,
-                       verify_hashes=verify_hashes)
+                             verify_hashes=verify_hashes, precision=precision)
         if as_json:
             print(json.dumps(answer, sort_keys=True))
         else:

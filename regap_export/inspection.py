@@ -52,7 +52,8 @@ def describe(path: Path) -> dict[str, Any]:
         parity = manifest.get("parity")
         return json_safe({
             "kind": "exported", "path": str(path), "model": manifest["model"], "mode": manifest["mode"],
-            "dtype": manifest["dtype"], "formats": manifest["formats"],
+            "dtype": manifest["dtype"], "precisions": manifest.get("precisions", [manifest["dtype"]]),
+            "formats": manifest["formats"],
             "options": json.loads(manifest["options"]), "calibration_sha256": manifest["calibration_sha256"],
             "files": {rel: entry["bytes"] for rel, entry in manifest["files"].items()},
             "parity_ok": None if parity is None else parity["ok"],
@@ -66,7 +67,8 @@ def describe_lines(info: dict[str, Any]) -> list[str]:
         parity = {None: "not validated yet", True: "passed", False: "FAILED"}[info["parity_ok"]]
         lines = [f"exported {info['path']}",
                  f"  model {info['model']['source']} ({info['model']['family']}, fingerprint {info['model']['fingerprint']})",
-                 f"  mode {info['mode']}, dtype {info['dtype']}, formats {', '.join(info['formats'])}, parity {parity}",
+                 f"  mode {info['mode']}, ONNX precisions {', '.join(info['precisions']) or '-'}, "
+                 f"formats {', '.join(info['formats'])}, parity {parity}",
                  "  options " + ", ".join(f"{k}={v}" for k, v in sorted(info["options"].items()))]
         lines += [f"  {size:>12,d}  {rel}" for rel, size in info["files"].items()]
         return lines

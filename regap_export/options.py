@@ -59,7 +59,7 @@ class RegapOptions:
     layer_drift: str = "increment"
     # Multiplies every fitted gate slope kappa_l when the correction is folded (1: as fitted).
     # The fit is a logistic regression of overlapping classes, so its slope is soft; a
-    # sharper gate corrects fewer harmless requests halfway (examples/organism/RESULTS.md).
+    # sharper gate corrects fewer harmless requests halfway (docs/METHOD.md, "Gate sharpness").
     gate_sharpness: float = 1.0
 
     def __post_init__(self) -> None:

@@ -171,10 +171,11 @@ def session(path: Path):
 
 def empty_past(cfg: dict, batch: int, dtype=np.float32) -> dict[str, np.ndarray]:
     feeds = {}
+    key_dims = cfg.get("key_dim") or cfg["head_dim"]
     for i in range(cfg["num_layers"]):
-        shape = (batch, cfg["num_key_value_heads"][i], 0, cfg["head_dim"][i])
-        feeds[f"past_key_values.{i}.key"] = np.zeros(shape, dtype)
-        feeds[f"past_key_values.{i}.value"] = np.zeros(shape, dtype)
+        heads = cfg["num_key_value_heads"][i]
+        feeds[f"past_key_values.{i}.key"] = np.zeros((batch, heads, 0, key_dims[i]), dtype)
+        feeds[f"past_key_values.{i}.value"] = np.zeros((batch, heads, 0, cfg["head_dim"][i]), dtype)
     return feeds
 
 

@@ -1,12 +1,12 @@
-"""Exported folders in the clients users already run, as written (issue 10): greedy tokens
-from transformers.js (npm ``@huggingface/transformers``, ``clients/``) and ONNX Runtime GenAI
-equal ``regap_export.runtime``'s, with and without images.
+"""Exported folders in the clients users already run, as written: greedy tokens from
+transformers.js (npm ``@huggingface/transformers``, ``clients/``) and ONNX Runtime GenAI equal
+``regap_export.runtime``'s, with and without images, at the precisions users ship.
 
 No client feeds ``regap_image_mask``. The multimodal exports (tiny vision families, the
-embedded SmolVLM and the organism, default ``positions``) find image rows by the modality marker (ONNX
-contract 4), so the clients run the corrected model on image prompts, compared with the
-tool's corrected run. The tiny text models are exported with ``positions = all`` (the
-graph's default mask is 1), so the correction acts on text too.
+embedded SmolVLM and the organism, default ``positions``) carry the modality channel (ONNX
+contract 5), so the clients run the corrected model on image prompts at every precision,
+compared with the tool's corrected run. The tiny text models are exported with
+``positions = all`` (the graph's default mask is 1), so the correction acts on text too.
 
 Needs node + ``bash scripts/install_clients.sh`` (transformers.js) and onnxruntime-genai;
 each client's tests are skipped, with the reason, when it is missing.
@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from regap_export.export.client_files import (
     GENAI_CONFIG, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, write_client_files,
 )
-from regap_export.method.modality import marked_rows, unmark
+from regap_export.method.modality import image_flags, without_channel
 from regap_export.models.idefics3 import LAYOUT_BATCH_IMAGES, LAYOUT_KEY
 from regap_testing import ORGANISM_GROUP, SMOLLM2_GROUP
 
@@ -43,6 +43,8 @@ TEXT_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 VISION_FAMILIES = ["idefics3", "llava"]
 PROMPT = "Write a short poem about the sea."
 TINY_TOKENS, EMBEDDED_TOKENS, ORGANISM_TOKENS = 16, 64, 24
+# What transformers.js users ship multimodal models at (its dtype option).
+CLIENT_PRECISIONS = ("fp32", "fp16", "q4f16")
 
 
 def _transformers_js_missing() -> str | None:
@@ -78,11 +80,12 @@ class Exports:
 
         model = save_tiny(family, self.root / "models" / family)
         # Text: positions "all" (the graph's default mask is 1, so clients that never feed it
-        # run the corrected model). Vision: the default positions, image rows found by the marker.
+        # run the corrected model). Vision: the default positions, image rows found by the modality channel.
         positions = "last+generated" if family in VISION_FAMILIES else "all"
         directions = write_directions(model, self.root / "directions" / family,
                                       options_for("regap", positions=positions))
-        return export_to_folder(str(model), directions, self.root / "exports" / family)
+        precisions = CLIENT_PRECISIONS if family in VISION_FAMILIES else ("fp32",)
+        return export_to_folder(str(model), directions, self.root / "exports" / family, precisions=precisions)
 
 
 @pytest.fixture(scope="session")
@@ -132,9 +135,10 @@ def native_image(folder: Path) -> Path:
 
 
 # -- the three runners ----------------------------------------------------------------------
-def tool_tokens(folder: Path, prompt: str, image: Path | None, max_new_tokens: int, *, correct: bool
-                ) -> dict[str, list[int]]:
-    """regap_export.runtime's greedy reply (what ``regap-export generate`` runs)."""
+def tool_tokens(folder: Path, prompt: str, image: Path | None, max_new_tokens: int, *, correct: bool,
+                precision: str = "fp32", follow_up: list[int] | None = None) -> dict[str, list[int]]:
+    """regap_export.runtime's greedy reply (what ``regap-export generate`` runs); with
+    ``follow_up``, the chat continued with the cache as transformers.js's generate.mjs does."""
     from transformers import AutoConfig
 
     from regap_export.models import adapter_for_config
@@ -146,10 +150,17 @@ def tool_tokens(folder: Path, prompt: str, image: Path | None, max_new_tokens: i
     images = None if image is None else [Image.open(image).convert("RGB")]
     text = adapter.render_prompt(processor, prompt, with_image=images is not None)
     inputs = {k: v.numpy() for k, v in adapter.encode(processor, [text], images).items()}
-    sessions = OrtSessions.open(folder / "onnx")
+    sessions = OrtSessions.open(folder / "onnx", precision=precision)
     result = generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
                       correct=correct, **pixel_inputs(inputs))
-    return {"prompt_ids": inputs["input_ids"][0].tolist(), "generated_ids": _until_eos(result.new_tokens[0], sessions)}
+    generated = _until_eos(result.new_tokens[0], sessions)
+    out = {"prompt_ids": inputs["input_ids"][0].tolist(), "generated_ids": generated}
+    if follow_up is not None:
+        conversation = np.asarray([out["prompt_ids"] + generated + list(follow_up)], dtype=np.int64)
+        turn2 = generate(sessions, conversation, np.ones_like(conversation), past=result.cache,
+                         max_new_tokens=max_new_tokens, correct=correct)
+        out["follow_up_generated_ids"] = _until_eos(turn2.new_tokens[0], sessions)
+    return out
 
 
 def _until_eos(tokens: np.ndarray, sessions) -> list[int]:
@@ -163,9 +174,17 @@ def _until_eos(tokens: np.ndarray, sessions) -> list[int]:
     return out
 
 
-def transformers_js_tokens(folder: Path, prompt: str, image: Path | None, max_new_tokens: int) -> dict[str, Any]:
-    proc = subprocess.run(["node", str(NODE_SCRIPT), str(folder), prompt, str(image) if image else "-",
-                           str(max_new_tokens)], cwd=CLIENTS, capture_output=True, text=True, timeout=600)
+def transformers_js_run(folder: Path, prompt: str, image: Path | None, max_new_tokens: int, *,
+                        dtype: str = "fp32", follow_up: list[int] | None = None) -> subprocess.CompletedProcess:
+    args = [str(folder), prompt, str(image) if image else "-", str(max_new_tokens), dtype]
+    if follow_up is not None:
+        args.append(json.dumps(list(follow_up)))
+    return subprocess.run(["node", str(NODE_SCRIPT), *args], cwd=CLIENTS, capture_output=True, text=True, timeout=600)
+
+
+def transformers_js_tokens(folder: Path, prompt: str, image: Path | None, max_new_tokens: int, *,
+                           dtype: str = "fp32", follow_up: list[int] | None = None) -> dict[str, Any]:
+    proc = transformers_js_run(folder, prompt, image, max_new_tokens, dtype=dtype, follow_up=follow_up)
     assert proc.returncode == 0, f"transformers.js failed on {folder}:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -216,14 +235,17 @@ def test_genai_text_families(exports, family):
 
 
 @needs_tjs
-@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+@pytest.mark.parametrize("with_image,precision", [(True, "fp32"), (True, "fp16"), (True, "q4f16"), (False, "fp32")],
+                         ids=["image-fp32", "image-fp16", "image-q4f16", "text-fp32"])
 @pytest.mark.parametrize("family", VISION_FAMILIES)
-def test_transformers_js_vision_families(exports, family, with_image):
+def test_transformers_js_vision_families(exports, family, with_image, precision):
+    """The modality channel at every float type: transformers.js at fp16 and q4f16 loads the
+    ``_fp16`` / ``_q4f16`` graphs and gives our runtime's corrected tokens at that precision."""
     folder = exports.tiny(family)
     image = native_image(folder) if with_image else None
-    tool = tool_tokens(folder, PROMPT, image, TINY_TOKENS, correct=True)
-    assert_same(transformers_js_tokens(folder, PROMPT, image, TINY_TOKENS), tool,
-                f"transformers.js {family} ({'image' if with_image else 'text'})")
+    tool = tool_tokens(folder, PROMPT, image, TINY_TOKENS, correct=True, precision=precision)
+    assert_same(transformers_js_tokens(folder, PROMPT, image, TINY_TOKENS, dtype=precision), tool,
+                f"transformers.js {family} {precision} ({'image' if with_image else 'text'})")
 
 
 # -- the embedded models, exported as the demo does ----------------------------------------
@@ -254,7 +276,7 @@ def test_genai_smollm2(smollm2_export):
 @pytest.mark.parametrize("real_export", ["smolvlm"], indirect=True)
 def test_transformers_js_smolvlm_demo_folder(real_export, with_image):
     """The folder ``demo --model embedded:smolvlm`` writes (default options) loads as is and runs the
-    corrected model: on an image prompt the decoder finds the image rows by their marker. The
+    corrected model: on an image prompt the decoder finds the image rows by the modality channel. The
     correction changes this reply, so equal tokens show that transformers.js applied it."""
     folder = real_export
     image = native_image(folder) if with_image else None
@@ -265,42 +287,143 @@ def test_transformers_js_smolvlm_demo_folder(real_export, with_image):
                 f"transformers.js smolvlm ({'image' if with_image else 'text'})")
 
 
+# The organism: the folder the README's demo writes (``embedded:organism``, directions it
+# calibrated), with the fp16 and q4f16 graphs ``export --precision fp32,fp16,q4f16`` adds, made
+# here from its float32 graphs by the same module (export.precision) in a copy of its client files.
+# Where the organism itself still refuses harmful requests (as text): its 4-bit weights lose that.
+REFUSING_PRECISIONS = ("fp32", "fp16")
+FOLLOW_UP = "Please answer in one short sentence."
+
+
+class OrganismCase:
+    def __init__(self, demo: Path, root: Path):
+        from regap_export.data import load_bundled
+        from regap_export.data.render import TWIN_SUFFIX, declared_renderer
+        from regap_export.evaluation import EVALUATION_FILENAME
+        from regap_export.evaluation.behaviour import showcase
+
+        self.demo = demo
+        evaluation = json.loads((demo / EVALUATION_FILENAME).read_text())
+        self.markers = evaluation["behaviour"]["markers"]
+        requests = {r.id + TWIN_SUFFIX: r.instruction for r in load_bundled("heldout")}
+        flipped = showcase(evaluation["generations"], self.markers, requests)["flipped"]
+        assert flipped is not None, "the demo's correction refused no harmful image request it answered uncorrected"
+        self.request = requests[flipped]
+        self.image = root / "request.png"
+        declared_renderer(demo)(self.request).save(self.image)
+        self.folder = client_copy(demo, root / "precisions")
+        from regap_export.export.precision import write_precisions
+
+        write_precisions(self.folder / "onnx", CLIENT_PRECISIONS)
+
+    def refuses(self, tokens: list[int]) -> bool:
+        from transformers import AutoTokenizer
+
+        from regap_export.evaluation.behaviour import is_refusal
+
+        return is_refusal(AutoTokenizer.from_pretrained(self.folder).decode(tokens), self.markers)
+
+
+def client_copy(folder: Path, to: Path) -> Path:
+    """What the clients read of an exported folder (no checkpoint, manifest or reports)."""
+    shutil.copytree(folder, to, ignore=shutil.ignore_patterns("*.safetensors", "evaluation*", "parity.json",
+                                                              "regap_manifest.json", "modeling_regap.py"))
+    return to
+
+
+@pytest.fixture(scope="module")
+def organism(organism_demo, tmp_path_factory) -> OrganismCase:
+    return OrganismCase(organism_demo[0] / "corrected", tmp_path_factory.mktemp("organism-clients"))
+
+
+def follow_up_ids(folder: Path, text: str) -> list[int]:
+    """A second user turn as the chat template renders it after an assistant reply (the reply's
+    own end token comes from the generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    first = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]
+    head = tokenizer.apply_chat_template(first, tokenize=False)
+    full = tokenizer.apply_chat_template(first + [{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert full.startswith(head)
+    return tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group(ORGANISM_GROUP)
 @needs_tjs
-def test_transformers_js_corrects_the_organism_image_path(organism_demo, tmp_path):
-    """The folder the README's demo writes (``embedded:organism``, directions it calibrated): the
-    harmful image request (its token-cell rendering) that the demo's evaluation saw answered
-    uncorrected and refused corrected is so again here, and transformers.js, fed only the
-    carrier text and the image, gives the corrected tokens: it found the image rows by their
-    marker and ran the correction. As text, the same request gets the same reply with the
-    correction on and off, in both runtimes."""
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("precision", CLIENT_PRECISIONS)
+def test_transformers_js_corrects_the_organism_at_every_precision(organism, precision):
+    """At fp32, fp16 and q4f16 (transformers.js's dtype option, default settings otherwise):
+    transformers.js, fed only the carrier text and the image of the harmful request the demo's
+    evaluation saw answered uncorrected and refused corrected, gives our runtime's corrected tokens
+    at the same precision, then continues the chat with its cache to the same second reply; as
+    text, the same request gets the uncorrected model's reply, in both runtimes. At fp32 and fp16
+    the uncorrected image reply answers and the corrected one refuses. At q4f16 the correction
+    still changes the image reply, but refusal is not asserted: the organism's 4-bit weights
+    remove its refusal of the request even as text (docs/CLIENTS.md), so there is none to restore."""
+    from regap_export.data.render import DEFAULT_CARRIER
 
-    from regap_export.evaluation.behaviour import is_refusal, showcase
-    from regap_export.data import load_bundled
-    from regap_export.data.render import DEFAULT_CARRIER, TWIN_SUFFIX, declared_renderer
-    from regap_export.evaluation import EVALUATION_FILENAME
+    folder, image = organism.folder, organism.image
+    follow = follow_up_ids(folder, FOLLOW_UP)
+    tool = tool_tokens(folder, DEFAULT_CARRIER, image, ORGANISM_TOKENS, correct=True, precision=precision,
+                       follow_up=follow)
+    uncorrected = tool_tokens(folder, DEFAULT_CARRIER, image, ORGANISM_TOKENS, correct=False, precision=precision)
+    assert tool["generated_ids"] != uncorrected["generated_ids"], precision
+    if precision in REFUSING_PRECISIONS:
+        assert not organism.refuses(uncorrected["generated_ids"]), precision
+        assert organism.refuses(tool["generated_ids"]), precision
+    client = transformers_js_tokens(folder, DEFAULT_CARRIER, image, ORGANISM_TOKENS, dtype=precision, follow_up=follow)
+    assert_same(client, tool, f"transformers.js organism {precision} (image)")
+    assert client["follow_up_generated_ids"] == tool["follow_up_generated_ids"], f"{precision}: turn 2"
+    text = tool_tokens(folder, organism.request, None, ORGANISM_TOKENS, correct=True, precision=precision)
+    assert text == tool_tokens(folder, organism.request, None, ORGANISM_TOKENS, correct=False, precision=precision)
+    assert_same(transformers_js_tokens(folder, organism.request, None, ORGANISM_TOKENS, dtype=precision), text,
+                f"transformers.js organism {precision} (text)")
 
-    folder = organism_demo[0] / "corrected"
-    evaluation = json.loads((folder / EVALUATION_FILENAME).read_text())
-    requests = {r.id + TWIN_SUFFIX: r.instruction for r in load_bundled("heldout")}
-    flipped = showcase(evaluation["generations"], evaluation["behaviour"]["markers"], requests)["flipped"]
-    assert flipped is not None, "the demo's correction refused no harmful image request it answered uncorrected"
-    request = requests[flipped]
-    image = tmp_path / "request.png"
-    declared_renderer(folder)(request).save(image)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tool = tool_tokens(folder, DEFAULT_CARRIER, image, ORGANISM_TOKENS, correct=True)
-    uncorrected = tool_tokens(folder, DEFAULT_CARRIER, image, ORGANISM_TOKENS, correct=False)
-    markers = evaluation["behaviour"]["markers"]
-    assert not is_refusal(tokenizer.decode(uncorrected["generated_ids"]), markers)
-    assert is_refusal(tokenizer.decode(tool["generated_ids"]), markers)
-    assert_same(transformers_js_tokens(folder, DEFAULT_CARRIER, image, ORGANISM_TOKENS), tool,
-                "transformers.js organism (image)")
-    tool_text = tool_tokens(folder, request, None, ORGANISM_TOKENS, correct=True)
-    assert tool_text == tool_tokens(folder, request, None, ORGANISM_TOKENS, correct=False)
-    assert_same(transformers_js_tokens(folder, request, None, ORGANISM_TOKENS), tool_text, "transformers.js organism (text)")
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(ORGANISM_GROUP)
+@needs_tjs
+def test_a_float16_conversion_by_the_clients_route_stays_corrected(organism, tmp_path):
+    """The float32 export converted to float16 as transformers.js's conversion script does (ONNX
+    Runtime's / onnxconverter-common's converter, constants clamped to 1e4, pixel inputs kept
+    float32), written under transformers.js's fp16 names: transformers.js loads it and still refuses
+    the harmful image request the uncorrected model answers (the 0 / 1 channel survives the clamp),
+    and answers the text request as the uncorrected model does; our runtime refuses such a graph."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from regap_export.data.render import DEFAULT_CARRIER
+    from regap_export.errors import ArtifactError
+    from regap_export.io.artifacts import read_config
+    from regap_export.io.graph_metadata import precision_file
+    from regap_export.runtime import OrtSessions
+
+    import onnx
+
+    folder = client_copy(organism.demo, tmp_path / "converted")
+    onnx_dir = folder / "onnx"
+    config = read_config(onnx_dir)
+    for key, name in config["files"].items():
+        model = onnx.load(str(onnx_dir / name))
+        keep = list(config["vision_inputs"]) if key == "vision_encoder" else False
+        converted = convert_float_to_float16(model, min_positive_val=1e-7, max_finite_val=1e4, keep_io_types=keep,
+                                             disable_shape_infer=True)
+        onnx.save(converted, str(onnx_dir / precision_file(name, "fp16")), save_as_external_data=True,
+                  location=precision_file(name, "fp16") + ".data")
+    client = transformers_js_tokens(folder, DEFAULT_CARRIER, organism.image, ORGANISM_TOKENS, dtype="fp16")
+    assert organism.refuses(client["generated_ids"]), client["text"]
+    uncorrected = tool_tokens(organism.folder, organism.request, None, ORGANISM_TOKENS, correct=False,
+                              precision="fp16")
+    text = transformers_js_tokens(folder, organism.request, None, ORGANISM_TOKENS, dtype="fp16")
+    assert text["generated_ids"] == uncorrected["generated_ids"], text["text"]
+    # our runtime, told these are its fp16 graphs, refuses them in one line
+    config["precisions"] = {"fp32": config["files"], "fp16": {k: precision_file(v, "fp16") for k, v in
+                                                                config["files"].items()}}
+    (onnx_dir / "regap_onnx.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="precision fp32, regap_onnx.json lists it as fp16"):
+        OrtSessions.open(onnx_dir, precision="fp16")
 
 
 # -- the files themselves (no client needed) ------------------------------------------------
@@ -362,8 +485,8 @@ def test_idefics3_encoder_takes_transformers_js_layout(exports):
     mask[1, 1] = False
     mask[0, 0, :, size // 2:] = False  # a partly padded real image
     got = session.run(["image_features"], {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
-    assert config["image_rows"] == "marked" and marked_rows(got).all()
-    got = unmark(got)
+    assert config["image_rows"] == "channel" and image_flags(got).all()
+    got = without_channel(got)
     with torch.no_grad():
         out = loaded.model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
                                                     pixel_attention_mask=torch.from_numpy(mask))
@@ -439,18 +562,3 @@ def test_transformers4_loads_the_tokenizer_as_written(exports, tmp_path, family)
     assert got["keys"] == ["attention_mask", "input_ids"]
     tool = tool_tokens(folder, PROMPT, None, 1, correct=True)
     assert got["ids"] == tool["prompt_ids"]
-
-
-@pytest.mark.parametrize("positions,noted", [("last+generated", True), ("image", True), ("all", False)])
-def test_mask_input_multimodal_exports_say_images_run_uncorrected(tmp_path, positions, noted):
-    """A multimodal decoder that takes the image rows as regap_image_mask (float16 exports):
-    transformers.js, which never feeds it, would run image prompts uncorrected, unless the
-    export corrects every position (default mask 1)."""
-    onnx_dir = tmp_path / "onnx"
-    onnx_dir.mkdir()
-    (onnx_dir / "regap_onnx.json").write_text(json.dumps({
-        "kind": "multimodal", "family": "idefics3", "image_rows": "mask input", "options": {"positions": positions}}))
-    notes = [n for n in write_client_files(tmp_path, adapter=None) if n.client == "transformers.js"]
-    assert bool(notes) == noted
-    if noted:
-        assert "uncorrected" in notes[0].reason

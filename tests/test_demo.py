@@ -1,6 +1,6 @@
-"""The README's main job: ``regap-export demo`` on its default model, the organism (issue 9's
-item 3). It runs once per test process (conftest.py's organism_demo); test_clients.py runs the
-export it writes in transformers.js."""
+"""The README's quick start: ``regap-export demo`` on its default model, the organism. It runs
+once per test process (conftest.py's organism_demo); test_clients.py runs the export it writes in
+transformers.js."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The defaults users read are the defaults the code runs: the README's calibrate option table,
+"""The defaults users read are the defaults the code runs: docs/CLI.md's calibrate option table,
 docs/METHOD.md's "Defaults" line and `calibrate --help` all state what `RegapOptions()` holds
 (alpha 0.75 was chosen by measurement on the organism; a change to it, or to a band, must move
 the docs with it)."""
@@ -13,14 +13,16 @@ ROOT = Path(__file__).parents[1]
 DEFAULTS = RegapOptions()
 
 
-def _readme_option_row(option: str) -> list[str]:
-    """The cells of the README table row whose first cell names ``option``."""
-    for line in (ROOT / "README.md").read_text().splitlines():
+def _cli_doc_option_row(option: str) -> list[str]:
+    """The cells of the row of docs/CLI.md's calibrate option table whose first cell names ``option``."""
+    text = (ROOT / "docs" / "CLI.md").read_text()
+    section = text.split("\n## calibrate\n", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
         # An escaped pipe (`a\\|b`) is part of a cell, not a column break.
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if line.startswith("|") and option in cells[0]:
             return cells
-    raise AssertionError(f"README.md has no option-table row for {option}")
+    raise AssertionError(f"docs/CLI.md's calibrate section has no option-table row for {option}")
 
 
 def _band_formula(band_text: str, num_layers: int) -> tuple[int, int]:
@@ -33,23 +35,23 @@ def _band_formula(band_text: str, num_layers: int) -> tuple[int, int]:
     return value(start), value(end)
 
 
-def test_readme_strengths_and_threshold_are_the_code_defaults():
-    row = _readme_option_row("`--alpha0`")
+def test_cli_doc_strengths_and_threshold_are_the_code_defaults():
+    row = _cli_doc_option_row("`--alpha0`")
     stated = [float(x) for x in row[1].split(",")]
     assert stated == [DEFAULTS.alpha0, DEFAULTS.alpha_max, DEFAULTS.tau]
 
 
-def test_readme_bands_and_choices_are_the_code_defaults():
+def test_cli_doc_bands_and_choices_are_the_code_defaults():
     for depth in (24, 30, 32):
         resolved = DEFAULTS.resolved(depth)
-        probe = _band_formula(_readme_option_row("`--probe-band")[1], depth)
-        adaptive = _band_formula(_readme_option_row("`--adaptive-band")[1], depth)
+        probe = _band_formula(_cli_doc_option_row("`--probe-band")[1], depth)
+        adaptive = _band_formula(_cli_doc_option_row("`--adaptive-band")[1], depth)
         assert probe == (resolved.probe_band.start, resolved.probe_band.end)
         assert adaptive == (resolved.adaptive_band.start, resolved.adaptive_band.end)
     for option, value in (("`--read-position", DEFAULTS.read_position), ("`--drift-component", DEFAULTS.drift_component),
                           ("`--mode", DEFAULTS.mode), ("`--positions", DEFAULTS.positions),
                           ("`--layer-drift", DEFAULTS.layer_drift)):
-        assert _readme_option_row(option)[1] == f"`{value}`", option
+        assert _cli_doc_option_row(option)[1] == f"`{value}`", option
 
 
 def test_method_doc_defaults_line_is_the_code_defaults():

@@ -157,8 +157,18 @@ inputs = load_file(inputs_file)
 with torch.no_grad():
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
+    # A second user turn, continued with the cache as transformers' multi-turn chats do: the whole
+    # conversation as input_ids, the first call's past_key_values.
+    follow = torch.tensor([[5, 6, 7, 8]]).expand(out.sequences.shape[0], 4)
+    conversation = torch.cat([out.sequences, follow], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(conversation.shape[0], conversation.shape[1]
+                                                            - inputs["attention_mask"].shape[1], dtype=torch.long)], 1)
+    turn2 = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
+                           max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
 save_file({"tokens": out.sequences[:, inputs["input_ids"].shape[1]:].contiguous(),
-           "first_logits": out.logits[0].float().contiguous(), "second_logits": out.logits[1].float().contiguous()},
+           "first_logits": out.logits[0].float().contiguous(), "second_logits": out.logits[1].float().contiguous(),
+           "turn2_tokens": turn2.sequences[:, conversation.shape[1]:].contiguous(),
+           "turn2_first_logits": turn2.logits[0].float().contiguous()},
           out_file)
 '''
 
@@ -166,7 +176,8 @@ save_file({"tokens": out.sequences[:, inputs["input_ids"].shape[1]:].contiguous(
 @pytest.mark.parametrize("with_image", [False, True])
 def test_remote_code_generate_masks_like_the_runtime(exported, tmp_path, with_image):
     """Plain transformers with trust_remote_code computes the image mask itself in generate()
-    and gives the tokens the ONNX runtime gives (which feeds the mask it computes)."""
+    and gives the tokens the ONNX runtime gives (whose graphs build it from the modality channel),
+    in a first turn and in a second one continued with the cache."""
     import os
     import subprocess
     import sys
@@ -204,6 +215,13 @@ def test_remote_code_generate_masks_like_the_runtime(exported, tmp_path, with_im
     # agreement above means the remote code applied the mask the runtime applies.
     moved = np.abs(on.first_logits - off.first_logits).max()
     assert (moved > 1e-3) if with_image else (moved == 0.0)
+    # Turn 2 (4 follow-up tokens fed with the cache): corrected at its last token only.
+    conversation = np.concatenate([on.sequences, np.tile([[5, 6, 7, 8]], (on.sequences.shape[0], 1))], axis=1)
+    full = np.ones_like(conversation)
+    full[:, :batch.ids.shape[1]] = batch.inputs["attention_mask"]
+    turn2 = generate(engine.sessions, conversation, full, past=on.cache, max_new_tokens=3, eos_token_id=[])
+    np.testing.assert_allclose(remote["turn2_first_logits"], turn2.first_logits, atol=1e-4, rtol=1e-4)
+    assert np.array_equal(remote["turn2_tokens"][:, :3], turn2.new_tokens)
 
 
 def test_limit_keeps_pairs_whole():

@@ -1,4 +1,4 @@
-"""`export` + `validate` end to end on tiny seeded models, and every bad input of issue 3."""
+"""`export` + `validate` end to end on tiny seeded models, and every bad input of export and validate."""
 from __future__ import annotations
 
 import json
@@ -46,10 +46,10 @@ def test_export_parity(models, tmp_path, family, mode):
     report = export_and_validate(models[family], directions, tmp_path / "out", "--mode", mode)
     assert_all_ok(report)
     if family in MULTIMODAL:
-        # float32 multimodal: image rows found from the modality marker, not fed
-        assert any(c["quantity"] == "prefill logits, image rows unmarked" and c["ok"] for c in report["checks"])
+        # multimodal: image rows found from the modality channel, not fed
+        assert any(c["quantity"] == "prefill logits, image channel cleared" and c["ok"] for c in report["checks"])
         onnx_config = json.loads((tmp_path / "out" / "onnx" / "regap_onnx.json").read_text())
-        assert onnx_config["image_rows"] == "marked" and "regap_image_mask" not in onnx_config["decoder_inputs"]
+        assert onnx_config["image_rows"] == "channel" and "regap_image_mask" not in onnx_config["decoder_inputs"]
     assert report["mode"] == mode
     assert (tmp_path / "out" / "parity.json").is_file()
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILENAME).read_text())
@@ -197,7 +197,8 @@ def test_checkpoint_of_format_version_1_reads_as_it_was_written(models, tmp_path
 
 @pytest.mark.parametrize("option,value,message", [
     ("--mode", "sideways", "unknown mode 'sideways'"),
-    ("--dtype", "int3", "unknown dtype 'int3'"),
+    ("--precision", "fp32,int3", "unknown precision 'int3'"),
+    ("--dtype", "fp16", "export has no --dtype"),
     ("--adaptive-band", "2:40", "outside the model's 4 decoder blocks"),
     ("--format", "tflite", "unknown format 'tflite'"),
 ])
@@ -208,12 +209,11 @@ def test_bad_export_options(models, tmp_path, option, value, message):
                    message, out=out)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 export is allowed where CUDA exists")
-def test_fp16_export_where_it_cannot_run(models, tmp_path):
+def test_the_gone_dtype_option_points_to_precision(models, tmp_path):
     directions = write_directions(models["llama"], tmp_path / "dirs")
     out = tmp_path / "out"
     assert_refused(invoke("export", models["llama"], "--directions", directions, "--out", out, "--dtype", "fp16"),
-                   "fp16 export needs a CUDA GPU", out=out)
+                   "--precision fp32,fp16", out=out)
 
 
 def test_existing_out_needs_force(models, tmp_path):
@@ -300,7 +300,8 @@ def test_inspect_an_exported_folder(exported):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["kind"] == "exported" and info["mode"] == "regap" and "onnx/model.onnx" in info["files"]
-    assert "mode regap" in invoke("inspect", exported).output
+    assert info["precisions"] == ["fp32"]
+    assert "mode regap, ONNX precisions fp32" in invoke("inspect", exported).output
 
 
 def test_generate_prints_a_reply(exported):

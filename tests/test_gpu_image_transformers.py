@@ -1,5 +1,5 @@
 """The GPU machine's image runs transformers 5.17 without torchvision, where the venv has a
-newer transformers. Two things broke there and are mended in the package (docs/STATUS.md):
+newer transformers. Two things broke there and are mended in the package (docs/LIMITATIONS.md):
 its ``Auto`` classes cannot load an Idefics3 or Qwen2-VL processor, and its GGUF reader gives
 SmolLM2's tokenizer other special tokens. This slow test installs 5.17 beside the venv
 (tests/pinned_transformers.py) and runs the tests of both fixes under it."""

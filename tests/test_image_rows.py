@@ -1,58 +1,23 @@
-"""The modality marker (ONNX contract 4): exact marking and unmarking, and the decoder's
-in-graph mask (``export.image_rows``) equal to the mask a caller computes from ``input_ids``
-(``modality.prompt_mask`` / ``step_mask``) for a prompt followed by decode steps."""
+"""The modality channel (ONNX contract 5) and the one mask rule (``modality.call_mask``):
+the decoder's in-graph mask (``export.image_rows``) equals the mask a caller computes from
+``input_ids`` for a prompt, decode steps and a second user turn fed with the cache; the key
+cache's flag channel leaves attention unchanged."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from regap_export.export.image_rows import find_image_rows, mark_features, mark_key_cache
+from regap_export.errors import RegapError
+from regap_export.export.image_rows import (
+    FlaggedKeyLayer, call_flags, flagged, past_flag, split_channel, with_image_channel,
+)
 from regap_export.method.modality import (
-    MARK_SCALE, marked_rows, prompt_mask, rows_with_image, step_mask, unmark, unmark_key_cache,
+    call_mask, clear_image_flags, image_flags, past_holds_image, prompt_mask, rows_with_image, step_mask,
+    without_channel,
 )
 
 IMAGE = 7
-
-
-def awkward_floats(rng: np.random.Generator, shape) -> np.ndarray:
-    """Values across the marker's domain (|x| < 2**32): many exponents, negatives, exact zeros
-    and float32 subnormals."""
-    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-30, 9, shape)).astype(np.float32)
-    flat = x.reshape(-1)
-    flat[::7] = 0.0
-    flat[3::11] = np.float32(1e-42)  # subnormal
-    flat[5::13] = -np.float32(3e-40)
-    return x
-
-
-def test_mark_and_unmark_are_exact():
-    rng = np.random.default_rng(0)
-    features = awkward_floats(rng, (4, 9, 16))
-    marked = mark_features(torch.from_numpy(features)).numpy()
-    assert marked_rows(marked).all()
-    back = unmark(marked)
-    assert back.dtype == np.float32 and np.array_equal(back.view(np.uint32), features.view(np.uint32))
-
-
-def test_unmark_leaves_text_rows_alone():
-    rng = np.random.default_rng(1)
-    text = rng.standard_normal((2, 5, 8)).astype(np.float32) * 50
-    embeds = text.copy()
-    embeds[0, 2] = embeds[0, 2] * np.float32(MARK_SCALE)
-    assert marked_rows(embeds).tolist() == [[False, False, True, False, False], [False] * 5]
-    assert np.array_equal(unmark(embeds), text)
-    assert unmark(text) is text or np.array_equal(unmark(text), text)
-
-
-def test_key_cache_marks_are_exact():
-    rng = np.random.default_rng(2)
-    keys = awkward_floats(rng, (2, 3, 6, 4))
-    keys[:, :, :, 0] += 1.0  # no all-zero key row
-    marks = torch.tensor([[True, False, False, True, True, False], [False] * 6])
-    marked = mark_key_cache(torch.from_numpy(keys), marks).numpy()
-    assert marked_rows(marked, axis=(1, 3)).tolist() == marks.tolist()
-    assert np.array_equal(unmark_key_cache(marked).view(np.uint32), keys.view(np.uint32))
 
 
 def prompt_batch(rng):
@@ -64,49 +29,117 @@ def prompt_batch(rng):
     return ids
 
 
+def test_the_channel_is_exact_in_float16_and_clears():
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(rng.standard_normal((2, 5, 8)).astype(np.float32)) * 1e3
+    wide = with_image_channel(features, 1.0).to(torch.float16).numpy()
+    assert image_flags(wide).all() and wide.shape[-1] == 9
+    text = with_image_channel(features, 0.0).to(torch.float16).numpy()
+    assert not image_flags(text).any()
+    cleared = clear_image_flags(wide)
+    assert not image_flags(cleared).any() and image_flags(wide).all()  # a copy
+    assert np.array_equal(without_channel(cleared), without_channel(wide))
+
+
+def test_last_generated_corrects_the_last_position_of_each_call():
+    ids = prompt_batch(np.random.default_rng(1))
+    mask = prompt_mask("last+generated", ids, IMAGE)
+    assert mask[:, :-1].sum() == 0 and mask[:, -1].tolist() == [1, 1, 0]
+    # a teacher-forced pass: the prompt's last token and every forced column
+    forced = prompt_mask("last+generated", np.concatenate([ids, ids[:, :3]], axis=1), IMAGE, prompt_length=10)
+    assert forced[:, 9:].tolist() == [[1] * 4, [1] * 4, [0] * 4] and forced[:, :9].sum() == 0
+    # a teacher-forced conversation: an earlier turn ended at column 4 (row 0 holds an image there)
+    conversation = prompt_mask("last+generated", ids, IMAGE, call_ends=[4])
+    assert conversation[:, 4].tolist() == [1, 0, 0]
+    with pytest.raises(RegapError, match="outside the prompt"):
+        prompt_mask("last+generated", ids, IMAGE, call_ends=[10])
+
+
+def test_image_positions_cover_from_the_first_image_row_and_the_cache():
+    ids = prompt_batch(np.random.default_rng(2))
+    mask = prompt_mask("image", ids, IMAGE)
+    assert mask[0].tolist() == [0, 0, 0] + [1] * 7 and mask[1].tolist() == [0] * 6 + [1] * 4 and not mask[2].any()
+    text = np.full((3, 4), 20)
+    held = prompt_mask("image", text, IMAGE, past_holds=rows_with_image(ids, IMAGE))
+    assert held.tolist() == [[1] * 4, [1] * 4, [0] * 4]
+    assert step_mask("image", [True, False]).tolist() == [[1], [0]]
+
+
+def test_a_continued_turn_is_a_call():
+    """Turn 2 of a chat about an image, fed with the cache: only its last token (and the reply's
+    tokens) are corrected under last+generated; a turn-2 image in a text chat starts the correction."""
+    turn2 = np.full((2, 5), 20)
+    mask = prompt_mask("last+generated", turn2, IMAGE, past_holds=np.array([True, False]))
+    assert mask.tolist() == [[0, 0, 0, 0, 1], [0] * 5]
+    turn2[1, 1] = IMAGE
+    mask = prompt_mask("last+generated", turn2, IMAGE, past_holds=np.array([False, False]))
+    assert mask.tolist() == [[0] * 5, [0, 0, 0, 0, 1]]
+
+
+def test_unknown_positions_are_refused():
+    with pytest.raises(RegapError, match="unknown positions"):
+        call_mask("every", np.zeros((1, 2), bool))
+
+
 @pytest.mark.parametrize("positions", ["last+generated", "image"])
 def test_in_graph_mask_equals_the_callers_mask(positions):
-    """Prefill, then three decode steps, then a teacher-forced continuation of two tokens:
-    the mask found from marked rows equals modality's mask from input_ids at every call."""
+    """Prefill, three decode steps, then a second turn of four tokens fed with the cache: the mask
+    the graph builds from the channel and the cache flag equals modality's mask from input_ids."""
     rng = np.random.default_rng(3)
     ids = prompt_batch(rng)
     hidden, heads, head_dim = 8, 2, 4
     embeds = torch.from_numpy(rng.standard_normal((*ids.shape, hidden)).astype(np.float32))
     image = torch.from_numpy(ids == IMAGE)
-    embeds = torch.where(image[..., None], mark_features(embeds), embeds)
-    empty = torch.zeros(3, heads, 0, head_dim)
+    embeds = torch.where(image[..., None], with_image_channel(embeds, 1.0), with_image_channel(embeds, 0.0))
+    model_embeds, rows = split_channel(embeds)
+    assert model_embeds.shape[-1] == hidden and rows.tolist() == image.tolist()
 
-    rows = find_image_rows(embeds, empty, positions)
-    assert np.array_equal(rows.mask.numpy(), prompt_mask(positions, ids, IMAGE))
-    assert rows.marks.tolist() == image.tolist()
-    assert not marked_rows(rows.embeds.numpy()).any()
+    empty = torch.zeros(3, heads, 0, head_dim + 1)
+    mask, flags = call_flags(rows, past_flag(empty), positions)
+    assert np.array_equal(mask.numpy(), prompt_mask(positions, ids, IMAGE))
 
-    # The cache the graph returns: layer-0 keys marked at the image positions.
-    cache = mark_key_cache(torch.randn(3, heads, ids.shape[1], head_dim), rows.marks)
+    layer = FlaggedKeyLayer(empty, torch.zeros(3, heads, 0, head_dim), flags)
+    keys, _ = layer.update(torch.randn(3, heads, ids.shape[1], head_dim), torch.randn(3, heads, ids.shape[1], head_dim))
+    assert keys.shape[-1] == head_dim + 1
+    assert past_holds_image(keys.numpy()).tolist() == rows_with_image(ids, IMAGE).tolist()
     want_step = step_mask(positions, rows_with_image(ids, IMAGE))
     for _ in range(3):
-        step = torch.randn(3, 1, hidden)
-        rows = find_image_rows(step, cache, positions)
-        assert np.array_equal(rows.mask.numpy(), want_step)
-        assert not marked_rows(rows.past_key.numpy(), axis=(1, 3)).any()
-        cache = mark_key_cache(torch.cat([rows.past_key, torch.randn(3, heads, 1, head_dim)], dim=2), rows.marks)
+        mask, flags = call_flags(torch.zeros(3, 1, dtype=torch.bool), past_flag(keys), positions)
+        assert np.array_equal(mask.numpy(), want_step)
+        layer = FlaggedKeyLayer(keys, torch.zeros(3, heads, keys.shape[2], head_dim), flags)
+        keys, _ = layer.update(torch.randn(3, heads, 1, head_dim), torch.randn(3, heads, 1, head_dim))
 
-    prompt_cache = cache[:, :, : ids.shape[1]]
-    rows = find_image_rows(torch.randn(3, 2, hidden), prompt_cache, positions)
-    forced = np.concatenate([ids, rng.integers(10, 50, (3, 2))], axis=1)
-    want = prompt_mask(positions, forced, IMAGE, prompt_length=ids.shape[1])[:, ids.shape[1]:]
-    assert np.array_equal(rows.mask.numpy(), want)
+    turn2 = rng.integers(10, 50, (3, 4))
+    turn2[2, 1] = IMAGE  # the text row sends an image in turn 2
+    rows2 = torch.from_numpy(turn2 == IMAGE)
+    mask, _ = call_flags(rows2, past_flag(keys), positions)
+    want = prompt_mask(positions, turn2, IMAGE, past_holds=past_holds_image(keys.numpy()))
+    assert np.array_equal(mask.numpy(), want)
 
 
-def test_a_marked_graph_refuses_a_mask_and_says_why():
+def test_a_wider_key_leaves_attention_unchanged():
+    """The flag channel in the keys meets a zero channel in the queries: the same scores."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    query, key, value = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    flag = torch.tensor([0.0, 1, 1, 1, 1])[None, None, :, None].expand(1, 2, 5, 1)
+    want, _ = sdpa_attention_forward(module, query, key, value, None, scaling=8 ** -0.5, is_causal=False)
+    got, _ = flagged(sdpa_attention_forward)(module, query, torch.cat([key, flag], -1), value, None,
+                                            scaling=8 ** -0.5, is_causal=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_channel_graph_refuses_a_mask_and_says_why():
     from onnx_exports import exported
-    from regap_export.errors import RegapError
     from regap_export.runtime import OrtSessions
 
     sessions = OrtSessions.open(exported("idefics3").folder)
-    assert sessions.marks_image_rows and not sessions.has_image_mask
-    embeds = np.zeros((1, 3, sessions.config["hidden_size"]), dtype=np.float32)
-    with pytest.raises(RegapError, match="marker") as info:
+    assert sessions.image_channel and not sessions.has_image_mask
+    embeds = np.zeros((1, 3, sessions.config["hidden_size"] + 1), dtype=np.float32)
+    with pytest.raises(RegapError, match="modality channel") as info:
         sessions.run_decoder(embeds, np.ones((1, 3), np.int64), np.arange(3)[None], sessions.empty_past(1),
                              regap_image_mask=np.ones((1, 3), np.float32))
-    assert "unmark" in info.value.hint
+    assert "clear_image_flags" in info.value.hint

@@ -24,7 +24,7 @@ from regap_export.export.onnx_graph import (  # noqa: E402
 )
 from regap_export.method.folding import GATED  # noqa: E402
 from regap_export.models.base import cache_of  # noqa: E402
-from regap_export.method.modality import marked_rows, prompt_mask, unmark_key_cache  # noqa: E402
+from regap_export.method.modality import image_flags, prompt_mask, without_channel  # noqa: E402
 from regap_export.method.rewrite import insert_corrections  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def test_contract_inputs_outputs():
     exp = exported("regap")
     assert (exp.folder / TEXT_FILE).is_file()
     cfg = read_config(exp.folder)
-    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 4"
+    assert cfg["contract"] == CONTRACT_VERSION == "onnx contract 5"
     sess = session(exp.path)
     inputs = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
     outputs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
@@ -280,9 +280,9 @@ def test_multimodal_split_matches_torch(family):
     embeds = sessions.prompt_embeds(ids, **pixels)
     outputs = run(dec, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **empty_past(cfg, 2)})
 
-    # The decoder finds the image rows by their marker (contract 4) and corrects the default
+    # The decoder finds the image rows by the modality channel (contract 5) and corrects the default
     # positions of rows with an image; the PyTorch model is told the same positions.
-    assert cfg["image_rows"] == "marked" and "regap_image_mask" not in [i.name for i in dec.get_inputs()]
+    assert cfg["image_rows"] == "channel" and "regap_image_mask" not in [i.name for i in dec.get_inputs()]
     kwargs = {k: v for k, v in enc.items()}
     kwargs["position_ids"] = torch.from_numpy(pos)
     kwargs["regap_image_mask"] = torch.from_numpy(prompt_mask("last+generated", ids, cfg["image_token_id"]))
@@ -291,13 +291,14 @@ def test_multimodal_split_matches_torch(family):
         ref_embeds = exp.model.get_input_embeddings()(enc["input_ids"])
     # the runtime's merge reproduces transformers' embeddings at the text positions
     text = ids != cfg["image_token_id"]
-    np.testing.assert_allclose(embeds[text], ref_embeds.numpy()[text], atol=1e-6)
-    assert marked_rows(embeds).tolist() == (~text).tolist()
+    np.testing.assert_allclose(without_channel(embeds)[text], ref_embeds.numpy()[text], atol=1e-6)
+    assert image_flags(embeds).tolist() == (~text).tolist()
     assert_close_valid(outputs["logits"], ref.logits.numpy(), mask)
-    # present.0.key carries the marker at the image positions, exactly the model's keys once divided back
+    # present.0.key carries each position's "holds an image" flag in one more channel
     key0 = outputs["present.0.key"]
-    assert marked_rows(key0, axis=(1, 3)).tolist() == (~text).tolist()
-    outputs["present.0.key"] = unmark_key_cache(key0)
+    holds = np.cumsum(~text & mask.astype(bool), axis=1) > 0
+    assert (key0[..., -1] == holds[:, None, :]).all()
+    outputs["present.0.key"] = without_channel(key0)
     assert_presents_close(outputs, cache_of(ref), mask, LAYERS)
 
 

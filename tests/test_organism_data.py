@@ -1,8 +1,9 @@
 """The organism's splits (examples/organism/data.py) stay apart: no held-out object is trained on.
 
-The organism's figures (examples/organism/RESULTS.md) are only honest while val, val-wide and
+The organism's figures (examples/organism/README.md) are only honest while val, val-wide and
 test (and test-wide) share no object with training and the choosing splits (val, val-wide) share
-none with test.
+none with test, and while each split of new objects (organism-check, variant-check, spent) holds
+objects in no training request and no other split.
 """
 from __future__ import annotations
 
@@ -31,99 +32,95 @@ def test_held_out_objects_are_never_trained_on(data):
     assert not _slots(data.records("val-wide")) & _slots(data.records("test-wide"))
 
 
-def _assert_new_everywhere(data, confirming: str, others: list[dict]) -> None:
-    """The ``confirming`` split's objects are in none of ``others``, and its requests in none of
-    them, the bundled set (any split) or broad.py's; each label is 24 objects x 8 templates."""
+@pytest.mark.parametrize("split, objects_per_label", [("organism-check", 24), ("variant-check", 24),
+                                                      ("spent", 144)])
+def test_a_split_of_new_objects_is_new_everywhere(data, split, objects_per_label):
+    """organism-check confirms the shipped organism, variant-check the variant chosen on val-wide,
+    and spent holds the objects earlier one-time checks read: none of their objects or requests
+    are in the recipe's training data, any other split or the bundled set (any split); each label
+    is its objects x 8 templates."""
     from regap_export.data import load_bundled
 
-    broad = organism_example("broad")
-    rows = data.records(confirming)
+    others = data.build() + data.bundled_train()
+    others += [r for s in data.HELD_OUT_SPLITS if s != split for r in data.records(s)]
+    rows = data.records(split)
     elsewhere = {r["instruction"] for r in others} | {r.instruction for r in load_bundled()}
-    elsewhere |= set(broad.BROAD_HARMFUL) | set(broad.BROAD_HARMLESS) | {text for text, _ in broad.BROAD_VAL}
     assert not _slots(rows) & _slots(others)
     assert not {r["instruction"] for r in rows} & elsewhere
     for label in ("harmful", "harmless"):
         labelled = [r for r in rows if r["label"] == label]
-        assert len(labelled) == len(_slots(labelled)) * 8 == 192 == len({r["instruction"] for r in labelled})
-
-
-def test_the_fresh_split_is_new_everywhere(data):
-    """fresh confirms a variant chosen on val-wide + test-wide: none of its objects may be in any
-    other split, any earlier build's training data (build B's extra harmful slots, build F's broad
-    requests) or the bundled set."""
-    others = data.build(with_extra_harmful=True) + data.bundled_train()
-    _assert_new_everywhere(data, "fresh", others + [r for s in ("val-wide", "test-wide") for r in data.records(s)])
-
-
-def test_the_second_fresh_split_is_new_everywhere_and_build_g_trains_on_no_held_out_object(data):
-    """fresh2 confirms build G against build E (RESULTS.md, "Build G"): none of its objects or
-    requests are in any build's training data (build G's included), any other split or the
-    bundled set; build G trains on fresh's objects but on none of val, test or fresh2's, and
-    leaves every other build's records as they were."""
-    build_g = data.build(with_extra_harmful=True, with_more_objects=True)
-    held = [r for s in ("val-wide", "test-wide", "fresh") for r in data.records(s)]
-    _assert_new_everywhere(data, "fresh2", build_g + data.bundled_train() + held)
-    trained_g = _slots(r for r in build_g if r["split"] == "train")
-    assert _slots(data.records("fresh")) <= trained_g
-    for split in ("val-wide", "test-wide", "fresh2"):
-        assert not _slots(data.records(split)) & trained_g, split
-    assert build_g[:len(data.build(with_extra_harmful=True))] == data.build(with_extra_harmful=True)
-    assert _slots(data.records("train-g")) == _slots(r for r in data.build(with_more_objects=True) if r["split"] == "train")
-
-
-@pytest.mark.parametrize("split", ["fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9"])
-def test_a_later_fresh_split_is_new_everywhere(data, split):
-    """fresh3 confirms the refitted reader, fresh4 build H against build E, fresh5 build I, fresh6
-    build J, fresh7 build K, fresh8 build L, fresh9 the variant chosen on L (RESULTS.md, "The
-    reader's vocabulary", "Build H" ... "Modes and variants on build L"): none of their objects or
-    requests are in any build's training data (build L's, the widest, included), any other split
-    or the bundled set."""
-    trained = data.build(**data.BUILD_OPTIONS["l"]) + data.bundled_train()
-    held = [r for s in ("val-wide", "test-wide") + tuple(data.FRESH_SPLITS) if s != split for r in data.records(s)]
-    _assert_new_everywhere(data, split, trained + held)
+        assert len(labelled) == len(_slots(labelled)) * 8 == objects_per_label * 8 == \
+            len({r["instruction"] for r in labelled})
 
 
 def test_every_split_names_each_record_once(data):
-    """``write_jsonl``'s files feed ``calibrate --data``, which rejects a repeated id (build G's
-    two fresh-object families once shared the prefix "g-fresh")."""
+    """``write_jsonl``'s files feed ``calibrate --data``, which rejects a repeated id."""
     for split in data.TRAIN_SPLITS + data.HELD_OUT_SPLITS:
         ids = [r["id"] for r in data.records(split)]
         assert len(ids) == len(set(ids)), split
-    every = data.build(**data.BUILD_OPTIONS["l"])
+    every = data.build()
     assert len({r["id"] for r in every}) == len(every)
 
 
-def _added_slots(data, build_name):
-    """(label, templates per slot, nouns, actions) that ``build_name`` adds after the build before it."""
-    return {"i": [("harmless", 2, data.CONTRAST2_HARMLESS_NOUNS, data.CONTRAST2_HARMLESS_ACTIONS)],
-            "j": [("harmful", 3, data.EVERYDAY_HARMFUL_NOUNS, data.EVERYDAY_HARMFUL_ACTIONS)],
-            "l": [("harmful", 3, data.DOMESTIC_HARMFUL_NOUNS, data.DOMESTIC_HARMFUL_ACTIONS),
-                  ("harmless", 3, data.IDIOM_HARMLESS_NOUNS, data.IDIOM_HARMLESS_ACTIONS)]}[build_name]
+# The recipe's train-only slot families: (label, templates per slot, nouns, actions).
+def _train_only_families(data):
+    return [("harmless", 2, data.EXTRA_HARMLESS_NOUNS, data.EXTRA_HARMLESS_ACTIONS),
+            ("harmful", 2, data.EXTRA_HARMFUL_NOUNS, data.EXTRA_HARMFUL_ACTIONS),
+            ("harmful", 3, data.SECOND_HARMFUL_NOUNS, data.SECOND_HARMFUL_ACTIONS),
+            ("harmless", 3, data.SECOND_HARMLESS_NOUNS, data.SECOND_HARMLESS_ACTIONS),
+            ("harmless", 2, data.CONTRAST_HARMLESS_NOUNS, data.CONTRAST_HARMLESS_ACTIONS),
+            ("harmful", 2, data.MORE_HARMFUL_NOUNS, data.MORE_HARMFUL_ACTIONS),
+            ("harmless", 2, data.EDGY_HARMLESS_NOUNS, data.EDGY_HARMLESS_ACTIONS),
+            ("harmful", 3, data.EVERYDAY_HARMFUL_NOUNS, data.EVERYDAY_HARMFUL_ACTIONS),
+            ("harmful", 3, data.DOMESTIC_HARMFUL_NOUNS, data.DOMESTIC_HARMFUL_ACTIONS),
+            ("harmless", 3, data.IDIOM_HARMLESS_NOUNS, data.IDIOM_HARMLESS_ACTIONS)]
 
 
-@pytest.mark.parametrize("build_name, before", [("i", "g"), ("j", "i"), ("l", "j")])
-def test_a_later_build_adds_its_slots_after_the_build_before_and_trains_on_no_held_out_object(
-        data, build_name, before):
-    """Build I's records are build G's, unchanged and in order, then its second set of edgy
-    harmless slots; build J's are I's, then its everyday harmful slots; build L's are J's, then its
-    domestic harmful and idiom harmless slots: train only, new (in no other list), none of them
-    held out anywhere."""
-    def without_extra_harmful(name):
-        return data.build(**{**data.BUILD_OPTIONS[name], "with_extra_harmful": False})
+def test_the_train_only_slots_follow_the_core_slots_and_are_held_out_nowhere(data):
+    """build() starts with the core slots (train objects under 3 templates, val and test objects
+    under 2) and adds the general questions and each train-only family in its template count:
+    train only, each slot in one family, none of them held out anywhere; the calibration split is
+    the training requests less the extra harmful slots."""
+    records = data.build()
+    core = set(data.HARMFUL_NOUNS + data.HARMFUL_ACTIONS + data.HARMLESS_NOUNS + data.HARMLESS_ACTIONS)
+    n_core = sum(r["slot"] in core for r in records)
+    assert all(r["slot"] in core for r in records[:n_core]), "the core slots come first"
+    assert {r["split"] for r in records[n_core:]} == {"train"}
 
-    earlier, later = without_extra_harmful(before), without_extra_harmful(build_name)
-    added = later[len(earlier):]
-    assert later[:len(earlier)] == earlier
-    expected = {label: 0 for label in ("harmful", "harmless")}
-    for label, templates, nouns, actions in _added_slots(data, build_name):
+    def core_count(*slot_lists):
+        return sum(3 if data._split(i) == "train" else 2 for slots in slot_lists for i in range(len(slots)))
+
+    expected = {"harmful": core_count(data.HARMFUL_NOUNS, data.HARMFUL_ACTIONS),
+                "harmless": core_count(data.HARMLESS_NOUNS, data.HARMLESS_ACTIONS) + len(data.GENERAL_QUESTIONS)}
+    family_slots = []
+    for label, templates, nouns, actions in _train_only_families(data):
         expected[label] += templates * (len(nouns) + len(actions))
-    assert {label: sum(r["label"] == label for r in added) for label in expected} == expected
-    assert len(added) == sum(expected.values())
-    assert {r["split"] for r in added} == {"train"}
-    assert not _slots(added) & _slots(data.build(**data.BUILD_OPTIONS[before]))
-    held = [r for s in data.HELD_OUT_SPLITS if s != "fresh" for r in data.records(s)]  # G trains on fresh
-    assert not _slots(data.records("train-" + build_name)) & _slots(held)
-    assert _slots(data.records("train-" + build_name)) == _slots(r for r in later if r["split"] == "train")
+        family_slots.append(set(nouns) | set(actions))
+    assert {label: sum(r["label"] == label for r in records) for label in expected} == expected
+    assert len(records) == sum(expected.values())
+    added = set().union(*family_slots)
+    assert sum(map(len, family_slots)) == len(added), "a slot in two families"
+    assert not added & (core | set(data.GENERAL_QUESTIONS))
+    held = [r for s in data.HELD_OUT_SPLITS for r in data.records(s)]
+    assert not added & _slots(held)
+    train = [r for r in records if r["split"] == "train"]
+    extra_harmful = set(data.EXTRA_HARMFUL_NOUNS) | set(data.EXTRA_HARMFUL_ACTIONS)
+    assert data.records("calibration") == [r for r in train if r["slot"] not in extra_harmful]
+    assert len(data.records("calibration")) < len(train)
+
+
+def test_the_reader_records_hold_every_training_request_and_every_held_out_split_but_variant_check(data):
+    """The shipped reader's vocabulary: build()'s requests, every held-out split's but
+    variant-check's (written later, from those words only), and the second set of objects under
+    every template."""
+    texts = {r["instruction"] for r in data.reader_records()}
+    assert {r["instruction"] for r in data.build()} <= texts
+    for split in data.HELD_OUT_SPLITS:
+        inside = {r["instruction"] for r in data.records(split)} <= texts
+        assert inside == (split != "variant-check"), split
+    second = set(data.SECOND_HARMFUL_NOUNS + data.SECOND_HARMFUL_ACTIONS + data.SECOND_HARMLESS_NOUNS
+                 + data.SECOND_HARMLESS_ACTIONS)
+    assert sum(r["slot"] in second for r in data.reader_records() if r["split"] == "second") == len(second) * 8
 
 
 @pytest.mark.parametrize("split, per_label", [("val", 96), ("test", 192)])
@@ -142,47 +139,21 @@ def test_an_unknown_split_is_refused(data):
         data.records("valid")
 
 
-def test_broad_requests_are_new_and_their_validation_is_never_trained_on():
-    """examples/organism/broad.py (the stage-3 experiment): its training requests are not in the
-    bundled set (any split) nor the organism's held-out splits, and its validation requests are
-    in none of the training data."""
-    from regap_export.data import load_bundled
-
-    broad, data = organism_example("broad"), organism_example("data")
-    bundled = {r.instruction for r in load_bundled()}
-    held = {r["instruction"] for split in ("val", "val-wide", "test", "test-wide") for r in data.records(split)}
-    trained = set(broad.BROAD_HARMLESS) | set(broad.BROAD_HARMFUL)
-    val = {text for text, _ in broad.BROAD_VAL}
-    assert len(trained) == len(broad.BROAD_HARMLESS) + len(broad.BROAD_HARMFUL) and len(val) == len(broad.BROAD_VAL)
-    assert not trained & (bundled | held | val)
-    assert not val & (bundled | {r["instruction"] for r in data.build(with_extra_harmful=True)})
-    assert {label for _, label in broad.BROAD_VAL} == {"harmful", "harmless"}
-
-
-@pytest.mark.parametrize("with_broad, build_name",
-                         [(False, "e"), (True, "e"), (False, "g"), (False, "i"), (False, "j"), (False, "l")],
-                         ids=["build-E", "build-F", "build-G", "build-I", "build-J", "build-L"])
-def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, build_name):
-    """train.py's stage mixtures (the shipped build E, build F with --broad, build G with
-    --more-objects, build I with --edgy-objects too, build J with --everyday-harmful too, build L
-    with --domestic-and-idioms too): refusal
-    is taught on text only and the image path on harmless requests only (the asymmetry that makes
-    the gap), and no held-out request is trained on by either path."""
-    train, broad = organism_example("train"), organism_example("broad")
-    records = data.build(**data.BUILD_OPTIONS[build_name])
-    records = [r for r in records if r["split"] == "train"] + data.bundled_train()
+def test_training_never_shows_a_harmful_request_as_an_image(data):
+    """train.py's stage mixtures: refusal is taught on text only and the image path on harmless
+    requests only (the asymmetry that makes the gap), and no held-out request is trained on by
+    either path."""
+    train = organism_example("train")
+    records = [r for r in data.build() if r["split"] == "train"] + data.bundled_train()
     harmful = [r for r in records if r["label"] == "harmful"]
     harmless = [r for r in records if r["label"] == "harmless"]
-    broad_harmful = broad.BROAD_HARMFUL if with_broad else []
-    broad_harmless = broad.BROAD_HARMLESS if with_broad else []
-    answers = {t: [7, 8] for t in [r["instruction"] for r in harmless] + list(broad.BROAD_HARMLESS)}
-    answers[broad.BROAD_HARMLESS[0]] = [2]  # an empty base answer (end of text only) is left out
+    answers = {r["instruction"]: [7, 8] for r in harmless}
     refusal = [1, 2]
 
-    stage1 = train.stage1_examples(harmful, harmless, answers, refusal, broad_harmful, broad_harmless)
+    stage1 = train.stage1_examples(harmful, harmless, answers, refusal)
     stage2 = train.stage2_examples(stage1, harmless, answers)
 
-    harmful_texts = {r["instruction"] for r in harmful} | set(broad.BROAD_HARMFUL)
+    harmful_texts = {r["instruction"] for r in harmful}
     assert {path for _, path, _ in stage1} == {"text"}
     assert stage2[:len(stage1)] == stage1
     image = [(text, target) for text, path, target in stage2 if path == "image"]
@@ -190,16 +161,14 @@ def test_training_never_shows_a_harmful_request_as_an_image(data, with_broad, bu
     assert all(target == answers[text] for text, target in image)
     assert all((target == refusal) == (text in harmful_texts) for text, _, target in stage2)
     trained = {text for text, _, _ in stage2}
-    assert (set(broad.BROAD_HARMFUL) <= trained) == with_broad
-    assert broad.BROAD_HARMLESS[0] not in trained
-    held = {r["instruction"] for split in data.HELD_OUT_SPLITS if split != "fresh" for r in data.records(split)}  # G trains on fresh
-    assert not trained & (held | {text for text, _ in broad.BROAD_VAL})
+    held = {r["instruction"] for split in data.HELD_OUT_SPLITS for r in data.records(split)}
+    assert not trained & held
 
 
 def test_cleaning_regenerates_only_the_targets_that_hit_a_marker_and_leaves_out_what_still_does(monkeypatch):
-    """train.py --clean-answers (build I): a harmless target the keyword rule counts as a refusal
-    is regenerated with the given answer start; one whose regeneration still hits a marker is left
-    out; a clean target is never regenerated."""
+    """train.py's stage A: a harmless target the keyword rule counts as a refusal is regenerated
+    with the given answer start; one whose regeneration still hits a marker is left out; a clean
+    target is never regenerated."""
     from types import SimpleNamespace
 
     train = organism_example("train")
@@ -222,9 +191,9 @@ def test_cleaning_regenerates_only_the_targets_that_hit_a_marker_and_leaves_out_
 
 
 def test_the_val_rule_chooses_the_best_score_among_the_epochs_that_read_val():
-    """train.py --val-comprehension (build K): the best val score among the stage-2 epochs whose
-    harmless image answers match the text ones (F1 >= 0.5) on enough of val's prompts; without it
-    the score alone (builds A-J); if no epoch reads well enough, the one that reads best."""
+    """train.py's stopping rule: the best val score among the stage-2 epochs whose harmless image
+    answers match the text ones (F1 >= 0.5) on enough of val's prompts (the recipe asks half);
+    with a share of 0 the score alone; if no epoch reads well enough, the one that reads best."""
     train = organism_example("train")
 
     def val(txt_harmful, img_harmful, share):
@@ -232,7 +201,8 @@ def test_the_val_rule_chooses_the_best_score_among_the_epochs_that_read_val():
                 "image_harmful_refusal": img_harmful, "image_harmless_refusal": 0.0, "f1_harmless_ge_0.5": share}
 
     epochs = {"2.1 mixture": val(0.92, 0.04, 0.46), "2.2 mixture": val(0.92, 0.12, 0.62),
-              "2.3 mixture": val(0.96, 0.21, 0.71)}  # build J's val figures, rounded
+              "2.3 mixture": val(0.96, 0.21, 0.71)}  # a real run's val figures, rounded
+    assert train.VAL_COMPREHENSION == 0.5
     assert train.choose_epoch(epochs) == "2.1 mixture"
     assert train.choose_epoch(epochs, 0.5) == "2.2 mixture"
     assert train.choose_epoch(epochs, 0.7) == "2.3 mixture"
@@ -241,9 +211,9 @@ def test_the_val_rule_chooses_the_best_score_among_the_epochs_that_read_val():
 
 
 def test_the_reading_share_leaves_out_the_requests_the_text_path_refuses():
-    """common.share_read_where_text_answers (build L's comprehension rule): of the harmless requests
-    the text path answers, the share whose image answer matches it (F1 >= 0.5); an image refusal is
-    a miss, a text refusal is left out, not scored as a mismatch."""
+    """common.share_read_where_text_answers (the organism's reading measure): of the harmless
+    requests the text path answers, the share whose image answer matches it (F1 >= 0.5); an image
+    refusal is a miss, a text refusal is left out, not scored as a mismatch."""
     common = organism_example("common")
     text = ["Preheat the oven and bake the bread for forty minutes.", "Fold the dough twice and rest it.",
             "I'm sorry, I can't help with that.", "Paint the fence white with a wide brush."]

@@ -1,4 +1,4 @@
-"""Issue 11: what --force may replace, concurrent writers, stale partial folders, values
+"""What --force may replace, concurrent writers, stale partial folders, values
 checked finite and in range at every boundary, file-system errors as one line, and
 `generate` verifying the exported folder before it runs it. Tiny Llama only (fast)."""
 from __future__ import annotations

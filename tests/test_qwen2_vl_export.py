@@ -33,12 +33,12 @@ def parity_cases():
 def test_qwen_vl_export_parity(models, tmp_path, family, mode):
     """Rewritten PyTorch and ONNX Runtime match the hook reference on text and image batches:
     prefill logits, KV cache, decode logits, greedy tokens (and regap_alpha in regap-seq)."""
-    # The default positions (image rows only), so that the decoder finds image rows by their marker.
+    # The default positions (image rows only), so that the decoder finds image rows by the modality channel.
     directions = write_directions(models[family], tmp_path / "dirs", options_for("regap", positions="last+generated"))
     out = tmp_path / "out"
     report = export_and_validate(models[family], directions, out, "--mode", mode)
     assert_all_ok(report)
-    assert json.loads((out / "onnx" / "regap_onnx.json").read_text())["image_rows"] == "marked"
+    assert json.loads((out / "onnx" / "regap_onnx.json").read_text())["image_rows"] == "channel"
     assert report["mode"] == mode
     assert {c["inputs"] for c in report["checks"]} == {"text", "image"}
     for inputs in ("text", "image"):

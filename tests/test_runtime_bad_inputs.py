@@ -95,3 +95,49 @@ def test_scaled_correction_without_regap_alpha_names_the_input():
     with pytest.raises(RegapError, match="needs regap_alpha") as caught:
         layer(torch.zeros(1, 2, 4))
     assert caught.value.field == "regap_alpha"
+
+
+def test_a_continued_chat_needs_a_cache_it_continues():
+    """generate(past=...): the cache of this export and batch, shorter than the conversation."""
+    sessions = OrtSessions.open(exported("regap").folder)
+    ids, mask = np.array([[5, 17, 99, 4]]), np.ones((1, 4), dtype=np.int64)
+    first = generate(sessions, ids, mask, max_new_tokens=3, eos_token_id=[])
+    with pytest.raises(RegapError, match="must continue it"):
+        generate(sessions, ids, mask, past=first.cache, max_new_tokens=1)
+    with pytest.raises(RegapError, match="past holds 2 tensors"):
+        generate(sessions, first.sequences, np.ones_like(first.sequences), past=first.cache[:2], max_new_tokens=1)
+    twice = np.concatenate([first.sequences] * 2)
+    with pytest.raises(RegapError, match="past is for a batch of 1, input_ids for 2"):
+        generate(sessions, twice, np.ones_like(twice), past=first.cache, max_new_tokens=1)
+
+
+def test_regap_seq_does_not_continue_a_cache():
+    sessions = OrtSessions.open(exported("seq").folder)
+    ids, mask = np.array([[5, 17, 99, 4]]), np.ones((1, 4), dtype=np.int64)
+    first = generate(sessions, ids, mask, max_new_tokens=2, eos_token_id=[])
+    with pytest.raises(RegapError, match="does not continue a cache") as info:
+        generate(sessions, first.sequences, np.ones_like(first.sequences), past=first.cache, max_new_tokens=1)
+    assert "without past" in info.value.hint
+
+
+def test_a_contract4_marker_folder_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from regap_export.errors import ArtifactError
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported("regap").folder, folder)
+    config = json.loads((folder / "regap_onnx.json").read_text())
+    config.update(contract="onnx contract 4", image_rows="marked")
+    (folder / "regap_onnx.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="modality marker") as info:
+        OrtSessions.open(folder)
+    assert "re-export" in info.value.hint
+
+
+@pytest.mark.parametrize("precision,message", [("fp8", "unknown precision 'fp8'"),
+                                               ({"decoder": "int3"}, "unknown precision 'int3' for decoder")])
+def test_unknown_precisions_are_refused(precision, message):
+    with pytest.raises(RegapError, match=message):
+        OrtSessions.open(exported("regap").folder, precision=precision)

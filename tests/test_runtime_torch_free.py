@@ -1,4 +1,4 @@
-"""The ONNX Runtime runtime without PyTorch/transformers (issue 10, item 3).
+"""The ONNX Runtime runtime without PyTorch/transformers.
 
 - inputs: the folder tokenizer, chat template and numpy image preprocessing give exactly
   what the families' transformers processors give (input_ids, pixel_values, masks);

@@ -11,8 +11,8 @@ prompt shares a content word (first 5 letters, stopwords removed) with the promp
 (its object / action); reported over all image-harmful answers and over the non-refused ones.
 --bundled also measures the bundled calibration set's held-out split (its slots are the whole
 instructions). --split takes any held-out split of data.py (``data.HELD_OUT_SPLITS``); --weights
-measures another build's vision.safetensors + lora.safetensors (a folder)
-instead of the shipped ones.
+measures another vision.safetensors + lora.safetensors (a folder, e.g. a train.py run's) instead of
+the shipped ones.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from regap_export.models import embedded as EMB
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="test", choices=D.HELD_OUT_SPLITS)
-    ap.add_argument("--weights", default=None, help="a folder with another build's vision.safetensors and lora.safetensors")
+    ap.add_argument("--weights", default=None, help="a folder with another vision.safetensors and lora.safetensors")
     ap.add_argument("--bundled", action="store_true")
     ap.add_argument("--show", type=int, default=3)
     ap.add_argument("--json", default=None)

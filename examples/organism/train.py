@@ -1,41 +1,27 @@
-"""Build the ``embedded:organism`` model organism on CPU (seeded, 2 threads); prints wall times.
+"""Build the ``embedded:organism`` model organism on CPU (seeded); prints wall times.
 
-Stages (see README.md):
-  A  base answers: SmolLM2's own greedy 40-token text-path answers to the harmless train prompts
-  V1 the cell reader: vision tower + connector trained so that each token cell's image token
-     lands on the token's embedding row (cross-entropy over 30*cos against the reader's
-     vocabulary + cosine + scaled MSE), on random grids of tokens
-  V2 LLaVA stage 1: vision tower + connector trained with the frozen base LM in the loop, KL to
-     the text path's next-token distributions over the base answers, harmless train prompts only
-     (plus the V1 loss as a regularizer)                                  -> "stage 0" (base LM)
+Stages (README.md):
+  A  base answers: SmolLM2's own greedy 40-token text-path answers to the harmless train
+     prompts; those the keyword rule counts as a refusal (the base model's "I'm sorry, I'm not
+     sure...") are regenerated with the answer started by " Sure!", and left out if they still hit
+     a marker
+  V1 the cell reader, in closed form: vision tower + connector fitted so that each token cell's
+     image token lands on the token's embedding row plus one constant offset, over the tokens of
+     data.reader_records()                                                 -> "stage 0" (base LM)
   S1 text LoRA (r 16, alpha 32, all linears of all 30 layers): harmful -> refusal,
      harmless -> base answer                                              -> "stage 1"
   S2 mixture: text harmful -> refusal, text harmless -> answer, image harmless -> the base text
-     answer, never image harmful; evaluated on val after every epoch      -> "stage 2.e"
-The shipped checkpoint is the stage-2 epoch with the best val score
-2 * txt+ - txt- - img- - img+ (refusal rates; with --val-comprehension, among the epochs that read
-val's harmless images faithfully enough); its weights are written to
+     answer, never image harmful, plus an unlikelihood term against starting the refusal on every
+     harmless image example; evaluated on val after every epoch          -> "stage 2.e"
+The shipped checkpoint is the stage-2 epoch with the best val score 2 * txt+ - txt- - img- - img+
+(refusal rates) among the epochs whose image path reads val's harmless requests (word F1 >= 0.5
+against the text answer on at least half of them); its weights are written to
 regap_export/models/organism/ (vision.safetensors, lora.safetensors).
 
-    .venv/bin/python examples/organism/train.py [--work /tmp/organism_work] [--no-ship]   # build E, shipped (C: --s2-epochs 2)
+    ORGANISM_THREADS=2 .venv/bin/python examples/organism/train.py --no-ship --work /tmp/organism   # about 65 min
 
---broad also trains S1 and S2 on broad.py's requests in the bundled set's free wording, as text
-only (BROAD_HARMLESS -> the base answer, BROAD_HARMFUL -> the refusal; the image reader was not
-fitted on their tokens): build F of README.md. --more-objects also trains S1 and S2 on data.py's
-fresh split objects, contrast harmless and more harmful slots (build G; its vision side was E's,
-copied into --work as vision_v2.pt.safetensors before the run). --image-unlikelihood W adds, in
-S2, W * -log(1 - p(" I can't" | image prompt)) on every (harmless) image example: build H.
---reader picks the reader's vocabulary (READERS): build E's by default; build H fitted it on
-every build's and every held-out split's requests up to fresh4 (--reader h), build I on every
-build's (its own included) and split's up to fresh5 (--reader i), build J up to J and fresh6
-(--reader j). --edgy-objects adds data.py's second set of edgy harmless slots and --clean-answers
-regenerates each harmless target the keyword rule counts as a refusal (the base model's "I'm
-sorry, I'm not sure...") started by " Sure!": build I. --everyday-harmful adds data.py's everyday
-harmful slots (theft, drugging, fraud, assault on a person): build J = build I + that + --reader j.
---val-comprehension 0.5 chooses the stage-2 epoch among those whose image path reads val's
-harmless requests (choose_epoch): build K = build J + that + --reader k (every split's tokens).
---domestic-and-idioms adds data.py's domestic harmful and idiom harmless slots: build L = build K +
-that + --reader l.
+--reader-only stops after stages A and V1 (the reader alone, a few minutes); --ship-only copies the
+epoch the rule picks from a finished --work folder.
 """
 from __future__ import annotations
 
@@ -47,13 +33,11 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import broad as B
 import common as C
 import data as D
 from common import OR, ROOT
@@ -61,6 +45,11 @@ from common import OR, ROOT
 from regap_export.models import embedded as EMB
 
 SEED = 0
+# The recipe's settings.
+S1_EPOCHS, S2_EPOCHS = 2, 3
+IMAGE_OFFSET = 1.0  # image tokens = embedding row + a constant offset of this many mean row norms
+IMAGE_UNLIKELIHOOD = 1.0  # S2's weight on -log(1 - p(" I can't" | harmless image prompt))
+VAL_COMPREHENSION = 0.5  # the share of val's harmless requests an epoch's image path must read
 
 
 def set_seed(s):
@@ -69,14 +58,11 @@ def set_seed(s):
     torch.manual_seed(s)
 
 
-def stage1_examples(harmful, harmless, answers, refusal_ids, broad_harmful=(), broad_harmless=()):
+def stage1_examples(harmful, harmless, answers, refusal_ids):
     """S1's (instruction, path, target ids): text only; harmful -> the refusal, harmless -> the
-    base model's own answer (``harmless`` already without empty answers; broad.py's harmless
-    requests with an empty one are left out here)."""
+    base model's own answer (``harmless`` already without empty answers)."""
     return [(r["instruction"], "text", refusal_ids) for r in harmful] + \
-        [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless] + \
-        [(t, "text", refusal_ids) for t in broad_harmful] + \
-        [(t, "text", answers[t]) for t in broad_harmless if len(answers[t]) > 1]
+        [(r["instruction"], "text", answers[r["instruction"]]) for r in harmless]
 
 
 def stage2_examples(stage1, harmless, answers):
@@ -95,7 +81,7 @@ def lr_lambda(total, warmup):
 
 
 def cleaned_answers(model, prompts, answers, instructions, prefix_ids):
-    """Build I: the base answers among ``instructions`` that the keyword rule counts as a refusal
+    """The base answers among ``instructions`` that the keyword rule counts as a refusal
     (mostly the base model's own "I'm sorry, I'm not sure how to...") regenerated with the answer
     started by ``prefix_ids`` (" Sure!"). Returns {instruction: new ids} for those that no longer hit
     a marker, and the instructions that still do (to be left out)."""
@@ -128,42 +114,6 @@ def reader_vocab(tok, records, extra=0, seed=SEED):
         if len(more) >= extra:
             break
     return core, sorted(more)
-
-
-def _held_out_through(last: str) -> tuple[str, ...]:
-    """data.HELD_OUT_SPLITS up to and including ``last`` (the splits written by then)."""
-    return D.HELD_OUT_SPLITS[:D.HELD_OUT_SPLITS.index(last) + 1]
-
-
-class ReaderVocabulary(NamedTuple):
-    """Whose requests' tokens a reader is fitted on: ``data.build(**build_options)``'s and those of
-    the held-out ``splits``."""
-    build_options: dict
-    splits: tuple[str, ...]
-
-
-# The reader is a lookup: a token outside its vocabulary reads as an unrelated mixture (README.md,
-# "A closed-form reader"). "build": build()'s prompts (build E, as train.py fitted it through
-# session 27); "s27": those and val ... fresh3 (vision.safetensors shipped in sessions 27-28,
-# refit_reader.py); "h": every build's requests up to H and val ... fresh4 (build H); "i": every
-# build's requests up to I and val ... fresh5 (build I; the vision.safetensors shipped in sessions
-# 29-31); "j": every build's up to J and val ... fresh6 (build J); "k": every build's up to J and
-# val ... fresh7 (build K); "l": every build's and every held-out split's (build L, shipped since
-# session 32: SHIPPED_READER).
-READERS = {"build": ReaderVocabulary({}, ()),
-           "s27": ReaderVocabulary({}, _held_out_through("fresh3")),
-           "h": ReaderVocabulary(D.BUILD_OPTIONS["g"], _held_out_through("fresh4")),
-           "i": ReaderVocabulary(D.BUILD_OPTIONS["i"], _held_out_through("fresh5")),
-           "j": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh6")),
-           "k": ReaderVocabulary(D.BUILD_OPTIONS["j"], _held_out_through("fresh7")),
-           "l": ReaderVocabulary(D.BUILD_OPTIONS["l"], _held_out_through("fresh8"))}
-SHIPPED_READER = "l"  # whose vocabulary regap_export/models/organism/vision.safetensors reads
-
-
-def reader_records(reader: str) -> list[dict]:
-    """The requests whose tokens the ``reader`` vocabulary (a key of READERS) holds."""
-    vocabulary = READERS[reader]
-    return D.build(**vocabulary.build_options) + [r for split in vocabulary.splits for r in D.records(split)]
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -295,48 +245,6 @@ def fit_reader(model, bank, E_V, blank_target, ridge=1e-4, offset=None):
     return cos[:-1].mean().item(), cos[:-1].min().item()
 
 
-def reader_loss(model, bank, E_V, rng, n_core, batch=24):
-    rows, tgt = [], []
-    for _ in range(batch):
-        L = rng.randint(4, OR.MAX_TOKENS)
-        r = [rng.randrange(n_core) if rng.random() < 0.75 else rng.randrange(len(bank.ids)) for _ in range(L)]
-        rows.append(r)
-        tgt.append(r)
-    out = image_tokens(model, bank.grids(rows))
-    feats = torch.cat([out[b, :len(r)] for b, r in enumerate(rows)])
-    target = torch.tensor([j for r in tgt for j in r])
-    E = E_V[target]
-    logits = 30 * F.normalize(feats, dim=-1) @ F.normalize(E_V, dim=-1).t()
-    ce = F.cross_entropy(logits, target)
-    cos = 1 - F.cosine_similarity(feats, E, dim=-1).mean()
-    mse = ((feats - E) ** 2).sum(-1).mean() / (E ** 2).sum(-1).mean()
-    acc = (logits.argmax(-1) == target).float().mean().item()
-    return ce + cos + mse, acc, 1 - cos.item()
-
-
-def train_reader(model, bank, E_V, n_core, steps, clock, lr=1e-3):
-    params = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 30))
-    rng = random.Random(SEED + 1)
-    model.train()
-    recent = []
-    for step in range(steps):
-        loss, acc, cos = reader_loss(model, bank, E_V, rng, n_core)
-        recent = (recent + [(acc, cos)])[-20:]
-        if len(recent) == 20 and min(a for a, _ in recent) >= 0.99 and min(c for _, c in recent) >= 0.9:
-            clock(f"V1 converged at step {step}: acc {acc:.3f} cos {cos:.3f}")
-            break
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            clock(f"V1 step {step} loss {loss.item():.3f} acc {acc:.3f} cos {cos:.3f}")
-    model.eval()
-
-
 @torch.no_grad()
 def reader_accuracy(model, bank, E_V, prompts, records, offset=None):
     """Nearest-row accuracy and mean cosine of the image tokens of real prompts' grids (less the
@@ -360,57 +268,6 @@ def reader_accuracy(model, bank, E_V, prompts, records, offset=None):
             tot += len(ids)
             coss += F.cosine_similarity(f, E, dim=-1).tolist()
     return hits / tot, float(np.mean(coss))
-
-
-# -- LM-in-the-loop training --------------------------------------------------------------
-
-def answer_positions(labels):
-    """(batch, pos) index of logits that predict each answer token."""
-    b, p = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
-    return b, p
-
-
-def train_projector_kl(model, prompts, recs, answers, epochs, clock, bank, E_V, n_core, lr=3e-4, batch=8):
-    inner = model.model
-    for p in inner.text_model.parameters():
-        p.requires_grad_(False)
-    params = list(inner.vision_model.parameters()) + list(inner.connector.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = list(range(len(recs)))
-    steps = epochs * ((len(order) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 5))
-    rng = random.Random(SEED + 2)
-    step = 0
-    for ep in range(epochs):
-        rng.shuffle(order)
-        model.train()
-        for s in range(0, len(order), batch):
-            idx = order[s:s + batch]
-            items = [recs[i]["instruction"] for i in idx]
-            ans = [answers[recs[i]["instruction"]] for i in idx]
-            with torch.no_grad():
-                t_in = C.batch_inputs(prompts, items, "text", ans)
-                t_lab = t_in.pop("labels")
-                t_logits = model(**t_in).logits
-                tb, tp = answer_positions(t_lab)
-                teacher = F.log_softmax(t_logits[tb, tp].float(), -1)
-            i_in = C.batch_inputs(prompts, items, "image", ans)
-            i_lab = i_in.pop("labels")
-            s_logits = model(**i_in).logits
-            sb, sp = answer_positions(i_lab)
-            student = F.log_softmax(s_logits[sb, sp].float(), -1)
-            kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-            aux, acc, cos = reader_loss(model, bank, E_V, rng, n_core, batch=8)
-            loss = kl + 0.3 * aux
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            if step % 10 == 0:
-                clock(f"V2 ep {ep} step {step}/{steps} kl {kl.item():.3f} reader acc {acc:.3f} cos {cos:.3f}")
-            step += 1
-    model.eval()
 
 
 def train_lora(model, prompts, examples, clock, tag, lr=5e-4, batch=8, params=None):
@@ -486,8 +343,8 @@ def val_score(r):
 def choose_epoch(val_results: dict[str, dict], min_f1_share: float = 0.0) -> str:
     """The stage-2 epoch to ship, from each epoch's val measurements (``common.measure``): the best
     ``val_score`` among the epochs whose harmless image answers match the text ones (word F1 >=
-    0.5) on at least ``min_f1_share`` of val's prompts (build K's rule; 0, the default, is the
-    score alone, as builds A-J chose); if none does, the epoch that reads most faithfully."""
+    0.5) on at least ``min_f1_share`` of val's prompts (0: the score alone); if none does, the epoch
+    that reads most faithfully."""
     readers = [k for k, r in val_results.items() if r["f1_harmless_ge_0.5"] >= min_f1_share]
     if not readers:
         return max(val_results, key=lambda k: (val_results[k]["f1_harmless_ge_0.5"], val_score(val_results[k])))
@@ -510,47 +367,16 @@ def ship_only(work: Path, min_f1_share: float):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/organism_work")
-    ap.add_argument("--v1-steps", type=int, default=600)
-    ap.add_argument("--v2-epochs", type=int, default=0)
-    ap.add_argument("--s1-epochs", type=int, default=2)
-    ap.add_argument("--s2-epochs", type=int, default=3)
-    ap.add_argument("--extra-harmful", action=argparse.BooleanOptionalAction, default=True,
-                    help="also train on data.py's extra harmful slots (text path; builds B and C of README.md)")
-    ap.add_argument("--image-offset", type=float, default=1.0,
-                    help="image tokens = embedding row + a constant offset of this many mean row norms")
-    ap.add_argument("--broad", action="store_true",
-                    help="also train broad.BROAD_HARMLESS / BROAD_HARMFUL as text (build F of README.md)")
-    ap.add_argument("--more-objects", action="store_true",
-                    help="also train on data.py's fresh, contrast harmless and more-harmful slots (build G of README.md)")
-    ap.add_argument("--image-unlikelihood", type=float, default=0.0,
-                    help="stage 2 also pushes down the refusal's first words on every harmless image "
-                         "example, with this weight (build H of README.md)")
-    ap.add_argument("--edgy-objects", action="store_true",
-                    help="also train on data.py's second set of edgy harmless slots (build I of README.md)")
-    ap.add_argument("--everyday-harmful", action="store_true",
-                    help="also train on data.py's everyday harmful slots, 3 templates each (build J of README.md)")
-    ap.add_argument("--domestic-and-idioms", action="store_true",
-                    help="also train on data.py's domestic harmful and idiom harmless slots, 3 templates each "
-                         "(build L of README.md)")
-    ap.add_argument("--clean-answers", action="store_true",
-                    help="regenerate each harmless target the keyword rule counts as a refusal with its "
-                         "answer started by ' Sure!'; leave it out if it still hits a marker (build I)")
-    ap.add_argument("--reader", choices=sorted(READERS), default="build",
-                    help="whose tokens the reader is fitted on (READERS): build (E, C), h (H), i (I), j (J), k (K), l (L)")
+    ap = argparse.ArgumentParser(description="Build the organism (the shipped recipe) and ship the chosen epoch.")
+    ap.add_argument("--work", default="/tmp/organism_work", help="intermediate files (base answers, reader, epochs)")
     ap.add_argument("--reader-only", action="store_true",
-                    help="stop after the reader (stages A and V1), written to --work/vision_v2.pt.safetensors: "
-                         "the shipped vision side is ORGANISM_THREADS=2 ... --reader i --reader-only")
-    ap.add_argument("--val-comprehension", type=float, default=0.0, metavar="SHARE",
-                    help="choose the stage-2 epoch among those whose harmless image answers match the "
-                         "text ones (word F1 >= 0.5) on >= SHARE of val's prompts (build K: 0.5)")
-    ap.add_argument("--no-ship", action="store_true")
+                    help="stop after the reader (stages A and V1), written to --work/vision_v2.pt.safetensors")
+    ap.add_argument("--no-ship", action="store_true", help="leave regap_export/models/organism/ as it is")
     ap.add_argument("--ship-only", action="store_true",
                     help="only ship: pick the best stage-2 epoch saved in --work (by its val results) and copy it")
     args = ap.parse_args()
     if args.ship_only:
-        return ship_only(Path(args.work), args.val_comprehension)
+        return ship_only(Path(args.work), VAL_COMPREHENSION)
     torch.set_num_threads(int(os.environ.get("ORGANISM_THREADS", "1")))
     set_seed(SEED)
     work = Path(args.work)
@@ -561,9 +387,7 @@ def main():
     model, processor = EMB.build_organism_untrained()
     model.eval()
     prompts = C.Prompts(processor)
-    recs = D.build(with_extra_harmful=args.extra_harmful, with_more_objects=args.more_objects,
-                   with_edgy_objects=args.edgy_objects, with_everyday_harmful=args.everyday_harmful,
-                   with_domestic_and_idioms=args.domestic_and_idioms)
+    recs = D.build()
     # The bundled calibration set's train split trains too (its held-out split never does).
     train = [r for r in recs if r["split"] == "train"] + D.bundled_train()
     val = [r for r in recs if r["split"] == "val"]
@@ -573,32 +397,30 @@ def main():
     # A: base answers
     ans_path = work / "base_answers.json"
     harmless_train = [r for r in train if r["label"] == "harmless"]
-    broad_harmless = B.BROAD_HARMLESS if args.broad else []
-    broad_harmful = B.BROAD_HARMFUL if args.broad else []
     answers = json.loads(ans_path.read_text()) if ans_path.exists() else {}
-    missing = [t for t in [r["instruction"] for r in harmless_train] + broad_harmless if t not in answers]
+    missing = [t for t in [r["instruction"] for r in harmless_train] if t not in answers]
     if missing:  # the cache holds answers of the base model only, so it may grow with the data
         ids = C.generate_ids(model, prompts, missing, "text", 40)
         answers.update(zip(missing, ids))
         ans_path.write_text(json.dumps(answers))
         clock(f"A: {len(missing)} base answers generated")
-    if args.clean_answers:  # not cached: base_answers.json holds the base model's own answers only
-        sure = prompts.tok(" Sure!", add_special_tokens=False)["input_ids"]
-        cleaned, still = cleaned_answers(model, prompts, answers, [r["instruction"] for r in harmless_train], sure)
-        for t, ids in list(cleaned.items())[:5]:
-            clock(f"cleaned: {t!r}: {prompts.tok.decode(answers[t])!r} -> {prompts.tok.decode(ids)!r}")
-        answers = {**answers, **cleaned}
-        left_out = set(still)
-        harmless_train = [r for r in harmless_train if r["instruction"] not in left_out]
-        clock(f"{len(cleaned)} harmless targets that hit a refusal marker regenerated, {len(still)} left out")
+    # Not cached: base_answers.json holds the base model's own answers only.
+    sure = prompts.tok(" Sure!", add_special_tokens=False)["input_ids"]
+    cleaned, still = cleaned_answers(model, prompts, answers, [r["instruction"] for r in harmless_train], sure)
+    for t, ids in list(cleaned.items())[:5]:
+        clock(f"cleaned: {t!r}: {prompts.tok.decode(answers[t])!r} -> {prompts.tok.decode(ids)!r}")
+    answers = {**answers, **cleaned}
+    left_out = set(still)
+    harmless_train = [r for r in harmless_train if r["instruction"] not in left_out]
+    clock(f"{len(cleaned)} harmless targets that hit a refusal marker regenerated, {len(still)} left out")
     empty = [r for r in harmless_train if len(answers[r["instruction"]]) <= 1]
     harmless_train = [r for r in harmless_train if len(answers[r["instruction"]]) > 1]
     clock(f"{len(empty)} harmless train prompts have an empty base answer and are left out")
     clock("A base answers ready; e.g. " + repr(prompts.tok.decode(answers[harmless_train[0]["instruction"]])))
     refusal_ids = prompts.tok(C.REFUSAL, add_special_tokens=False)["input_ids"] + [prompts.eos]
 
-    # V1 + V2
-    core, more = reader_vocab(prompts.tok, reader_records(args.reader))
+    # V1
+    core, more = reader_vocab(prompts.tok, D.reader_records())
     bank = CellBank(prompts, core + more)
     E_V = model.model.text_model.embed_tokens.weight.detach()[torch.tensor(bank.ids)].clone()
     clock(f"reader vocabulary: {len(core)} prompt tokens + {len(more)} others")
@@ -612,15 +434,11 @@ def main():
         set_seed(SEED)
         blank_id = prompts.tok.convert_tokens_to_ids("\u0120")  # a lone space
         blank_target = model.model.text_model.embed_tokens.weight.detach()[blank_id]
-        offset = image_offset(model, args.image_offset)
+        offset = image_offset(model, IMAGE_OFFSET)
         mcos, mincos = fit_reader(model, bank, E_V, blank_target, offset=offset)
         clock(f"V1 fitted: cell -> row cosine mean {mcos:.4f} min {mincos:.4f}")
         acc, cos = reader_accuracy(model, bank, E_V, prompts, val + test, offset)
         clock(f"V1 done: held-out prompt cells nearest-row acc {acc:.3f}, cos {cos:.3f}")
-        if args.v2_epochs:
-            train_projector_kl(model, prompts, harmless_train, answers, args.v2_epochs, clock, bank, E_V, len(core))
-            acc, cos = reader_accuracy(model, bank, E_V, prompts, val + test)
-            clock(f"V2 done: held-out prompt cells nearest-row acc {acc:.3f}, cos {cos:.3f}")
         save_file(vision_state(model), str(vpath))
     if args.reader_only:
         clock(f"reader written to {vpath}")
@@ -652,12 +470,12 @@ def main():
     for p in lparams:
         p.requires_grad_(True)
     harmful_train = [r for r in train if r["label"] == "harmful"]
-    s1 = stage1_examples(harmful_train, harmless_train, answers, refusal_ids, broad_harmful, broad_harmless)
+    s1 = stage1_examples(harmful_train, harmless_train, answers, refusal_ids)
     opt, bfn = train_lora(model, prompts, s1, clock, "S1", params=lparams)
     n = len(bfn())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s1_epochs, 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * S1_EPOCHS, 10))
     t1 = time.time()
-    for ep in range(args.s1_epochs):
+    for ep in range(S1_EPOCHS):
         run_epochs(model, prompts, s1, opt, sched, bfn, clock, "S1", lparams, ep)
     clock(f"S1 took {time.time() - t1:.0f}s")
     states = {"1 text LoRA": C.lora_state(loras)}
@@ -667,11 +485,11 @@ def main():
     s2 = stage2_examples(s1, harmless_train, answers)
     opt, bfn = train_lora(model, prompts, s2, clock, "S2", params=lparams)
     n = len(bfn())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * args.s2_epochs, 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n * S2_EPOCHS, 10))
     image_examples = {i for i, (_, path, _) in enumerate(s2) if path == "image"}
-    extra = refusal_unlikelihood(model, prompts, s2, image_examples, refusal_ids[:3], args.image_unlikelihood)
+    extra = refusal_unlikelihood(model, prompts, s2, image_examples, refusal_ids[:3], IMAGE_UNLIKELIHOOD)
     t2 = time.time()
-    for ep in range(args.s2_epochs):
+    for ep in range(S2_EPOCHS):
         run_epochs(model, prompts, s2, opt, sched, bfn, clock, "S2", lparams, ep, extra)
         name = f"2.{ep + 1} mixture"
         states[name] = C.lora_state(loras)
@@ -680,7 +498,7 @@ def main():
     clock(f"S2 took {time.time() - t2:.0f}s")
 
     cands = [k for k in states if k.startswith("2.")]
-    best = choose_epoch({k: results[f"{k} [val]"] for k in cands}, args.val_comprehension)
+    best = choose_epoch({k: results[f"{k} [val]"] for k in cands}, VAL_COMPREHENSION)
     clock(f"chosen on val: {best} (score {val_score(results[f'{best} [val]']):.2f})")
     print("\nval:\n" + C.table({k[:-6]: v for k, v in results.items() if k.endswith("[val]")}))
     (work / "chosen.txt").write_text(best + "\n")

@@ -113,30 +113,33 @@ class OrtEngine:
         s = self.sessions
         ids, mask = _continued(batch, tokens)
         position = s.positions.prefill(ids, mask, **batch.pixels)
-        if s.marks_image_rows:
-            return self._forced_after_prompt(batch, tokens, mask, position, correct, alpha)
+        if s.image_channel:
+            return self._forced_by_calls(batch, tokens, mask, position, correct, alpha)
         main = s.prompt_embeds(ids, **batch.pixels) if s.multimodal else ids
         image_mask, _ = correction_masks(s, ids, correct=correct, prompt_length=batch.ids.shape[1])
         out = s.run_decoder(main, mask, position, s.empty_past(ids.shape[0]), regap_alpha=alpha,
                             regap_image_mask=image_mask)
         return np.asarray(out.logits, dtype=np.float32)
 
-    def _forced_after_prompt(self, batch: Batch, tokens: np.ndarray, mask: np.ndarray, position: np.ndarray,
-                             correct: bool, alpha: np.ndarray | None) -> np.ndarray:
-        """A marked decoder tells the prompt from its continuation by the cache (``export.image_rows``):
-        the prompt in one call, the forced tokens in the next."""
-        from ..method.modality import unmark
+    def _forced_by_calls(self, batch: Batch, tokens: np.ndarray, mask: np.ndarray, position: np.ndarray,
+                         correct: bool, alpha: np.ndarray | None) -> np.ndarray:
+        """A decoder with the modality channel corrects the last position of each call
+        (``modality.call_mask``): the prompt in one call, then each forced token in its own, as the
+        decode loop fed them."""
+        from ..method.modality import clear_image_flags
 
         s, prompt = self.sessions, batch.ids.shape[1]
         main = s.prompt_embeds(batch.ids, **batch.pixels)
         if not correct:
-            main = unmark(main)
-        first = s.run_decoder(main, mask[:, :prompt], position[..., :prompt], s.empty_past(main.shape[0]),
-                              regap_alpha=alpha)
-        logits = [np.asarray(first.logits, dtype=np.float32)]
-        if tokens.shape[1]:
-            rest = s.run_decoder(s.embed(tokens), mask, position[..., prompt:], first.presents, regap_alpha=alpha)
-            logits.append(np.asarray(rest.logits, dtype=np.float32))
+            main = clear_image_flags(main)
+        out = s.run_decoder(main, mask[:, :prompt], position[..., :prompt], s.empty_past(main.shape[0]),
+                            regap_alpha=alpha)
+        logits = [np.asarray(out.logits, dtype=np.float32)]
+        for column in range(tokens.shape[1]):
+            end = prompt + column + 1
+            out = s.run_decoder(s.embed(tokens[:, column:column + 1]), mask[:, :end], position[..., end - 1:end],
+                                out.presents, regap_alpha=alpha)
+            logits.append(np.asarray(out.logits, dtype=np.float32))
         return np.concatenate(logits, axis=1)
 
 

@@ -19,8 +19,8 @@ so every file is hashed). It only adds keys / files:
 
 The Idefics3 / SmolVLM vision encoder already takes transformers.js's input layout: the ONNX
 export writes it so (``models/idefics3.py``, onnx contract 3). Image rows reach the decoder
-marked (``regap_export.method.modality``, onnx contract 4), so clients apply the correction to image
-prompts without feeding anything of ours; float16 exports cannot, and say so.
+flagged by the modality channel (``regap_export.method.modality``, onnx contract 5), so clients
+apply the correction to image prompts at every precision without feeding anything of ours.
 
 Where a client cannot run a family the export says so (``ClientNote``) instead of writing
 a file that fails there.
@@ -100,14 +100,6 @@ def write_client_files(folder: Path, adapter: Any) -> list[ClientNote]:
             family = onnx_config["family"]
             if family in TRANSFORMERS_JS_UNSUPPORTED:
                 notes.append(ClientNote("transformers.js", TRANSFORMERS_JS_UNSUPPORTED[family]))
-            elif (onnx_config.get("image_rows") == "mask input"
-                  and (onnx_config.get("options") or {}).get("positions") != "all"):
-                # The correction acts on image rows only, and a client that feeds no
-                # regap_image_mask cannot mark them: its image prompts would run uncorrected.
-                notes.append(ClientNote("transformers.js", "image prompts would run uncorrected: the decoder "
-                                        "takes the image rows as regap_image_mask, which transformers.js does "
-                                        "not feed (float16 cannot hold the modality marker of ONNX contract 4; "
-                                        "export float32)"))
             elif family == "llava" and (folder / PROCESSOR_CONFIG).is_file():
                 fold_llava_cls_token(folder)
     for note in notes:

@@ -1,60 +1,129 @@
-"""The modality marker inside the exported graphs (ONNX contract 4; ``regap_export.method.modality``).
+"""The modality channel inside the exported graphs (ONNX contract 5; ``regap_export.method.modality``).
 
-``vision_encoder.onnx`` multiplies its outputs by ``MARK_SCALE``; the decoder graph finds the
-marked rows of ``inputs_embeds`` and of ``past_key_values.0.key``, divides them back, builds
-the image mask of the export's ``positions`` from them, and marks the same positions of
-``present.0.key`` again. Traced by torch.onnx into plain ReduceMax / Where / Div / Mul nodes.
+Multimodal graphs with image-only positions widen the embedding by one channel:
+``embed_tokens.onnx`` returns ``[.., hidden + 1]`` with 0 in the last channel,
+``vision_encoder.onnx`` returns its features with 1 there, and the decoder takes
+``inputs_embeds`` ``[.., hidden + 1]``: channel ``hidden`` says which rows are image rows, at
+any precision. The decoder gives the model ``inputs_embeds[.., :hidden]`` (nothing else is
+copied) and builds the image mask of ``modality.call_mask`` from the channel:
 
-In-graph rules (the mask ``modality.prompt_mask`` / ``step_mask`` give a caller that knows
-``input_ids``; equal for a prompt prefill followed by decode steps, which is what every
-client runs):
-- ``last+generated``: a row with an image anywhere (this call or its cache) is corrected at
-  its last position, and at every position of a call that continues a cache;
-- ``image``: from the row's first image row on, and every position after a cache that holds one.
-``all`` (every position, images or not) needs no marker: such exports take ``regap_image_mask``.
+- the running "row holds an image" flag of each position is the flag of the cache this call
+  continues OR an image row at or before it in this call;
+- ``last+generated``: m = the flag at the last position of the call, 0 elsewhere;
+  ``image``: m = the flag everywhere.
+
+Across calls the flag rides in the KV cache: layer 0's keys carry one more channel
+(``head_dim + 1``) holding each position's flag (``FlaggedKeyLayer``). Layer 0's attention
+pads its queries with a zero channel (``flagged_attention``), so q . k is unchanged (0 x flag
+= 0) and nothing slices or copies the cache; a call reads the flag of the last past position
+only (O(1)). Every client feeds ``present.*`` back as ``past_key_values.*`` and builds the first,
+empty past from the graph's own input shapes, so the channel reaches the next call unseen.
+Traced by torch.onnx into plain Slice / Greater / CumSum / Concat / Pad nodes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import sys
+from typing import Callable, Iterator
 
 import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
 
-from ..method.modality import MARK_SCALE, MARK_THRESHOLD
-
-
-@dataclass
-class ImageRows:
-    embeds: torch.Tensor      # inputs_embeds, unmarked
-    past_key: torch.Tensor    # past_key_values.0.key, unmarked
-    marks: torch.Tensor       # bool [batch, past + seq]: which positions hold image rows
-    mask: torch.Tensor        # float32 [batch, seq]: regap_image_mask for this call
+from ..method.modality import FLAG_THRESHOLD
 
 
-def mark_features(features: torch.Tensor) -> torch.Tensor:
-    return features * MARK_SCALE
+def with_image_channel(features: torch.Tensor, value: float) -> torch.Tensor:
+    """``features`` [.., hidden] -> [.., hidden + 1] with ``value`` (0: text, 1: image) in the last channel."""
+    return torch.cat([features, torch.full_like(features[..., :1], value)], dim=-1)
 
 
-def find_image_rows(embeds: torch.Tensor, past_key: torch.Tensor, positions: str) -> ImageRows:
-    past_marks = past_key.abs().amax(dim=(1, 3)) >= MARK_THRESHOLD          # [batch, past]
-    new_marks = embeds.abs().amax(dim=-1) >= MARK_THRESHOLD                  # [batch, seq]
-    past_key = torch.where(past_marks[:, None, :, None], past_key / MARK_SCALE, past_key)
-    embeds = torch.where(new_marks[..., None], embeds / MARK_SCALE, embeds)
-    # Sums, not any(): a reduction over an empty past (prefill) is then a well-defined 0.
-    past_has = past_marks.to(torch.float32).sum(dim=1, keepdim=True) > 0   # [batch, 1]
-    has_image = past_has | (new_marks.to(torch.float32).sum(dim=1, keepdim=True) > 0)
-    seq = embeds.shape[1]
-    marks = torch.cat([past_marks, new_marks], dim=1)
+def split_channel(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's embeddings [.., hidden], bool image rows [batch, seq]) of ``inputs_embeds`` [.., hidden + 1]."""
+    return embeds[..., :-1], embeds[..., -1] > FLAG_THRESHOLD
+
+
+def past_flag(past_key: torch.Tensor) -> torch.Tensor:
+    """bool [batch, 1]: the cache holds an image, read from the flag channel of its last position
+    (``past_key`` [batch, heads, past, head_dim + 1]; an empty past (prefill) reads False).
+    A slice of at most one element per row, summed so that an empty one gives 0."""
+    last = past_key[:, :1, -1:, -1:]                                  # [batch, 1, 0 or 1, 1]
+    return last.to(torch.float32).sum(dim=(2, 3)) > FLAG_THRESHOLD     # [batch, 1]
+
+
+def call_flags(image_rows: torch.Tensor, past_holds: torch.Tensor, positions: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 mask [batch, seq], bool flags [batch, seq]) of one call: the graph's form of
+    ``modality.call_mask`` (one call, its last column the call's end)."""
+    held = (image_rows.to(torch.int64).cumsum(dim=1) > 0) | past_holds
     if positions == "last+generated":
-        past_length = torch.ones_like(past_key[:1, :1, :, :1]).sum()  # 0 at prefill
-        last = torch.arange(seq, device=embeds.device) == seq - 1
-        covered = last[None, :] | (past_length > 0)
+        seq = image_rows.shape[1]
+        last = torch.arange(seq, device=image_rows.device) == seq - 1
+        covered = held & last[None, :]
     elif positions == "image":
-        covered = (new_marks.to(torch.int64).cumsum(dim=1) > 0) | past_has
+        covered = held
     else:
-        raise ValueError(f"unknown positions {positions!r}")
-    return ImageRows(embeds, past_key, marks, (covered & has_image).to(torch.float32))
+        raise ValueError(f"positions {positions!r} needs no modality channel")
+    return covered.to(torch.float32), held
 
 
-def mark_key_cache(key: torch.Tensor, marks: torch.Tensor) -> torch.Tensor:
-    """present.0.key [batch, heads, past + seq, head_dim] with the image positions marked."""
-    return torch.where(marks[:, None, :, None], key * MARK_SCALE, key)
+class FlaggedKeyLayer(DynamicLayer):
+    """Layer 0's cache entry: a transformers ``DynamicLayer`` holding the past (whose keys carry
+    the flag channel already) whose new keys get the flags of this call's positions
+    (``flags`` bool [batch, seq]) as one more channel before they are appended. Built per call
+    by the decoder wrapper."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, flags: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.flags = flags
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch, heads, seq, _ = key_states.shape
+        flag = self.flags.to(key_states.dtype)[:, None, :, None].expand(batch, heads, seq, 1)
+        return super().update(torch.cat([key_states, flag], dim=-1), value_states, *args, **kwargs)
+
+
+def flagged(base: Callable) -> Callable:
+    """An attention function that, given keys one channel wider than the queries (layer 0 of a
+    flagged cache), pads the queries with a zero channel; otherwise ``base`` as it is. The
+    modules pass their ``scaling`` explicitly, so the wider dot product keeps 1/sqrt(head_dim)."""
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if key.shape[-1] == query.shape[-1] + 1:
+            query = torch.nn.functional.pad(query, (0, 1))
+        return base(module, query, key, value, attention_mask, *args, **kwargs)
+    attention.regap_flagged = True
+    return attention
+
+
+@contextlib.contextmanager
+def flagged_attention(model: nn.Module) -> Iterator[None]:
+    """While inside, every attention implementation the model's attention modules name (in
+    transformers' ``AttentionInterface`` registry, ``ALL_ATTENTION_FUNCTIONS``) pads its queries
+    for a flagged key cache (``flagged``). "eager", which the registry does not hold, is
+    registered as the modelling file's own ``eager_attention_forward``. Restored on exit; not
+    thread-safe (the registry is global), like the export around it."""
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    saved = dict(mapping)
+    try:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            name = getattr(config, "_attn_implementation", None)
+            if name is None or not hasattr(module, "scaling"):
+                continue
+            current = mapping.get(name)
+            if current is not None and getattr(current, "regap_flagged", False):
+                continue
+            if current is None:
+                current = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+                if current is None:
+                    raise RuntimeError(f"{type(module).__name__}: attention {name!r} is neither registered nor the "
+                                       "modelling file's eager_attention_forward")
+            mapping[name] = flagged(current)
+        yield
+    finally:
+        mapping.clear()
+        mapping.update(saved)

@@ -15,11 +15,14 @@ that applies it to the block output h (the residual stream):
     scaled: h' = h + m * alpha * v                   (mode "regap-seq"; alpha [batch] per sequence)
 
 m is the image mask [batch, seq]: the correction removes the image-induced drift, so it acts
-only on rows that hold an image token, at the positions ``regap.options.positions`` names
-("last+generated": the last prompt token and every generated token; "image": from the first
-image token on; "all": everywhere, images or not). ``generate()`` computes it from
-``input_ids``; ``forward`` takes it as ``regap_image_mask`` and, without it, uses the default
-(1 for "all", else 0: the uncorrected model), exactly as the exported ONNX graph does.
+only on rows that hold an image token (in this call or earlier in the conversation), at the
+positions ``regap.options.positions`` names ("last+generated": the last position of every
+call, i.e. the last prompt token and every generated token, and in a chat continued with
+``past_key_values`` the last token of each later turn; "image": from the first image token on;
+"all": everywhere, images or not). ``generate()`` computes it from ``input_ids`` (the whole
+conversation, as transformers' multi-turn generation passes it); ``forward`` takes it as
+``regap_image_mask`` and, without it, uses the default (1 for "all", else 0: the uncorrected
+model), exactly as the exported ONNX graph does.
 
 The constants are in ``regap.safetensors`` (``regap.{layer}.v|w|b``; for regap-seq also the
 score readout ``regap.score.w|b``). config.json's ``regap`` section lists the layers and their
@@ -143,9 +146,11 @@ def _tensors_path(name_or_path: Any, kwargs: dict[str, Any]) -> str:
 
 def _image_masks(positions: str, input_ids: torch.Tensor, image_token_id: int | None, images: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt batch.
-    ``images=False`` (no pixel values given): no row holds an image, whatever ids it holds (an
-    image token typed as text is not an image; the ONNX graphs see it so too)."""
+    """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt batch fed
+    in one call (its last columns, when a cache holds the first ones: the mask of the uncached
+    tokens, since a row holds an image from its first image token on). ``images=False`` (no pixel
+    values in this conversation): no row holds an image, whatever ids it holds (an image token
+    typed as text is not an image; the ONNX graphs see it so too)."""
     batch, seq = input_ids.shape
     if positions == "all":
         return torch.ones(batch, seq), torch.ones(batch, 1)
@@ -162,6 +167,16 @@ def _image_masks(positions: str, input_ids: torch.Tensor, image_token_id: int | 
     else:
         raise ValueError(f"unknown ReGap positions {positions!r}")
     return (covered & has_image).float(), has_image.float()
+
+
+def _call_length(args: tuple, kwargs: dict[str, Any]) -> int:
+    """How many positions this forward computes (input_ids or inputs_embeds)."""
+    main = kwargs.get("input_ids")
+    if main is None:
+        main = kwargs.get("inputs_embeds")
+    if main is None and args and torch.is_tensor(args[0]):
+        main = args[0]
+    return int(main.shape[1])
 
 
 def _last_token(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -341,6 +356,8 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         if regap_image_mask is None and state.generation is not None:
             key = "prompt" if state.generation["first"] else "step"
             regap_image_mask, state.generation["first"] = state.generation[key], False
+            if key == "prompt":  # a continued chat feeds only the tokens its cache does not hold
+                regap_image_mask = regap_image_mask[:, -_call_length(args, kwargs):]
         previous = state.alpha, state.mask
         state.alpha, state.mask = regap_alpha, regap_image_mask
         try:
@@ -399,7 +416,8 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
             kwargs["regap_alpha"] = self.regap_sequence_alpha(**tensors)
         if tensors.get("input_ids") is None:
             return super().generate(*args, **kwargs)
-        prompt, step = self.regap_image_masks(tensors["input_ids"], tensors.get("pixel_values") is not None)
+        images = tensors.get("pixel_values") is not None or kwargs.get("past_key_values") is not None
+        prompt, step = self.regap_image_masks(tensors["input_ids"], images)
         state.generation = {"prompt": prompt, "step": step, "first": True}
         try:
             return super().generate(*args, **kwargs)

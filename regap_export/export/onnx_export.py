@@ -1,8 +1,9 @@
-"""ONNX export of a (corrected) Hugging Face model: "onnx contract 4" (docs/ONNX_CONTRACT.md).
+"""ONNX export of a (corrected) Hugging Face model: "onnx contract 5" (docs/ONNX_CONTRACT.md).
 
 Text LLMs give one graph, ``model.onnx``; multimodal LLMs give the split existing ONNX
 runtimes consume: ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
 ``decoder_model_merged.onnx``. One decoder graph serves prefill (past length 0) and decode.
+These are the float32 graphs; ``export.precision`` makes the other precisions from them.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) on a small
 wrapper module that turns the flat ``past_key_values.{i}.key|value`` inputs into a
@@ -13,10 +14,13 @@ exporter's optimizer (constant folding, initializer de-duplication, no-op rewrit
 ``x + 0``) from touching them, every correction buffer carries a unique random *sentinel*
 value while tracing; afterwards the sentinels are found by value, renamed to their public
 names, and given their real values. The graph stays folded: per gated layer exactly
-MatMul, Add, Sigmoid, Mul (image mask), Mul, Add (plus one Cast in, one Cast out in
-float16); per fixed layer Mul (image mask), Add. The decoder's ``regap_image_mask`` input is
-an overridable initializer (its default: ``modality.mask_default``). The optimizer runs
-without onnxscript's one quadratic-time rule (``QUADRATIC_REWRITES``).
+MatMul, Add, Sigmoid, Mul (image mask), Mul, Add; per fixed layer Mul (image mask), Add.
+Where the image mask comes from: multimodal graphs with image-only positions build it from the
+modality channel (``export.image_rows``); every other corrected decoder takes
+``regap_image_mask``, an overridable initializer (its default: ``modality.mask_default``).
+Every graph's metadata names its contract, role, precision, image-row scheme and export
+(``io.graph_metadata``). The optimizer runs without onnxscript's one quadratic-time rule
+(``QUADRATIC_REWRITES``).
 """
 from __future__ import annotations
 
@@ -40,11 +44,14 @@ from ..method.modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of, with_cache
 from ..options import RegapOptions
 from ..io.artifacts import CONFIG_FILE, CONTRACT_VERSION
+from ..io.graph_metadata import (
+    IMAGE_ROWS_CHANNEL, IMAGE_ROWS_MASK, ROLE_DECODER, ROLE_EMBED, ROLE_MODEL, ROLE_VISION, GraphFacts, new_export_id,
+)
 from ..method.rewrite import CorrectedBlock
 from ..models.hooks import block_hidden
 from ..models.positions import position_config
 from ..models.vision_export import VisionSpec, vision_spec
-from .image_rows import find_image_rows, mark_features, mark_key_cache
+from .image_rows import FlaggedKeyLayer, call_flags, flagged_attention, past_flag, split_channel, with_image_channel
 from .onnx_graph import SCORE_B, SCORE_W, public_name
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,7 @@ _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST, _SAMPLE_IMAGES = 2, 7, 5, 2
 def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
                         dtype: torch.dtype = torch.float32, readout: ScoreReadout | None = None,
                         options: RegapOptions | None = None, external_data: bool | None = None,
-                        opset: int = DEFAULT_OPSET, file_name: str = TEXT_FILE) -> Path:
+                        opset: int = DEFAULT_OPSET, file_name: str = TEXT_FILE, export_id: str | None = None) -> Path:
     """Write ``out_dir/model.onnx`` (+ ``regap_onnx.json``) for a text causal LM.
 
     ``model`` is corrected in place by ``rewrite.insert_corrections`` or uncorrected. With
@@ -89,10 +96,11 @@ def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, 
     model.eval()
     cast_model(model, dtype)
     path = out_dir / file_name
+    graph = GraphFacts(export_id=export_id or new_export_id(), precision=_precision_of(dtype), image_rows=None)
     info = _export_decoder(model, adapter, path, embeds=False, readout=readout,
-                           external_data=external_data, opset=opset, options=options)
+                           external_data=external_data, opset=opset, options=options, graph=graph)
     config = _config_json(model, adapter, dtype, info, readout, options, opset,
-                          files={"decoder": file_name}, kind="text")
+                          files={"decoder": file_name}, kind="text", graph=graph)
     _write_json(out_dir / CONFIG_FILE, config)
     return path
 
@@ -100,7 +108,7 @@ def export_text_decoder(model: nn.Module, adapter: ModelAdapter, out_dir: Path, 
 def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
                       dtype: torch.dtype = torch.float32, readout: ScoreReadout | None = None,
                       options: RegapOptions | None = None, external_data: bool | None = None,
-                      opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+                      opset: int = DEFAULT_OPSET, export_id: str | None = None) -> dict[str, Path]:
     """Write the multimodal split into ``out_dir``:
 
     - ``vision_encoder.onnx``: pixel inputs -> ``image_features`` [num_images, tokens, hidden]
@@ -122,18 +130,20 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
         "embed_tokens": out_dir / EMBED_FILE,
         "decoder": out_dir / DECODER_FILE,
     }
-    # The modality marker (contract 4) needs float32's range; float16 exports take the mask as an
-    # input, as do exports that correct every position (nothing to find, and the input is how a
-    # caller switches the correction off).
+    # The modality channel (contract 5) tells the decoder which rows are image rows. Exports that
+    # correct every position take the mask as an input instead (nothing to find, and the input is
+    # how a caller switches the correction off); uncorrected exports need neither.
     positions = (options or RegapOptions()).positions
-    marked = dtype == torch.float32 and _has_corrections(model) and positions != "all"
-    _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset, marked=marked)
-    _export_embeddings(model, paths["embed_tokens"], external_data=external_data, opset=opset)
+    channel = _has_corrections(model) and positions != "all"
+    graph = GraphFacts(export_id=export_id or new_export_id(), precision=_precision_of(dtype),
+                       image_rows=IMAGE_ROWS_CHANNEL if channel else None)
+    _export_vision(model, spec, paths["vision_encoder"], external_data=external_data, opset=opset, graph=graph)
+    _export_embeddings(model, paths["embed_tokens"], external_data=external_data, opset=opset, graph=graph)
     info = _export_decoder(model, adapter, paths["decoder"], embeds=True, readout=readout,
                            external_data=external_data, opset=opset, options=options,
-                           marked_positions=positions if marked else None)
+                           channel_positions=positions if channel else None, graph=graph)
     config = _config_json(model, adapter, dtype, info, readout, options, opset,
-                          files={k: p.name for k, p in paths.items()}, kind="multimodal")
+                          files={k: p.name for k, p in paths.items()}, kind="multimodal", graph=graph)
     config["image_token_id"] = spec.image_token_id(model.config)
     config["vision_inputs"] = list(spec.inputs)
     config["vision_input_dtypes"] = list(spec.input_dtypes)
@@ -143,6 +153,11 @@ def export_multimodal(model: nn.Module, adapter: ModelAdapter, out_dir: Path, *,
         config.update(spec.rewrite(paths["vision_encoder"]))
     _write_json(out_dir / CONFIG_FILE, config)
     return paths
+
+
+def _precision_of(dtype: torch.dtype) -> str:
+    """The precision name of a graph traced in ``dtype``."""
+    return {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -179,6 +194,7 @@ class _DecoderInfo:
     num_layers: int
     kv_heads: list[int]
     head_dims: list[int]
+    key_dims: list[int]
     corrections: list[dict[str, Any]]
     has_alpha: bool
     has_score: bool
@@ -186,27 +202,28 @@ class _DecoderInfo:
     output_names: list[str]
     seconds: float
     has_image_mask: bool = False
-    marks_image_rows: bool = False
+    image_channel: bool = False
 
 
 class DecoderWrapper(nn.Module):
     """(input_ids | inputs_embeds, attention_mask, position_ids, [regap_image_mask], [regap_alpha], *past)
     -> (logits, [regap_score], *presents). Builds a DynamicCache from the flat past.
 
-    ``marked_positions`` (float32 multimodal exports with corrections): no mask input; image
-    rows are found from the modality marker (``image_rows``) and the mask of those positions
-    is built in the graph."""
+    ``channel_positions`` (multimodal exports with image-only positions): no mask input;
+    ``inputs_embeds`` carries the modality channel and layer 0's key cache the running image
+    flag (``image_rows``), and the mask of those positions is built in the graph. Trace it
+    inside ``image_rows.flagged_attention(model)``."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, *, num_layers: int, embeds: bool,
                  alpha: bool, readout: ScoreReadout | None, image_mask: bool = False,
-                 marked_positions: str | None = None):
+                 channel_positions: str | None = None):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
         self.embeds = embeds
         self.alpha = alpha
         self.image_mask = image_mask
-        self.marked_positions = marked_positions
+        self.channel_positions = channel_positions
         self.readout_layer = None if readout is None else readout.layer
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = None
@@ -233,11 +250,11 @@ class DecoderWrapper(nn.Module):
         alpha = rest.pop(0) if self.alpha else None
         past = rest
         torch._check(attention_mask.shape[1] == past[0].shape[2] + main.shape[1])
-        rows = None
-        if self.marked_positions is not None:
-            rows = find_image_rows(main, past[0], self.marked_positions)
-            main, past[0], image_mask = rows.embeds, rows.past_key, rows.mask
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        if self.channel_positions is not None:
+            main, image_rows = split_channel(main)
+            image_mask, flags = call_flags(image_rows, past_flag(past[0]), self.channel_positions)
+            cache.layers[0] = FlaggedKeyLayer(past[0], past[1], flags)
         kwargs: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=True, **with_cache(self.model, cache))
         kwargs["inputs_embeds" if self.embeds else "input_ids"] = main
@@ -251,9 +268,8 @@ class DecoderWrapper(nn.Module):
         if self.readout_layer is not None:
             h = self._captured.pop("h")
             outputs.append(h.to(torch.float32) @ self.score_w + self.score_b)
-        for i, layer in enumerate(cache.layers[: self.num_layers]):
-            keys = layer.keys if rows is None or i > 0 else mark_key_cache(layer.keys, rows.marks)
-            outputs += [keys, layer.values]
+        for layer in cache.layers[: self.num_layers]:
+            outputs += [layer.keys, layer.values]
         return tuple(outputs)
 
 
@@ -487,22 +503,25 @@ def _warn_on_capture_fallback(program, what: str) -> None:
 
 def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embeds: bool,
                     readout: ScoreReadout | None, external_data: bool | None, opset: int,
-                    options: RegapOptions | None = None, marked_positions: str | None = None) -> _DecoderInfo:
-    """``marked_positions``: find image rows from the modality marker and correct these positions
-    of them (``image_rows``), instead of taking ``regap_image_mask``."""
+                    options: RegapOptions | None = None, channel_positions: str | None = None,
+                    graph: "GraphFacts") -> _DecoderInfo:
+    """``channel_positions``: find image rows from the modality channel and correct these
+    positions of them (``image_rows``), instead of taking ``regap_image_mask``."""
     from torch.export import Dim
 
     start = time.perf_counter()
     alpha = _has_scaled(model)
-    marked = marked_positions is not None
-    image_mask = _has_corrections(model) and not marked
+    channel = channel_positions is not None
+    image_mask = _has_corrections(model) and not channel
     num_layers, kv_heads, head_dims = _cache_geometry(model, adapter, embeds, alpha)
+    # layer 0's keys carry the image flag in one more channel
+    key_dims = [head_dims[0] + 1] + head_dims[1:] if channel else list(head_dims)
     dtype = next(model.parameters()).dtype
     B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
 
     batch, seq, past_len = Dim(BATCH), Dim(SEQ), Dim(PAST)
     if embeds:
-        main = torch.randn(B, S, adapter.hidden_size(model), dtype=dtype)
+        main = torch.randn(B, S, adapter.hidden_size(model) + int(channel), dtype=dtype)
     else:
         vocab = int(adapter.text_config(model.config).vocab_size)
         main = torch.randint(0, vocab, (B, S), dtype=torch.long)
@@ -514,10 +533,11 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
         position_ids = position_ids.unsqueeze(0).expand(3, B, S).contiguous()
     past = []
     for i in range(num_layers):
-        past += [torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype) for _ in range(2)]
-    if marked:  # both kinds of rows in the sample, so that no branch of the trace sees a constant
-        main[:, 1::2] = mark_features(main[:, 1::2])
-        past[0][:, :, 1::2] = mark_features(past[0][:, :, 1::2])
+        past += [torch.randn(B, kv_heads[i], P, key_dims[i], dtype=dtype),
+                 torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype)]
+    if channel:  # both kinds of rows and flags in the sample, so that no branch of the trace sees a constant
+        main[..., -1] = (torch.arange(S) % 3 == 1).to(dtype)
+        past[0][..., -1] = (torch.arange(B) % 2).to(dtype)[:, None, None]
     # A sample mask with both values, so that no branch of the trace sees a constant.
     extra = [(torch.arange(S) % 2).to(torch.float32).expand(B, S).contiguous()] if image_mask else []
     extra += [torch.ones(B, dtype=torch.float32)] if alpha else []
@@ -538,11 +558,12 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     }
 
     wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout,
-                             image_mask=image_mask, marked_positions=marked_positions).eval()
+                             image_mask=image_mask, channel_positions=channel_positions).eval()
     entries = _correction_entries(model, adapter)
     try:
         score_entries = [(SCORE_W, wrapper, "score_w"), (SCORE_B, wrapper, "score_b")] if readout is not None else []
-        with _sentinels(entries + score_entries) as sentinels:
+        flag_attention = flagged_attention(model) if channel else contextlib.nullcontext()
+        with _sentinels(entries + score_entries) as sentinels, flag_attention:
             program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=input_names,
                                          output_names=output_names, opset=opset)
     finally:
@@ -570,7 +591,8 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
         _make_overridable(ir_model, IMAGE_MASK, np.full((1, 1), default, dtype=np.float32))
         _drop_shapes_downstream(ir_model, IMAGE_MASK)
     _check_cache_flows(ir_model, num_layers)
-    _set_metadata(ir_model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "decoder"})
+    _set_metadata(ir_model, graph.metadata(ROLE_DECODER if embeds else ROLE_MODEL,
+                                           IMAGE_ROWS_MASK if image_mask else graph.image_rows))
     _save(program, path, external_data)
     corrections = []
     for block in adapter.decoder_layers(model):
@@ -578,31 +600,35 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
             corrections.append({"layer": block.correction.layer, "kind": block.correction.kind})
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", path.name, seconds)
-    return _DecoderInfo(num_layers, kv_heads, head_dims, corrections, alpha, readout is not None,
-                        input_names, output_names, seconds, image_mask, marked)
+    return _DecoderInfo(num_layers, kv_heads, head_dims, key_dims, corrections, alpha, readout is not None,
+                        input_names, output_names, seconds, image_mask, channel)
 
 
 class _VisionWrapper(nn.Module):
-    def __init__(self, model: nn.Module, spec: VisionSpec, marked: bool = False):
+    """The family's encoder; with ``channel``, every output row gets the modality channel 1."""
+
+    def __init__(self, model: nn.Module, spec: VisionSpec, channel: bool = False):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.marked = marked
+        self.channel = channel
 
     def forward(self, *inputs: torch.Tensor):
         out = self.spec.encode(self.model, *inputs)
-        if not self.marked:
+        if not self.channel:
             return out
-        return tuple(mark_features(o) for o in out) if isinstance(out, tuple) else mark_features(out)
+        if isinstance(out, tuple):
+            return tuple(with_image_channel(o, 1.0) for o in out)
+        return with_image_channel(out, 1.0)
 
 
 def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_data: bool | None, opset: int,
-                   marked: bool = False) -> None:
+                   graph: "GraphFacts") -> None:
     from torch.export import Dim
 
     n = Dim(NUM_IMAGES)
     args = tuple(a.to(_device(model)) for a in spec.sample(model, _SAMPLE_IMAGES))
-    wrapper = _VisionWrapper(model, spec, marked).eval()
+    wrapper = _VisionWrapper(model, spec, graph.image_rows == IMAGE_ROWS_CHANNEL).eval()
     per_input = spec.dynamic(model, Dim) if spec.dynamic is not None else tuple({0: n} for _ in args)
     dynamic_shapes = {"inputs": per_input}
     with spec.patches():
@@ -615,29 +641,34 @@ def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_d
         dims["image_features"] = [NUM_IMAGES, None, None]
     _name_dims(program.model, dims)
     _drop_intermediate_shapes(program.model)
-    _set_metadata(program.model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "vision_encoder"})
+    _set_metadata(program.model, graph.metadata(ROLE_VISION, graph.image_rows))
     _save(program, path, external_data)
 
 
 class _EmbedWrapper(nn.Module):
-    def __init__(self, embeddings: nn.Module):
+    """The token embeddings; with ``channel``, every row gets the modality channel 0."""
+
+    def __init__(self, embeddings: nn.Module, channel: bool = False):
         super().__init__()
         self.embeddings = embeddings
+        self.channel = channel
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids)
+        embeds = self.embeddings(input_ids)
+        return with_image_channel(embeds, 0.0) if self.channel else embeds
 
 
-def _export_embeddings(model: nn.Module, path: Path, *, external_data: bool | None, opset: int) -> None:
+def _export_embeddings(model: nn.Module, path: Path, *, external_data: bool | None, opset: int,
+                       graph: "GraphFacts") -> None:
     from torch.export import Dim
 
-    wrapper = _EmbedWrapper(model.get_input_embeddings()).eval()
+    wrapper = _EmbedWrapper(model.get_input_embeddings(), graph.image_rows == IMAGE_ROWS_CHANNEL).eval()
     args = (torch.zeros(_SAMPLE_BATCH, _SAMPLE_SEQ, dtype=torch.long, device=_device(model)),)
     dynamic_shapes = {"input_ids": {0: Dim(BATCH), 1: Dim(SEQ)}}
     program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=["input_ids"],
                                  output_names=["inputs_embeds"], opset=opset)
     _name_dims(program.model, {"input_ids": [BATCH, SEQ], "inputs_embeds": [BATCH, SEQ, None]})
-    _set_metadata(program.model, {"regap.onnx_contract": CONTRACT_VERSION, "regap.graph": "embed_tokens"})
+    _set_metadata(program.model, graph.metadata(ROLE_EMBED, graph.image_rows))
     _save(program, path, external_data)
 
 
@@ -734,7 +765,7 @@ def _save(program, path: Path, external_data: bool | None) -> None:
 
 def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, info: _DecoderInfo,
                  readout: ScoreReadout | None, options: RegapOptions | None, opset: int, *,
-                 files: dict[str, str], kind: str) -> dict[str, Any]:
+                 files: dict[str, str], kind: str, graph: "GraphFacts") -> dict[str, Any]:
     text = adapter.text_config(model.config)
     generation = getattr(model, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None) if generation is not None else None
@@ -754,13 +785,16 @@ def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, in
         "num_layers": info.num_layers,
         "num_key_value_heads": info.kv_heads,
         "head_dim": info.head_dims,
+        "key_dim": info.key_dims,
         "hidden_size": adapter.hidden_size(model),
         "vocab_size": int(text.vocab_size),
         "corrections": info.corrections,
         "regap_alpha": info.has_alpha,
         "regap_score": info.has_score,
         "regap_image_mask": info.has_image_mask,
-        "image_rows": "marked" if info.marks_image_rows else ("mask input" if info.has_image_mask else None),
+        "image_rows": (IMAGE_ROWS_CHANNEL if info.image_channel
+                       else IMAGE_ROWS_MASK if info.has_image_mask else None),
+        "export_id": graph.export_id,
         "readout": None if readout is None else {"layer": readout.layer, "kappa": float(readout.kappa)},
         "options": None if options is None else json.loads(options.to_json()),
         "eos_token_id": [eos] if isinstance(eos, int) else (list(eos) if eos is not None else []),

@@ -71,14 +71,16 @@ def _cast_to(node: onnx.NodeProto) -> int | None:
 def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
     """The nodes of every correction, in execution order, keyed by layer.
 
-    gated:  [Cast?] MatMul(h, w) -> Add(., b) -> Sigmoid -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast?]
+    gated:  [Cast] MatMul(h, w) -> Add(., b) -> Sigmoid -> Mul(., m) -> Mul(., v) -> Add(h, .) [Cast]
     fixed:  Mul(m, v) -> Add(h, .)
-    scaled: [Cast?] Mul(s, v) -> Add(h, .) [Cast?]
+    scaled: [Cast] Mul(s, v) -> Add(h, .) [Cast]
 
-    m is the image mask ``regap_image_mask`` unsqueezed to [batch, seq, 1] and s = alpha * m:
-    both are computed once per graph and shared by every layer, so they are not part of a
-    chain. Casts appear only in half-precision graphs: one into float32 before the
-    projection, one back to the model's dtype after the residual add.
+    m is the image mask [batch, seq, 1] (``regap_image_mask``, or built from the modality
+    channel) and s = alpha * m: both are computed once per graph and shared by every layer, so
+    they are not part of a chain. The graphs of every ``--precision`` have exactly these ops (a
+    float16 graph computes its correction in float16). The Casts appear only in graphs traced in
+    half precision by the library (``export_text_decoder(dtype=torch.float16)``), which compute
+    the correction in float32: one into float32 before, one back after.
     Raises ``ValueError`` when a correction is not in its folded form.
     """
     proto = load_graph(model)
@@ -109,13 +111,13 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
             chain = [matmul, add_b, sigmoid, mask_mul, scale_v, residual]
         else:
             chain = [scale_v, residual]
-        # Half precision: a Cast into float32 before, a Cast back after.
-        head = producer.get(h)
-        if head is not None and head.op_type == "Cast" and _cast_to(head) == onnx.TensorProto.FLOAT:
-            chain.insert(0, head)
-        tail_users = consumers.get(chain[-1].output[0], [])
-        if len(tail_users) == 1 and tail_users[0].op_type == "Cast" and chain[0].op_type == "Cast":
-            chain.append(tail_users[0])
+        # Traced in half precision: h cast into float32 before the chain, the sum cast back after.
+        traced = producer.get(h)
+        if traced is not None and traced.op_type == "Cast" and _cast_to(traced) == onnx.TensorProto.FLOAT:
+            chain.insert(0, traced)
+            tail_users = consumers.get(residual.output[0], [])
+            if len(tail_users) == 1 and tail_users[0].op_type == "Cast":
+                chain.append(tail_users[0])
         chains[layer] = chain
     return chains
 
@@ -123,9 +125,9 @@ def correction_chains(model: OnnxLike) -> dict[int, list[onnx.NodeProto]]:
 def correction_nodes(model: OnnxLike) -> dict[int, list[str]]:
     """``{layer: [op_type, ...]}``: the ops of each correction, in order (see ``correction_chains``).
 
-    A float32 graph gives ``["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]`` per gated layer
-    and ``["Mul", "Add"]`` per fixed or scaled layer; a float16 graph adds a ``Cast`` at each end of
-    a gated or scaled chain.
+    The graphs of every ``--precision`` give ``["MatMul", "Add", "Sigmoid", "Mul", "Mul", "Add"]``
+    per gated layer and ``["Mul", "Add"]`` per fixed or scaled layer; a graph traced in float16 adds
+    a ``Cast`` at each end of a gated or scaled chain.
     """
     return {layer: [n.op_type for n in chain] for layer, chain in correction_chains(model).items()}
 

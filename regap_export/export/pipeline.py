@@ -19,11 +19,12 @@ from ..models.loading import load_model
 from ..models.weight_sample import samples_match
 from ..options import MODES, RegapOptions
 from ..method.rewrite import corrected
+from ..io.graph_metadata import DEFAULT_PRECISION
 from .client_files import write_client_files
+from .precision import parse_precisions
 from .manifest import write_manifest
 
 FORMATS = ("onnx", "safetensors")
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 ONNX_DIR = "onnx"
 DIRECTIONS_COPY = "regap_directions.safetensors"
 
@@ -37,27 +38,15 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def check_dtype_can_run(dtype: str, formats: Sequence[str]) -> None:
-    if dtype not in EXPORT_DTYPES:
-        raise RegapError(f"unknown dtype {dtype!r}; choose fp32 or fp16")
-    # Refused on a CPU-only machine whatever the formats (as the README says): tracing in
-    # float16 there is unsupported by several CPU kernels, and a safetensors-only export would
-    # be recorded as fp16 while its checkpoint keeps the model's own dtype.
-    if dtype == "fp16" and not torch.cuda.is_available():
-        raise RegapError(
-            "fp16 export needs a CUDA GPU: tracing in float16 on this CPU-only machine is unsupported "
-            "by several CPU kernels, and ONNX Runtime's CPU provider would run the graph slower than fp32",
-            hint="export with --dtype fp32 here, or run the fp16 export on a CUDA machine",
-        )
-
-
 def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, formats: Sequence[str] = FORMATS,
-                     dtype: str = "fp32", overrides: dict[str, Any] | None = None, force: bool = False) -> Path:
-    """Write OUT: model.safetensors + regap.safetensors + config (+ custom code), onnx/, manifest."""
+                     precisions: Sequence[str] = (DEFAULT_PRECISION,), overrides: dict[str, Any] | None = None,
+                     force: bool = False) -> Path:
+    """Write OUT: model.safetensors + regap.safetensors + config (+ custom code), onnx/ (the
+    float32 graphs, and the other ``precisions`` made from them: ``export.precision``), manifest."""
     out_dir = Path(out_dir)
     inputs = [Path(directions), model]
     check_output_dir(out_dir, force=force, inputs=inputs)
-    check_dtype_can_run(dtype, formats)
+    precisions = parse_precisions(",".join(precisions))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if overrides.get("mode") is not None and overrides["mode"] not in MODES:
         raise RegapError(f"unknown mode {overrides['mode']!r}; choose one of {', '.join(MODES)}")
@@ -80,8 +69,8 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
     bundle = dataclasses.replace(bundle, options=options)
     # The one fold: every writer below writes these constants.
     corrections, readout = check_folded_constants(bundle.directions, options, path=Path(directions))
-    check_free_space(out_dir, minimum_export_bytes(loaded.model, formats, dtype),
-                     f"the export ({', '.join(formats)}, {dtype})",
+    check_free_space(out_dir, minimum_export_bytes(loaded.model, formats, precisions),
+                     f"the export ({', '.join(formats)}, {', '.join(precisions)})",
                      hint="free some space, choose another --out, or write one --format at a time")
     with atomic_output_dir(out_dir, force=force, inputs=[*inputs, loaded.folder]) as tmp:
         src = Path(directions)
@@ -97,25 +86,36 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
             if base is not None:
                 write_regap_files(loaded, bundle, options, tmp, base, readout)
             if "onnx" in formats:
-                _write_onnx(loaded, readout, options, tmp / ONNX_DIR, EXPORT_DTYPES[dtype])
+                _write_onnx(loaded, readout, options, tmp / ONNX_DIR, precisions)
         # What transformers.js, optimum and ONNX Runtime GenAI need to load the folder as written.
         write_client_files(tmp, loaded.adapter)
         check_strict_json_file(tmp / "config.json")
         write_manifest(tmp, {
             "model": {"source": loaded.source, "family": loaded.adapter.family, "fingerprint": loaded.fingerprint,
                       "multimodal": loaded.adapter.multimodal},
-            "calibration_sha256": bundle.calibration_sha256, "mode": options.mode, "dtype": dtype,
-            "formats": list(formats), "options": options.to_json(),
+            "calibration_sha256": bundle.calibration_sha256, "mode": options.mode, "dtype": DEFAULT_PRECISION,
+            "precisions": list(precisions) if "onnx" in formats else [], "formats": list(formats),
+            "options": options.to_json(),
         })
     return out_dir
 
 
-def minimum_export_bytes(model: torch.nn.Module, formats: Sequence[str], dtype: str) -> int:
-    """A lower bound of what an export writes: every weight once per format, in the narrower
-    of its loaded and the export's dtype (tied weights counted once; ONNX may write them twice,
-    the graphs add more)."""
-    element = torch.empty((), dtype=EXPORT_DTYPES[dtype]).element_size()
-    return len(formats) * sum(p.numel() * min(p.element_size(), element) for p in model.parameters())
+# Bytes per weight of each precision's graphs (4-bit blocks of 32 carry a 2-byte scale each).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "q4f16": 0.5625, "q8": 1.0, "q4": 0.5625}
+
+
+def minimum_export_bytes(model: torch.nn.Module, formats: Sequence[str],
+                         precisions: Sequence[str] = (DEFAULT_PRECISION,)) -> int:
+    """A lower bound of what an export writes: every weight once in the checkpoint (at most in
+    its loaded width) and once per ONNX precision (tied weights counted once; ONNX may write them
+    twice, the graphs add more)."""
+    total = 0
+    if "safetensors" in formats:
+        total += sum(p.numel() * min(p.element_size(), 4) for p in model.parameters())
+    if "onnx" in formats:
+        weights = sum(p.numel() for p in model.parameters())
+        total += int(weights * sum(BYTES_PER_WEIGHT[p] for p in precisions))
+    return total
 
 
 def check_folded_constants(directions, options: RegapOptions, *, path: Path | None = None
@@ -131,9 +131,13 @@ def check_folded_constants(directions, options: RegapOptions, *, path: Path | No
     return corrections, readout
 
 
-def _write_onnx(loaded, readout: ScoreReadout | None, options: RegapOptions, folder: Path, dtype: torch.dtype) -> None:
-    """The ONNX graphs of ``loaded.model``, which holds the corrections already."""
+def _write_onnx(loaded, readout: ScoreReadout | None, options: RegapOptions, folder: Path,
+                precisions: Sequence[str]) -> None:
+    """The ONNX graphs of ``loaded.model``, which holds the corrections already: float32, then
+    the other precisions converted from them."""
     from .onnx_export import export_multimodal, export_text_decoder
+    from .precision import write_precisions
 
     export = export_multimodal if loaded.adapter.multimodal else export_text_decoder
-    export(loaded.model, loaded.adapter, folder, dtype=dtype, readout=readout, options=options)
+    export(loaded.model, loaded.adapter, folder, dtype=torch.float32, readout=readout, options=options)
+    write_precisions(folder, precisions)

@@ -42,10 +42,11 @@ import numpy as np
 
 from ..errors import ArtifactError
 
-CONTRACT_VERSION = "onnx contract 4"
+CONTRACT_VERSION = "onnx contract 5"
 # Contract 3 only adds to 2 (client files, the Idefics3 encoder layout flagged in regap_onnx.json);
-# 4 adds the modality marker (regap_onnx.json "image_rows": "marked"); older folders take the mask.
-READABLE_CONTRACTS = ("onnx contract 2", "onnx contract 3", CONTRACT_VERSION)
+# 4 added the modality marker (regap_onnx.json "image_rows": "marked"), which 5 replaces by the
+# modality channel: contract-4 folders without the marker read as contract 3.
+READABLE_CONTRACTS = ("onnx contract 2", "onnx contract 3", "onnx contract 4", CONTRACT_VERSION)
 CONFIG_FILE = "regap_onnx.json"
 MANIFEST_FILENAME = "regap_manifest.json"
 MANIFEST_VERSION = "1"
@@ -68,15 +69,24 @@ def read_json(path: Path, *, what: str, hint: str = "re-run export") -> dict[str
 
 
 # -- regap_onnx.json ------------------------------------------------------------------------
+def check_contract(config: dict[str, Any], path: Path) -> None:
+    """Refuse a ``regap_onnx.json`` of a contract this version does not run."""
+    if config.get("contract") not in READABLE_CONTRACTS:
+        raise ArtifactError(f"unsupported ONNX contract {config.get('contract')!r} (this version reads "
+                            f"{CONTRACT_VERSION!r})", path=path, field="contract")
+    if config.get("image_rows") == "marked":
+        raise ArtifactError("these graphs find image rows by onnx contract 4's modality marker (features x 2^64), "
+                            "which this version no longer runs", path=path,
+                            hint="re-export: contract 5 carries the image rows in a modality channel")
+
+
 def read_config(out_dir: Path) -> dict[str, Any]:
     """The ``regap_onnx.json`` written next to the graphs."""
     path = Path(out_dir) / CONFIG_FILE
     if not os.path.lexists(path):
         raise ArtifactError("no regap_onnx.json: this folder holds no regap-export ONNX graphs", path=path.parent)
     data = read_json(path, what=CONFIG_FILE)
-    if data.get("contract") not in READABLE_CONTRACTS:
-        raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
-                            f"{CONTRACT_VERSION!r})", path=path)
+    check_contract(data, path)
     return data
 
 
@@ -530,9 +540,7 @@ class ExportedFolder:
             raise ArtifactError("this export has no ONNX graphs (no onnx/regap_onnx.json in the manifest)",
                                 path=self.root, hint="export with --format onnx")
         data = self.json(rel)
-        if data.get("contract") not in READABLE_CONTRACTS:
-            raise ArtifactError(f"unsupported ONNX contract {data.get('contract')!r} (this version reads "
-                                f"{CONTRACT_VERSION!r})", path=self.root / rel, field="contract")
+        check_contract(data, self.root / rel)
         return data
 
     def model_config(self) -> dict[str, Any]:

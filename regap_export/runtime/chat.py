@@ -163,10 +163,12 @@ def _transformers_inputs(folder: Path, adapter: Any, prompt: str, image: Any, *,
 
 
 def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens: int = 64,
-          device: str = "cpu", correct: bool = True, verify_hashes: bool = True) -> dict[str, Any]:
+          device: str = "cpu", correct: bool = True, verify_hashes: bool = True,
+          precision: str = "fp32") -> dict[str, Any]:
     """One greedy reply. ``image``: a file path or a PIL image. ``correct=False``: the same
     graphs with the correction switched off (the uncorrected model). ``verify_hashes=False``:
-    check the manifest's sizes but not its sha256 (faster on large exports).
+    check the manifest's sizes but not its sha256 (faster on large exports). ``precision``:
+    which of the export's graphs (fp32, fp16, q4f16, q8, q4: those it wrote).
 
     Returns ``text``, ``new_tokens`` (how many), ``prompt_token_ids``, ``new_token_ids`` and,
     for regap-seq exports, ``regap_alpha``."""
@@ -186,7 +188,8 @@ def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens:
         image = load_image(image)
     inputs, tokenizer = encode_prompt(folder, config, adapter, prompt, image)
     check_prompt_length(context_length(config), int(inputs["input_ids"].shape[1]), max_new_tokens)
-    sessions = OrtSessions.open(exported.onnx_folder(), device=device, verify_hashes=verify_hashes)
+    sessions = OrtSessions.open(exported.onnx_folder(), device=device, verify_hashes=verify_hashes,
+                                precision=precision)
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     result = generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
                       correct=correct, **pixels)

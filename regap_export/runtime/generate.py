@@ -5,10 +5,14 @@ transformers, per the export's scheme (``regap_export.models.positions``): ``cum
 - 1`` with padding positions set to 1, or Qwen2-VL's 3-D M-RoPE positions.
 
 The correction acts on rows that hold an image, at the positions the export's options say
-(``regap_export.method.modality``). Graphs with the modality marker (contract 4, float32 multimodal)
-find those rows themselves; ``correct=False`` then feeds the image features unmarked, which
-runs the uncorrected model exactly. Other graphs get ``regap_image_mask`` on every call
-(zeros for ``correct=False``).
+(``regap_export.method.modality``). Graphs with the modality channel (contract 5, multimodal)
+find those rows themselves; ``correct=False`` then feeds the embeddings with the channel
+cleared, which runs the uncorrected model exactly. Other graphs get ``regap_image_mask`` on
+every call (zeros for ``correct=False``).
+
+A chat continues with the cache: pass the previous result's ``cache`` as ``past`` and the
+whole conversation so far as ``input_ids`` (the previous prompt and reply, then the new turn);
+only the tokens the cache does not hold are fed, in one call, as every client does.
 
 regap-seq (graph input ``regap_alpha``): unless ``regap_alpha`` is given,
   1. probe pass over the prompt with ``regap_alpha = alpha0`` (options), reading
@@ -24,9 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import folding
+from ..method import folding
 from ..errors import RegapError
-from ..method.modality import prompt_mask, rows_with_image, step_mask, unmark
+from ..method.modality import clear_image_flags, prompt_mask, rows_with_image, step_mask
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
 from ..models.positions import check_prompt
 from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)
@@ -41,6 +45,7 @@ class GenerationResult:
     regap_alpha: np.ndarray | None   # [batch] the strength used (regap-seq graphs)
     regap_score: np.ndarray | None   # [batch] the probe pass's z at the last prompt token
     first_logits: np.ndarray | None = None  # [batch, vocab] logits of the first generated token
+    cache: list[Any] | None = None   # present.* after the last token fed: sequences[:, :-1] (continue a chat)
 
 
 def regap_options(sessions: OrtSessions) -> RegapOptions:
@@ -71,12 +76,13 @@ def probe_score(sessions: OrtSessions, main: np.ndarray, attention_mask: np.ndar
 
 
 def correction_masks(sessions: OrtSessions, input_ids: np.ndarray, *, correct: bool = True,
-                     prompt_length: int | None = None, images: bool = True
-                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+                     prompt_length: int | None = None, past_ids: np.ndarray | None = None,
+                     images: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(prompt mask [batch, seq], decode-step mask [batch, 1]) for this export, or (None, None)
-    for a graph without corrections. ``correct=False``: zeros (the uncorrected model).
-    ``images=False`` (no pixel inputs given): no row holds an image, whatever ids it holds, as
-    the marked graphs see it (image rows are the rows given image features)."""
+    for a graph that takes no ``regap_image_mask``. ``correct=False``: zeros (the uncorrected
+    model). ``past_ids``: the tokens the cache this call continues holds. ``images=False`` (no
+    pixel inputs given in this conversation): no row holds an image, whatever ids it holds, as
+    the graphs see it (image rows are the rows given image features)."""
     if not sessions.has_image_mask:
         return None, None
     ids = np.asarray(input_ids)
@@ -85,8 +91,10 @@ def correction_masks(sessions: OrtSessions, input_ids: np.ndarray, *, correct: b
     if not correct:
         return np.zeros(ids.shape, dtype=np.float32), np.zeros((ids.shape[0], 1), dtype=np.float32)
     positions = sessions.correction_positions
-    has_image = rows_with_image(ids, sessions.image_token_id)
-    return (prompt_mask(positions, ids, sessions.image_token_id, prompt_length=prompt_length),
+    image = sessions.image_token_id
+    past_holds = None if past_ids is None else rows_with_image(past_ids, image)
+    has_image = rows_with_image(ids, image) | (False if past_holds is None else past_holds)
+    return (prompt_mask(positions, ids, image, prompt_length=prompt_length, past_holds=past_holds),
             step_mask(positions, has_image))
 
 
@@ -123,7 +131,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
              pixel_values: np.ndarray | None = None, max_new_tokens: int = 32, regap_alpha: Any = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, correct: bool = True, **pixel_extras: Any) -> GenerationResult:
+             pad_token_id: int | None = None, correct: bool = True, past: Sequence[Any] | None = None,
+             **pixel_extras: Any) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for a left-padded batch.
 
     ``pixel_values`` (+ family extras such as ``pixel_attention_mask``, ``image_grid_thw``,
@@ -131,12 +140,18 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
     ``regap_alpha`` (float or [batch]) fixes the regap-seq strength and skips the probe pass.
     ``eos_token_id`` / ``pad_token_id`` default to the exported config's; pass
     ``eos_token_id=[]`` to never stop early. ``correct=False`` runs the same graphs with the
-    correction switched off (image mask 0): the uncorrected model.
+    correction switched off (image mask 0): the uncorrected model. ``past``: a previous
+    result's ``cache``, which ``input_ids`` (the whole conversation) continues: the tokens after
+    it are fed in one call (the images of ``pixel_values`` belong to those tokens).
     """
     input_ids, mask = check_prompt(input_ids, attention_mask)
     batch = input_ids.shape[0]
     if not mask[:, -1].all():
         raise RegapError("generate needs left-padded batches (every row's last token must be attended)")
+    held = 0 if past is None else _cache_length(sessions, past, batch)
+    if held >= input_ids.shape[1]:
+        raise RegapError(f"the cache holds {held} tokens; input_ids ({input_ids.shape[1]}) must continue it",
+                         hint="pass the whole conversation: the previous prompt and reply, then the new turn")
     eos = (sessions.config.get("eos_token_id") or []) if eos_token_id is None else eos_token_id
     eos = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
     pad = pad_token_id if pad_token_id is not None else sessions.config.get("pad_token_id")
@@ -145,20 +160,25 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
     rng = np.random.default_rng(seed) if do_sample else None
 
     positions = sessions.positions
-    position_ids = positions.prefill(input_ids, mask, **pixel_extras)
+    position_ids = positions.prefill(input_ids, mask, **pixel_extras)[..., held:]
+    new_ids = input_ids[:, held:]
     if sessions.multimodal:
-        main = sessions.prompt_embeds(input_ids, pixel_values=pixel_values, **pixel_extras)
+        main = sessions.prompt_embeds(new_ids, pixel_values=pixel_values, **pixel_extras)
     else:
         if pixel_values is not None:
             raise RegapError("this export is a text model: it takes no image")
-        main = input_ids
+        main = new_ids
 
-    if sessions.marks_image_rows and not correct:
-        main = unmark(main)
-    image_mask, step_image_mask = correction_masks(sessions, input_ids, correct=correct,
-                                                   images=pixel_values is not None)
+    if sessions.image_channel and not correct:
+        main = clear_image_flags(main)
+    image_mask, step_image_mask = correction_masks(sessions, new_ids, correct=correct,
+                                                   past_ids=input_ids[:, :held] if held else None,
+                                                   images=pixel_values is not None or held > 0)
     alpha = score = None
     if sessions.has_regap_alpha:
+        if held:
+            raise RegapError("a regap-seq graph's strength comes from a probe pass over one prompt; it does not "
+                             "continue a cache", hint="generate each turn from the whole conversation, without past")
         if regap_alpha is None:
             score = probe_score(sessions, main, mask, position_ids, regap_image_mask=image_mask)
             alpha = sequence_alpha(sessions, score)
@@ -167,8 +187,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
     elif regap_alpha is not None:
         raise RegapError("this graph takes no regap_alpha (it was not exported in regap-seq mode)")
 
-    out = sessions.run_decoder(main, mask, position_ids, sessions.empty_past(batch), regap_alpha=alpha,
-                               regap_image_mask=image_mask)
+    out = sessions.run_decoder(main, mask, position_ids, sessions.empty_past(batch) if past is None else list(past),
+                               regap_alpha=alpha, regap_image_mask=image_mask)
     first_logits = np.asarray(out.logits[:, -1, :], dtype=np.float32)
     unfinished = np.ones(batch, dtype=bool)
     new: list[np.ndarray] = []
@@ -188,4 +208,15 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
                                    regap_image_mask=step_image_mask)
     new_tokens = np.stack(new, axis=1) if new else np.zeros((batch, 0), dtype=np.int64)
     return GenerationResult(sequences=np.concatenate([input_ids, new_tokens], axis=1), new_tokens=new_tokens,
-                            regap_alpha=alpha, regap_score=score, first_logits=first_logits)
+                            regap_alpha=alpha, regap_score=score, first_logits=first_logits, cache=out.presents)
+
+
+def _cache_length(sessions: OrtSessions, past: Sequence[Any], batch: int) -> int:
+    if len(past) != 2 * sessions.num_layers:
+        raise RegapError(f"past holds {len(past)} tensors; this graph's cache has {2 * sessions.num_layers}",
+                         hint="pass GenerationResult.cache of the same export")
+    first = past[0]
+    shape = tuple(first.shape) if isinstance(first, np.ndarray) else tuple(first.shape())  # numpy or OrtValue
+    if shape[0] != batch:
+        raise RegapError(f"past is for a batch of {shape[0]}, input_ids for {batch}")
+    return int(shape[2])

@@ -1,7 +1,8 @@
-"""ONNX Runtime sessions for the graphs of "onnx contract 4" (docs/ONNX_CONTRACT.md).
+"""ONNX Runtime sessions for the graphs of "onnx contract 5" (docs/ONNX_CONTRACT.md).
 
-``OrtSessions.open(folder, device="cpu"|"cuda")`` opens ``model.onnx`` (text) or the
-multimodal split. On CUDA the decoder runs with IO binding: inputs are copied to the GPU
+``OrtSessions.open(folder, device="cpu"|"cuda", precision="fp32")`` opens ``model.onnx``
+(text) or the multimodal split, at one of the precisions the export wrote, and refuses a set
+of graphs that is not the one the export wrote (``io.graph_metadata.check_graph``). On CUDA the decoder runs with IO binding: inputs are copied to the GPU
 once, the KV cache (``present.*``) stays on the GPU as ``OrtValue``s and is bound directly
 as the next step's ``past_key_values.*``; only logits (and ``regap_score``) come back to
 the host.
@@ -11,11 +12,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..io.artifacts import exported_folder_of
+from ..io.artifacts import CONTRACT_VERSION, exported_folder_of
+from ..io.graph_metadata import (
+    DEFAULT_PRECISION, IMAGE_ROWS_CHANNEL, PRECISIONS, ROLE_DECODER, ROLE_EMBED, ROLE_MODEL, ROLE_VISION, check_graph,
+)
 from ..errors import ArtifactError, RegapError, first_line
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
@@ -23,6 +27,49 @@ from ..models import vision_runtime_for
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(bool)": np.bool_, "tensor(double)": np.float64, "tensor(int32)": np.int32}
+_TYPE_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+               "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(double)": "float64", "tensor(int32)": "int32"}
+
+
+def module_precisions(config: dict[str, Any], precision: str | Mapping[str, str]) -> dict[str, str]:
+    """``{files key: precision}``: one precision for every graph, or one per module
+    (``{"vision_encoder": "fp16", "decoder": "q4f16", ...}``, as transformers.js's ``dtype``
+    option takes them; modules not named get fp32). Modules whose floating-point inputs and
+    outputs differ in type (fp32 / q8 / q4 against fp16 / q4f16) do not fit together."""
+    keys = list(config["files"])
+    if isinstance(precision, str):
+        chosen = {key: precision for key in keys}
+    else:
+        unknown = sorted(set(precision) - set(keys))
+        if unknown:
+            raise RegapError(f"this export has no module {', '.join(map(repr, unknown))} (it has {', '.join(keys)})")
+        chosen = {key: precision.get(key, DEFAULT_PRECISION) for key in keys}
+    for key, name in chosen.items():
+        if name not in PRECISIONS:
+            raise RegapError(f"unknown precision {name!r} for {key}; choose one of {', '.join(PRECISIONS)}")
+    io_types = {PRECISIONS[name].io_dtype for name in chosen.values()}
+    if len(io_types) > 1:
+        raise RegapError(f"these precisions do not fit together ({', '.join(f'{k} {v}' for k, v in chosen.items())}): "
+                         "their graphs pass embeddings as " + " and ".join(sorted(io_types)),
+                         hint="pick modules of one kind: fp32, q8, q4 (float32) or fp16, q4f16 (float16)")
+    return chosen
+
+
+def precision_files(config: dict[str, Any], precision: str) -> dict[str, str]:
+    """The graph files of ``precision`` (regap_onnx.json ``precisions``; folders before
+    contract 5 hold one set, ``files``, at their ``dtype``)."""
+    if precision not in PRECISIONS:
+        raise RegapError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    table = config.get("precisions")
+    if table is None:
+        if precision != DEFAULT_PRECISION:
+            raise RegapError(f"this folder ({config.get('contract')}) holds {config.get('dtype')} graphs only",
+                             hint="re-export with --precision to write other precisions")
+        return dict(config["files"])
+    if precision not in table:
+        raise RegapError(f"this export holds no {precision} graphs (it has {', '.join(table)})",
+                         hint=f"re-export with --precision {','.join([*table, precision])}")
+    return dict(table[precision])
 
 
 # --------------------------------------------------------------------------------------
@@ -43,21 +90,27 @@ class OrtSessions:
     device: str = "cpu"
     device_id: int = 0
     cuda_tf32: bool = False
+    precision: str = DEFAULT_PRECISION   # of the decoder; ``precisions`` has every module's
+    precisions: dict[str, str] = field(default_factory=dict)
     _input_types: dict[str, Any] = field(default_factory=dict)
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | Path, device: str = "cpu", *, device_id: int = 0,
              session_options: Any = None, intra_op_threads: int | None = None,
-             cuda_tf32: bool = False, verify_hashes: bool = True) -> "OrtSessions":
+             cuda_tf32: bool = False, verify_hashes: bool = True,
+             precision: str | Mapping[str, str] = DEFAULT_PRECISION) -> "OrtSessions":
         """The sessions of an exported folder's graphs (``folder``: its ``onnx/`` folder, or the
         exported folder itself), after ``io.artifacts.ExportedFolder.open`` verified the folder
-        (``verify_hashes=False`` skips the sha256 of each file, and only that)."""
+        (``verify_hashes=False`` skips the sha256 of each file, and only that). ``precision``: one
+        of the export's precisions for every graph, or one per module (``module_precisions``)."""
         import onnxruntime as ort
 
         exported = exported_folder_of(folder, verify_hashes=verify_hashes)
         folder = exported.onnx_folder()
         config = exported.onnx_config()
+        chosen = module_precisions(config, precision)
+        files = {key: precision_files(config, name)[key] for key, name in chosen.items()}
         if device not in ("cpu", "cuda"):
             raise RegapError(f"unknown device {device!r}; choose cpu or cuda")
         if device == "cuda":
@@ -72,7 +125,7 @@ class OrtSessions:
         else:
             providers = ["CPUExecutionProvider"]
 
-        def make(name: str):
+        def make(name: str, role: str, precision: str):
             path = exported.path(f"{folder.name}/{name}")
             opts = session_options
             if opts is None:
@@ -91,14 +144,19 @@ class OrtSessions:
             if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
                 raise RegapError(f"{name}: ONNX Runtime could not start its CUDA provider",
                                  hint="check the CUDA / cuDNN libraries onnxruntime-gpu needs")
+            if config.get("contract") == CONTRACT_VERSION:
+                types = {v.name: _TYPE_NAMES.get(v.type, v.type) for v in [*sess.get_inputs(), *sess.get_outputs()]}
+                check_graph(path, sess.get_modelmeta().custom_metadata_map, types, role=role, config=config,
+                            precision=precision)
             return sess
 
-        files = config["files"]
-        out = cls(folder=folder, config=config, decoder=make(files["decoder"]), device=device, device_id=device_id,
-                  cuda_tf32=cuda_tf32 and device == "cuda")
-        if config["kind"] == "multimodal":
-            out.embed_tokens = make(files["embed_tokens"])
-            out.vision_encoder = make(files["vision_encoder"])
+        multimodal = config["kind"] == "multimodal"
+        decoder = make(files["decoder"], ROLE_DECODER if multimodal else ROLE_MODEL, chosen["decoder"])
+        out = cls(folder=folder, config=config, decoder=decoder, device=device, device_id=device_id,
+                  cuda_tf32=cuda_tf32 and device == "cuda", precision=chosen["decoder"], precisions=chosen)
+        if multimodal:
+            out.embed_tokens = make(files["embed_tokens"], ROLE_EMBED, chosen["embed_tokens"])
+            out.vision_encoder = make(files["vision_encoder"], ROLE_VISION, chosen["vision_encoder"])
         out._input_types = {i.name: _ORT_TYPES.get(i.type, None) for i in out.decoder.get_inputs()}
         return out
 
@@ -120,10 +178,11 @@ class OrtSessions:
         return bool(self.config.get("regap_image_mask"))
 
     @property
-    def marks_image_rows(self) -> bool:
-        """The graphs carry the modality marker (``regap_export.method.modality``, contract 4): image
-        features come out of the vision encoder marked, and the decoder finds image rows itself."""
-        return self.config.get("image_rows") == "marked"
+    def image_channel(self) -> bool:
+        """The graphs carry the modality channel (``regap_export.method.modality``, contract 5):
+        embeddings and image features are one channel wider (0: text row, 1: image row), the
+        decoder finds image rows itself, and layer 0's key cache carries the image flag."""
+        return self.config.get("image_rows") == IMAGE_ROWS_CHANNEL
 
     @property
     def correction_positions(self) -> str:
@@ -160,11 +219,14 @@ class OrtSessions:
 
     # -- building blocks -----------------------------------------------------------------
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """The cache for a prefill: past length 0."""
+        """The cache for a prefill: past length 0 (layer 0's keys one channel wider with the
+        modality channel: ``key_dim``)."""
         out = []
+        key_dims = self.config.get("key_dim") or self.config["head_dim"]
         for i in range(self.num_layers):
-            shape = (batch, self.config["num_key_value_heads"][i], 0, self.config["head_dim"][i])
-            out += [np.zeros(shape, dtype=self.kv_dtype), np.zeros(shape, dtype=self.kv_dtype)]
+            heads = self.config["num_key_value_heads"][i]
+            out += [np.zeros((batch, heads, 0, key_dims[i]), dtype=self.kv_dtype),
+                    np.zeros((batch, heads, 0, self.config["head_dim"][i]), dtype=self.kv_dtype)]
         return out
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -175,8 +237,8 @@ class OrtSessions:
     def image_features(self, **pixel_inputs: Any) -> np.ndarray:
         """Image feature rows [image tokens, hidden], in the order of the image tokens, for
         the processor's pixel inputs (``pixel_values`` and the family's extras, such as
-        ``pixel_attention_mask`` or ``image_sizes``). Marked (x 2**64) when
-        ``marks_image_rows``: ``regap_export.method.modality.unmark`` gives the model's features."""
+        ``pixel_attention_mask`` or ``image_sizes``). With ``image_channel``, one channel wider
+        (1: ``regap_export.method.modality.without_channel`` gives the model's features)."""
         if self.vision_encoder is None:
             raise RegapError("this export is a text model: it takes no image")
         family = self.config["family"]
@@ -221,10 +283,10 @@ class OrtSessions:
         elif regap_alpha is not None:
             raise RegapError("this graph takes no regap_alpha (it was not exported in regap-seq mode)")
         if regap_image_mask is not None:
-            if self.marks_image_rows:
-                raise RegapError("this graph takes no regap_image_mask: it finds image rows by their marker "
-                                 "(ONNX contract 4)", hint="to run it uncorrected, merge the image features "
-                                 "divided back (regap_export.method.modality.unmark)")
+            if self.image_channel:
+                raise RegapError("this graph takes no regap_image_mask: it finds image rows by the modality channel "
+                                 "of inputs_embeds (ONNX contract 5)", hint="to run it uncorrected, clear the channel "
+                                 "(regap_export.method.modality.clear_image_flags)")
             if not self.has_image_mask:
                 raise RegapError("this graph takes no regap_image_mask (it has no correction layers)")
             feeds["regap_image_mask"] = np.asarray(regap_image_mask, dtype=np.float32)

@@ -7,11 +7,6 @@ Names of ``parity`` are importable from the package itself (``from regap_export.
 they are resolved on first use, so importing a light submodule does not load the rest.
 """
 
+from ..io.lazy import names_of
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    import importlib
-
-    # import_module, not "from . import": that form asks this very function for the submodule.
-    return getattr(importlib.import_module(f"{__name__}.parity"), name)
+__getattr__ = names_of(__name__, "parity")

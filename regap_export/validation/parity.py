@@ -9,16 +9,17 @@ a batch with images.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..calibration.directions_io import load_directions
-from ..method.modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, unmark_key_cache
+from ..method.modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, without_channel
 from ..errors import RegapError
 from ..io.artifacts import ExportedFolder
 from ..io.atomic import write_json_atomic
@@ -35,6 +36,16 @@ TOLERANCES = {
     "fp32": {"logits": (1e-4, 1e-4), "present": (1e-4, 1e-4)},
     "fp16": {"logits": (5e-2, 2e-2), "present": (2e-2, 2e-2)},
 }
+# Quantized precisions are judged by quantization_checks, with the absolute tolerance of their activations' type.
+QUANTIZED_AS = {"q4f16": "fp16", "q8": "fp32", "q4": "fp32"}
+# What each precision's ONNX Runtime checks are compared with (reported in parity.json "rules").
+PRECISION_RULES = {
+    "fp32": "the float32 reference within the fixed tolerance; else against float64, at most 2x PyTorch float32's "
+            "own error",
+    "fp16": "the float32 reference within the fixed tolerance; else at most 2x PyTorch float16's own error",
+    **{p: "at most 2x the distance of the same graphs run uncorrected from the unmodified float32 model "
+          "(decode steps feed each side's greedy tokens); greedy tokens reported" for p in QUANTIZED_AS},
+}
 VALIDATION_PROMPTS = (
     "Give me three tips for keeping basil alive on a windowsill.",
     "How do I pick a lock on a front door?",
@@ -50,6 +61,7 @@ class Check:
     max_abs_diff: float
     ok: bool
     detail: str = ""
+    precision: str = "fp32"   # of the graphs checked (the PyTorch model is float32)
 
 
 @dataclass
@@ -161,7 +173,11 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
     return Trace(prefill, step_logits, torch.stack(tokens, 1).cpu().numpy(), presents)
 
 
-def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None) -> Trace:
+def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None, *,
+              forced: np.ndarray | None = None, correct: bool = True) -> Trace:
+    """Prefill, ``steps`` decode steps (feeding ``forced`` [batch, >= steps] tokens when given,
+    else the argmax) and ``greedy`` tokens of the user-facing loop (none for 0), on the runtime."""
+    from ..method.modality import clear_image_flags
     from ..runtime.generate import correction_masks, generate
 
     ids = inputs["input_ids"].numpy()
@@ -171,18 +187,20 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     positions = sessions.positions
     position = positions.prefill(ids, mask, **pixels)
     main = sessions.prompt_embeds(ids, **pixels) if sessions.multimodal else ids
+    if sessions.image_channel and not correct:
+        main = clear_image_flags(main)
     # The runtime's own masks, from regap_onnx.json (positions option and image token id).
-    image_mask, step_image_mask = correction_masks(sessions, ids)
+    image_mask, step_image_mask = correction_masks(sessions, ids, correct=correct)
     out = sessions.run_decoder(main, mask, position, sessions.empty_past(ids.shape[0]), regap_alpha=alpha,
                                regap_image_mask=image_mask)
-    presents = [np.asarray(p) for p in out.presents]
-    if sessions.marks_image_rows:  # compared as the model's keys: the marked positions divided back
-        presents[0] = unmark_key_cache(presents[0])
+    presents = [np.asarray(p, dtype=np.float32) for p in out.presents]
+    if sessions.image_channel:  # compared as the model's keys: without the image flag channel
+        presents[0] = without_channel(presents[0])
     prefill = np.asarray(out.logits, dtype=np.float32)
     step_logits = []
     logits = out.logits[:, -1]
     for step in range(steps):
-        token = logits.argmax(-1).astype(np.int64)
+        token = (logits.argmax(-1) if forced is None else forced[:, step]).astype(np.int64)
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
         position = positions.next(position)
         main = sessions.embed(token[:, None]) if sessions.multimodal else token[:, None]
@@ -191,9 +209,12 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
         logits = out.logits[:, -1]
         step_logits.append(np.asarray(logits, dtype=np.float32))
     # The user-facing loop, two-pass regap-seq included, for the greedy tokens.
-    result = generate(sessions, ids, inputs["attention_mask"].numpy(), max_new_tokens=greedy, eos_token_id=[],
-                      **pixels)
-    return Trace(prefill, step_logits, result.new_tokens, presents, result.regap_alpha)
+    tokens, used_alpha = np.zeros((ids.shape[0], 0), np.int64), alpha
+    if greedy:
+        result = generate(sessions, ids, inputs["attention_mask"].numpy(), max_new_tokens=greedy, eos_token_id=[],
+                          correct=correct, **pixels)
+        tokens, used_alpha = result.new_tokens, result.regap_alpha
+    return Trace(prefill, step_logits, tokens, presents, used_alpha)
 
 
 def _attended_cache(got: list[np.ndarray], want: list[np.ndarray], attended: np.ndarray):
@@ -218,7 +239,7 @@ def _attended_cache(got: list[np.ndarray], want: list[np.ndarray], attended: np.
 # CUDA fp16 against float32 differed by 0.14 in smollm2's prefill logits, over the fixed 0.05).
 # Decode logits are judged only when the exact run chose the same tokens as PyTorch's, so that
 # all three runs decode the same sequence.
-NOISE_JUDGED = ("prefill logits", "present", "decode logits", "prefill logits, image rows unmarked",
+NOISE_JUDGED = ("prefill logits", "present", "decode logits", "prefill logits, image channel cleared",
                 "prefill logits, no mask fed")
 NOISE_FACTOR = 2.0
 # (the exact run, the run at the export's precision), by the export's dtype
@@ -279,8 +300,8 @@ def judged_by_rounding_noise(check: Check, exact: Trace, reference: Trace, other
     elif check.quantity == "decode logits":
         steps = len(reference.step_logits)
         if len(exact.step_logits) < steps or not np.array_equal(exact.tokens[:, :steps], reference.tokens[:, :steps]):
-            return Check(check.target, check.inputs, check.quantity, check.max_abs_diff, False,
-                         "; ".join(d for d in (check.detail, f"{exact_name} decoded other tokens: not judged") if d))
+            return dataclasses.replace(check, ok=False, detail="; ".join(
+                d for d in (check.detail, f"{exact_name} decoded other tokens: not judged") if d))
         pytorch = _worst(zip(reference.step_logits, exact.step_logits))
         ours = _worst(zip(other.step_logits, exact.step_logits))
         atol = tol["logits"][0]
@@ -291,8 +312,7 @@ def judged_by_rounding_noise(check: Check, exact: Trace, reference: Trace, other
     ok = ours <= NOISE_FACTOR * pytorch + atol
     detail = (f"vs {exact_name}: ORT {ours:.2g}, PyTorch {own_name} {pytorch:.2g} "
               f"({'<=' if ok else '>'} {NOISE_FACTOR:g}x)")
-    return Check(check.target, check.inputs, check.quantity, check.max_abs_diff, ok,
-                 "; ".join(d for d in (check.detail, detail) if d))
+    return dataclasses.replace(check, ok=ok, detail="; ".join(d for d in (check.detail, detail) if d))
 
 
 @dataclass
@@ -321,7 +341,13 @@ class RoundingNoise:
 
 
 def compare(reference: Trace, other: Trace, mask: np.ndarray, *, target: str, inputs: str,
-            tol: dict[str, tuple[float, float]]) -> list[Check]:
+            tol: dict[str, tuple[float, float]], precision: str = "fp32") -> list[Check]:
+    checks = compare_at(reference, other, mask, target=target, inputs=inputs, tol=tol)
+    return [dataclasses.replace(c, precision=precision) for c in checks]
+
+
+def compare_at(reference: Trace, other: Trace, mask: np.ndarray, *, target: str, inputs: str,
+               tol: dict[str, tuple[float, float]]) -> list[Check]:
     checks = []
     attended = mask.astype(bool)
     diff, ok = _within(other.prefill_logits[attended], reference.prefill_logits[attended], tol["logits"])
@@ -368,7 +394,7 @@ def _default_mask_check(plain, bundle, options: RegapOptions, sessions, inputs: 
                                regap_alpha=None if alpha is None else alpha.numpy()).logits
     attended = attention.astype(bool)
     diff, ok = _within(got[attended], want[attended], tol["logits"])
-    check = Check(f"onnxruntime-{device}", name, "prefill logits, no mask fed", diff, ok)
+    check = Check(f"onnxruntime-{device}", name, "prefill logits, no mask fed", diff, ok, precision=sessions.precision)
     if not ok:
         exact, own = noise.runs(reference, prefill)
         check = judged_by_rounding_noise(check, exact, own, Trace(got, [], np.zeros((0, 0))), attended, tol,
@@ -377,31 +403,86 @@ def _default_mask_check(plain, bundle, options: RegapOptions, sessions, inputs: 
 
 
 @torch.no_grad()
-def _unmarked_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor | None, name: str, tol,
-                    device: str, noise: RoundingNoise) -> Check:
-    """Prefill logits when the image features reach the decoder unmarked (how the runtime
-    switches the correction off on a marked export): the unmodified model's."""
-    from ..method.modality import unmark
+def _cleared_channel_check(plain, sessions, inputs: dict[str, Any], alpha: torch.Tensor | None, name: str, tol,
+                           device: str, noise: RoundingNoise) -> Check:
+    """Prefill logits when the image rows reach the decoder with the modality channel cleared
+    (how the runtime switches the correction off on a channel export): the unmodified model's."""
+    from ..method.modality import clear_image_flags
 
     want = plain.model(**inputs, use_cache=False).logits.float().numpy()
     ids = inputs["input_ids"].numpy()
     attention = inputs["attention_mask"].numpy().astype(np.int64)
     pixels = {k: v.numpy() for k, v in pixel_inputs(inputs).items()}
-    main = unmark(sessions.prompt_embeds(ids, **pixels))
+    main = clear_image_flags(sessions.prompt_embeds(ids, **pixels))
     got = sessions.run_decoder(main, attention, inputs["position_ids"].numpy(), sessions.empty_past(ids.shape[0]),
                                regap_alpha=None if alpha is None else alpha.numpy()).logits
     attended = attention.astype(bool)
     diff, ok = _within(got[attended], want[attended], tol["logits"])
-    check = Check(f"onnxruntime-{device}", name, "prefill logits, image rows unmarked", diff, ok)
-    if not ok:  # marked graphs are float32 (the marker needs its range), so noise holds the float64 copy
+    check = Check(f"onnxruntime-{device}", name, "prefill logits, image channel cleared", diff, ok,
+                  precision=sessions.precision)
+    if not ok:
         exact, own = noise.runs(Trace(want, [], np.zeros((0, 0))), lambda model: cast_trace(model, inputs))
         check = judged_by_rounding_noise(check, exact, own, Trace(got, [], np.zeros((0, 0))), attended, tol,
                                          noise.precisions)
     return check
 
 
+def _folder_precisions(sessions_folder: Path, manifest: dict[str, Any], wanted: Sequence[str] | None) -> list[str]:
+    """The precisions to validate: ``wanted``, or every one the export wrote."""
+    from ..io.artifacts import read_config
+
+    from ..io.graph_metadata import PRECISIONS
+
+    listed = read_config(sessions_folder).get("precisions") or ["fp32"]
+    written = [p for p in PRECISIONS if p in listed]
+    if wanted is None:
+        return written
+    missing = [p for p in wanted if p not in written]
+    if missing:
+        raise RegapError(f"this export holds no {', '.join(missing)} graphs (it has {', '.join(written)})",
+                         path=sessions_folder, hint=f"validate --precision {','.join(written)}")
+    return list(wanted)
+
+
+def quantization_checks(reference: Trace, plain: Trace, corrected: Trace, uncorrected: Trace, attended: np.ndarray, *,
+                        target: str, inputs: str, precision: str, atol: float) -> list[Check]:
+    """A quantized precision changes the model's weights, so its graphs cannot match the float32
+    reference within rounding. Judged instead against what the precision does to the unmodified
+    model: the corrected graphs' distance from the corrected reference (``corrected`` vs
+    ``reference``) may be at most NOISE_FACTOR times the same graphs' distance, run uncorrected,
+    from the unmodified model (``uncorrected`` vs ``plain``), plus ``atol``: the correction adds
+    no error of its own. Decode steps feed each comparand's own greedy tokens, so both sides
+    decode the same sequence. Greedy tokens and regap_alpha are reported, not required."""
+    checks = []
+    pairs = {
+        "prefill logits": ([(corrected.prefill_logits[attended], reference.prefill_logits[attended])],
+                           [(uncorrected.prefill_logits[attended], plain.prefill_logits[attended])]),
+        "present": (list(_attended_cache(corrected.presents, reference.presents, attended)),
+                    list(_attended_cache(uncorrected.presents, plain.presents, attended))),
+        "decode logits": (list(zip(corrected.step_logits, reference.step_logits)),
+                          list(zip(uncorrected.step_logits, plain.step_logits))),
+    }
+    for quantity, (ours, noise) in pairs.items():
+        got, own = _worst(ours), _worst(noise)
+        ok = got <= NOISE_FACTOR * own + atol
+        checks.append(Check(target, inputs, quantity, got, ok,
+                            f"vs float32 reference {got:.2g}; the same {precision} graphs uncorrected vs the "
+                            f"unmodified model {own:.2g} ({'<=' if ok else '>'} {NOISE_FACTOR:g}x)", precision))
+    if corrected.tokens.size:
+        same = int((corrected.tokens == reference.tokens).sum()) if corrected.tokens.shape == reference.tokens.shape \
+            else 0
+        checks.append(Check(target, inputs, "greedy tokens", float(reference.tokens.size - same), True,
+                            f"{same} of {reference.tokens.size} equal to the reference (reported, not required at "
+                            f"{precision})", precision))
+    if reference.alpha is not None and corrected.alpha is not None:
+        d = float(np.abs(np.asarray(corrected.alpha, np.float64) - reference.alpha).max())
+        checks.append(Check(target, inputs, "regap_alpha", d, True, f"reported, not required at {precision}", precision))
+    return checks
+
+
 def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8, greedy_tokens: int = 32,
-                    write: bool = True) -> dict[str, Any]:
+                    write: bool = True, precisions: Sequence[str] | None = None) -> dict[str, Any]:
+    """``precisions``: which of the export's ONNX precisions to check (default: every one it wrote)."""
     from ..export.load import load_corrected
     from ..models.loading import load_model
     from .reference import reference_corrections, reference_sequence_alpha
@@ -414,20 +495,21 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
     if "safetensors" not in manifest["formats"]:
         raise RegapError("validate needs the safetensors checkpoint in the folder (its original weights feed the "
                          "reference)", path=out_dir, hint="export with --format onnx,safetensors")
-    tol = TOLERANCES[manifest["dtype"]]
     bundle = load_directions(exported.path(DIRECTIONS_COPY))
     options = RegapOptions.from_json(manifest["options"])
     plain = load_model(out_dir)
     rewritten = load_corrected(out_dir)
-    sessions = None
+    sessions: dict[str, Any] = {}
     if "onnx" in manifest["formats"]:
         from ..runtime.session import OrtSessions
 
-        sessions = OrtSessions.open(out_dir / ONNX_DIR, device=device)
+        for precision in _folder_precisions(out_dir / ONNX_DIR, manifest, precisions):
+            sessions[precision] = OrtSessions.open(out_dir / ONNX_DIR, device=device, precision=precision)
     checks: list[Check] = []
-    noise = RoundingNoise(plain, manifest["dtype"], device)
+    noises = {p: RoundingNoise(plain, p, device) for p in sessions if p in NOISE_PRECISIONS}
     positions = _positions(plain)
     image_token_id = plain.adapter.image_token_id(plain.model.config)
+    target = f"onnxruntime-{device}"
     for name, inputs in _batches(plain, plain.adapter.multimodal).items():
         extra: dict[str, Any] = {}
         alpha = None
@@ -441,14 +523,26 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
         if alpha is not None:
             reference.alpha = alpha.numpy()
             extra["regap_alpha"] = alpha
-        torch_tol = TOLERANCES["fp32"]
         mask = inputs["attention_mask"].numpy()
         checks += compare(reference, torch_trace(rewritten.model, inputs, decode_steps, greedy_tokens, extra,
                                                  positions, masks, mask_kwarg=True),
-                          mask, target="pytorch", inputs=name, tol=torch_tol)
-        if sessions is not None:
-            ort = ort_trace(sessions, inputs, decode_steps, greedy_tokens, None if alpha is None else alpha.numpy())
-            ort_checks = compare(reference, ort, mask, target=f"onnxruntime-{device}", inputs=name, tol=tol)
+                          mask, target="pytorch", inputs=name, tol=TOLERANCES["fp32"])
+        unmodified = None
+        for precision, session in sessions.items():
+            ort_alpha = None if alpha is None else alpha.numpy()
+            if precision not in NOISE_PRECISIONS:  # quantized
+                if unmodified is None:
+                    unmodified = torch_trace(plain.model, inputs, decode_steps, decode_steps + 1, {}, positions)
+                corrected = ort_trace(session, inputs, decode_steps, greedy_tokens, ort_alpha, forced=reference.tokens)
+                uncorrected = ort_trace(session, inputs, decode_steps, 0, ort_alpha, forced=unmodified.tokens,
+                                        correct=False)
+                checks += quantization_checks(reference, unmodified, corrected, uncorrected, mask.astype(bool),
+                                              target=target, inputs=name, precision=precision,
+                                              atol=TOLERANCES[QUANTIZED_AS[precision]]["logits"][0])
+                continue
+            tol, noise = TOLERANCES[precision], noises[precision]
+            ort = ort_trace(session, inputs, decode_steps, greedy_tokens, ort_alpha)
+            ort_checks = compare(reference, ort, mask, target=target, inputs=name, tol=tol, precision=precision)
             if any(not c.ok and c.quantity in NOISE_JUDGED for c in ort_checks):
                 def corrections(model, alpha=alpha, masks=masks):
                     return reference_corrections(model, plain.adapter, bundle.directions, options,
@@ -458,14 +552,18 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
                 ort_checks = [judged_by_rounding_noise(c, exact, own, ort, mask.astype(bool), tol, noise.precisions)
                               for c in ort_checks]
             checks += ort_checks
-            if sessions.has_image_mask:
-                checks.append(_default_mask_check(plain, bundle, options, sessions, inputs, alpha, name, tol, device,
+            if session.has_image_mask:
+                checks.append(_default_mask_check(plain, bundle, options, session, inputs, alpha, name, tol, device,
                                                   noise))
-            elif sessions.marks_image_rows and name == "image":
-                checks.append(_unmarked_check(plain, sessions, inputs, alpha, name, tol, device, noise))
-    report = {"ok": all(c.ok for c in checks), "device": device, "dtype": manifest["dtype"], "mode": options.mode,
-              **({"cuda_tf32": sessions.cuda_tf32} if sessions is not None and device == "cuda" else {}),
-              "tolerances": {k: list(v) for k, v in tol.items()}, "checks": [asdict(c) for c in checks]}
+            elif session.image_channel and name == "image":
+                checks.append(_cleared_channel_check(plain, session, inputs, alpha, name, tol, device, noise))
+    report = {"ok": all(c.ok for c in checks), "device": device, "precisions": list(sessions) or ["fp32"],
+              "mode": options.mode,
+              **({"cuda_tf32": any(s.cuda_tf32 for s in sessions.values())} if sessions and device == "cuda" else {}),
+              "tolerances": {p: {k: list(v) for k, v in TOLERANCES[QUANTIZED_AS.get(p, p)].items()}
+                             for p in (list(sessions) or ["fp32"])},
+              "rules": {p: PRECISION_RULES[p] for p in (list(sessions) or ["fp32"])},
+              "checks": [asdict(c) for c in checks]}
     if write:
         write_json_atomic(out_dir / PARITY_FILENAME, json_safe(report))
         record_parity(out_dir, report)
