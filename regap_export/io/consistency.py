@@ -16,6 +16,7 @@ import posixpath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArtifactError, RegapError
+from .graph_metadata import IMAGE_ROWS_CHANNEL
 
 if TYPE_CHECKING:
     from .artifacts import ExportedFolder
@@ -173,6 +174,19 @@ def _check_graphs(folder: ExportedFolder, family: str, options: dict[str, Any],
             raise ArtifactError(f"files.{role} is not a file name", path=path, field=f"files.{role}")
         roles[f"{ONNX_DIR}/{name}"] = str(role)
         folder.path(f"{ONNX_DIR}/{name}", what=f"the {role} graph {name!r}")
+    precisions = onnx.get("precisions") or {}
+    if not isinstance(precisions, dict):
+        raise ArtifactError("precisions is not an object", path=path, field="precisions", hint="re-run export")
+    for precision, table in precisions.items():
+        if not isinstance(table, dict):
+            raise ArtifactError(f"precisions.{precision} is not an object", path=path,
+                                field=f"precisions.{precision}", hint="re-run export")
+        for role, name in table.items():
+            if not isinstance(name, str):
+                raise ArtifactError(f"precisions.{precision}.{role} is not a file name", path=path,
+                                    field=f"precisions.{precision}.{role}", hint="re-run export")
+            roles[f"{ONNX_DIR}/{name}"] = str(role)
+            folder.path(f"{ONNX_DIR}/{name}", what=f"the {precision} {role} graph {name!r}")
     # Every listed graph (those regap_onnx.json names, and any other the exporter listed).
     for rel in sorted(r for r in folder.manifest["files"] if r.endswith(".onnx")):
         facts = graph_facts(folder.path(rel))
@@ -182,11 +196,11 @@ def _check_graphs(folder: ExportedFolder, family: str, options: dict[str, Any],
             _check_decoder(onnx, facts, folder.path(rel), sizes)
         elif role.startswith(EMBED_TOKENS):
             _check_names(facts, ["input_ids"], ["inputs_embeds"], "the embed_tokens graph", folder.path(rel))
-            _check_width(facts.outputs.get("inputs_embeds"), "inputs_embeds", folder.path(rel), sizes)
+            _check_width(facts.outputs.get("inputs_embeds"), "inputs_embeds", folder.path(rel), sizes, onnx)
         elif role.startswith(VISION_ENCODER):
             _check_names(facts, onnx.get("vision_inputs"), onnx.get("vision_outputs") or ["image_features"],
                          "the vision encoder graph", folder.path(rel))
-            _check_width(facts.outputs.get("image_features"), "image_features", folder.path(rel), sizes)
+            _check_width(facts.outputs.get("image_features"), "image_features", folder.path(rel), sizes, onnx)
 
 
 def _check_external_data(folder: ExportedFolder, rel: str, facts) -> None:
@@ -211,9 +225,12 @@ def _check_names(facts, inputs: Any, outputs: Any, what: str, path) -> None:
                             hint="re-run export")
 
 
-def _check_width(dims, name: str, path, sizes: dict[str, tuple[Any, str]]) -> None:
+def _check_width(dims, name: str, path, sizes: dict[str, tuple[Any, str]], onnx: dict[str, Any]) -> None:
+    # Embeddings with the modality channel are one channel wider than the hidden width.
+    channel = 1 if onnx.get("image_rows") == IMAGE_ROWS_CHANNEL else 0
     if dims and isinstance(dims[-1], int) and dims[-1] > 0:
-        _agree(sizes, "the hidden width", dims[-1], path, f"{name} (last dimension)")
+        _agree(sizes, "the hidden width", dims[-1] - channel, path,
+               f"{name} (last dimension{' less the modality channel' if channel else ''})")
 
 
 def _check_decoder(onnx: dict[str, Any], facts, path, sizes: dict[str, tuple[Any, str]]) -> None:
@@ -232,17 +249,19 @@ def _check_decoder(onnx: dict[str, Any], facts, path, sizes: dict[str, tuple[Any
     layers = sum(1 for name in facts.inputs if name.startswith("past_key_values.") and name.endswith(".key"))
     if layers:
         _agree(sizes, "the number of decoder layers", layers, path, "past_key_values inputs")
-    heads, head_dim = onnx.get("num_key_value_heads"), onnx.get("head_dim")
+    # With the modality channel layer 0's key is one channel wider: regap_onnx.json's key_dim.
+    key_width = ("key_dim", onnx["key_dim"]) if "key_dim" in onnx else ("head_dim", onnx.get("head_dim"))
+    heads = onnx.get("num_key_value_heads")
     for i in range(layers):
         dims = facts.inputs.get(f"past_key_values.{i}.key")
         if dims is None or len(dims) != 4:
             continue
-        for axis, values, what in ((1, heads, "num_key_value_heads"), (3, head_dim, "head_dim")):
+        for axis, values, what in ((1, heads, "num_key_value_heads"), (3, key_width[1], key_width[0])):
             if isinstance(values, list) and i < len(values) and isinstance(dims[axis], int) and dims[axis] != values[i]:
                 raise ArtifactError(f"past_key_values.{i}.key has {dims[axis]} on axis {axis}, but regap_onnx.json's "
                                     f"{what} says {values[i]}: a graph of another model", path=path,
                                     hint="re-run export")
-    _check_width(facts.inputs.get("inputs_embeds"), "inputs_embeds", path, sizes)
+    _check_width(facts.inputs.get("inputs_embeds"), "inputs_embeds", path, sizes, onnx)
     logits = facts.outputs.get("logits")
     if logits and isinstance(logits[-1], int) and logits[-1] > 0:
         _agree(sizes, "the vocabulary size", logits[-1], path, "logits (last dimension)")
