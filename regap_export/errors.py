@@ -18,6 +18,7 @@ class RegapError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None,
                  line: int | None = None, field: str | None = None, hint: str | None = None):
+        self.message = message
         self.path = str(path) if path is not None else None
         self.line = line
         self.field = field

@@ -38,8 +38,10 @@ def describe(path: Path) -> dict[str, Any]:
             ],
         }
         report = folder / REPORT_FILENAME
-        if report.is_file():
-            data = json.loads(report.read_text())
+        if report.exists():
+            from .io.artifacts import read_json
+
+            data = read_json(report, what=REPORT_FILENAME, hint="re-run calibrate")
             info["best_layer"] = data.get("best_layer")
             info["best_auroc_T"] = data.get("best_auroc_T")
         return json_safe(info)

@@ -102,9 +102,19 @@ class RegapOptions:
 
     @classmethod
     def from_json(cls, text: str) -> "RegapOptions":
-        data = json.loads(text)
+        """Options from ``to_json``'s text: strict JSON (no NaN/Infinity), an object, bands as
+        [start, end] integer pairs; values checked as the constructor checks them."""
+        from .io.checks import strict_json_loads
+
+        data = strict_json_loads(text, what="the options", error=RegapError)
+        if not isinstance(data, dict):
+            raise RegapError("the options are not a JSON object")
         for key in ("probe_band", "adaptive_band"):
-            if data.get(key) is not None:
-                data[key] = Band(*data[key])
+            band = data.get(key)
+            if band is not None:
+                if (not isinstance(band, list) or len(band) != 2
+                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in band)):
+                    raise RegapError(f"{key} must be [start, end] (integers), got {band!r}", field=key)
+                data[key] = Band(*band)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

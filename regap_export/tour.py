@@ -18,6 +18,7 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
     from .data import load_bundled
     from .evaluation.evaluate import evaluate_folder, table_lines
     from .export.pipeline import export_to_folder
+    from .io.atomic import write_file_atomic
     from .validation.parity import validate_folder
 
     out_dir = Path(out_dir)
@@ -25,8 +26,8 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
     train = load_bundled("train")
     subset = [r for r in train if r.label == "harmful"][:per_label] + [r for r in train if r.label == "harmless"][:per_label]
     data = out_dir / "calibration.jsonl"
-    data.write_text("".join(json.dumps({"id": r.id, "instruction": r.instruction, "label": r.label,
-                                        "category": r.category}) + "\n" for r in subset))
+    write_file_atomic(data, "".join(json.dumps({"id": r.id, "instruction": r.instruction, "label": r.label,
+                                                "category": r.category}) + "\n" for r in subset))
     summary: dict[str, Any] = {}
     start = time.perf_counter()
     echo(f"[1/5] calibrate {model} on {len(subset)} bundled prompts (+ image twins) -> {out_dir / 'directions'}")

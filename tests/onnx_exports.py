@@ -92,8 +92,9 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 @functools.lru_cache(maxsize=None)
 def exported(kind: str) -> Export:
-    """kind: plain | regap | seq | fp16 | idefics3 | llava | llava_next"""
-    folder = _ROOT / kind
+    """kind: plain | regap | seq | fp16 | idefics3 | llava | llava_next. The graphs go to
+    ``<root>/<kind>/onnx`` with a manifest beside (``with_manifest``), as an export writes them."""
+    folder = _ROOT / kind / "onnx"
     if kind in ("plain", "regap", "seq", "fp16"):
         model = tiny_llama()
         adapter = llama_adapter(model)
@@ -109,6 +110,7 @@ def exported(kind: str) -> Export:
         # regap-seq is written with external data (as models over 2 GB are)
         export_text_decoder(model, adapter, folder, dtype=dtype, readout=readout, options=options,
                             external_data=kind == "seq")
+        with_manifest(folder)
         return Export(model, adapter, folder, corrections, readout, options)
     if kind in ("idefics3", "llava", "llava_next"):
         tiny_models = pytest.importorskip("tiny_models")
@@ -119,8 +121,28 @@ def exported(kind: str) -> Export:
         corrections = regap_corrections()
         insert_corrections(model, adapter, corrections)
         export_multimodal(model, adapter, folder, dtype=torch.float32)
+        with_manifest(folder)
         return Export(model, adapter, folder, corrections, processor=processor)
     raise KeyError(kind)
+
+
+def with_manifest(graph_folder: Path) -> Path:
+    """Write the manifest an export would write beside ``graph_folder`` (its parent must hold
+    nothing else), so ``OrtSessions.open`` accepts graphs exported on their own: the runtime
+    runs only verified folders (``io.artifacts.ExportedFolder``)."""
+    import json
+
+    from regap_export.export.manifest import write_manifest
+
+    config = read_config(graph_folder)
+    options = (RegapOptions.from_json(json.dumps(config["options"])) if config.get("options") is not None
+               else RegapOptions())
+    write_manifest(Path(graph_folder).parent, {
+        "model": {"source": "tests", "family": config["family"], "fingerprint": "", "multimodal":
+                  config["kind"] == "multimodal"},
+        "calibration_sha256": "0" * 64, "mode": options.mode, "dtype": "fp32", "formats": ["onnx"],
+        "options": options.to_json()})
+    return graph_folder
 
 
 # ----------------------------------------------------------------------------------------

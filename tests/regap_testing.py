@@ -182,6 +182,40 @@ def assert_all_ok(report: dict) -> None:
         assert ("onnxruntime-cpu", quantity) in targets and ("pytorch", quantity) in targets
 
 
+def with_manifest(folder: Path, *, formats: tuple[str, ...] = ("safetensors",)) -> Path:
+    """Write the manifest an export writes into a corrected checkpoint a test wrote with the
+    library's writers (``write_corrected_checkpoint``): readers verify folders against it
+    (``io.artifacts.ExportedFolder``)."""
+    from types import SimpleNamespace
+
+    from regap_export.export.manifest import write_manifest
+    from regap_export.models import adapter_for_config
+
+    config = json.loads((folder / "config.json").read_text())
+    section = config["regap"]
+    adapter = adapter_for_config(SimpleNamespace(model_type=config["model_type"]))
+    write_manifest(folder, {
+        "model": {"source": section.get("model_source", ""), "family": adapter.family,
+                  "fingerprint": section.get("model_fingerprint", ""), "multimodal": adapter.multimodal},
+        "calibration_sha256": section.get("calibration_sha256", ""), "mode": section["mode"], "dtype": "fp32",
+        "formats": list(formats), "options": json.dumps(section["options"])})
+    return folder
+
+
+def rehash(folder: Path) -> dict:
+    """The manifest's file table written again over the files as they are now: the folder is
+    then as consistent as someone who edits it on purpose makes it, and only the checks behind
+    the hashes can catch the edit. Returns the new manifest."""
+    from regap_export.export.manifest import file_table
+    from regap_export.io.artifacts import MANIFEST_FILENAME
+
+    path = folder / MANIFEST_FILENAME
+    manifest = json.loads(path.read_text())
+    manifest["files"] = file_table(folder)
+    path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def copy_of(folder: Path, tmp_path: Path) -> Path:
     """A copy of a shared (read-only) folder that a test may change."""
     target = tmp_path / "copy"

@@ -122,7 +122,7 @@ def test_mmsb_missing_key(mmsb):
 def test_mmsb_malformed_and_empty_json(mmsb):
     qfile = mmsb / "processed_questions" / f"{SCEN_B}.json"
     qfile.write_text('{\n "0": {"Question": "x",\n}\n')
-    with pytest.raises(DataError, match="malformed JSON") as err:
+    with pytest.raises(DataError, match="not valid JSON") as err:
         load_mm_safetybench(mmsb)
     assert err.value.path == str(qfile) and err.value.line == 3
     qfile.write_text("{}")

@@ -190,6 +190,7 @@ def test_checkpoint_of_format_version_1_reads_as_it_was_written(models, tmp_path
     config = json.loads((out / "config.json").read_text())
     config["regap"]["format_version"] = "1"
     (out / "config.json").write_text(json.dumps(config))
+    rewrite_manifest(out)
     checkpoint = read_regap_checkpoint(out)
     assert (checkpoint.options.positions, checkpoint.options.layer_drift) == ("all", "total")
 

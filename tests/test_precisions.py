@@ -4,7 +4,6 @@ SmolVLM-shaped (Idefics3) export with the default positions (last+generated)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from regap_export.errors import ArtifactError, RegapError
-from regap_export.export.manifest import write_manifest
 from regap_export.export.onnx_graph import correction_nodes, correction_values, set_correction_values
 from regap_export.io.artifacts import read_config, read_manifest
 from regap_export.io.graph_metadata import EXPORT_ID_KEY, PRECISION_KEY, PRECISIONS
@@ -21,7 +19,7 @@ from regap_export.method.modality import prompt_mask, rows_with_image
 from regap_export.models.base import cache_of, pixel_inputs, with_cache
 from regap_export.runtime import OrtSessions
 from regap_export.runtime.generate import generate
-from regap_testing import batch_inputs, options_for, write_directions
+from regap_testing import batch_inputs, copy_of, options_for, rehash, write_directions
 from tiny_models import save_tiny
 
 ALL = ("fp32", "fp16", "q4f16", "q8", "q4")
@@ -36,21 +34,6 @@ def export(tmp_path_factory) -> Path:
     model = save_tiny("idefics3", root / "model")
     directions = write_directions(model, root / "dirs", options_for("regap", positions="last+generated"))
     return export_to_folder(str(model), directions, root / "out", precisions=ALL)
-
-
-def copy_export(export: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "copy"
-    shutil.copytree(export, folder)
-    return folder
-
-
-def rehash(folder: Path) -> None:
-    """The manifest of a folder whose files a test changed on purpose (so that the hashes pass and
-    the check under test is the one that speaks)."""
-    manifest = read_manifest(folder)
-    keep = {k: v for k, v in manifest.items() if k not in ("manifest_version", "regap_export_version", "created_with",
-                                                           "files", "parity")}
-    write_manifest(folder, keep)
 
 
 def image_batch(folder: Path) -> dict[str, np.ndarray]:
@@ -165,7 +148,7 @@ def test_validate_fails_a_quantized_graph_without_its_correction(export, tmp_pat
     corrected reference than quantization moves the unmodified model."""
     from regap_export.validation.parity import validate_folder
 
-    folder = copy_export(export, tmp_path)
+    folder = copy_of(export, tmp_path)
     path = folder / "onnx" / read_config(folder / "onnx")["precisions"]["q8"]["decoder"]
     values = correction_values(path)
     set_correction_values(path, {layer: {"v": np.zeros_like(t["v"])} for layer, t in values.items()})
@@ -187,7 +170,7 @@ def _set_metadata(path: Path, key: str, value: str) -> None:
 def test_runtime_and_validate_refuse_a_graph_of_another_export(export, tmp_path):
     from regap_export.validation.parity import validate_folder
 
-    folder = copy_export(export, tmp_path)
+    folder = copy_of(export, tmp_path)
     path = folder / "onnx" / "vision_encoder_fp16.onnx"
     _set_metadata(path, EXPORT_ID_KEY, "0" * 32)
     rehash(folder)
@@ -204,7 +187,7 @@ def test_runtime_refuses_a_graph_converted_after_export(export, tmp_path):
     1e4) applied to our float32 decoder: the metadata still says fp32, the inputs are float16."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    folder = copy_export(export, tmp_path)
+    folder = copy_of(export, tmp_path)
     path = folder / "onnx" / "decoder_model_merged.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(path)), max_finite_val=1e4, disable_shape_infer=True), str(path))
     rehash(folder)
@@ -214,7 +197,7 @@ def test_runtime_refuses_a_graph_converted_after_export(export, tmp_path):
 
 
 def test_a_graph_without_metadata_is_refused(export, tmp_path):
-    folder = copy_export(export, tmp_path)
+    folder = copy_of(export, tmp_path)
     path = folder / "onnx" / "embed_tokens.onnx"
     model = onnx.load(str(path))
     del model.metadata_props[:]
@@ -225,7 +208,7 @@ def test_a_graph_without_metadata_is_refused(export, tmp_path):
 
 
 def test_a_precision_the_export_did_not_write_is_refused(export, tmp_path):
-    folder = copy_export(export, tmp_path)
+    folder = copy_of(export, tmp_path)
     config = read_config(folder / "onnx")
     del config["precisions"]["q4"]
     (folder / "onnx" / "regap_onnx.json").write_text(json.dumps(config))

@@ -122,17 +122,18 @@ def test_regap_seq_does_not_continue_a_cache():
 
 def test_a_contract4_marker_folder_is_refused(tmp_path):
     import json
-    import shutil
 
     from regap_export.errors import ArtifactError
+    from regap_testing import copy_of, rehash
 
-    folder = tmp_path / "onnx"
-    shutil.copytree(exported("regap").folder, folder)
-    config = json.loads((folder / "regap_onnx.json").read_text())
+    folder = copy_of(exported("regap").folder.parent, tmp_path)
+    config_path = folder / "onnx" / "regap_onnx.json"
+    config = json.loads(config_path.read_text())
     config.update(contract="onnx contract 4", image_rows="marked")
-    (folder / "regap_onnx.json").write_text(json.dumps(config))
+    config_path.write_text(json.dumps(config))
+    rehash(folder)
     with pytest.raises(ArtifactError, match="modality marker") as info:
-        OrtSessions.open(folder)
+        OrtSessions.open(folder / "onnx")
     assert "re-export" in info.value.hint
 
 

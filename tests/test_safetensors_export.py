@@ -25,7 +25,7 @@ from regap_export.models.loading import load_model
 from regap_export.validation.reference import reference_sequence_alpha
 from regap_export.method.rewrite import corrections_of, insert_corrections, remove_corrections
 
-from regap_testing import batch_inputs, logits_of, options_for, realistic_directions
+from regap_testing import batch_inputs, logits_of, options_for, realistic_directions, rehash, with_manifest
 from tiny_models import save_tiny
 
 FAMILIES = ["llama", "llava"]
@@ -69,6 +69,7 @@ class Family:
             out = self.root / f"{self.family}-{mode}-{max_shard_size or 'default'}"
             out.mkdir()
             write_corrected_checkpoint(self.loaded, self.bundle(options), options, out, max_shard_size=max_shard_size)
+            with_manifest(out)
             self.exports[key] = (out, *self.expected(options))
         return self.exports[key]
 
@@ -326,6 +327,7 @@ def test_damaged_tensor_file(fam, tmp_path, damage):
             tensors = {k: f.get_tensor(k) for k in f.keys() if k != "regap.2.w"}
         save_file(tensors, str(path))
         _drop_sha(folder)
+    rehash(folder)  # a consistent manifest: only the checkpoint's own checks can catch the damage
     with pytest.raises(ArtifactError) as info:
         load_corrected(folder)
     assert str(path) in str(info.value)
@@ -340,6 +342,7 @@ def test_config_without_regap_section(fam, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     del config["regap"]
     (folder / "config.json").write_text(json.dumps(config))
+    rehash(folder)
     with pytest.raises(ArtifactError, match="no 'regap' section") as info:
         load_corrected(folder)
     assert str(folder / "config.json") in str(info.value)
@@ -351,6 +354,7 @@ def test_weights_of_another_shape_refused(fam, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["regap"]["model_fingerprint"] = "0" * 16
     (folder / "config.json").write_text(json.dumps(config))
+    rehash(folder)
     with pytest.raises(ArtifactError, match="fingerprint"):
         load_corrected(folder)
 
@@ -370,6 +374,7 @@ def test_export_of_a_corrected_model_saves_it_unwrapped(fam, tmp_path):
     insert_corrections(model, adapter, fold(fam.directions, options))
     try:
         write_corrected_checkpoint(fam.loaded, bundle, options_for("regap"), tmp_path)
+        with_manifest(tmp_path)
         assert [c.kind for c in corrections_of(model, adapter)] == ["fixed"] * 4
     finally:
         remove_corrections(model, adapter)

@@ -15,7 +15,9 @@ from torch import nn
 from ..errors import ActivationError
 from ..method.modality import INPUT_NAME as IMAGE_MASK, mask_function
 from ..models.hooks import StopForward, block_hidden, block_hooks, stopped_forward
+from ..data.records import check_context
 from ..io.progress import progress_bar
+from ..models.base import tokenizer_of
 from .stats import ActivationStats
 
 
@@ -28,6 +30,8 @@ class CaptureRequest:
     pair: str | None
     prompt: str
     image: Any | None = None
+    source: str | None = None  # where the record came from (file, line), for error messages
+    line: int | None = None
 
 
 def requests_for(records: Sequence[Any], adapter, processor) -> list[CaptureRequest]:
@@ -37,7 +41,7 @@ def requests_for(records: Sequence[Any], adapter, processor) -> list[CaptureRequ
         has_image = record.modality == "image"
         prompt = adapter.render_prompt(processor, record.prompt_text, with_image=has_image)
         out.append(CaptureRequest(record.id, record.class_key, record.pair, prompt,
-                                  record.open_image() if has_image else None))
+                                  record.open_image() if has_image else None, record.source, record.line))
     return out
 
 
@@ -72,6 +76,8 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
                 raise StopForward
         return hook
 
+    limit = adapter.context_length(model.config)
+    check_context(zip(requests, _text_lengths(processor, requests)), limit, what="tokens (text alone)")
     device = next(model.parameters()).device
     rows = torch.empty((len(requests), len(wanted), adapter.hidden_size(model)), dtype=torch.float64)
     # Text and image inputs cannot share a processor call; keep file order inside each.
@@ -84,6 +90,7 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
             items = [requests[i] for i in batch]
             images = None if items[0].image is None else [r.image for r in items]
             inputs = adapter.encode(processor, [r.prompt for r in items], images)
+            check_context(zip(items, inputs["attention_mask"].sum(dim=1).tolist()), limit)
             if image_mask is not None:
                 inputs[IMAGE_MASK] = torch.from_numpy(image_mask(inputs["input_ids"].numpy()))
             if extra_inputs is not None:
@@ -104,3 +111,11 @@ def capture(model: nn.Module, adapter, processor, requests: Sequence[CaptureRequ
                 rows[batch, column] = values
     return ActivationStats([r.id for r in requests], [r.class_key for r in requests],
                            [r.pair for r in requests], rows)
+
+
+def _text_lengths(processor: Any, requests: Sequence[CaptureRequest]) -> list[int]:
+    """Tokens of each request's rendered prompt without its image expansion: a lower bound
+    checked before any forward pass (each batch is checked exactly once encoded)."""
+    if not requests:
+        return []
+    return [len(ids) for ids in tokenizer_of(processor)([r.prompt for r in requests], add_special_tokens=False)["input_ids"]]

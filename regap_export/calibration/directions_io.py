@@ -65,9 +65,10 @@ def load_directions(folder_or_file: Path) -> DirectionsFile:
     path = Path(folder_or_file)
     if path.is_dir():
         path = path / FILENAME
-    if not path.is_file():
-        raise ArtifactError("no directions file here", path=path,
-                            hint="run `regap-export calibrate` first, or point at its --out folder")
+    from ..io.files import check_regular_file
+
+    check_regular_file(path, what="directions file", error=ArtifactError, missing="no directions file here",
+                       hint="run `regap-export calibrate` first, or point at its --out folder")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

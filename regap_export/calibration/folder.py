@@ -43,12 +43,15 @@ def calibrate_to_folder(model: str | None, out_dir: Path, *, data: Path | None =
     out_dir = Path(out_dir)
     inputs = [data, model, *merge_stats]
     check_output_dir(out_dir, force=force, inputs=inputs)
+    # The data first: a bad file is refused before any model is loaded.
+    records = load_calibration_records(data, label=label, split=split, render=False, multimodal=False)
     loaded = load_model(model, dtype=dtype)
+    from ..data import to_multimodal_pairs
     from ..data.render import declared_renderer
 
     renderer = declared_renderer(loaded.folder)
-    records = load_calibration_records(data, label=label, split=split, render=render,
-                                       multimodal=loaded.adapter.multimodal, renderer=renderer)
+    if render and loaded.adapter.multimodal:
+        records = to_multimodal_pairs(records, renderer=renderer)
     stats = merged_stats(merge_stats, loaded.fingerprint) if merge_stats else None
     result = calibrate(loaded, records, options, batch_size=batch_size, stats=stats,
                        measure_after=measure_after, show_progress=show_progress, gate_read=gate_read)

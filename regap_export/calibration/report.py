@@ -36,9 +36,9 @@ def json_safe(value: Any) -> Any:
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> Path:
-    path = Path(folder) / REPORT_FILENAME
-    path.write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
-    return path
+    from ..io.atomic import write_json_atomic
+
+    return write_json_atomic(Path(folder) / REPORT_FILENAME, json_safe(report))
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -140,6 +140,15 @@ def write_plot(folder: Path, report: dict[str, Any]) -> Path | None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(folder) / PLOT_FILENAME
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """A matplotlib figure as PNG, written like every other file (``io.atomic.atomic_file``)."""
+    from ..io.atomic import atomic_file
+
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=110)
+    return Path(path)

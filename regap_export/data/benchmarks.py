@@ -61,15 +61,13 @@ one; if none has, that is still an error.
 from __future__ import annotations
 
 import csv
-import io
-import json
 import re
 from pathlib import Path
 
-from PIL import Image
 
 from .records import (
-    Record, _check_ids_and_pairs, _first_column, read_text_file, csv_rows,
+    Record, _check_ids_and_pairs, _first_column, check_user_text, csv_header, csv_reader, csv_rows,
+    read_text_file,
 )
 from ..errors import DataError
 
@@ -156,15 +154,16 @@ def _is_figstep_csv(path: Path) -> bool:
 
 def _check_image_file(img: Path, *, path: Path, line: int | None, what: str,
                       hint: str) -> bool:
-    """True when ``img`` is a decodable image; False when it does not exist."""
-    if not img.is_file():
+    """True when ``img`` is an image we read (``io.images.check_image_file``); False when it
+    does not exist."""
+    from ..io.images import check_image_file
+
+    if not img.exists():
         return False
     try:
-        with Image.open(img) as im:
-            im.verify()
-    except Exception as exc:  # PIL raises many types for broken files
-        raise DataError(f"{what}: not a decodable image: {img} ({exc})", path=path,
-                        line=line, field="image", hint=hint) from None
+        check_image_file(img, path=path, line=line, field="image")
+    except DataError as exc:
+        raise DataError(f"{what}: {exc.message}", path=path, line=line, field="image", hint=hint) from None
     return True
 
 
@@ -190,7 +189,7 @@ def _nonempty_str(obj: dict, key: str, *, path: Path, line: int | None,
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{what}: '{key}' must be a non-empty string", path=path,
                         line=line, field=key)
-    return value.strip()
+    return check_user_text(value.strip(), path=path, line=line, field=key)
 
 
 # --------------------------------------------------------------------------- MM-SafetyBench
@@ -242,13 +241,11 @@ def load_mm_safetybench(folder: str | Path, *, image_type: str = "SD_TYPO",
 
 def _mmsb_file(qfile: Path, imgs: Path, kind: str, carrier_key: str, skip: bool,
                twins: bool) -> list[Record]:
+    from ..io.checks import strict_json_loads
+
     text = read_text_file(qfile)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=qfile,
-                        line=exc.lineno, hint="restore the benchmark's original file") \
-            from None
+    data = strict_json_loads(text, path=qfile, what="the question file", error=DataError,
+                             hint="restore the benchmark's original file")
     if not isinstance(data, dict):
         raise DataError(f"expected a JSON object of questions, got "
                         f"{type(data).__name__}", path=qfile, line=1,
@@ -303,15 +300,12 @@ def load_figstep(csv_path: str | Path, images_dir: str | Path | None = None, *,
     """Records from FigStep's ``safebench.csv`` and its images (module docstring)."""
     csv_path = Path(csv_path)
     text = read_text_file(csv_path)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
+    reader = csv_reader(text)
+    header = csv_header(reader, csv_path, (*FIGSTEP_COLUMNS, FIGSTEP_CATEGORY_COLUMN))
+    if header is None:
         raise DataError("the file is empty", path=csv_path, line=1,
                         hint="expected FigStep's safebench.csv with the header "
-                             + ", ".join(FIGSTEP_COLUMNS)) from None
-    except csv.Error as exc:
-        raise DataError(f"malformed CSV: {exc}", path=csv_path, line=1) from None
+                             + ", ".join(FIGSTEP_COLUMNS))
     columns = {name.strip().lower(): i for i, name in reversed(list(enumerate(header)))}
     cols = {}
     for name in FIGSTEP_COLUMNS:
@@ -370,7 +364,7 @@ def _figstep_row(row: list[str], lineno: int, path: Path, imgs: Path,
         return value
 
     dataset, cat_id, task_id = cell("dataset"), cell("category_id"), cell("task_id")
-    question = cell("question")
+    question = check_user_text(cell("question"), path=path, line=lineno, field="question")
     category = (row[cat_col].strip() if cat_col is not None and cat_col < len(row)
                 else "") or None
     name = f"query_{dataset}_{cat_id}_{task_id}_6.png"

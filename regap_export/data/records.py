@@ -30,6 +30,11 @@ CLASS_KEYS = ("T+", "T-", "M+", "M-")
 CLASS_NAMES = {"T+": "harmful text", "T-": "harmless text",
                "M+": "harmful multimodal", "M-": "harmless multimodal"}
 SUFFIXES = (".jsonl", ".csv", ".txt")
+# Bounds on input the model would otherwise be asked to take whole: a data file, one text field,
+# an image (pixels; Pillow's own decompression-bomb limit is twice its warning threshold).
+MAX_DATA_FILE_BYTES = 512 << 20
+MAX_TEXT_CHARS = 100_000
+MAX_IMAGE_PIXELS = 64_000_000
 # CSV columns that hold the request, in order of preference (HarmBench: Behavior,
 # AdvBench: goal); matched case-insensitively.
 CSV_INSTRUCTION_COLUMNS = ("instruction", "Behavior", "goal", "prompt")
@@ -84,19 +89,16 @@ class Record:
         return ("T" if self.image is None else "M") + ("+" if self.is_harmful else "-")
 
     def open_image(self) -> Image.Image:
-        """The image as a fresh RGB ``PIL.Image`` (the caller may modify it)."""
+        """The image as a fresh RGB ``PIL.Image`` (the caller may modify it), converted as the
+        model's processor converts it (``io.images.to_rgb``)."""
+        from ..io.images import open_rgb_image, to_rgb
+
         if self.image is None:
             raise DataError(f"record '{self.id}' has no image", path=self.source,
                             line=self.line, field="image")
         if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB")
-        try:
-            with Image.open(self.image) as im:
-                return im.convert("RGB")
-        except OSError as exc:
-            raise DataError(f"cannot read image {self.image}: {exc}", path=self.source,
-                            line=self.line, field="image",
-                            hint="the file changed or vanished after loading") from exc
+            return to_rgb(self.image, where=self.where())
+        return open_rgb_image(self.image, path=self.source, line=self.line, field="image")
 
     def where(self) -> str:
         """``file:line`` for messages (or the id when the record was built in memory)."""
@@ -107,7 +109,13 @@ class Record:
 
 # --------------------------------------------------------------------------- loading
 
-def load_records(path: str | Path, *, label: str | None = None) -> list[Record]:
+# What a file without labels is told to do, per caller: calibrate takes --label; evaluate
+# reads several files, each of which must carry its own labels.
+LABEL_HINT = "pass label='harmful' or 'harmless' (CLI: --label)"
+LABELLED_FILES_HINT = "use a .jsonl with a label field, or a .csv with a label column"
+
+
+def load_records(path: str | Path, *, label: str | None = None, label_hint: str = LABEL_HINT) -> list[Record]:
     """Load calibration records from ``.jsonl``, ``.csv`` or ``.txt``.
 
     ``label`` ("harmful" | "harmless") labels every row of a CSV without a ``label``
@@ -129,9 +137,9 @@ def load_records(path: str | Path, *, label: str | None = None) -> list[Record]:
     if suffix == ".jsonl":
         records = _parse_jsonl(text, path, label)
     elif suffix == ".csv":
-        records = _parse_csv(text, path, label)
+        records = _parse_csv(text, path, label, label_hint)
     else:
-        records = _parse_txt(text, path, label)
+        records = _parse_txt(text, path, label, label_hint)
     if not records:
         raise DataError("the file contains no records", path=path,
                         hint="add at least one request")
@@ -140,22 +148,50 @@ def load_records(path: str | Path, *, label: str | None = None) -> list[Record]:
 
 def read_text_file(path: Path, *, kind: str = "file", expected: str = "a data file",
                    folder_hint: str = "pass a .jsonl, .csv or .txt file") -> str:
-    """A UTF-8 text file (BOM accepted); every failure is a DataError naming the file (and
-    the line of an undecodable byte). ``kind``/``expected`` word the messages."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{kind} not found", path=path, hint="check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"is a folder, not {expected}", path=path, hint=folder_hint) from None
-    except OSError as exc:
-        raise DataError(f"cannot read {kind}: {exc.strerror or exc}", path=path) from None
+    """A UTF-8 text file (BOM accepted): a regular file (a FIFO or device is refused before it
+    is opened), at most ``MAX_DATA_FILE_BYTES``, without NUL bytes; every failure is a
+    DataError naming the file (and the line of an undecodable or NUL byte). ``kind``/``expected``
+    word the messages."""
+    from ..io.files import check_regular_file, read_regular_bytes
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"is a folder, not {expected}", path=path, hint=folder_hint)
+    check_regular_file(path, what=kind, error=DataError, missing=f"{kind} not found")
+    raw = read_regular_bytes(path, limit=MAX_DATA_FILE_BYTES, what=kind, error=DataError,
+                             missing=f"{kind} not found")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"a NUL byte (byte {nul}): not a text file", path=path, line=raw[:nul].count(b"\n") + 1,
+                        hint=f"save the {kind} as UTF-8 text")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise DataError(f"not valid UTF-8 (byte {exc.start})", path=path, line=line,
                         hint=f"save the {kind} as UTF-8") from None
+
+
+def text_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of a text file's lines, split at ``\\n`` (a ``\\r`` before it is
+    dropped) and nowhere else: a form feed, U+2028 or U+0085 inside a line stays in it
+    (``str.splitlines`` would split there)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [(n, line[:-1] if line.endswith("\r") else line) for n, line in enumerate(lines, start=1)]
+
+
+def check_user_text(value: str, *, path: str | Path | None = None, line: int | None = None,
+                    field: str | None = None, limit: int = MAX_TEXT_CHARS) -> str:
+    """Text that goes to the model: no NUL character, at most ``limit`` characters."""
+    if "\x00" in value:
+        raise DataError("holds a NUL character", path=path, line=line, field=field,
+                        hint="remove it; text with NUL characters is not sent to the model")
+    if len(value) > limit:
+        raise DataError(f"is {len(value):,d} characters long; at most {limit:,d} are accepted", path=path,
+                        line=line, field=field, hint="shorten it")
+    return value
 
 
 class _DuplicateKey(ValueError):
@@ -175,7 +211,7 @@ def _no_duplicate_keys(pairs):
 
 def _parse_jsonl(text: str, path: Path, default_label: str | None) -> list[Record]:
     records: list[Record] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in text_lines(text):
         if not raw.strip():
             continue
         try:
@@ -186,6 +222,9 @@ def _parse_jsonl(text: str, path: Path, default_label: str | None) -> list[Recor
         except json.JSONDecodeError as exc:
             raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=path,
                             line=lineno, hint="each line must be one JSON object") from None
+        except RecursionError:
+            raise DataError("malformed JSON: nested too deeply", path=path, line=lineno,
+                            hint="each line must be one JSON object of strings") from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path,
                             line=lineno, hint="each line must be one JSON object")
@@ -220,6 +259,7 @@ def _record_from_obj(obj: Mapping, path: Path, lineno: int,
                             line=lineno, field=key)
         if not value.strip():
             raise DataError("must not be empty", path=path, line=lineno, field=key)
+        check_user_text(value, path=path, line=lineno, field=key)
     if vals["label"] not in LABELS:
         raise DataError(f"must be {_quoted(LABELS, ' or ')}, got {vals['label']!r}",
                         path=path, line=lineno, field="label")
@@ -239,21 +279,19 @@ def _record_from_obj(obj: Mapping, path: Path, lineno: int,
 
 
 def _check_image(ref: str, path: Path, lineno: int) -> Path:
-    """Resolve an image path against the JSONL folder and make sure PIL can decode it."""
+    """Resolve an image path against the JSONL folder and make sure it is an image we read
+    (a regular file, a format and mode Pillow and the model's processor take, within the size
+    limit: ``io.images.check_image_file``)."""
+    from ..io.images import check_image_file
+
     img_path = Path(ref).expanduser()
     if not img_path.is_absolute():
         img_path = path.parent / img_path
-    if not img_path.is_file():
+    if not img_path.exists():
         raise DataError(f"image file not found: {img_path}", path=path, line=lineno,
                         field="image",
                         hint="image paths are relative to the folder of the JSONL file")
-    try:
-        with Image.open(img_path) as im:
-            im.verify()
-    except Exception as exc:  # PIL raises many types for broken files
-        raise DataError(f"not a decodable image: {img_path} ({exc})", path=path,
-                        line=lineno, field="image",
-                        hint="use a PNG, JPEG or another format Pillow reads") from None
+    check_image_file(img_path, path=path, line=lineno, field="image")
     return img_path
 
 
@@ -289,14 +327,37 @@ def _check_ids_and_pairs(records: list[Record], path: Path) -> None:
                             field="pair", hint="pairs must point at each other")
 
 
-def _parse_csv(text: str, path: Path, label: str | None) -> list[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def csv_reader(text: str):
+    """A strict CSV reader: an unterminated quote or a stray one is an error, not a field that
+    swallows the rows after it."""
+    return csv.reader(io.StringIO(text, newline=""), strict=True)
+
+
+def csv_header(reader, path: Path, known: Iterable[str]) -> list[str] | None:
+    """The header row (None for an empty file); a column of ``known`` (case-insensitive) named
+    twice is an error: which one to read would be a guess."""
     try:
         header = next(reader)
     except StopIteration:
-        return []
+        return None
     except csv.Error as exc:
         raise DataError(f"malformed CSV: {exc}", path=path, line=1) from None
+    wanted = {name.lower() for name in known}
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header):
+        key = name.strip().lower()
+        if key in wanted and key in seen:
+            raise DataError(f"the column {name.strip()!r} appears twice (columns {seen[key] + 1} and {i + 1})",
+                            path=path, line=1, field=name.strip(), hint="keep one of them")
+        seen.setdefault(key, i)
+    return header
+
+
+def _parse_csv(text: str, path: Path, label: str | None, label_hint: str = LABEL_HINT) -> list[Record]:
+    reader = csv_reader(text)
+    header = csv_header(reader, path, (*CSV_INSTRUCTION_COLUMNS, *CSV_CATEGORY_COLUMNS, "label"))
+    if header is None:
+        return []
     columns = {name.strip().lower(): i for i, name in reversed(list(enumerate(header)))}
     instr_col = _first_column(columns, CSV_INSTRUCTION_COLUMNS)
     if instr_col is None:
@@ -307,8 +368,8 @@ def _parse_csv(text: str, path: Path, label: str | None) -> list[Record]:
     cat_col = _first_column(columns, CSV_CATEGORY_COLUMNS)
     if label_col is None and label is None:
         raise DataError("no 'label' column and no label given", path=path, field="label",
-                        hint="pass label='harmful' or 'harmless' (CLI: --label)")
-    return [_csv_record(row, start, path, instr_col, label_col, cat_col, label, header)
+                        hint=label_hint)
+    return [_csv_record(row, start, path, instr_col, label_col, cat_col, label, header, label_hint)
             for start, row in csv_rows(reader, path)]
 
 
@@ -322,22 +383,28 @@ def csv_rows(reader, path: Path):
             if any(cell.strip() for cell in row):
                 yield start, row
     except csv.Error as exc:
-        raise DataError(f"malformed CSV: {exc}", path=path, line=reader.line_num) from None
+        start = prev_end + 1
+        if "unexpected end of data" in str(exc):
+            raise DataError(f"malformed CSV: a quoted field that starts on line {start} is never closed", path=path,
+                            line=start, hint="close the quote, or double a quote inside a quoted field") from None
+        raise DataError(f"malformed CSV: {exc}", path=path, line=start) from None
 
 
 def _csv_record(row: list[str], lineno: int, path: Path, instr_col: int,
                 label_col: int | None, cat_col: int | None, label: str | None,
-                header: list[str]) -> Record:
+                header: list[str], label_hint: str = LABEL_HINT) -> Record:
     def cell(i: int | None) -> str:
         return row[i].strip() if i is not None and i < len(row) else ""
 
     instruction = cell(instr_col)
     if not instruction:
         raise DataError("empty request", path=path, line=lineno, field=header[instr_col])
+    check_user_text(instruction, path=path, line=lineno, field=header[instr_col].strip())
     row_label = cell(label_col) or label
     if row_label is None:
         raise DataError("empty label and no label given", path=path, line=lineno,
-                        field="label", hint="fill the cell or pass label= (CLI: --label)")
+                        field="label", hint="fill the cell" + ("" if label_hint != LABEL_HINT
+                                                               else " or pass label= (CLI: --label)"))
     if row_label not in LABELS:
         raise DataError(f"must be {_quoted(LABELS, ' or ')}, got {row_label!r}",
                         path=path, line=lineno, field="label")
@@ -352,17 +419,32 @@ def _first_column(columns: dict[str, int], names: Iterable[str]) -> int | None:
     return None
 
 
-def _parse_txt(text: str, path: Path, label: str | None) -> list[Record]:
+def _parse_txt(text: str, path: Path, label: str | None, label_hint: str = LABEL_HINT) -> list[Record]:
     if label is None:
         raise DataError("a .txt file has no labels and no label was given", path=path,
                         field="label",
-                        hint="pass label='harmful' or 'harmless' (CLI: --label)")
-    return [Record(id=f"{path.stem}-{n}", instruction=raw.strip(), label=label,
-                   source=str(path), line=n)
-            for n, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
+                        hint=label_hint)
+    return [Record(id=f"{path.stem}-{n}", label=label, source=str(path), line=n,
+                   instruction=check_user_text(raw.strip(), path=path, line=n))
+            for n, raw in text_lines(text) if raw.strip()]
 
 
 # --------------------------------------------------------------------------- helpers
+
+def check_context(lengths: Iterable[tuple[Record, int]], limit: int | None, *, new_tokens: int = 0,
+                  what: str = "tokens") -> None:
+    """Every record's prompt (``lengths``: record, prompt tokens) fits the model's context,
+    with ``new_tokens`` generated after it; else a DataError naming the record and its line."""
+    if not limit:
+        return
+    for record, tokens in lengths:
+        if int(tokens) + new_tokens <= limit:
+            continue
+        extra = f" plus {new_tokens} new tokens (--max-new-tokens)" if new_tokens else ""
+        raise DataError(f"record {record.id!r} is {int(tokens)} {what}{extra}; the model's context holds {limit}",
+                        path=record.source, line=record.line,
+                        hint="shorten or remove the record" + (", or lower --max-new-tokens" if new_tokens else ""))
+
 
 def split_records(records: Iterable[Record], split: str | None) -> list[Record]:
     """Records whose ``split`` field equals ``split`` (all records when ``None``).

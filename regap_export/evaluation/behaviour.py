@@ -134,13 +134,14 @@ def word_f1(a: str, b: str) -> float:
 
 def load_markers(path: str | Path) -> tuple[str, ...]:
     """Refusal markers from a text file (format in the module docstring), normalised."""
-    from ..data.records import read_text_file
+    from ..data.records import read_text_file, text_lines
 
     path = Path(path)
     text = read_text_file(path, kind="marker file", expected="a marker file",
                           folder_hint="pass a text file with one refusal marker per line")
+    lines = [line for _, line in text_lines(text)]
     markers: list[str] = []
-    for raw_line in text.splitlines():
+    for raw_line in lines:
         stripped = raw_line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -149,7 +150,7 @@ def load_markers(path: str | Path) -> tuple[str, ...]:
             markers.append(marker)
     if not markers:
         raise DataError("the marker file contains no marker", path=path,
-                        line=len(text.splitlines()) or 1,
+                        line=len(lines) or 1,
                         hint="write one refusal marker per line; lines starting with # "
                              "are comments")
     return tuple(markers)

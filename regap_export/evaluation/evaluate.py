@@ -17,7 +17,6 @@ writes ``evaluation.json`` (docs/FORMATS.md) and, with matplotlib, ``evaluation.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,9 @@ import numpy as np
 
 from .behaviour import (DEFAULT_REFUSAL_MARKERS, Generation, kl_divergence, refusal_log_odds,
                         refusal_start_token_ids, summarize)
-from ..errors import ArtifactError, DataError, RegapError
+from ..errors import DataError, RegapError
+from ..data.records import check_context
+from ..io.atomic import write_json_atomic
 from ..models.base import PIXEL_EXTRA_KEYS, pixel_inputs
 
 RUNTIMES = ("onnxruntime", "pytorch")
@@ -43,6 +44,7 @@ def evaluation_records(data: Sequence[Path] = (), *, split: str | None = None, m
     bundled held-out split; text records get an image twin on multimodal models."""
     from ..data import load_bundled, load_records, split_records, to_multimodal_pairs
     from ..data.benchmarks import detect_layout, load_benchmark
+    from ..data.records import LABELLED_FILES_HINT
 
     if not data:
         records = load_bundled(split or "heldout")
@@ -51,7 +53,7 @@ def evaluation_records(data: Sequence[Path] = (), *, split: str | None = None, m
         records, sources = [], []
         for path in data:
             path = Path(path)
-            loaded = load_benchmark(path) if detect_layout(path) else load_records(path)
+            loaded = load_benchmark(path) if detect_layout(path) else load_records(path, label_hint=LABELLED_FILES_HINT)
             records += split_records(loaded, split)
             sources.append(str(path))
     labels = {r.label for r in records}
@@ -93,10 +95,10 @@ def _continued(batch: Batch, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray
 class OrtEngine:
     """Greedy generation and teacher-forced logits on the exported ONNX graphs."""
 
-    def __init__(self, folder: Path, device: str = "cpu"):
+    def __init__(self, folder: Path, device: str = "cpu", *, verify_hashes: bool = True):
         from ..runtime.session import OrtSessions
 
-        self.sessions = OrtSessions.open(folder / "onnx", device=device)
+        self.sessions = OrtSessions.open(folder, device=device, verify_hashes=verify_hashes)
 
     def generate(self, batch: Batch, max_new_tokens: int, correct: bool):
         from ..runtime.generate import generate
@@ -341,27 +343,25 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
                     runtime: str = "onnxruntime", max_new_tokens: int = 32, kl_positions: int = 8,
                     markers: Sequence[str] | None = None, markers_file: Path | None = None, render: bool = True,
                     batch_size: int = 8, limit: int | None = None, device: str = "cpu", write: bool = True,
-                    plot: bool = True, show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate an exported folder; returns (and writes) the evaluation report."""
+                    plot: bool = True, show_progress: bool = True, verify_hashes: bool = True) -> dict[str, Any]:
+    """Evaluate an exported folder; returns (and writes) the evaluation report. The folder is
+    verified first (``io.artifacts.ExportedFolder``; ``verify_hashes=False`` skips the sha256)."""
     from .behaviour import load_markers
     from ..data.render import declared_renderer
     from ..calibration.directions_io import load_directions
     from ..export.load import load_corrected, read_regap_checkpoint
-    from ..io.artifacts import MANIFEST_FILENAME, read_manifest
+    from ..io.artifacts import ExportedFolder
     from ..export.pipeline import DIRECTIONS_COPY
     from ..models.base import tokenizer_of
 
     folder = Path(folder)
     if runtime not in RUNTIMES:
         raise RegapError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if not (folder / MANIFEST_FILENAME).is_file():
-        raise ArtifactError("not an exported folder (no regap_manifest.json)", path=folder,
-                            hint="point evaluate at the --out folder of `regap-export export`")
-    manifest = read_manifest(folder)
-    needed = {"safetensors"} | ({"onnx"} if runtime == "onnxruntime" else set())
-    if not needed <= set(manifest["formats"]):
-        raise ArtifactError(f"evaluate with --runtime {runtime} needs the {' and '.join(sorted(needed))} export",
-                            path=folder, hint="export with --format onnx,safetensors")
+    # Verified before anything in it is read, for either runtime (io.artifacts).
+    exported = ExportedFolder.open(folder, verify_hashes=verify_hashes)
+    manifest = exported.manifest
+    needed = ("onnx", "safetensors") if runtime == "onnxruntime" else ("safetensors",)
+    exported.require_formats(*needed, command=f"evaluate --runtime {runtime}")
     if limit is not None and limit < 1:
         raise RegapError(f"--limit must be at least 1, got {limit}")
     markers = tuple(markers) if markers is not None else (
@@ -372,16 +372,21 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
                                  render=render, renderer=declared_renderer(folder))
     if limit is not None:
         records = _limited(records, limit)
-    checkpoint = read_regap_checkpoint(folder)
-    loaded = load_corrected(folder)
+    checkpoint = read_regap_checkpoint(folder, verify_hashes=verify_hashes)
+    loaded = load_corrected(folder, verify_hashes=verify_hashes)
     tokenizer = tokenizer_of(loaded.processor)
-    engine = OrtEngine(folder, device) if runtime == "onnxruntime" else TorchEngine(loaded, checkpoint)
-    eos = _eos_ids(loaded)
     batches = _batches(records, loaded.adapter, loaded.processor, batch_size)
+    limit = loaded.adapter.context_length(loaded.model.config)
+    for batch in batches:  # before any generation: an over-long record would take the memory
+        check_context(zip(batch.records, batch.inputs["attention_mask"].sum(axis=1).tolist()), limit,
+                      new_tokens=max_new_tokens)
+    engine = (OrtEngine(folder, device, verify_hashes=verify_hashes) if runtime == "onnxruntime"
+              else TorchEngine(loaded, checkpoint))
+    eos = _eos_ids(loaded)
     generations = _generations(engine, batches, tokenizer, max_new_tokens=max_new_tokens,
                                kl_positions=kl_positions, eos=eos,
                                refusal_ids=refusal_start_token_ids(tokenizer), show_progress=show_progress)
-    directions = load_directions(folder / DIRECTIONS_COPY).directions
+    directions = load_directions(exported.path(DIRECTIONS_COPY)).directions
     geometry = _geometry(loaded, checkpoint, directions, records, batch_size=batch_size, show_progress=show_progress)
     report = {
         "format_version": FORMAT_VERSION,
@@ -399,7 +404,7 @@ def evaluate_folder(folder: Path, data: Sequence[Path] = (), *, split: str | Non
 
     report = json_safe(report)
     if write:
-        _write_json_atomic(folder / EVALUATION_FILENAME, report)
+        write_json_atomic(folder / EVALUATION_FILENAME, report)
         if plot:
             write_plot(folder / PLOT_FILENAME, report)
     return report
@@ -432,12 +437,6 @@ def _eos_ids(loaded) -> list[int]:
     return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def table_lines(report: dict[str, Any]) -> list[str]:
     """The human view: behaviour per cell, then the geometry at the read layer."""
     from .behaviour import format_table, format_uncertainty
@@ -464,7 +463,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     and the separability d' per layer: text, and image off vs on (Safety Geometry Collapse is the
     image curve under the text one; d' rather than their ratio, which divides noise where text
     barely separates, in the first layers)."""
-    from ..calibration.report import pyplot
+    from ..calibration.report import pyplot, save_figure
 
     plt = pyplot()
     if plt is None:
@@ -504,6 +503,6 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     collapse.legend()
     fig.suptitle(f"{report['mode']}, positions {report['options']['positions']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

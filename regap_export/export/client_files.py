@@ -72,7 +72,9 @@ class ClientNote:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    from ..io.atomic import write_file_atomic
+
+    write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_client_files(folder: Path, adapter: Any) -> list[ClientNote]:

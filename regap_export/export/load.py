@@ -23,7 +23,7 @@ from ..models.hooks import StopForward, block_hidden, block_hooks, last_token_in
 from ..models.loading import LoadedModel, load_model
 from ..options import RegapOptions
 from ..method.rewrite import insert_corrections
-from ..io.artifacts import sha256_file
+from ..io.artifacts import ExportedFolder, sha256_file
 from .safetensors_export import CONFIG_FILENAME, FORMAT_VERSION, LEGACY_FORMAT_VERSIONS, SCORE_B, SCORE_W
 
 KINDS_OF_MODE = {"regap": {FIXED, GATED}, "fixed": {FIXED}, "regap-seq": {SCALED}}
@@ -44,17 +44,15 @@ class RegapCheckpoint:
         return self.options.mode
 
 
-def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
-    """Parse and check config.json's ``regap`` section and ``regap.safetensors`` (sha256, names, shapes)."""
+def read_regap_checkpoint(folder: str | Path, *, verify_hashes: bool = True) -> RegapCheckpoint:
+    """Parse and check config.json's ``regap`` section and ``regap.safetensors`` (sha256, names,
+    shapes), after ``io.artifacts.ExportedFolder.open`` verified the folder."""
     folder = Path(folder)
-    config_path = folder / CONFIG_FILENAME
-    if not config_path.is_file():
-        raise ArtifactError("not a corrected checkpoint: config.json is missing", path=config_path)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"config.json cannot be read ({exc})", path=config_path) from None
-    section = config.get("regap") if isinstance(config, dict) else None
+    exported = ExportedFolder.open(folder, verify_hashes=verify_hashes)
+    exported.require_formats("safetensors", command="reading the corrected checkpoint")
+    config_path = exported.path(CONFIG_FILENAME)
+    config = exported.model_config()
+    section = config.get("regap")
     if not isinstance(section, dict):
         raise ArtifactError("config.json has no 'regap' section: not a corrected checkpoint", path=config_path,
                             hint="write one with `regap-export export --format safetensors`")
@@ -78,7 +76,7 @@ def read_regap_checkpoint(folder: str | Path) -> RegapCheckpoint:
         raise ArtifactError(f"mode {section['mode']!r} disagrees with the options' {options.mode!r}",
                             path=config_path, field="regap.mode")
 
-    tensors_path = folder / str(section["tensors_file"])
+    tensors_path = exported.path(str(section["tensors_file"]), what="regap.tensors_file")
     tensors = _read_tensors(tensors_path, section.get("tensors_sha256"))
     hidden = int(section["hidden_size"])
 
@@ -133,10 +131,13 @@ def _read_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Te
         raise ArtifactError(f"not a readable safetensors file ({exc})", path=path) from None
 
 
-def load_corrected(out_dir: str | Path, *, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
-    """The corrected model of a checkpoint folder, corrections inserted (never runs its custom code)."""
+def load_corrected(out_dir: str | Path, *, dtype: str = "fp32", device: str = "cpu",
+                   verify_hashes: bool = True) -> LoadedModel:
+    """The corrected model of an exported folder, corrections inserted (never runs its custom
+    code). The folder is verified first (``io.artifacts.ExportedFolder``: manifest complete,
+    sizes and sha256 unless ``verify_hashes`` is False, strict JSON, files consistent)."""
     folder = Path(out_dir)
-    checkpoint = read_regap_checkpoint(folder)
+    checkpoint = read_regap_checkpoint(folder, verify_hashes=verify_hashes)
     loaded = load_model(folder, dtype=dtype, device=device, trust_remote_code=False)
     model, adapter = loaded.model, loaded.adapter
     config_path = folder / CONFIG_FILENAME

@@ -6,13 +6,12 @@ options, files: {relative path: {sha256, bytes}}, parity (the last validate repo
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..io.artifacts import MANIFEST_FILENAME, MANIFEST_VERSION, sha256_file
+from ..io.artifacts import MANIFEST_FILENAME, MANIFEST_VERSION, read_manifest, sha256_file
+from ..io.atomic import write_json_atomic
 from ..calibration.report import json_safe
 
 
@@ -42,15 +41,11 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(folder: Path, content: dict[str, Any]) -> Path:
     manifest = {"manifest_version": MANIFEST_VERSION, "regap_export_version": __version__,
                 "created_with": library_versions(), **content, "files": file_table(folder), "parity": None}
-    path = Path(folder) / MANIFEST_FILENAME
-    path.write_text(json.dumps(json_safe(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    return path
+    return write_json_atomic(Path(folder) / MANIFEST_FILENAME, json_safe(manifest))
 
 
 def record_parity(folder: Path, parity: dict[str, Any]) -> None:
-    path = Path(folder) / MANIFEST_FILENAME
-    manifest = json.loads(path.read_text())
+    """The last validate report into the manifest of a folder already verified by the reader."""
+    manifest = read_manifest(folder)
     manifest["parity"] = parity
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json_safe(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(Path(folder) / MANIFEST_FILENAME, json_safe(manifest))

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from transformers import LlamaForCausalLM as RegapBase  # regap-export: base class
 
@@ -144,15 +144,20 @@ def _tensors_path(name_or_path: Any, kwargs: dict[str, Any]) -> str:
                        local_files_only=kwargs.get("local_files_only", False))
 
 
-def _image_masks(positions: str, input_ids: torch.Tensor, image_token_id: int | None
+def _image_masks(positions: str, input_ids: torch.Tensor, image_token_id: int | None, images: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt batch fed
     in one call (its last columns, when a cache holds the first ones: the mask of the uncached
-    tokens, since a row holds an image from its first image token on)."""
+    tokens, since a row holds an image from its first image token on). ``images=False`` (no pixel
+    values in this conversation): no row holds an image, whatever ids it holds (an image token
+    typed as text is not an image; the ONNX graphs see it so too)."""
     batch, seq = input_ids.shape
     if positions == "all":
         return torch.ones(batch, seq), torch.ones(batch, 1)
-    is_image = (input_ids == int(image_token_id)) if image_token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+    if image_token_id is None or not images:
+        is_image = torch.zeros_like(input_ids, dtype=torch.bool)
+    else:
+        is_image = input_ids == int(image_token_id)
     has_image = is_image.any(dim=1, keepdim=True).cpu()
     if positions == "last+generated":
         covered = torch.zeros(batch, seq, dtype=torch.bool)
@@ -360,10 +365,11 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         finally:
             state.alpha, state.mask = previous
 
-    def regap_image_masks(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt."""
+    def regap_image_masks(self, input_ids: torch.Tensor, images: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt mask [batch, seq], decode-step mask [batch, 1]) for a left-padded prompt;
+        ``images=False``: the prompt comes without pixel values."""
         state = self._regap_state
-        return _image_masks(state.positions, input_ids, state.image_token_id)
+        return _image_masks(state.positions, input_ids, state.image_token_id, images)
 
     @torch.no_grad()
     def regap_sequence_alpha(self, **inputs) -> torch.Tensor:
@@ -374,7 +380,8 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         options = state.section["options"]
         inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "past_key_values", "regap_alpha")}
         if inputs.get("regap_image_mask") is None and inputs.get("input_ids") is not None:
-            inputs["regap_image_mask"] = self.regap_image_masks(inputs["input_ids"])[0]
+            images = inputs.get("pixel_values") is not None
+            inputs["regap_image_mask"] = self.regap_image_masks(inputs["input_ids"], images)[0]
         reference = inputs.get("input_ids")
         if reference is None:
             reference = inputs["inputs_embeds"]
@@ -409,7 +416,8 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
             kwargs["regap_alpha"] = self.regap_sequence_alpha(**tensors)
         if tensors.get("input_ids") is None:
             return super().generate(*args, **kwargs)
-        prompt, step = self.regap_image_masks(tensors["input_ids"])
+        images = tensors.get("pixel_values") is not None or kwargs.get("past_key_values") is not None
+        prompt, step = self.regap_image_masks(tensors["input_ids"], images)
         state.generation = {"prompt": prompt, "step": step, "first": True}
         try:
             return super().generate(*args, **kwargs)
@@ -430,15 +438,29 @@ class RegapLlamaForCausalLM(RegapBase):  # regap-export: class
         if state is not None and is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             path = os.path.join(save_directory, TENSORS_FILENAME)
-            # Written beside and renamed, so an interrupted save never leaves half a file under the
-            # name that config.json's sha256 will describe (this file runs standalone: no regap_export).
-            partial = path + ".partial"
-            save_file(self.regap_tensors(), partial, metadata={"format_version": FORMAT_VERSION,
-                                                               "mode": state.mode})
-            os.replace(partial, path)
+            # Written to a new file beside (created exclusively, never through a link planted in the
+            # folder) and renamed, so an interrupted save never leaves half a file under the name
+            # that config.json's sha256 will describe (this file runs standalone: no regap_export).
+            data = save_safetensors_bytes(self.regap_tensors(), metadata={"format_version": FORMAT_VERSION,
+                                                                          "mode": state.mode})
+            _write_new_then_rename(path, data)
             state.section = {**state.section, "tensors_sha256": _sha256(path)}
             self.config.regap = state.section
         return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+
+
+def _write_new_then_rename(path: str, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    partial = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.partial"
+    fd = os.open(partial, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.lexists(partial):
+            os.unlink(partial)
+        raise
 
 
 def _forward_signature(base_forward) -> inspect.Signature:

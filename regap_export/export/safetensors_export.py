@@ -39,6 +39,7 @@ import torch
 
 from .. import __version__
 from ..io.artifacts import sha256_file
+from ..io.atomic import write_file_atomic
 from ..calibration.directions_io import DirectionsFile
 from ..errors import ArtifactError, RegapError
 from ..method.folding import ScoreReadout, fold, score_readout
@@ -185,14 +186,14 @@ def write_regap_files(loaded: LoadedModel, directions_file: DirectionsFile, opti
         "base_class": base.base_class,
         "auto_class": adapter.auto_class_name,
     }
-    (out_dir / CODE_FILENAME).write_text(render_remote_code(base.base_class), encoding="utf-8")
+    write_file_atomic(out_dir / CODE_FILENAME, render_remote_code(base.base_class))
     config_path = out_dir / CONFIG_FILENAME
     config, min_transformers, reason = transformers4_compat(json.loads(config_path.read_text(encoding="utf-8")))
     section["min_transformers"] = min_transformers
     section["min_transformers_reason"] = reason
     config["regap"] = section
     config["auto_map"] = {adapter.auto_class_name: f"{Path(CODE_FILENAME).stem}.{remote_class_name(base.base_class)}"}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_file_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return section
 
 

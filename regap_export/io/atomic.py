@@ -13,6 +13,10 @@ What an output folder may cost (the README's "What we guarantee"):
   run that writes the same output.
 - File-system failures (read-only, not a directory, no space, permission) are one-line
   ``RegapError``s; the temporary folder is removed.
+- A file written into a folder the tool may not own (validate's and evaluate's reports, the
+  manifest's parity record) goes through ``atomic_file`` / ``write_file_atomic``: a new
+  temporary sibling created exclusively and without following links, renamed over the name.
+  A symbolic link planted at the name is replaced, never written through.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import stat
 import sys
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from ..errors import RegapError
 
@@ -37,7 +41,8 @@ CALIBRATION_FILES = ("directions.safetensors", "report.json", "separability.png"
 MANIFEST_FILE = "regap_manifest.json"
 # written into an export after it: validate's report, evaluate's report and plot, and their temporaries
 EXPORT_EXTRA_FILES = (MANIFEST_FILE, "parity.json", "evaluation.json", "evaluation.png")
-EXPORT_EXTRA_TEMPORARIES = ("regap_manifest.json.tmp", ".evaluation.json.tmp-")
+# atomic_file's temporaries of those (``.<name>.tmp-<pid>-<hex>``), and the older fixed names
+EXPORT_EXTRA_TEMPORARIES = (*(f".{name}.tmp-" for name in EXPORT_EXTRA_FILES), "regap_manifest.json.tmp")
 FS_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
              errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent is not a directory",
@@ -199,15 +204,35 @@ def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+# The lock file is opened, never written: O_NOFOLLOW refuses a planted symbolic link, O_NONBLOCK
+# keeps a planted FIFO from blocking the open, and the fstat check refuses anything but a
+# regular file. (Not O_EXCL: a lock file left by a killed run must be reusable; flock, not the
+# file's existence, is the lock.)
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_lock_file(path: Path, out: Path) -> int:
+    try:
+        fd = os.open(path, _LOCK_FLAGS, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RegapError("the lock file is a symbolic link; it is not followed", path=path,
+                             hint="remove the link, or choose another --out") from None
+        user_error = filesystem_error(exc, out.parent)
+        raise (user_error or RegapError(f"cannot create the lock file ({exc.strerror or exc})", path=path,
+                                        hint="choose another --out")) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RegapError("the lock file is not a regular file", path=path, hint="remove it, or choose another --out")
+    return fd
+
+
 @contextlib.contextmanager
 def _output_lock(out: Path) -> Iterator[None]:
     """An exclusive, non-blocking lock on ``.<name>.lock`` beside ``out``; removed on release."""
     path = _lock_path(out)
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise (filesystem_error(exc, out.parent) or exc) from None
+        fd = _open_lock_file(path, out)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -248,7 +273,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
             pid_text = path.name.rsplit("-", 2)[-2] if path.name.count("-") >= 2 else ""
             if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
             removed.append(path)
     if removed:
         print(f"regap-export: removed {len(removed)} unfinished folder(s) of earlier interrupted runs: "
@@ -318,4 +343,69 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path | str | N
                 old = None
             raise (filesystem_error(exc, out) or exc) from None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder this tool replaced or left behind; a symbolic link (``--out`` given as a
+    link to a folder) is removed itself, its target left as it is."""
+    if os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- single files in a folder this tool may not own -------------------------------------------
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_temporary_sibling(path: Path) -> tuple[int, Path]:
+    """A new, empty file beside ``path`` that this call created (O_CREAT | O_EXCL | O_NOFOLLOW:
+    nothing already there, link or file, is ever opened)."""
+    for _ in range(32):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise (filesystem_error(exc, path.parent)
+                   or RegapError(f"cannot write here ({exc.strerror or exc})", path=path)) from None
+    raise RegapError("cannot create a temporary file: every name tried exists", path=path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str, *, binary: bool = False) -> Iterator[IO]:
+    """Write ``path`` completely or not at all, and never through a link: yields a file object on
+    a temporary sibling this call created, then renames it over ``path``. A symbolic link at
+    ``path`` is replaced by the new file (its target is not touched); a folder there is refused.
+    On any failure the temporary file is removed and ``path`` keeps its old content."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise RegapError("a folder is in the way of this file", path=path, hint="move it away")
+    fd, tmp = _create_temporary_sibling(path)
+    try:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, RegapError):
+            user_error = filesystem_error(exc, path)
+            if user_error is not None:
+                raise user_error from None
+        raise
+
+
+def write_file_atomic(path: Path | str, content: str | bytes) -> Path:
+    """``atomic_file`` for content already in memory (text is written as UTF-8)."""
+    with atomic_file(path, binary=isinstance(content, bytes)) as f:
+        f.write(content)
+    return Path(path)
+
+
+def write_json_atomic(path: Path | str, data: Any) -> Path:
+    """Strict JSON (no NaN or Infinity: ``allow_nan=False``), sorted keys, two-space indent."""
+    return write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -86,24 +86,35 @@ def check_corrections_finite(corrections: Iterable[Any], *, path: str | Path | N
                                     path=path, hint="check the directions (regap-export inspect) and the options")
 
 
+class _NotStrict(ValueError):
+    pass
+
+
 def _refuse_constant(token: str):
-    raise ValueError(f"{token} is not JSON")
+    raise _NotStrict(f"{token} is not JSON")
 
 
-def strict_json_loads(text: str, *, path: str | Path | None = None) -> Any:
-    """Parse JSON refusing NaN/Infinity (Python's json accepts them) and duplicate keys."""
+def strict_json_loads(text: str, *, path: str | Path | None = None, what: str = "the file",
+                      error: type[RegapError] = ArtifactError, hint: str | None = None) -> Any:
+    """Parse JSON refusing NaN/Infinity (Python's json accepts them) and duplicate keys; the
+    error names the line of a syntax error."""
     def pairs(items):
         seen: dict[str, Any] = {}
         for key, value in items:
             if key in seen:
-                raise ValueError(f"duplicate key {key!r}")
+                raise _NotStrict(f"duplicate key {key!r}")
             seen[key] = value
         return seen
 
     try:
         return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=pairs)
-    except ValueError as exc:
-        raise ArtifactError(f"not strict JSON ({exc})", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON ({exc.msg}, column {exc.colno})", path=path, line=exc.lineno,
+                    hint=hint) from None
+    except _NotStrict as exc:
+        raise error(f"{what} is not strict JSON ({exc})", path=path, hint=hint) from None
+    except RecursionError:
+        raise error(f"{what} nests too deeply to be read", path=path, hint=hint) from None
 
 
 def check_strict_json_file(path: Path) -> None:
@@ -111,24 +122,23 @@ def check_strict_json_file(path: Path) -> None:
         strict_json_loads(Path(path).read_text(encoding="utf-8"), path=path)
 
 
-def check_exported_constants(folder: Path) -> None:
-    """The correction constants of an exported folder are finite: ``regap.safetensors`` and the
-    ``regap.*`` initializers of the ONNX graphs (read without their external weight data)."""
-    folder = Path(folder)
+def check_exported_constants(folder) -> None:
+    """The correction constants of an exported folder (an ``artifacts.ExportedFolder``) are
+    finite: the listed ``regap.safetensors`` and the ``regap.*`` initializers of every listed
+    ONNX graph (read without their external weight data)."""
     hint = "re-export with finite directions and options"
-    tensors_file = folder / "regap.safetensors"
-    if tensors_file.is_file():
+    if folder.has("regap.safetensors"):
         from safetensors import safe_open
 
+        tensors_file = folder.path("regap.safetensors")
         try:
             with safe_open(str(tensors_file), framework="numpy") as f:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as exc:  # safetensors raises several types on a damaged file
             raise ArtifactError(f"not a readable safetensors file ({exc})", path=tensors_file) from None
         check_tensors_finite(tensors, path=tensors_file, what="correction", hint=hint)
-    onnx_dir = folder / "onnx"
-    for graph in sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []:
-        _check_graph_constants(graph)
+    for rel in sorted(r for r in folder.manifest["files"] if r.endswith(".onnx")):
+        _check_graph_constants(folder.path(rel))
 
 
 def _check_graph_constants(graph: Path) -> None:
@@ -143,22 +153,3 @@ def _check_graph_constants(graph: Path) -> None:
         if not np.isfinite(array).all():
             raise ArtifactError(f"correction constant {name!r} is not finite", path=graph,
                                 field=name, hint="re-export with finite directions and options")
-
-
-def verify_runtime_folder(onnx_folder: Path) -> None:
-    """What ``OrtSessions.open`` checks before loading graphs from an exported folder (one
-    with ``regap_manifest.json`` beside ``onnx/``): every file the manifest lists under the
-    graph folder is present with its recorded size, and the graphs' correction constants are
-    finite. (``generate`` also checks sha256; a bare graph folder without manifest is run as is.)"""
-    onnx_folder = Path(onnx_folder)
-    export_folder = onnx_folder.parent
-    if not (export_folder / "regap_manifest.json").is_file():
-        return
-    from .artifacts import read_manifest, verify_files
-
-    manifest = read_manifest(export_folder)
-    prefix = onnx_folder.name + "/"
-    listed = {rel: entry for rel, entry in (manifest.get("files") or {}).items() if rel.startswith(prefix)}
-    verify_files(export_folder, {**manifest, "files": listed}, hashes=False)
-    for graph in sorted(onnx_folder.glob("*.onnx")):
-        _check_graph_constants(graph)

@@ -8,7 +8,6 @@ equal bytes, so the header is rewritten with sorted keys; the data section is un
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -27,9 +26,9 @@ def save_file_deterministic(tensors: dict[str, torch.Tensor], path: str | Path,
     ordered.update(sorted(header.items()))
     encoded = json.dumps(ordered, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
+    from .atomic import atomic_file
+
+    with atomic_file(path, binary=True) as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         f.write(data)
-    os.replace(tmp, path)

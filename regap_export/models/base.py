@@ -8,6 +8,7 @@ or generate text.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -74,6 +75,11 @@ class ModelAdapter:
     def text_config(self, config: Any) -> Any:
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+    def context_length(self, config: Any) -> int | None:
+        """The text model's ``max_position_embeddings`` (None when the config names none)."""
+        value = getattr(self.text_config(config), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
     def num_layers(self, model: nn.Module) -> int:
         return len(self.decoder_layers(model))
 
@@ -117,18 +123,38 @@ class ModelAdapter:
         content.append({"type": "text", "text": instruction})
         return [{"role": "user", "content": content}]
 
+    def chat_template(self, processor: Any) -> str:
+        """The chat template the processor (or its tokenizer) carries, else the family's fallback."""
+        template = getattr(_chat_template_owner(processor), "chat_template", None)
+        if isinstance(template, dict):  # named templates
+            template = template.get("default")
+        if isinstance(template, str):
+            return template
+        if self.fallback_chat_template is None:
+            raise ModelError(f"{self.family}: the tokenizer has no chat template and the family has no fallback",
+                             field="chat_template", hint="add a chat_template to the model folder's tokenizer_config.json")
+        return self.fallback_chat_template
+
     def render_prompt(self, processor: Any, instruction: str, with_image: bool) -> str:
-        """The full prompt string, ending with the template's generation prompt."""
-        msgs = self.messages(instruction, with_image)
-        template = _chat_template_owner(processor)
-        kwargs = {}
-        if getattr(template, "chat_template", None) is None:
-            if self.fallback_chat_template is None:
-                raise ModelError(f"{self.family}: the tokenizer has no chat template and the family has no fallback",
-                                 field="chat_template",
-                                 hint="add a chat_template to the model folder's tokenizer_config.json")
-            kwargs["chat_template"] = self.fallback_chat_template
-        return template.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+        """The full prompt string, ending with the template's generation prompt, as transformers'
+        ``apply_chat_template`` renders it (in ``runtime.text``'s bounded sandbox). Control tokens
+        the instruction spells are marked, so that ``encode`` keeps them as text
+        (``runtime.text.mark_control_tokens``): user text never closes a turn or adds an image."""
+        from ..runtime.text import mark_control_tokens, render_chat_template
+
+        template = self.chat_template(processor)
+        text = tokenizer_text(processor)
+        marked = mark_control_tokens(instruction, text.control_tokens(template, self._reserved(processor)))
+        return render_chat_template(template, self.messages(marked, with_image), special_tokens=text.special_tokens,
+                                    path=getattr(tokenizer_of(processor), "name_or_path", None) or None)
+
+    def _reserved(self, processor: Any) -> tuple[str, ...]:
+        """Tokens the processor writes beside the template's own: its ``*_token`` attributes
+        (``image_token``, ``video_token``, ``fake_image_token``, ...)."""
+        if processor is tokenizer_of(processor):
+            return ()
+        names = sorted(name for name in vars(processor) if name.endswith("_token"))
+        return tuple(value for value in (getattr(processor, name) for name in names) if isinstance(value, str))
 
     def post_instruction_length(self, processor: Any) -> int:
         """Tokens after the instruction in a rendered prompt (the template's suffix)."""
@@ -152,16 +178,29 @@ class ModelAdapter:
         # special tokens (e.g. a BOS) unless the rendered template already starts with
         # BOS, so text-only and image prompts of one family are tokenized alike.
         add_special = not (tok.bos_token and prompts and prompts[0].startswith(tok.bos_token))
-        if images is None:
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-            return dict(enc)
-        if not self.multimodal:
-            raise self._no_image()
-        if len(images) != len(prompts):
-            raise ValueError(f"{self.family}: {len(prompts)} prompts but {len(images)} images")
-        enc = processor(text=prompts, images=self.images_argument(images), return_tensors="pt",
-                        padding=True, padding_side="left", add_special_tokens=add_special)
-        return dict(enc)
+        if images is not None:
+            if not self.multimodal:
+                raise self._no_image()
+            if len(images) != len(prompts):
+                raise ValueError(f"{self.family}: {len(prompts)} prompts but {len(images)} images")
+
+        def run(protected: list) -> Any:
+            texts = [p.text for p in protected]
+            if images is None:
+                return tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+            return processor(text=texts, images=self.images_argument(images), return_tensors="pt",
+                             padding=True, padding_side="left", add_special_tokens=add_special)
+
+        # Typed control tokens (marked by render_prompt) are encoded as text (runtime.text).
+        from ..runtime.text import encode_protected, has_marks
+
+        text = tokenizer_text(processor)
+        candidates = (text.placeholders(self.chat_template(processor), self._reserved(processor))
+                      if any(has_marks(p) for p in prompts) else [])
+        enc, rows = encode_protected(prompts, candidates, run, _unpadded_rows, text.plain,
+                                     where=getattr(tok, "name_or_path", None) or None)
+        enc = dict(enc)
+        return enc if rows is None else _left_padded(enc, rows, int(tok.pad_token_id))
 
     def images_argument(self, images: Sequence[Any]) -> Any:
         """How this family's processor wants a batch of images (flat list by default)."""
@@ -170,6 +209,99 @@ class ModelAdapter:
     def _no_image(self) -> ModelError:
         return ModelError(f"{self.family} is a text-only family and takes no image",
                           hint="drop the image, or use a multimodal model")
+
+
+@dataclass
+class TokenizerText:
+    """What ``runtime.text``'s user-text rule needs of a transformers tokenizer."""
+
+    added: dict[str, tuple[int, bool]]   # content -> (id, special)
+    special_tokens: dict[str, str]       # bos_token, eos_token, ... as the chat template sees them
+    make_plain: Any                      # () -> (piece -> ids, no added token matched)
+    _plain: Any = None
+
+    def plain(self, piece: str) -> list[int]:
+        if self._plain is None:
+            self._plain = self.make_plain()
+        return self._plain(piece)
+
+    def control_tokens(self, template: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+        from ..runtime.text import control_tokens_of
+
+        return control_tokens_of({c: special for c, (_, special) in self.added.items()}, template, extra)
+
+    def placeholders(self, template: str, extra: Sequence[str] = ()) -> list[tuple[str, int]]:
+        from ..runtime.text import placeholder_candidates, template_literal_text
+
+        literal = template_literal_text(template)
+        avoid = {c for c in self.added if c in literal} | set(self.special_tokens.values()) | set(extra)
+        return placeholder_candidates(self.added, avoid)
+
+
+_TOKENIZER_TEXT: "weakref.WeakKeyDictionary[Any, tuple[int, TokenizerText]]"
+_TOKENIZER_TEXT = weakref.WeakKeyDictionary()
+
+
+def tokenizer_text(processor: Any) -> TokenizerText:
+    """``TokenizerText`` of a processor's tokenizer (kept while the tokenizer's size is unchanged)."""
+    from ..runtime.text import SPECIAL_TOKEN_NAMES, PlainTextEncoder, added_tokens_of
+
+    tok = tokenizer_of(processor)
+    size = len(tok)
+    cached = _TOKENIZER_TEXT.get(tok)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+        added, plain = added_tokens_of(backend), functools.partial(PlainTextEncoder, backend)
+    else:  # a tokenizer without a tokenizers backend: transformers' own split_special_tokens
+        added = {t.content: (int(i), bool(t.special)) for i, t in tok.added_tokens_decoder.items()}
+        def plain():
+            return functools.partial(_plain_with_transformers, tok)
+    special = {name: getattr(tok, name) for name in SPECIAL_TOKEN_NAMES}
+    text = TokenizerText(added, {k: v for k, v in special.items() if isinstance(v, str)}, plain)
+    _TOKENIZER_TEXT[tok] = (size, text)
+    return text
+
+
+def _plain_with_transformers(tok: Any, piece: str) -> list[int]:
+    if not piece:
+        return []
+    newline = tok.encode("\n", add_special_tokens=False, split_special_tokens=True)
+    ids = tok.encode("\n" + piece, add_special_tokens=False, split_special_tokens=True)
+    return ids[len(newline):] if ids[:len(newline)] == newline else tok.encode(
+        piece, add_special_tokens=False, split_special_tokens=True)
+
+
+def _unpadded_rows(enc: Any) -> list[list[int]]:
+    return [[int(t) for t, keep in zip(ids.tolist(), mask.tolist()) if keep]
+            for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+
+
+def _left_padded(enc: dict[str, Any], rows: Sequence[Any], pad_id: int) -> dict[str, Any]:
+    """``enc`` with each row's ids replaced by its spliced row (``runtime.text.SplicedRow``),
+    left-padded again; other per-token entries follow their tokens (0 for a typed token's ids)."""
+    import torch
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    width = max(len(row.ids) for row in rows)
+    per_token = {k: v for k, v in enc.items()
+                 if isinstance(v, torch.Tensor) and v.shape == ids.shape and k not in ("input_ids", "attention_mask")}
+    out = dict(enc)
+    new_ids = torch.full((len(rows), width), pad_id, dtype=ids.dtype)
+    new_mask = torch.zeros((len(rows), width), dtype=mask.dtype)
+    new_other = {k: torch.zeros((len(rows), width), dtype=v.dtype) for k, v in per_token.items()}
+    for i, row in enumerate(rows):
+        offset = width - len(row.ids)
+        first = int(ids.shape[1] - int(mask[i].sum()))  # where the row's tokens start (left padding)
+        new_ids[i, offset:] = torch.tensor(row.ids, dtype=ids.dtype)
+        new_mask[i, offset:] = 1
+        for key, value in per_token.items():
+            for j, source in enumerate(row.sources):
+                if source >= 0:
+                    new_other[key][i, offset + j] = value[i, first + source]
+    out.update(input_ids=new_ids, attention_mask=new_mask, **new_other)
+    return out
 
 
 def pixel_inputs(inputs: dict[str, Any]) -> dict[str, Any]:

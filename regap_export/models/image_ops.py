@@ -52,17 +52,10 @@ def image_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def to_channels_first(image: Image.Image) -> np.ndarray:
     """An RGB PIL image as uint8 [3, height, width] (``PilBackend.process_image``). Images
-    with transparency are composited onto white first (``convert_to_rgb``)."""
-    from PIL import Image
+    with transparency are composited onto white first (``convert_to_rgb``; ``io.images.to_rgb``)."""
+    from ..io.images import to_rgb
 
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba).convert("RGB")
-    else:
-        image = image.convert("RGB")
-    return np.moveaxis(np.array(image), -1, 0)
+    return np.moveaxis(np.array(to_rgb(image)), -1, 0)
 
 
 def resize(image: np.ndarray, height: int, width: int, resample: int | None = None) -> np.ndarray:

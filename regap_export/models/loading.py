@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from . import adapter_for_config
 from .base import ModelAdapter
 from .quantization import check_dense, check_source_quantization, strip_quantization
@@ -81,7 +82,25 @@ def resolve_source(source: str | Path | None) -> tuple[str, Path]:
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelError("not a model folder: config.json is missing", path=folder,
                          hint="point MODEL at a folder saved with save_pretrained")
+    check_folder_files(folder)
     return name, folder
+
+
+def check_folder_files(folder: Path) -> None:
+    """Every file transformers may open in a model folder is a regular file (links followed, as
+    in a Hugging Face cache snapshot): a FIFO, socket or device would block its read."""
+    import os
+    import stat
+
+    for entry in sorted(folder.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:
+            raise ModelError(f"cannot read ({exc.strerror or exc})", path=entry,
+                             hint="remove the broken link or file") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelError("not a regular file; a model folder holds files and folders only", path=entry,
+                             hint="remove it")
 
 
 def load_model(source: str | Path | None = None, *, dtype: str = "fp32", device: str = "cpu",
@@ -91,10 +110,10 @@ def load_model(source: str | Path | None = None, *, dtype: str = "fp32", device:
 
     name, folder = resolve_source(source)
     config_path = folder / "config.json"
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"config.json cannot be read ({exc})", path=config_path) from None
+    from ..io.files import read_strict_json
+
+    raw = read_strict_json(config_path, what="config.json", error=ModelError,
+                           hint="point MODEL at a folder saved with save_pretrained")
     quantized = check_source_quantization(config_path, raw) if isinstance(raw, dict) else None
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -108,9 +127,12 @@ def load_model(source: str | Path | None = None, *, dtype: str = "fp32", device:
     auto_class = getattr(transformers, adapter.auto_class_name)
     try:
         extra = {"config": config} if quantized else {}
-        model = auto_class.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"the model cannot be loaded ({exc})", path=folder) from None
+        # Weights only from safetensors: a pickled checkpoint (pytorch_model.bin) is never unpickled.
+        model = auto_class.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                           use_safetensors=True, **extra)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise ModelError(f"the model cannot be loaded ({first_line(exc)})", path=folder,
+                         hint="regap-export reads weights from safetensors files only") from None
     if quantized:
         check_dense(model, quantized, folder)
     processor = _load_processor(folder, adapter, trust_remote_code)
@@ -123,5 +145,5 @@ def _load_processor(folder: Path, adapter: ModelAdapter, trust_remote_code: bool
     # the adapter builds an image-only one.
     try:
         return adapter.load_processor(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"the tokenizer/processor cannot be loaded ({exc})", path=folder) from None
+    except Exception as exc:  # transformers and tokenizers raise many types for a malformed file
+        raise ModelError(f"the tokenizer/processor cannot be loaded ({first_line(exc)})", path=folder) from None

@@ -9,6 +9,7 @@ other images go through the family's transformers processor, which needs
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,16 +20,16 @@ from ..errors import ArtifactError, DataError, RegapError, first_line
 # Family knowledge (multimodal or not, message layout, fallback chat template, image preprocessing).
 from ..models import adapter_for_config
 from ..models.image_ops import NotPorted
-from ..io.artifacts import read_json
-from .text import FolderTokenizer
+from ..io.artifacts import ExportedFolder, read_json
+from .text import FolderTokenizer, ProtectedText, encode_protected, mark_control_tokens
 
 EXPORT_EXTRA = "regap-export[export]"
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
-    """config.json of an exported folder (written by the safetensors export)."""
-    path = folder / "config.json"
-    if not path.is_file():
+    """config.json of an exported folder (written by the safetensors export), strictly parsed."""
+    path = Path(folder) / "config.json"
+    if not os.path.lexists(path):
         raise ArtifactError("generate needs the tokenizer and config written by the safetensors export",
                             path=path, hint="export with --format onnx,safetensors")
     config = read_json(path, what="config.json")
@@ -41,14 +42,13 @@ def adapter_of(folder: Path, config: dict[str, Any]):
     return adapter_for_config(SimpleNamespace(model_type=config["model_type"]), source=str(folder / "config.json"))
 
 
-def verify_export(folder: Path, *, verify_hashes: bool = True) -> None:
-    """Before running an exported folder: its manifest lists every file with the right size
-    (and sha256 unless ``verify_hashes`` is False), and its correction constants are finite."""
-    from ..io.artifacts import read_manifest, verify_files
-    from ..io.checks import check_exported_constants
-
-    verify_files(folder, read_manifest(folder), hashes=verify_hashes)
-    check_exported_constants(folder)
+def verify_export(folder: Path, *, verify_hashes: bool = True) -> ExportedFolder:
+    """Before running an exported folder: ``ExportedFolder.open`` (every file listed, inside the
+    folder, of the right size and sha256 unless ``verify_hashes`` is False, strict JSON, the
+    files consistent, the correction constants finite); generate needs both formats."""
+    exported = ExportedFolder.open(folder, verify_hashes=verify_hashes)
+    exported.require_formats("onnx", "safetensors", command="generate")
+    return exported
 
 
 def context_length(config: dict[str, Any]) -> int | None:
@@ -74,42 +74,63 @@ def processor_settings(folder: Path) -> dict[str, Any]:
     """The processor's settings: processor_config.json (image processor nested), else
     preprocessor_config.json (the image processor's own)."""
     for name in ("processor_config.json", "preprocessor_config.json"):
-        if (folder / name).is_file():
+        if os.path.lexists(folder / name):
             return read_json(folder / name, what=name)
     raise ArtifactError("the image processor settings are missing", path=folder / "processor_config.json",
                         hint="re-run export")
 
 
 def load_image(image: Any) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    """``--image`` as RGB: a regular file within the size limits, converted as the model's
+    processor converts it (``io.images``)."""
+    from PIL import Image
+
+    from ..io.images import open_rgb_image, to_rgb
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"not a readable image ({exc})", path=image, field="--image") from None
+        return to_rgb(image, field="--image")
+    return open_rgb_image(image, field="--image")
+
+
+def image_token_of(tokenizer: FolderTokenizer, config: dict[str, Any]) -> str | None:
+    """The image token's text (config.json's ``image_token_id``/``image_token_index``), or None."""
+    for key in ("image_token_id", "image_token_index"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return tokenizer.backend.id_to_token(value)
+    return None
 
 
 def encode_prompt(folder: Path, config: dict[str, Any], adapter: Any, prompt: str, image: Any = None
                   ) -> tuple[dict[str, np.ndarray], Any]:
     """(model inputs for one prompt: input_ids, attention_mask, pixel inputs; a tokenizer with
-    ``decode``), as ``ModelAdapter.encode`` on the folder's transformers processor gives them."""
+    ``decode``), as ``ModelAdapter.encode`` on the folder's transformers processor gives them.
+    The prompt is text: control tokens it spells are encoded as text (``runtime.text``)."""
     if image is not None and adapter.image_inputs is None:
         return _transformers_inputs(folder, adapter, prompt, image, why="no numpy port for this family")
     tokenizer = FolderTokenizer.open(folder)
-    text = tokenizer.render_chat(adapter.messages(prompt, with_image=image is not None),
-                                 fallback_template=adapter.fallback_chat_template)
-    pixels: dict[str, np.ndarray] = {}
-    if image is not None:
-        try:
-            prepared = adapter.image_inputs(processor_settings(folder), text, image)
-        except NotPorted as exc:
-            return _transformers_inputs(folder, adapter, prompt, image, why=f"processor settings not ported: {exc}")
-        text, pixels = prepared.text, prepared.pixels
-    ids = np.asarray([tokenizer.encode(text)], dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), **pixels}, tokenizer
+    template = adapter.fallback_chat_template
+    reserved = (image_token_of(tokenizer, config),)
+    marked = mark_control_tokens(prompt, tokenizer.control_tokens(template, extra=reserved))
+    text = tokenizer.render_chat(adapter.messages(marked, with_image=image is not None), fallback_template=template)
+    settings = processor_settings(folder) if image is not None else None
+
+    def encode(protected: list[ProtectedText]) -> tuple[list[int], dict[str, np.ndarray]]:
+        prepared_text, pixels = protected[0].text, {}
+        if image is not None:
+            prepared = adapter.image_inputs(settings, prepared_text, image)
+            prepared_text, pixels = prepared.text, prepared.pixels
+        return tokenizer.encode(prepared_text), pixels
+
+    try:
+        (ids, pixels), rows = encode_protected(text, tokenizer.placeholders(template, extra=reserved), encode,
+                                               lambda result: [result[0]], tokenizer.plain, where=folder)
+    except NotPorted as exc:
+        return _transformers_inputs(folder, adapter, prompt, image, why=f"processor settings not ported: {exc}")
+    if rows is not None:
+        ids = rows[0].ids
+    array = np.asarray([ids], dtype=np.int64)
+    return {"input_ids": array, "attention_mask": np.ones_like(array), **pixels}, tokenizer
 
 
 class _TransformersTokenizer:
@@ -154,9 +175,12 @@ def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens:
     from .generate import generate
     from .session import OrtSessions
 
+    from ..data.records import check_user_text
+
+    check_user_text(prompt, field="--prompt")
     folder = Path(folder)
-    verify_export(folder, verify_hashes=verify_hashes)
-    config = read_model_config(folder)
+    exported = verify_export(folder, verify_hashes=verify_hashes)
+    config = exported.model_config()
     adapter = adapter_of(folder, config)
     if image is not None:
         if not adapter.multimodal:
@@ -164,7 +188,8 @@ def reply(folder: str | Path, prompt: str, *, image: Any = None, max_new_tokens:
         image = load_image(image)
     inputs, tokenizer = encode_prompt(folder, config, adapter, prompt, image)
     check_prompt_length(context_length(config), int(inputs["input_ids"].shape[1]), max_new_tokens)
-    sessions = OrtSessions.open(folder / "onnx", device=device, precision=precision)
+    sessions = OrtSessions.open(exported.onnx_folder(), device=device, verify_hashes=verify_hashes,
+                                precision=precision)
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     result = generate(sessions, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
                       correct=correct, **pixels)

@@ -76,14 +76,18 @@ def probe_score(sessions: OrtSessions, main: np.ndarray, attention_mask: np.ndar
 
 
 def correction_masks(sessions: OrtSessions, input_ids: np.ndarray, *, correct: bool = True,
-                     prompt_length: int | None = None, past_ids: np.ndarray | None = None
-                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+                     prompt_length: int | None = None, past_ids: np.ndarray | None = None,
+                     images: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(prompt mask [batch, seq], decode-step mask [batch, 1]) for this export, or (None, None)
     for a graph that takes no ``regap_image_mask``. ``correct=False``: zeros (the uncorrected
-    model). ``past_ids``: the tokens the cache this call continues holds."""
+    model). ``past_ids``: the tokens the cache this call continues holds. ``images=False`` (no
+    pixel inputs given in this conversation): no row holds an image, whatever ids it holds, as
+    the graphs see it (image rows are the rows given image features)."""
     if not sessions.has_image_mask:
         return None, None
     ids = np.asarray(input_ids)
+    if not images and sessions.correction_positions != "all":
+        correct = False
     if not correct:
         return np.zeros(ids.shape, dtype=np.float32), np.zeros((ids.shape[0], 1), dtype=np.float32)
     positions = sessions.correction_positions
@@ -168,7 +172,8 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
     if sessions.image_channel and not correct:
         main = clear_image_flags(main)
     image_mask, step_image_mask = correction_masks(sessions, new_ids, correct=correct,
-                                                   past_ids=input_ids[:, :held] if held else None)
+                                                   past_ids=input_ids[:, :held] if held else None,
+                                                   images=pixel_values is not None or held > 0)
     alpha = score = None
     if sessions.has_regap_alpha:
         if held:

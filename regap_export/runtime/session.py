@@ -16,11 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..io.artifacts import CONTRACT_VERSION, read_config
+from ..io.artifacts import CONTRACT_VERSION, exported_folder_of
 from ..io.graph_metadata import (
     DEFAULT_PRECISION, IMAGE_ROWS_CHANNEL, PRECISIONS, ROLE_DECODER, ROLE_EMBED, ROLE_MODEL, ROLE_VISION, check_graph,
 )
-from ..io.checks import verify_runtime_folder
 from ..errors import ArtifactError, RegapError, first_line
 from ..models.positions import PositionScheme, position_scheme
 from ..models import vision_runtime_for
@@ -99,14 +98,17 @@ class OrtSessions:
     @classmethod
     def open(cls, folder: str | Path, device: str = "cpu", *, device_id: int = 0,
              session_options: Any = None, intra_op_threads: int | None = None,
-             cuda_tf32: bool = False, precision: str | Mapping[str, str] = DEFAULT_PRECISION) -> "OrtSessions":
-        """``precision``: one of the export's precisions for every graph, or one per module
-        (``module_precisions``)."""
+             cuda_tf32: bool = False, verify_hashes: bool = True,
+             precision: str | Mapping[str, str] = DEFAULT_PRECISION) -> "OrtSessions":
+        """The sessions of an exported folder's graphs (``folder``: its ``onnx/`` folder, or the
+        exported folder itself), after ``io.artifacts.ExportedFolder.open`` verified the folder
+        (``verify_hashes=False`` skips the sha256 of each file, and only that). ``precision``: one
+        of the export's precisions for every graph, or one per module (``module_precisions``)."""
         import onnxruntime as ort
 
-        folder = Path(folder)
-        verify_runtime_folder(folder)
-        config = read_config(folder)
+        exported = exported_folder_of(folder, verify_hashes=verify_hashes)
+        folder = exported.onnx_folder()
+        config = exported.onnx_config()
         chosen = module_precisions(config, precision)
         files = {key: precision_files(config, name)[key] for key, name in chosen.items()}
         if device not in ("cpu", "cuda"):
@@ -124,9 +126,7 @@ class OrtSessions:
             providers = ["CPUExecutionProvider"]
 
         def make(name: str, role: str, precision: str):
-            path = folder / name
-            if not path.is_file():
-                raise ArtifactError(f"{name} is missing", path=folder)
+            path = exported.path(f"{folder.name}/{name}")
             opts = session_options
             if opts is None:
                 opts = ort.SessionOptions()

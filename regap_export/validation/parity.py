@@ -21,7 +21,8 @@ import torch
 from ..calibration.directions_io import load_directions
 from ..method.modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, without_channel
 from ..errors import RegapError
-from ..io.artifacts import read_manifest, verify_files
+from ..io.artifacts import ExportedFolder
+from ..io.atomic import write_json_atomic
 from ..export.manifest import record_parity
 from ..export.pipeline import DIRECTIONS_COPY, ONNX_DIR
 from ..models.base import cache_of, pixel_inputs, with_cache
@@ -489,12 +490,12 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
     out_dir = Path(out_dir)
     if device not in ("cpu", "cuda"):
         raise RegapError(f"unknown device {device!r}; choose cpu or cuda")
-    manifest = read_manifest(out_dir)
-    verify_files(out_dir, manifest)
+    exported = ExportedFolder.open(out_dir)  # verified before anything in it is read
+    manifest = exported.manifest
     if "safetensors" not in manifest["formats"]:
         raise RegapError("validate needs the safetensors checkpoint in the folder (its original weights feed the "
                          "reference)", path=out_dir, hint="export with --format onnx,safetensors")
-    bundle = load_directions(out_dir / DIRECTIONS_COPY)
+    bundle = load_directions(exported.path(DIRECTIONS_COPY))
     options = RegapOptions.from_json(manifest["options"])
     plain = load_model(out_dir)
     rewritten = load_corrected(out_dir)
@@ -564,6 +565,6 @@ def validate_folder(out_dir: Path, *, device: str = "cpu", decode_steps: int = 8
               "rules": {p: PRECISION_RULES[p] for p in (list(sessions) or ["fp32"])},
               "checks": [asdict(c) for c in checks]}
     if write:
-        (out_dir / PARITY_FILENAME).write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
+        write_json_atomic(out_dir / PARITY_FILENAME, json_safe(report))
         record_parity(out_dir, report)
     return report
