@@ -154,13 +154,10 @@ class TorchEngine:
         self.image_token_id = loaded.adapter.image_token_id(loaded.model.config)
 
     def _masks(self, ids: np.ndarray, correct: bool, prompt_length: int | None = None):
-        from ..method.modality import prompt_mask, rows_with_image, step_mask
+        from ..method.modality import call_masks
 
-        if not correct:
-            return np.zeros(ids.shape, np.float32), np.zeros((ids.shape[0], 1), np.float32)
-        positions = self.checkpoint.options.positions
-        return (prompt_mask(positions, ids, self.image_token_id, prompt_length=prompt_length),
-                step_mask(positions, rows_with_image(ids, self.image_token_id)))
+        return call_masks(self.checkpoint.options.positions, ids, self.image_token_id, correct=correct,
+                          prompt_length=prompt_length)
 
     def _tensors(self, batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
         import torch
@@ -186,33 +183,32 @@ class TorchEngine:
         import torch
 
         from ..models.base import cache_of, with_cache
+        from ..runtime.decode import decode, extend_attention
 
         ids, mask = batch.ids, batch.inputs["attention_mask"].astype(np.int64)
-        prompt, step = self._masks(ids, correct)
+        prompt, step_mask = self._masks(ids, correct)
         inputs = self._tensors(batch, ids, mask)
         alpha = self._alpha(inputs, prompt)
         extra = {} if alpha is None else {"regap_alpha": alpha}
         eos = _eos_ids(self.loaded)
-        tokens, unfinished = [], np.ones(ids.shape[0], dtype=bool)
+        model = self.loaded.model
         with torch.no_grad():
-            out = self.loaded.model(**inputs, **extra, regap_image_mask=torch.from_numpy(prompt), use_cache=True)
+            out = model(**inputs, **extra, regap_image_mask=torch.from_numpy(prompt), use_cache=True)
             first = out.logits[:, -1].float().numpy()
             position = inputs["position_ids"].numpy()
-            attention = inputs["attention_mask"]
-            for index in range(max_new_tokens):
-                token = out.logits[:, -1].argmax(-1).numpy()
-                token = np.where(unfinished, token, self.pad_id(eos))
-                tokens.append(token)
-                unfinished &= ~np.isin(token, eos)
-                if not unfinished.any() or index == max_new_tokens - 1:
-                    break
-                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            attention = inputs["attention_mask"].numpy()
+
+            def step(token: np.ndarray) -> np.ndarray:
+                nonlocal out, position, attention
+                attention = extend_attention(attention)
                 position = self.positions.next(position)
-                out = self.loaded.model(input_ids=torch.from_numpy(token[:, None]), attention_mask=attention,
-                                        position_ids=torch.from_numpy(position),
-                                        **with_cache(self.loaded.model, cache_of(out)), use_cache=True,
-                                        regap_image_mask=torch.from_numpy(step), **extra)
-        return np.stack(tokens, axis=1).astype(np.int64), first, None if alpha is None else alpha.numpy()
+                out = model(input_ids=torch.from_numpy(token[:, None]), attention_mask=torch.from_numpy(attention),
+                            position_ids=torch.from_numpy(position), **with_cache(model, cache_of(out)),
+                            use_cache=True, regap_image_mask=torch.from_numpy(step_mask), **extra)
+                return out.logits[:, -1].float().numpy()
+
+            tokens = decode(first, step, max_new_tokens=max_new_tokens, eos=eos, pad=self.pad_id(eos))
+        return tokens, first, None if alpha is None else alpha.numpy()
 
     def pad_id(self, eos: list[int]) -> int:
         pad = self.loaded.model.generation_config.pad_token_id

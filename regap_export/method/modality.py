@@ -135,6 +135,28 @@ def step_mask(positions: str, has_image: np.ndarray) -> np.ndarray:
     return call_mask(positions, np.zeros_like(has_image), past_holds=has_image[:, 0])
 
 
+def call_masks(positions: str, input_ids: np.ndarray, image_token_id: int | None, *, correct: bool = True,
+               prompt_length: int | None = None, past_ids: np.ndarray | None = None,
+               images: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt mask [batch, seq], decode-step mask [batch, 1]) of one generation: the mask of its
+    first call (``prompt_mask``) and of each decode step after it (``step_mask``). The one place
+    the runtime, ``validate`` and ``evaluate`` get their masks from.
+
+    ``correct=False``: zeros (the uncorrected model). ``past_ids``: the tokens the cache this call
+    continues holds. ``images=False`` (no pixel inputs in this conversation): no row holds an
+    image, whatever ids it holds (an image token typed as text is not an image; the graphs see it
+    so too)."""
+    ids = np.asarray(input_ids)
+    if not images and positions != "all":
+        correct = False
+    if not correct:
+        return np.zeros(ids.shape, dtype=np.float32), np.zeros((ids.shape[0], 1), dtype=np.float32)
+    past_holds = None if past_ids is None else rows_with_image(past_ids, image_token_id)
+    has_image = rows_with_image(ids, image_token_id) | (False if past_holds is None else past_holds)
+    return (prompt_mask(positions, ids, image_token_id, prompt_length=prompt_length, past_holds=past_holds),
+            step_mask(positions, has_image))
+
+
 def mask_default(positions: str) -> float:
     """The mask a caller that feeds none gets: 1 for ``all``, else 0 (the uncorrected model)."""
     return 1.0 if positions == "all" else 0.0

@@ -30,11 +30,12 @@ import numpy as np
 
 from ..method import folding
 from ..errors import RegapError
-from ..method.modality import clear_image_flags, prompt_mask, rows_with_image, step_mask
+from ..method.modality import call_masks, clear_image_flags
 # Text position ids [batch, seq] (exports whose ``position_ids`` scheme is ``text``).
 from ..models.positions import check_prompt
 from ..models.positions import text_positions as position_ids_from_mask  # noqa: F401  (public name)
 from ..options import RegapOptions
+from .decode import decode, extend_attention
 from .session import OrtSessions
 
 
@@ -85,17 +86,8 @@ def correction_masks(sessions: OrtSessions, input_ids: np.ndarray, *, correct: b
     the graphs see it (image rows are the rows given image features)."""
     if not sessions.has_image_mask:
         return None, None
-    ids = np.asarray(input_ids)
-    if not images and sessions.correction_positions != "all":
-        correct = False
-    if not correct:
-        return np.zeros(ids.shape, dtype=np.float32), np.zeros((ids.shape[0], 1), dtype=np.float32)
-    positions = sessions.correction_positions
-    image = sessions.image_token_id
-    past_holds = None if past_ids is None else rows_with_image(past_ids, image)
-    has_image = rows_with_image(ids, image) | (False if past_holds is None else past_holds)
-    return (prompt_mask(positions, ids, image, prompt_length=prompt_length, past_holds=past_holds),
-            step_mask(positions, has_image))
+    return call_masks(sessions.correction_positions, input_ids, sessions.image_token_id, correct=correct,
+                      prompt_length=prompt_length, past_ids=past_ids, images=images)
 
 
 def _select(logits: np.ndarray, rng: np.random.Generator | None, do_sample: bool, temperature: float,
@@ -190,23 +182,19 @@ def generate(sessions: OrtSessions, input_ids: np.ndarray, attention_mask: np.nd
     out = sessions.run_decoder(main, mask, position_ids, sessions.empty_past(batch) if past is None else list(past),
                                regap_alpha=alpha, regap_image_mask=image_mask)
     first_logits = np.asarray(out.logits[:, -1, :], dtype=np.float32)
-    unfinished = np.ones(batch, dtype=bool)
-    new: list[np.ndarray] = []
-    for step in range(max_new_tokens):
-        tokens = _select(out.logits[:, -1, :], rng, do_sample, temperature, top_k, top_p).astype(np.int64)
-        tokens = np.where(unfinished, tokens, pad)
-        new.append(tokens)
-        if eos:
-            unfinished &= ~np.isin(tokens, eos)
-        if not unfinished.any() or step == max_new_tokens - 1:
-            break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+
+    def step(tokens: np.ndarray) -> np.ndarray:
+        nonlocal out, mask, position_ids
+        mask = extend_attention(mask)
         position_ids = positions.next(position_ids)
         step_ids = tokens[:, None]
         main = sessions.embed(step_ids) if sessions.multimodal else step_ids
         out = sessions.run_decoder(main, mask, position_ids, out.presents, regap_alpha=alpha,
                                    regap_image_mask=step_image_mask)
-    new_tokens = np.stack(new, axis=1) if new else np.zeros((batch, 0), dtype=np.int64)
+        return out.logits[:, -1, :]
+
+    new_tokens = decode(out.logits[:, -1, :], step, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                        select=lambda logits: _select(logits, rng, do_sample, temperature, top_k, top_p))
     return GenerationResult(sequences=np.concatenate([input_ids, new_tokens], axis=1), new_tokens=new_tokens,
                             regap_alpha=alpha, regap_score=score, first_logits=first_logits, cache=out.presents)
 

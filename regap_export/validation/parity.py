@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from ..calibration.directions_io import load_directions
-from ..method.modality import INPUT_NAME as IMAGE_MASK, prompt_mask, rows_with_image, step_mask, without_channel
+from ..method.modality import INPUT_NAME as IMAGE_MASK, call_masks, without_channel
 from ..errors import RegapError
 from ..io.artifacts import ExportedFolder
 from ..io.atomic import write_json_atomic
 from ..export.manifest import record_parity
 from ..export.pipeline import DIRECTIONS_COPY, ONNX_DIR
 from ..models.base import cache_of, pixel_inputs, with_cache
+from ..runtime.decode import decode
 from ..models.positions import PositionScheme, position_config, position_scheme
 from ..options import RegapOptions
 from ..calibration.report import json_safe
@@ -123,10 +124,8 @@ class MaskFeed:
 
     @classmethod
     def for_batch(cls, positions: str, input_ids: torch.Tensor, image_token_id: int | None) -> "MaskFeed":
-        ids = input_ids.numpy()
-        has_image = rows_with_image(ids, image_token_id)
-        return cls(torch.from_numpy(prompt_mask(positions, ids, image_token_id)),
-                   torch.from_numpy(step_mask(positions, has_image)))
+        prompt, step = call_masks(positions, input_ids.numpy(), image_token_id)
+        return cls(torch.from_numpy(prompt), torch.from_numpy(step))
 
 
 @torch.no_grad()
@@ -153,24 +152,30 @@ def torch_trace(model, inputs: dict[str, Any], steps: int, greedy: int, extra: d
         presents += [_as_numpy(layer.keys), _as_numpy(layer.values)]
     mask = inputs["attention_mask"]
     position = inputs.get("position_ids")
-    logits = out.logits[:, -1]
-    step_logits, tokens = [], []
-    for step in range(greedy):
-        token = logits.argmax(-1)
-        tokens.append(token)
-        if step == greedy - 1:
-            break
+    step_logits: list[np.ndarray] = []
+
+    def step(token: np.ndarray) -> np.ndarray:
+        nonlocal mask, position, cache
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        kwargs = dict(input_ids=token[:, None], attention_mask=mask, use_cache=True, **with_cache(model, cache),
-                      **extra)
+        kwargs = dict(input_ids=torch.from_numpy(token[:, None]).to(mask.device), attention_mask=mask,
+                      use_cache=True, **with_cache(model, cache), **extra)
         if position is not None:
             position = torch.from_numpy(positions.next(position.cpu().numpy())).to(mask.device)
             kwargs["position_ids"] = position
         out = model(**with_mask(kwargs, None if masks is None else masks.step))
-        cache, logits = cache_of(out), out.logits[:, -1]
-        if step < steps:
-            step_logits.append(_as_numpy(logits))
-    return Trace(prefill, step_logits, torch.stack(tokens, 1).cpu().numpy(), presents)
+        cache = cache_of(out)
+        if len(step_logits) < steps:
+            step_logits.append(_as_numpy(out.logits[:, -1]))
+        return _exact_numpy(out.logits[:, -1])
+
+    tokens = decode(_exact_numpy(out.logits[:, -1]), step, max_new_tokens=greedy)
+    return Trace(prefill, step_logits, tokens, presents)
+
+
+def _exact_numpy(t: torch.Tensor) -> np.ndarray:
+    """On the CPU in float64, which holds every float type exactly (numpy has no bfloat16), so
+    the argmax is the model's own."""
+    return t.detach().cpu().double().numpy()
 
 
 def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: np.ndarray | None, *,
@@ -178,6 +183,7 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     """Prefill, ``steps`` decode steps (feeding ``forced`` [batch, >= steps] tokens when given,
     else the argmax) and ``greedy`` tokens of the user-facing loop (none for 0), on the runtime."""
     from ..method.modality import clear_image_flags
+    from ..runtime.decode import extend_attention
     from ..runtime.generate import correction_masks, generate
 
     ids = inputs["input_ids"].numpy()
@@ -197,17 +203,24 @@ def ort_trace(sessions, inputs: dict[str, Any], steps: int, greedy: int, alpha: 
     if sessions.image_channel:  # compared as the model's keys: without the image flag channel
         presents[0] = without_channel(presents[0])
     prefill = np.asarray(out.logits, dtype=np.float32)
-    step_logits = []
-    logits = out.logits[:, -1]
-    for step in range(steps):
-        token = (logits.argmax(-1) if forced is None else forced[:, step]).astype(np.int64)
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+    step_logits: list[np.ndarray] = []
+
+    def step(token: np.ndarray) -> np.ndarray:
+        nonlocal mask, position, out
+        mask = extend_attention(mask)
         position = positions.next(position)
         main = sessions.embed(token[:, None]) if sessions.multimodal else token[:, None]
         out = sessions.run_decoder(main, mask, position, out.presents, regap_alpha=alpha,
                                    regap_image_mask=step_image_mask)
-        logits = out.logits[:, -1]
-        step_logits.append(np.asarray(logits, dtype=np.float32))
+        step_logits.append(np.asarray(out.logits[:, -1], dtype=np.float32))
+        return out.logits[:, -1]
+
+    def forced_or_greedy(logits: np.ndarray) -> np.ndarray:
+        column = len(step_logits)
+        return logits.argmax(-1) if forced is None or column >= forced.shape[1] else forced[:, column]
+
+    # ``steps`` tokens fed back: the loop's last token is never fed, so one more is picked.
+    decode(out.logits[:, -1], step, max_new_tokens=steps + 1, select=forced_or_greedy)
     # The user-facing loop, two-pass regap-seq included, for the greedy tokens.
     tokens, used_alpha = np.zeros((ids.shape[0], 0), np.int64), alpha
     if greedy:
