@@ -96,6 +96,16 @@ def test_alpha_zero_matches_the_unmodified_model(models, tmp_path):
     got = sessions.run_decoder(ids.numpy(), mask.numpy(), position.numpy(), sessions.empty_past(2)).logits
     attended = mask.numpy().astype(bool)
     np.testing.assert_allclose(got[attended], want[attended], atol=1e-4, rtol=1e-4)
+    # An ONNX-only folder loads in clients as written: the config, tokenizer and generation files
+    # are there without the weights, and `generate` runs on it.
+    out = tmp_path / "out"
+    assert not (out / "model.safetensors").exists()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "genai_config.json"):
+        assert (out / name).is_file(), name
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    reply = invoke("generate", out, "--prompt", "Hello", "--max-new-tokens", "2", "--json")
+    assert reply.exit_code == 0, reply.output
+    assert json.loads(reply.stdout)["new_tokens"] == 2
 
 
 def test_export_folds_once_and_rewrites_once(models, tmp_path, monkeypatch):

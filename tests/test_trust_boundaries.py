@@ -450,13 +450,3 @@ def test_a_nul_in_a_prompt_never_reaches_the_model(exported):
 
     with pytest.raises(RegapError, match="NUL"):
         reply(exported, "Hi\x00there", max_new_tokens=1)
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 export is allowed where CUDA exists")
-def test_fp16_is_refused_on_a_cpu_machine_for_every_format(tiny_llama_folder, llama_directions, tmp_path):
-    """As the README says: a safetensors-only export would otherwise be recorded as fp16 while
-    its checkpoint keeps the model's float32."""
-    out = tmp_path / "out"
-    refused(invoke("export", tiny_llama_folder, "--directions", llama_directions, "--out", out,
-                   "--format", "safetensors", "--dtype", "fp16"), "fp16 export needs a CUDA GPU")
-    assert not out.exists()

@@ -87,6 +87,8 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
                 write_regap_files(loaded, bundle, options, tmp, base, readout)
             if "onnx" in formats:
                 _write_onnx(loaded, readout, options, tmp / ONNX_DIR, precisions)
+        if base is None:  # an ONNX-only export: clients still need the config, tokenizer and processor
+            write_model_description(loaded, tmp)
         # What transformers.js, optimum and ONNX Runtime GenAI need to load the folder as written.
         write_client_files(tmp, loaded.adapter)
         check_strict_json_file(tmp / "config.json")
@@ -102,6 +104,16 @@ def export_to_folder(model: str | None, directions: Path, out_dir: Path, *, form
 
 # Bytes per weight of each precision's graphs (4-bit blocks of 32 carry a 2-byte scale each).
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "q4f16": 0.5625, "q8": 1.0, "q4": 0.5625}
+
+
+def write_model_description(loaded, folder: Path) -> None:
+    """The unmodified model's config, generation config, tokenizer and processor files, without
+    its weights: what a client reads beside the ONNX graphs."""
+    loaded.model.config.save_pretrained(folder)
+    generation = getattr(loaded.model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    loaded.adapter.save_processor(loaded.processor, folder)
 
 
 def minimum_export_bytes(model: torch.nn.Module, formats: Sequence[str],

@@ -544,9 +544,9 @@ class ExportedFolder:
         return data
 
     def model_config(self) -> dict[str, Any]:
-        """config.json (written by the safetensors export)."""
+        """config.json (every export writes it; an ONNX-only folder holds it without the weights)."""
         return self.json("config.json", what="config.json",
-                         hint="export with --format onnx,safetensors (generate needs the tokenizer and config)")
+                         hint="re-run export: it writes the config and tokenizer beside the graphs")
 
     def require_formats(self, *formats: str, command: str) -> None:
         missing = [f for f in formats if f not in self.formats]
