@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -44,6 +43,7 @@ from ..method.modality import INPUT_NAME as IMAGE_MASK, mask_default
 from ..models.base import ModelAdapter, cache_of, with_cache
 from ..options import RegapOptions
 from ..io.artifacts import CONFIG_FILE, CONTRACT_VERSION
+from ..io.progress import quiet
 from ..io.graph_metadata import (
     IMAGE_ROWS_CHANNEL, IMAGE_ROWS_MASK, ROLE_DECODER, ROLE_EMBED, ROLE_MODEL, ROLE_VISION, GraphFacts, new_export_id,
 )
@@ -435,21 +435,10 @@ def _bind_initializers(ir_model, sentinels: Sequence[_Sentinel]) -> None:
 # ======================================================================================
 # export steps
 # ======================================================================================
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet():
     """Silence the exporter's progress prints and routine warnings."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "torch._dynamo",
-                                                "torch.fx.experimental.symbolic_shapes", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return quiet("torch.onnx", "torch._export", "torch.export", "torch._dynamo",
+                 "torch.fx.experimental.symbolic_shapes", "onnxscript")
 
 
 # onnxscript (0.7) matches a rewrite pattern with two output nodes by scanning the whole graph

@@ -25,18 +25,17 @@ so ``set_correction_values`` still edits them. Files take transformers.js's name
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import onnx
 
 from ..errors import RegapError
 from ..io.artifacts import CONFIG_FILE, read_config
+from ..io.progress import quiet
 from ..io.graph_metadata import DEFAULT_PRECISION, FLOAT32_IO, PRECISION_KEY, PRECISIONS, precision_file
 from .onnx_graph import correction_chains
 
@@ -185,17 +184,6 @@ def _save(model: onnx.ModelProto, target: Path) -> None:
         onnx.save(model, str(target))
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet():
     """The converters log every node they touch at INFO and warn about opset upgrades."""
-    loggers = [logging.getLogger(n) for n in ("onnxruntime", "onnxruntime.quantization", "root")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return quiet("onnxruntime", "onnxruntime.quantization", "root")
