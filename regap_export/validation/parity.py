@@ -265,7 +265,7 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype in (torch.float32, torch.float64) else t.float().numpy()
 
 
-def cast_model(plain, dtype: torch.dtype, device: str = "cpu"):
+def model_copy_in(plain, dtype: torch.dtype, device: str = "cpu"):
     """A copy of ``plain.model`` in ``dtype`` on ``device`` (the original is left as it is)."""
     import copy
 
@@ -281,7 +281,7 @@ def _cast_inputs(inputs: dict[str, Any], model) -> dict[str, Any]:
 @torch.no_grad()
 def cast_trace(model, inputs: dict[str, Any], corrections=None, *, steps: int = 0,
                positions: PositionScheme | None = None, masks: MaskFeed | None = None) -> Trace:
-    """The trace of ``model`` (a ``cast_model`` copy): prefill and ``steps`` greedy decode steps,
+    """The trace of ``model`` (a ``model_copy_in`` copy): prefill and ``steps`` greedy decode steps,
     inside ``corrections(model)`` (a context manager factory) when given."""
     import contextlib
 
@@ -347,8 +347,8 @@ class RoundingNoise:
         """(exact, at the export's precision): ``reference`` and ``run`` on the cast copy."""
         exact, own = self.precisions
         if self._copy is None:
-            self._copy = (cast_model(self.plain, exact) if self.dtype == "fp32"
-                          else cast_model(self.plain, own, self.device))
+            self._copy = (model_copy_in(self.plain, exact) if self.dtype == "fp32"
+                          else model_copy_in(self.plain, own, self.device))
         other = run(self._copy)
         return (other, reference) if self.dtype == "fp32" else (reference, other)
 
