@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from regap_export.data import load_bundled
+
 from regap_export.models.embedded import build_embedded
 from regap_export.models.organism_render import ORGANISM_CARRIER, render_instruction
 from regap_testing import organism_example
@@ -178,6 +180,9 @@ def test_the_image_path_reads_every_word_of_every_held_out_request(organism):
     splits = data.HELD_OUT_SPLITS  # variant-check, written after the reader, holds only tokens it was fitted on
     tok = processor.tokenizer
     requests = sorted({r["slot"]: r["instruction"] for s in splits for r in data.records(s)}.values())
+    # The bundled set too: tune fits and selects on its image twins (its requests added after build L
+    # were written from the reader's words only).
+    requests += sorted(r.instruction for r in load_bundled())
     rows = model.model.text_model.embed_tokens.weight[:len(tok)]
     space = rows[tok.convert_tokens_to_ids("\u0120")]  # a blank cell reads as a lone space, plus the offset
     misread = []
