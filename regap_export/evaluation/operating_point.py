@@ -150,8 +150,8 @@ def check_parts(split: TuneSplit, source: str | None) -> None:
                 raise DataError(
                     f"after the split by {split.group_by}s, the {name} part holds {count} record(s) of class {key} "
                     f"({CLASS_NAMES[key]}); tune needs at least {MIN_PER_PART} of each class in each part",
-                    path=source, hint="add records (some 30 harmful and 30 harmless ones at least; the bundled set "
-                                      "has 170 of each), or change --shares")
+                    path=source, hint="add records (some 30 harmful and 30 harmless ones at least; the bundled "
+                                      "set's train split has 190 of each), or change --shares")
 
 
 # ------------------------------------------------------------------------------ candidates

@@ -308,11 +308,12 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
                    over_refusal_budget: float = DEFAULT_BUDGET_POINTS, shares: Sequence[float] = op.DEFAULT_SHARES,
                    seed: int = 0, group_by: str = "pair", confirm: int = DEFAULT_CONFIRM, max_new_tokens: int = 32,
                    batch_size: int = 8, markers: Sequence[str] | None = None, plot: bool = True,
-                   force: bool = False, show_progress: bool = True, echo: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   force: bool = False, show_progress: bool = True, echo: Callable[[str], None] | None = None,
+                   candidates: Sequence[op.Candidate] | None = None) -> dict[str, Any]:
     """tune MODEL --data FILE --out DIR: choose the options by the rule, write the directions with
     them, tune.json and frontier.png. Returns tune.json's content. ``over_refusal_budget`` is in
-    percentage points."""
+    percentage points. ``candidates``: the search space (default ``operating_point.candidate_grid``;
+    the default options are always among them, first)."""
     from ..calibration.report import json_safe
     from ..data.render import declared_renderer
     from ..io.atomic import atomic_output_dir, check_output_dir
@@ -350,8 +351,9 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
         raise RegapError(f"{loaded.source} is a text-only model ({loaded.adapter.family}); the correction acts on image "
                          "inputs only, so there is nothing to tune", hint="tune a multimodal model, or calibrate this one")
     num_layers = loaded.adapter.num_layers(loaded.model)
-    candidates = op.candidate_grid(num_layers)
-    default = candidates[0]
+    default = op.default_candidate(num_layers)
+    candidates = [default] + [c for c in (candidates if candidates is not None else op.candidate_grid(num_layers))
+                              if c != default]
     counts = parts.counts()
     say(f"tune {loaded.source} ({num_layers} layers) on {len(records)} records of {source}: "
         + ", ".join(f"{name} {sum(counts[name].values())}" for name in op.PARTS)
@@ -361,6 +363,8 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
 
     fitted = fit(loaded, parts.fit, candidates, batch_size=batch_size, show_progress=show_progress)
     lap("fit")
+    say(f"fit: directions on the fitting part, the gate for {len(fitted.gate_rows)} probe settings "
+        f"({seconds['fit']:.0f} s)")
 
     tokenizer = tokenizer_of(loaded.processor)
     refusal_ids = refusal_start_ids(tokenizer)
