@@ -392,7 +392,9 @@ def tune(
     max_new_tokens: int = typer.Option(32, min=1, help="Greedy tokens per confirming reply."),
     markers: Optional[Path] = typer.Option(None, help="Refusal markers file (one per line; default: the built-in list)."),
     render: bool = typer.Option(True, help="Give text records an image twin."),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, help="Records per batch of the fit's capture and of the replies."),
+    search_batch_size: int = typer.Option(32, min=1, help="Image records per prefill of the search (each candidate "
+                                                          "costs one token per record: larger batches amortize it)."),
     plot: bool = typer.Option(True, help="Write frontier.png (needs matplotlib)."),
     force: bool = typer.Option(False, help="Replace --out if it is a folder regap-export wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print tune.json instead of the summary."),
@@ -414,7 +416,8 @@ def tune(
                                    over_refusal_budget=over_refusal_budget, shares=parts, seed=seed,
                                    group_by=group_by, confirm=confirm, max_new_tokens=max_new_tokens,
                                    markers=load_markers(markers) if markers else None, render=render,
-                                   batch_size=batch_size, plot=plot, force=force, show_progress=not as_json,
+                                   batch_size=batch_size, search_batch_size=search_batch_size, plot=plot,
+                                   force=force, show_progress=not as_json,
                                    echo=None if as_json else _print_plain)
         if as_json:
             print(json.dumps(report, sort_keys=True))
@@ -431,13 +434,15 @@ def demo(
     model: str = typer.Option("embedded:organism", help="Model folder, or embedded:organism (default: the model "
                               "organism with a real safety gap) / embedded:smolvlm / embedded:smollm2."),
     records: int = typer.Option(24, help="Bundled training records per label (with image twins for multimodal)."),
+    tuned: bool = typer.Option(True, help="Calibrate with the options `tune` chose for the model where it ships "
+                                          "them (the organism); --no-tuned: calibrate's defaults."),
 ):
     """The whole journey on the embedded model organism: calibrate, export, validate, evaluate, generate."""
 
     def body():
         import regap_export as rx
 
-        rx.demo(model, out_dir, per_label=records, echo=_print_plain)
+        rx.demo(model, out_dir, per_label=records, tuned=tuned, echo=_print_plain)
 
     _run(body)
 

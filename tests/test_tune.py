@@ -388,3 +388,16 @@ def test_tune_needs_both_labels(tiny_vlm, tmp_path):
     result = invoke("tune", tiny_vlm, "--data", data, "--out", tmp_path / "out")
     assert result.exit_code == 2
     assert "tune needs harmful and harmless records; there is no harmless record" in result.output
+
+
+@pytest.mark.parametrize("keyword, message", [
+    ("confirm", "--confirm must be at least 1, got 0"),
+    ("search_batch_size", "--search-batch-size must be at least 1, got 0"),
+    ("max_new_tokens", "--max-new-tokens must be at least 1, got 0"),
+])
+def test_the_library_refuses_counts_below_one_before_loading_anything(tmp_path, keyword, message):
+    from regap_export.evaluation.tune import tune_to_folder
+
+    with pytest.raises(RegapError, match=message):
+        tune_to_folder(str(tmp_path / "no-model"), tmp_path / "out", [_data_file(tmp_path, 20)], **{keyword: 0})
+    assert not (tmp_path / "out").exists()

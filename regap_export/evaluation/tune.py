@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -41,6 +42,7 @@ PLOT_FILENAME = "frontier.png"
 FORMAT_VERSION = "1"
 DEFAULT_BUDGET_POINTS = 3.0
 DEFAULT_CONFIRM = 3
+DEFAULT_SEARCH_BATCH = 32
 # The proxy's refusal-start tokens: behaviour's phrases as a reply's first word, with and without
 # the space most tokenizers put before it ("I" and " I" are different tokens).
 LEADING_SPACE = " "
@@ -122,9 +124,11 @@ class Fit:
         return self.directions[key]
 
 
-def fit(loaded, records: list, candidates: Sequence[op.Candidate], *, batch_size: int, show_progress: bool) -> Fit:
+def fit(loaded, records: list, candidates: Sequence[op.Candidate], *, batch_size: int, show_progress: bool,
+        search_batch_size: int | None = None) -> Fit:
     """calibrate's fit on ``records``, then the probe rows (image records, block outputs at the last
-    prompt token with the probe band's correction on) of every probe setting the candidates use."""
+    prompt token with the probe band's correction on) of every probe setting the candidates use
+    (``search_batch_size`` records per prefill, default ``batch_size``)."""
     import torch
 
     from ..calibration.directions import (discriminant_read, drift_direction, refusal_direction,
@@ -153,7 +157,7 @@ def fit(loaded, records: list, candidates: Sequence[op.Candidate], *, batch_size
     rows = {key: torch.empty((len(image), num_layers, rhat.shape[1]), dtype=torch.float64) for key in by_key}
     last_keys = [key for key, c in by_key.items() if c.options.positions == proxy.LAST]
     scheme = proxy.position_scheme_of(loaded)
-    batches = _batches(image, loaded.adapter, loaded.processor, batch_size)
+    batches = _batches(image, loaded.adapter, loaded.processor, search_batch_size or batch_size)
     work = [(b, key) for b in range(len(batches)) for key in last_keys]
     current, prefixed = -1, None
     offsets = np.cumsum([0] + [len(b.records) for b in batches])
@@ -309,10 +313,12 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
                    seed: int = 0, group_by: str = "pair", confirm: int = DEFAULT_CONFIRM, max_new_tokens: int = 32,
                    batch_size: int = 8, markers: Sequence[str] | None = None, plot: bool = True,
                    force: bool = False, show_progress: bool = True, echo: Callable[[str], None] | None = None,
-                   candidates: Sequence[op.Candidate] | None = None) -> dict[str, Any]:
+                   candidates: Sequence[op.Candidate] | None = None,
+                   search_batch_size: int = DEFAULT_SEARCH_BATCH) -> dict[str, Any]:
     """tune MODEL --data FILE --out DIR: choose the options by the rule, write the directions with
     them, tune.json and frontier.png. Returns tune.json's content. ``over_refusal_budget`` is in
-    percentage points. ``candidates``: the search space (default ``operating_point.candidate_grid``;
+    percentage points. ``search_batch_size``: image records per prefill of the search (a candidate
+    costs one token per record there, so larger batches amortize each forward). ``candidates``: the search space (default ``operating_point.candidate_grid``;
     the default options are always among them, first)."""
     from ..calibration.report import json_safe
     from ..data.render import declared_renderer
@@ -328,6 +334,8 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
     check_budget(over_refusal_budget)
     if confirm < 1:
         raise RegapError(f"--confirm must be at least 1, got {confirm}")
+    if search_batch_size < 1:
+        raise RegapError(f"--search-batch-size must be at least 1, got {search_batch_size}")
     if max_new_tokens < 1:
         raise RegapError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     budget = over_refusal_budget / 100
@@ -342,7 +350,7 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
         clock = now
 
     # The data first: a bad file is refused before the model loads.
-    source_name, folder = resolve_source(model)
+    _, folder = resolve_source(model)
     renderer = declared_renderer(folder)
     records, source = tune_records(data, split=split, label=label, render=render, renderer=renderer, limit=limit)
     parts = op.split_records(records, shares=shares, seed=seed, group_by=group_by, source=source)
@@ -361,7 +369,8 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
     say(f"rule, fixed before any figure is read: {op.rule_text(budget)}")
     lap("prepare")
 
-    fitted = fit(loaded, parts.fit, candidates, batch_size=batch_size, show_progress=show_progress)
+    fitted = fit(loaded, parts.fit, candidates, batch_size=batch_size, show_progress=show_progress,
+                 search_batch_size=search_batch_size)
     lap("fit")
     say(f"fit: directions on the fitting part, the gate for {len(fitted.gate_rows)} probe settings "
         f"({seconds['fit']:.0f} s)")
@@ -371,13 +380,14 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
     scored = [r for r in parts.select + parts.report]
     generator = Generator(loaded, scored, max_new_tokens=max_new_tokens, batch_size=batch_size, markers=markers,
                           refusal_ids=refusal_ids, show_progress=show_progress)
-    select_ids = {r.id for r in parts.select}
     image_select = [r for r in parts.select if r.modality == "image"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tune-", dir=out_dir.parent))
+    # Named as io.atomic names its partial folders, so that a run killed here leaves nothing that
+    # the next run writing the same --out does not remove.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-tune", dir=out_dir.parent))
     try:
         model_name = model if model is not None else loaded.source
-        say(f"baseline: the default's export, replies with the correction off and on (ONNX Runtime)")
+        say("baseline: the default's export, replies with the correction off and on (ONNX Runtime)")
         folder0 = export_candidate(model_name, loaded, fitted, default, scratch, "default")
         text_off = generator.replies(folder0, correct=False, modality="text", description="text (off)")
         image_off = generator.replies(folder0, correct=False, modality="image", description="image (off)")
@@ -390,8 +400,8 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
                             + [(image_off[r.id].log_odds, image_off[r.id].refused) for r in image_select]
                             + [(confirmed[0][r.id].log_odds, confirmed[0][r.id].refused) for r in image_select])
         threshold = op.fit_threshold(*zip(*calibration_rows))
-        scores, failed = proxy_scores(loaded, fitted, candidates, parts.select, refusal_ids, batch_size=batch_size,
-                                      show_progress=show_progress)
+        scores, failed = proxy_scores(loaded, fitted, candidates, parts.select, refusal_ids,
+                                      batch_size=search_batch_size, show_progress=show_progress)
         lap("search")
 
         text_rates = {part: _text_rates(text_off, parts.part(part)) for part in ("select", "report")}
