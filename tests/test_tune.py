@@ -401,3 +401,19 @@ def test_the_library_refuses_counts_below_one_before_loading_anything(tmp_path, 
     with pytest.raises(RegapError, match=message):
         tune_to_folder(str(tmp_path / "no-model"), tmp_path / "out", [_data_file(tmp_path, 20)], **{keyword: 0})
     assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_reads_the_options_tuned_for_the_organism_where_they_ship(tmp_path, monkeypatch):
+    """tour.tuned_options: the options, the gate read and their description from the file shipped
+    beside the organism's weights; None for another model or without the file."""
+    from regap_export.models import embedded
+    from regap_export.tour import TUNED_OPTIONS_FILE, tuned_options
+
+    monkeypatch.setattr(embedded, "ORGANISM_DIR", tmp_path)
+    assert tuned_options("embedded:organism") is None
+    chosen = dataclasses.replace(RegapOptions(), mode="regap-seq", tau=0.3, gate_sharpness=4.0)
+    (tmp_path / TUNED_OPTIONS_FILE).write_text(json.dumps({"options": json.loads(chosen.to_json()),
+                                                           "gate_read": "discriminant",
+                                                           "described": "regap-seq, tau 0.3"}))
+    assert tuned_options("embedded:organism") == (chosen, "discriminant", "regap-seq, tau 0.3")
+    assert tuned_options("embedded:smolvlm") is None
