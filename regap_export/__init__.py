@@ -8,6 +8,8 @@ regap_export`` stays cheap and ``generate`` needs neither torch nor transformers
 - ``export_to_folder(model, directions, out)``: ``regap-export export`` (safetensors + ONNX)
 - ``validate_folder(out)``: ``regap-export validate`` (parity report)
 - ``evaluate_folder(out, data=None)``: ``regap-export evaluate`` (correction off vs on)
+- ``tune_to_folder(model, out, data=())``: ``regap-export tune`` (the operating point, chosen by a
+  stated rule on the user's records; writes directions carrying the chosen options)
 - ``compare_evaluations(a, b)`` with ``read_evaluation(path)``: ``regap-export compare``
   (two evaluations' corrected refusals, paired)
 - ``generate(out, prompt, image=None)``: ``regap-export generate`` (ONNX Runtime reply)
@@ -27,6 +29,7 @@ _LAZY = {
     "export_to_folder": ("regap_export.export.pipeline", "export_to_folder"),
     "validate_folder": ("regap_export.validation.parity", "validate_folder"),
     "evaluate_folder": ("regap_export.evaluation.evaluate", "evaluate_folder"),
+    "tune_to_folder": ("regap_export.evaluation.tune", "tune_to_folder"),
     "compare_evaluations": ("regap_export.evaluation.comparison", "compare_evaluations"),
     "read_evaluation": ("regap_export.evaluation.comparison", "read_evaluation"),
     "generate": ("regap_export.runtime.chat", "reply"),

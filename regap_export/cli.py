@@ -371,18 +371,78 @@ def compare(
 
 
 @app.command()
+def tune(
+    model: str = typer.Argument(..., help=MODEL_HELP.replace("embedded:smolvlm (default) / ", "embedded:smolvlm / ")),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Data (repeatable): .jsonl/.csv/.txt, or an "
+                                              "MM-SafetyBench folder / FigStep safebench.csv. Default: the bundled "
+                                              "set's train split."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: directions.safetensors with the chosen options, "
+                                                    "tune.json, frontier.png."),
+    label: Optional[str] = typer.Option(None, help="Label for every prompt of a .csv/.txt file without a label column."),
+    split: Optional[str] = typer.Option(None, help="Use only records of this split (train|heldout). Default: train "
+                                                   "for the bundled set, all otherwise."),
+    over_refusal_budget: float = typer.Option(3.0, help="Percentage points of harmless image requests the chosen "
+                                                        "options may refuse beyond the text path's own rate."),
+    shares: str = typer.Option("0.5,0.3,0.2", help="Shares of the records for the fit, selection and report parts."),
+    group_by: str = typer.Option("pair", help="What stays in one part: pair (a record and its image twin) | category "
+                                              "(every record of a category: requests built from one object or family)."),
+    seed: int = typer.Option(0, help="Seed of the split."),
+    confirm: int = typer.Option(3, min=1, help="Candidates confirmed by export and generation besides the default."),
+    limit: Optional[int] = typer.Option(None, help="At most N records per label (and their image twins)."),
+    max_new_tokens: int = typer.Option(32, min=1, help="Greedy tokens per confirming reply."),
+    markers: Optional[Path] = typer.Option(None, help="Refusal markers file (one per line; default: the built-in list)."),
+    render: bool = typer.Option(True, help="Give text records an image twin."),
+    batch_size: int = typer.Option(8, min=1, help="Records per batch of the fit's capture and of the replies."),
+    search_batch_size: int = typer.Option(32, min=1, help="Image records per prefill of the search (each candidate "
+                                                          "costs one token per record: larger batches amortize it)."),
+    plot: bool = typer.Option(True, help="Write frontier.png (needs matplotlib)."),
+    force: bool = typer.Option(False, help="Replace --out if it is a folder regap-export wrote."),
+    as_json: bool = typer.Option(False, "--json", help="Print tune.json instead of the summary."),
+):
+    """Choose the correction's operating point on your data: fit, search by a proxy, confirm by generation."""
+
+    def body():
+        import regap_export as rx
+        from .evaluation.behaviour import load_markers
+        from .evaluation.tune import summary_lines
+
+        try:
+            parts = tuple(float(x) for x in shares.split(","))
+        except ValueError:
+            raise rx.RegapError(f"--shares must be three numbers such as 0.5,0.3,0.2, got {shares!r}") from None
+        if as_json:
+            _quiet_transformers()
+        report = rx.tune_to_folder(model, out_dir, data or [], split=split, label=label, limit=limit,
+                                   over_refusal_budget=over_refusal_budget, shares=parts, seed=seed,
+                                   group_by=group_by, confirm=confirm, max_new_tokens=max_new_tokens,
+                                   markers=load_markers(markers) if markers else None, render=render,
+                                   batch_size=batch_size, search_batch_size=search_batch_size, plot=plot,
+                                   force=force, show_progress=not as_json,
+                                   echo=None if as_json else _print_plain)
+        if as_json:
+            print(json.dumps(report, sort_keys=True))
+            return
+        for line in summary_lines(report, out_dir):
+            _print_plain(line)
+
+    _run(body)
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Working folder (replaced)."),
     model: str = typer.Option("embedded:organism", help="Model folder, or embedded:organism (default: the model "
                               "organism with a real safety gap) / embedded:smolvlm / embedded:smollm2."),
     records: int = typer.Option(24, help="Bundled training records per label (with image twins for multimodal)."),
+    tuned: bool = typer.Option(True, help="Calibrate with the options `tune` chose for the model where it ships "
+                                          "them (the organism); --no-tuned: calibrate's defaults."),
 ):
     """The whole journey on the embedded model organism: calibrate, export, validate, evaluate, generate."""
 
     def body():
         import regap_export as rx
 
-        rx.demo(model, out_dir, per_label=records, echo=_print_plain)
+        rx.demo(model, out_dir, per_label=records, tuned=tuned, echo=_print_plain)
 
     _run(body)
 

@@ -11,9 +11,29 @@ from .calibration.report import format_band
 from .errors import RegapError
 
 
-def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[str, Any]:
-    """calibrate -> export -> validate -> evaluate -> generate on one model, each step reported."""
+# Options `regap-export tune` chose once for a model, shipped with it (options only: the demo fits
+# its own directions with them). The file says how to reproduce them.
+TUNED_OPTIONS_FILE = "tuned_options.json"
+
+
+def tuned_options(model: str):
+    """(options, gate read, what the file says) tuned once for ``model`` and shipped with it, or
+    None (only the organism ships them: regap_export/models/organism/tuned_options.json)."""
+    from .models.embedded import ORGANISM_DIR
+    from .options import RegapOptions
+
+    if model != "embedded:organism" or not (ORGANISM_DIR / TUNED_OPTIONS_FILE).is_file():
+        return None
+    shipped = json.loads((ORGANISM_DIR / TUNED_OPTIONS_FILE).read_text())
+    return RegapOptions.from_json(json.dumps(shipped["options"])), shipped["gate_read"], shipped["described"]
+
+
+def demo(model: str, out_dir: Path, *, per_label: int = 24, tuned: bool = True, echo=print) -> dict[str, Any]:
+    """calibrate -> export -> validate -> evaluate -> generate on one model, each step reported.
+    ``tuned``: calibrate with the options tune chose for this model, where it ships them."""
     import time
+
+    from .options import RegapOptions
 
     from .data import load_bundled
     from .evaluation.evaluate import evaluate_folder, table_lines
@@ -30,13 +50,21 @@ def demo(model: str, out_dir: Path, *, per_label: int = 24, echo=print) -> dict[
                                                 "category": r.category}) + "\n" for r in subset))
     summary: dict[str, Any] = {}
     start = time.perf_counter()
+    shipped = tuned_options(model) if tuned else None
+    options, gate_read = (RegapOptions(), "refusal") if shipped is None else shipped[:2]
     echo(f"[1/5] calibrate {model} on {len(subset)} bundled prompts (+ image twins) -> {out_dir / 'directions'}")
-    result = calibrate_to_folder(model, out_dir / "directions", data=data, force=True, show_progress=True)
+    if shipped is not None:
+        echo(f"      with the options `regap-export tune` chose for it ({shipped[2]}; "
+             f"regap_export/models/organism/{TUNED_OPTIONS_FILE})")
+    result = calibrate_to_folder(model, out_dir / "directions", data=data, force=True, show_progress=True,
+                                 options=options, gate_read=gate_read)
     report = result.report
     echo(f"      best layer {report['best_layer']}, text AUROC {report['best_auroc_T']:.3f}; "
          f"mode {report['options']['mode']}, probe band {format_band(report['options']['probe_band'])}, "
-         f"adaptive band {format_band(report['options']['adaptive_band'])}, positions {report['options']['positions']}")
-    summary["calibrate"] = {"best_layer": report["best_layer"], "auroc_T": report["best_auroc_T"]}
+         f"adaptive band {format_band(report['options']['adaptive_band'])}, positions {report['options']['positions']}"
+         + ("" if gate_read == "refusal" else f", gate read {gate_read}"))
+    summary["calibrate"] = {"best_layer": report["best_layer"], "auroc_T": report["best_auroc_T"],
+                            "tuned_options": shipped is not None}
     corrected_dir = out_dir / "corrected"
     echo(f"[2/5] export -> {corrected_dir} (safetensors + ONNX, fp32)")
     export_to_folder(model, out_dir / "directions", corrected_dir, force=True)

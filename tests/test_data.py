@@ -335,12 +335,21 @@ def test_bundled_set():
         assert r.id.startswith(prefix + r.category.replace("_", "-") + "-")
     train, held = load_bundled("train"), load_bundled("heldout")
     assert len(train) + len(held) == len(recs)
-    assert 0.65 <= len(train) / len(recs) <= 0.75
-    # stratified: every (label, category) group has both splits at about 70/30
-    groups = Counter((r.label, r.category) for r in recs)
-    train_groups = Counter((r.label, r.category) for r in train)
+    # The first 13 requests of each (label, category) are split about 70/30, stratified; the 10 per
+    # group written later for tune (numbered 014-023) are all train, so the held-out split that
+    # evaluate and the demo read is the same 40 + 40.
+    number = {r.id: int(r.id.rsplit("-", 1)[1]) for r in recs}
+    original = [r for r in recs if number[r.id] <= 13]
+    tuning = [r for r in recs if number[r.id] > 13]
+    assert len(original) == 260 and len(tuning) == 200
+    assert all(r.split == "train" for r in tuning)
+    assert len(held) == 80 and all(number[r.id] <= 13 for r in held)
+    assert 0.65 <= sum(r.split == "train" for r in original) / len(original) <= 0.75
+    groups = Counter((r.label, r.category) for r in original)
+    train_groups = Counter((r.label, r.category) for r in original if r.split == "train")
     for key, n in groups.items():
         assert 0.55 <= train_groups[key] / n <= 0.85, key
+    assert Counter((r.label, r.category) for r in tuning) == {key: 10 for key in groups}
     mean_h = statistics.mean(len(r.instruction.split()) for r in harmful)
     mean_b = statistics.mean(len(r.instruction.split()) for r in harmless)
     assert abs(mean_h - mean_b) / max(mean_h, mean_b) <= 0.25

@@ -2,7 +2,8 @@
 
 The organism's figures (examples/organism/README.md) are only honest while val, val-wide and
 test (and test-wide) share no object with training and the choosing splits (val, val-wide) share
-none with test, and while each split of new objects (organism-check, variant-check, spent) holds
+none with test, and while each split of new objects (organism-check, variant-check, tune-check,
+spent) holds
 objects in no training request and no other split.
 """
 from __future__ import annotations
@@ -33,10 +34,10 @@ def test_held_out_objects_are_never_trained_on(data):
 
 
 @pytest.mark.parametrize("split, objects_per_label", [("organism-check", 24), ("variant-check", 24),
-                                                      ("spent", 144)])
+                                                      ("tune-check", 12), ("spent", 144)])
 def test_a_split_of_new_objects_is_new_everywhere(data, split, objects_per_label):
     """organism-check confirms the shipped organism, variant-check the variant chosen on val-wide,
-    and spent holds the objects earlier one-time checks read: none of their objects or requests
+    tune-check the options tune chooses on the bundled set, and spent holds the objects earlier one-time checks read: none of their objects or requests
     are in the recipe's training data, any other split or the bundled set (any split); each label
     is its objects x 8 templates."""
     from regap_export.data import load_bundled
@@ -109,15 +110,15 @@ def test_the_train_only_slots_follow_the_core_slots_and_are_held_out_nowhere(dat
     assert len(data.records("calibration")) < len(train)
 
 
-def test_the_reader_records_hold_every_training_request_and_every_held_out_split_but_variant_check(data):
+def test_the_reader_records_hold_every_training_request_and_every_held_out_split_but_the_later_ones(data):
     """The shipped reader's vocabulary: build()'s requests, every held-out split's but
-    variant-check's (written later, from those words only), and the second set of objects under
-    every template."""
+    variant-check's and tune-check's (written later, from those words only), and the second set
+    of objects under every template."""
     texts = {r["instruction"] for r in data.reader_records()}
     assert {r["instruction"] for r in data.build()} <= texts
     for split in data.HELD_OUT_SPLITS:
         inside = {r["instruction"] for r in data.records(split)} <= texts
-        assert inside == (split != "variant-check"), split
+        assert inside == (split not in ("variant-check", "tune-check")), split
     second = set(data.SECOND_HARMFUL_NOUNS + data.SECOND_HARMFUL_ACTIONS + data.SECOND_HARMLESS_NOUNS
                  + data.SECOND_HARMLESS_ACTIONS)
     assert sum(r["slot"] in second for r in data.reader_records() if r["split"] == "second") == len(second) * 8

@@ -125,6 +125,19 @@ def projections(rows: torch.Tensor, rhat: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nlh,lh->nl", rows.double(), rhat.double())
 
 
+def fitted_directions(rhat: torch.Tensor, drift: torch.Tensor, a_pos: torch.Tensor, a_neg: torch.Tensor,
+                      gate_rows: dict[str, torch.Tensor], tau: float, read: torch.Tensor | None = None) -> Directions:
+    """Directions whose gate is fitted on ``gate_rows`` {"M+": [n, L, H], "M-": [m, L, H]}: the image
+    rows measured with the probe correction on (a text-only model: its text rows), projected on
+    ``read`` (gate_read rows [L, H]) or, without it, on rhat; anchors c+- and kappa as METHOD
+    section 3 fits them."""
+    direction = rhat if read is None else read
+    c_pos, c_neg, kappa = probe_anchors_and_kappa(projections(gate_rows["M+"], direction),
+                                                  projections(gate_rows["M-"], direction), tau)
+    return Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(), c_pos.float(), c_neg.float(),
+                      kappa.float(), gate_read=None if read is None else read.float())
+
+
 def probe_anchors_and_kappa(proj_pos: torch.Tensor, proj_neg: torch.Tensor, tau: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """c+ [L], c- [L], kappa [L] from projections [N, L] measured with the probe correction."""

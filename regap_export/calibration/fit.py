@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from .capture import capture, requests_for
-from .directions import (Directions, discriminant_read, drift_direction, probe_anchors_and_kappa, projections,
+from .directions import (Directions, discriminant_read, drift_direction, fitted_directions, projections,
                          refusal_direction, require_classes)
 from ..data.records import records_fingerprint
 from .directions_io import DirectionsFile
@@ -95,6 +95,14 @@ def probe_pass(loaded: LoadedModel, directions: Directions, options: RegapOption
 GATE_READS = ("refusal", "discriminant")
 
 
+def provisional_directions(rhat: torch.Tensor, drift: torch.Tensor, a_pos: torch.Tensor, a_neg: torch.Tensor
+                           ) -> Directions:
+    """Directions before the probe pass: enough for ``probe_only`` (the probe band's fixed
+    correction needs the drift alone); the gate's anchors are placeholders."""
+    return Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(), a_pos.float(), a_neg.float(),
+                      torch.zeros(rhat.shape[0]))
+
+
 def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions = RegapOptions(), *,
               batch_size: int = 8, stats: ActivationStats | None = None, measure_after: bool = True,
               show_progress: bool = True, gate_read: str = "refusal") -> CalibrationResult:
@@ -123,31 +131,22 @@ def calibrate(loaded: LoadedModel, records: Sequence[Any], options: RegapOptions
     multimodal = stats.count("M+") > 0 or stats.count("M-") > 0
     requests = requests_for(records, loaded.adapter, loaded.processor)
     read_tokens = _read_tokens(loaded, opts)
-    probe_proj: dict[str, torch.Tensor] = {}
-    provisional = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
-                             a_pos.float(), a_neg.float(), torch.zeros(num_layers))
     read = None
     if multimodal:
         require_classes(stats, ("M+", "M-"), why="the probe anchors and kappa")
         image_requests = [r for r in requests if r.class_key in ("M+", "M-")]
-        probe_stats = probe_pass(loaded, provisional, opts, image_requests, batch_size=batch_size,
-                                 show_progress=show_progress)
-        image_rows = {key: probe_stats.class_rows(key) for key in ("M+", "M-")}
-        for key, rows in image_rows.items():
-            probe_proj[key] = projections(rows, rhat)
+        probe_stats = probe_pass(loaded, provisional_directions(rhat, drift, a_pos, a_neg), opts, image_requests,
+                                 batch_size=batch_size, show_progress=show_progress)
+        gate_rows = {key: probe_stats.class_rows(key) for key in ("M+", "M-")}
         if gate_read == "discriminant":
-            read = discriminant_read(image_rows["M+"], image_rows["M-"])
+            read = discriminant_read(gate_rows["M+"], gate_rows["M-"])
     else:
         if gate_read == "discriminant":
             raise RegapError("--gate-read discriminant is fitted on image records (M+ and M-); the data has none",
                              hint="add image records (or image twins) to the calibration data, or read rhat")
-        for key, text_key in (("M+", "T+"), ("M-", "T-")):
-            probe_proj[key] = projections(stats.class_rows(text_key), rhat)
-    gate_proj = probe_proj if read is None else {key: projections(rows, read) for key, rows in image_rows.items()}
-    c_pos, c_neg, kappa = probe_anchors_and_kappa(gate_proj["M+"], gate_proj["M-"], opts.tau)
-    directions = Directions(rhat.float(), drift.float(), a_pos.float(), a_neg.float(),
-                            c_pos.float(), c_neg.float(), kappa.float(),
-                            gate_read=None if read is None else read.float())
+        gate_rows = {"M+": stats.class_rows("T+"), "M-": stats.class_rows("T-")}
+    probe_proj = {key: projections(rows, rhat) for key, rows in gate_rows.items()}
+    directions = fitted_directions(rhat, drift, a_pos, a_neg, gate_rows, opts.tau, read)
 
     report = geometry_report(stats, rhat, drift, a_pos, a_neg, probe_proj if multimodal else None)
     if measure_after and multimodal:

@@ -160,15 +160,7 @@ class TorchEngine:
                           prompt_length=prompt_length)
 
     def _tensors(self, batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-        import torch
-
-        extras = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", "attention_mask")}
-        position = self.positions.prefill(ids, mask, **{k: v for k, v in extras.items() if k in PIXEL_EXTRA_KEYS
-                                                         or k == "mm_token_type_ids"})
-        out = {k: torch.from_numpy(np.asarray(v)) for k, v in extras.items() if k != "mm_token_type_ids"}
-        out.update(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                   position_ids=torch.from_numpy(position))
-        return out
+        return torch_inputs(self.positions, batch, ids, mask)
 
     def _alpha(self, inputs: dict[str, Any], image_mask: np.ndarray):
         import torch
@@ -224,6 +216,20 @@ class TorchEngine:
         with torch.no_grad():
             out = self.loaded.model(**inputs, **extra, regap_image_mask=torch.from_numpy(prompt), use_cache=False)
         return out.logits.float().numpy()
+
+
+def torch_inputs(positions, batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """The PyTorch model's inputs for ``ids`` / ``mask`` (a batch's prompt, perhaps continued) with
+    ``batch``'s pixels and explicit ``position_ids`` of the family's scheme ``positions``."""
+    import torch
+
+    extras = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", "attention_mask")}
+    position = positions.prefill(ids, mask, **{k: v for k, v in extras.items() if k in PIXEL_EXTRA_KEYS
+                                               or k == "mm_token_type_ids"})
+    out = {k: torch.from_numpy(np.asarray(v)) for k, v in extras.items() if k != "mm_token_type_ids"}
+    out.update(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+               position_ids=torch.from_numpy(position))
+    return out
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -36,8 +36,10 @@ from typing import IO, Any, Iterable, Iterator
 from ..errors import RegapError
 
 # Files a calibration folder may hold (directions_io.FILENAME, report.REPORT_FILENAME,
-# report.PLOT_FILENAME, api.STATS_FILENAME); an export lists its files in its manifest.
-CALIBRATION_FILES = ("directions.safetensors", "report.json", "separability.png", "stats.safetensors")
+# report.PLOT_FILENAME, api.STATS_FILENAME), or a tune folder (tune.TUNE_FILENAME, tune.PLOT_FILENAME);
+# an export lists its files in its manifest.
+CALIBRATION_FILES = ("directions.safetensors", "report.json", "separability.png", "stats.safetensors",
+                     "tune.json", "frontier.png")
 MANIFEST_FILE = "regap_manifest.json"
 # written into an export after it: validate's report, evaluate's report and plot, and their temporaries
 EXPORT_EXTRA_FILES = (MANIFEST_FILE, "parity.json", "evaluation.json", "evaluation.png")

@@ -7,11 +7,13 @@ or generate text.
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ..errors import ModelError
 
@@ -366,6 +368,24 @@ def _cache_keyword(model_class: type) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def cache_kept(cache: Any) -> Iterator[Any]:
+    """Run forwards that extend ``cache`` (a transformers ``DynamicCache``), then put every layer's
+    keys and values back as they were: one prefilled prompt serves many continuations. Also right
+    after a forward that a hook ended early (``StopForward``), where only some layers grew."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} has no per-layer storage to restore")
+    saved = [(layer, getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+    count = len(layers)
+    try:
+        yield cache
+    finally:
+        del cache.layers[count:]
+        for layer, keys, values in saved:
+            layer.keys, layer.values = keys, values
 
 
 def cache_of(output: Any) -> Any:
