@@ -314,6 +314,7 @@ def test_generate_refuses_a_broken_manifest(exported, tmp_path):
 
 def test_generate_refuses_nan_constants(exported, tmp_path):
     from regap_export.export.manifest import file_table
+    from regap_export.io.artifacts import sha256_file
 
     out = copy_of(exported, tmp_path)
     path = out / "regap.safetensors"
@@ -322,8 +323,13 @@ def test_generate_refuses_nan_constants(exported, tmp_path):
     name = sorted(k for k in tensors if k.endswith(".v"))[0]
     tensors[name][0] = float("nan")
     save_file(tensors, str(path), metadata=meta)
+    # Every record of the file's hash made consistent (config.json's, the manifest's): only
+    # finiteness can catch it.
+    config = json.loads((out / "config.json").read_text())
+    config["regap"]["tensors_sha256"] = sha256_file(path)
+    (out / "config.json").write_text(json.dumps(config))
     manifest = json.loads((out / MANIFEST_FILENAME).read_text())
-    manifest["files"] = file_table(out)  # a consistent manifest: only finiteness can catch it
+    manifest["files"] = file_table(out)
     (out / MANIFEST_FILENAME).write_text(json.dumps(manifest))
     refused(invoke("generate", out, "--prompt", "Hi"), name, "not finite")
 
