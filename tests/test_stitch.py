@@ -121,6 +121,8 @@ def run(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
                 feeds[name][..., -1] = np.array([0.0, 1.0], np.float32)[:, None, None]
         else:
             raise AssertionError(f"unexpected decoder input {name}")
+    float16 = {v.name for v in session.get_inputs() if v.type == "tensor(float16)"}
+    feeds = {name: value.astype(np.float16) if name in float16 else value for name, value in feeds.items()}
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds)))
 
@@ -181,12 +183,51 @@ def assert_same_outputs(stitched: Path, reference: Path) -> None:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def export_stitched(built, out: Path) -> Path:
+    """``export`` that fails unless the decoder was built from one traced block per kind (the
+    comparisons would otherwise compare two full traces)."""
+    logger = logging.getLogger("regap_export")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        path = export(*built, out)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [r.getMessage() for r in records]
+    assert any("the others copied" in m for m in messages), messages
+    return path
+
+
+def at_precision(decoder: Path, precision: str) -> Path:
+    """The decoder graph of ``decoder``'s export at ``precision``, made by the export's converters."""
+    from regap_export.export.precision import write_precisions
+    from regap_export.io.graph_metadata import precision_file
+
+    write_precisions(decoder.parent, (precision,))
+    return decoder.with_name(precision_file(decoder.name, precision))
+
+
 @pytest.fixture(scope="module")
 def llama_exports(tmp_path_factory):
     """The deep Llama (regap) exported both ways: (stitched decoder, every block traced)."""
     root = tmp_path_factory.mktemp("stitch-llama")
     built = deep_model()
-    stitched = export(*built, root / "stitched")
+    stitched = export_stitched(built, root / "stitched")
+    reference = export(*built, root / "reference", every_block=True)
+    return stitched, reference
+
+
+@pytest.fixture(scope="module")
+def idefics3_exports(tmp_path_factory):
+    """The deep Idefics3 (regap, image rows from the modality channel) exported both ways."""
+    root = tmp_path_factory.mktemp("stitch-idefics3")
+    built = deep_model("idefics3")
+    stitched = export_stitched(built, root / "stitched")
     reference = export(*built, root / "reference", every_block=True)
     return stitched, reference
 
@@ -328,6 +369,31 @@ def test_unrecognised_structure_falls_back_to_every_block(tmp_path, monkeypatch,
         path = export(*built, tmp_path / "out")
     assert "a test's reason" in caplog.text and "tracing all 8 blocks" in caplog.text
     run(path)  # a complete graph
+
+
+def test_the_image_channel_graph_is_stitched_and_equals_the_full_trace(idefics3_exports):
+    stitched, reference = idefics3_exports
+    config = json.loads((stitched.parent / "regap_onnx.json").read_text())
+    assert config["image_rows"] == "channel" and config["key_dim"][0] == config["head_dim"][0] + 1
+    assert_same_graph(stitched, reference)
+    assert_same_outputs(stitched, reference)
+    got, want = run(stitched), run(reference)
+    # block 0 writes the flag channel into its keys: image rows in row 0's prompt, row 1's past
+    assert np.array_equal(got["present.0.key"][..., -1], want["present.0.key"][..., -1])
+    assert got["present.0.key"][..., -1].any() and not got["present.0.key"][..., -1].all()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "q4f16", "q8", "q4"])
+@pytest.mark.parametrize("family", ["llama", "idefics3"])
+def test_every_precision_of_the_stitched_graph_is_the_full_traces(family, precision, request):
+    """The converters make the same graph of both: the same ops per block, the same correction
+    nodes, and the same outputs."""
+    stitched, reference = (at_precision(path, precision) for path in request.getfixturevalue(f"{family}_exports"))
+    assert_same_graph(stitched, reference)
+    got, want = run(stitched), run(reference)
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 # ----------------------------------------------------------------------------------------
