@@ -162,7 +162,7 @@ def child(step: str, model: str, directions: str, out: str) -> None:
 
             stitch.plan_layers = lambda *a, **k: (None, "the benchmark traces every block")
         t = time.perf_counter()
-        export_to_folder(model, Path(directions), Path(out), formats=formats, dtype="fp32", force=True)
+        export_to_folder(model, Path(directions), Path(out), formats=formats, force=True)
         result["step_seconds"] = time.perf_counter() - t
         result["output_bytes"] = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     locator.__exit__(None, None, None)
