@@ -48,7 +48,7 @@ def unoptimized_decoder(model: str, work: Path) -> bytes:
 
     torch_api.optimize = keep_a_copy  # torch.onnx looks the hook up on every export
     try:
-        export_to_folder(model, work / "directions", work / "export", formats=("onnx",), dtype="fp32", force=True)
+        export_to_folder(model, work / "directions", work / "export", formats=("onnx",), force=True)
     finally:
         torch_api.optimize = optimize
     return max(graphs, key=len)  # the decoder: the largest graph of the export

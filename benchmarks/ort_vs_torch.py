@@ -97,7 +97,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="ort_vs_torch_"))
         write_directions(args.model, tmp / "directions", mode="regap")
         t = time.perf_counter()
-        export_to_folder(args.model, tmp / "directions", tmp / "export", formats=("onnx",), dtype="fp32")
+        export_to_folder(args.model, tmp / "directions", tmp / "export", formats=("onnx",))
         print(f"exported {args.model} in {time.perf_counter() - t:.0f} s", flush=True)
         folder = tmp / "export"
     else:

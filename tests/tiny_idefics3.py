@@ -30,10 +30,12 @@ SCALE_FACTOR = 2
 IMAGE_SEQ_LEN = image_seq_len_for(VISION_CONFIG["image_size"], VISION_CONFIG["patch_size"], SCALE_FACTOR)
 
 
-def build_tiny_idefics3() -> tuple[torch.nn.Module, Any]:
+def build_tiny_idefics3(*, layers: int = TEXT_CONFIG["num_hidden_layers"],
+                        intermediate: int = TEXT_CONFIG["intermediate_size"]) -> tuple[torch.nn.Module, Any]:
     tok = build_idefics3_tokenizer(load_embedded_tokenizer())
     tok.padding_side = "left"
     processor = build_idefics3_processor(tok, image_size=VISION_CONFIG["image_size"], image_seq_len=IMAGE_SEQ_LEN)
-    text_config = dict(TEXT_CONFIG, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text_config = dict(TEXT_CONFIG, num_hidden_layers=layers, intermediate_size=intermediate, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
     model = build_idefics3_model(text_config, VISION_CONFIG, scale_factor=SCALE_FACTOR, tokenizer=tok, seed=0)
     return model.float().eval(), processor

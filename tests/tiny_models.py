@@ -62,8 +62,12 @@ def _ids(tok: Any) -> dict[str, Any]:
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
 
 
+# The decoder depth and MLP width of the model being built (``build_tiny(..., layers=, intermediate=)``).
+_shape = {"layers": LAYERS, "intermediate": INTERMEDIATE}
+
+
 def _text_dims(**extra: Any) -> dict[str, Any]:
-    return {"hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+    return {"hidden_size": HIDDEN, "intermediate_size": _shape["intermediate"], "num_hidden_layers": _shape["layers"],
             "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
             "max_position_embeddings": 4096, **extra}
 
@@ -225,7 +229,7 @@ def _qwen2_5_vl():
 def _idefics3():
     # tests/tiny_idefics3.py, imported as a sibling of this module (package or top level).
     name = f"{__package__}.tiny_idefics3" if __package__ else "tiny_idefics3"
-    return importlib.import_module(name).build_tiny_idefics3()
+    return importlib.import_module(name).build_tiny_idefics3(layers=_shape["layers"], intermediate=_shape["intermediate"])
 
 
 _BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
@@ -237,23 +241,29 @@ _BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
 assert list(_BUILDERS) == TINY_FAMILIES
 
 
-def build_tiny(family: str) -> tuple[torch.nn.Module, Any]:
-    """A fresh tiny ``(model, processor_or_tokenizer)`` for ``family`` (same weights every call)."""
+def build_tiny(family: str, *, layers: int = LAYERS, intermediate: int = INTERMEDIATE) -> tuple[torch.nn.Module, Any]:
+    """A fresh tiny ``(model, processor_or_tokenizer)`` for ``family`` (same weights every call),
+    with ``layers`` decoder blocks of MLP width ``intermediate``."""
     try:
         builder = _BUILDERS[family]
     except KeyError:
         raise KeyError(f"no tiny model for {family!r}; known: {', '.join(TINY_FAMILIES)}") from None
-    return builder()
+    _shape.update(layers=layers, intermediate=intermediate)
+    try:
+        return builder()
+    finally:
+        _shape.update(layers=LAYERS, intermediate=INTERMEDIATE)
 
 
-def save_tiny(family: str, folder: str | Path, built: tuple[torch.nn.Module, Any] | None = None) -> Path:
+def save_tiny(family: str, folder: str | Path, built: tuple[torch.nn.Module, Any] | None = None, *,
+              layers: int = LAYERS) -> Path:
     """Save the tiny model for ``family`` (with its processor) to ``folder``; returns ``folder``.
 
     ``built`` is an already built ``build_tiny(family)`` result to save instead of a new one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model, processor = built if built is not None else build_tiny(family)
+    model, processor = built if built is not None else build_tiny(family, layers=layers)
     model.save_pretrained(folder)
     adapter_for_config(model.config).save_processor(processor, folder)
     return folder

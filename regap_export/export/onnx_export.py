@@ -25,6 +25,8 @@ Every graph's metadata names its contract, role, precision, image-row scheme and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -344,7 +346,11 @@ def _cache_geometry(model: nn.Module, adapter: ModelAdapter, embeds: bool, alpha
     cache = cache_of(out)
     n = adapter.num_layers(model)
     layers = cache.layers[:n]
-    return len(layers), [int(l.keys.shape[1]) for l in layers], [int(l.keys.shape[3]) for l in layers]
+    # None where a layer never ran attention (the stitcher's traced correction elements).
+    shapes = [getattr(l, "keys", None) for l in layers]
+    shapes = [None if k is None or k.dim() != 4 else k.shape for k in shapes]
+    return (len(layers), [None if k is None else int(k[1]) for k in shapes],
+            [None if k is None else int(k[3]) for k in shapes])
 
 
 def _correction_entries(model: nn.Module, adapter: ModelAdapter) -> list[tuple[str, RegapCorrection, str]]:
@@ -470,12 +476,15 @@ def _linear_time_rewrites() -> Iterator[None]:
 
 
 def _torch_onnx_export(module: nn.Module, args: tuple, *, dynamic_shapes: Any, input_names: list[str],
-                       output_names: list[str], opset: int):
+                       output_names: list[str], opset: int, optimizer=None):
+    """``optimizer``: run this on the exported ONNX IR model instead of torch.onnx's optimizer pass."""
     with _quiet(), _linear_time_rewrites(), torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-            output_names=output_names, opset_version=opset, optimize=True, verbose=False, report=False,
+            output_names=output_names, opset_version=opset, optimize=optimizer is None, verbose=False, report=False,
         )
+        if optimizer is not None:
+            optimizer(program.model)
     _warn_on_capture_fallback(program, type(module).__name__)
     return program
 
@@ -495,70 +504,28 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
                     options: RegapOptions | None = None, channel_positions: str | None = None,
                     graph: "GraphFacts") -> _DecoderInfo:
     """``channel_positions``: find image rows from the modality channel and correct these
-    positions of them (``image_rows``), instead of taking ``regap_image_mask``."""
-    from torch.export import Dim
+    positions of them (``image_rows``), instead of taking ``regap_image_mask``.
 
+    The graph is traced on one block of each kind and the other blocks are copied in
+    (``stitch``); when the blocks are all different, or the traced graph is not in a form the
+    stitcher knows, every block is traced."""
     start = time.perf_counter()
     alpha = _has_scaled(model)
     channel = channel_positions is not None
     image_mask = _has_corrections(model) and not channel
-    num_layers, kv_heads, head_dims = _cache_geometry(model, adapter, embeds, alpha)
-    # layer 0's keys carry the image flag in one more channel
-    key_dims = [head_dims[0] + 1] + head_dims[1:] if channel else list(head_dims)
-    dtype = next(model.parameters()).dtype
-    B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
-
-    batch, seq, past_len = Dim(BATCH), Dim(SEQ), Dim(PAST)
-    if embeds:
-        main = torch.randn(B, S, adapter.hidden_size(model) + int(channel), dtype=dtype)
-    else:
-        vocab = int(adapter.text_config(model.config).vocab_size)
-        main = torch.randint(0, vocab, (B, S), dtype=torch.long)
-    mask = torch.ones(B, P + S, dtype=torch.long)
-    position_ids = torch.arange(P, P + S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous()
-    # M-RoPE families take [3, batch, seq] (temporal, height, width) position ids.
     mrope = position_config(adapter.family, model.config)["rank"] == 3
-    if mrope:
-        position_ids = position_ids.unsqueeze(0).expand(3, B, S).contiguous()
-    past = []
-    for i in range(num_layers):
-        past += [torch.randn(B, kv_heads[i], P, key_dims[i], dtype=dtype),
-                 torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype)]
-    if channel:  # both kinds of rows and flags in the sample, so that no branch of the trace sees a constant
-        main[..., -1] = (torch.arange(S) % 3 == 1).to(dtype)
-        past[0][..., -1] = (torch.arange(B) % 2).to(dtype)[:, None, None]
-    # A sample mask with both values, so that no branch of the trace sees a constant.
-    extra = [(torch.arange(S) % 2).to(torch.float32).expand(B, S).contiguous()] if image_mask else []
-    extra += [torch.ones(B, dtype=torch.float32)] if alpha else []
-    args = tuple(a.to(_device(model)) for a in (main, mask, position_ids, *extra, *past))
-
-    main_name = "inputs_embeds" if embeds else "input_ids"
-    input_names = [main_name, "attention_mask", "position_ids"] + ([IMAGE_MASK] if image_mask else [])
-    input_names += ["regap_alpha"] if alpha else []
-    input_names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    output_names = ["logits"] + (["regap_score"] if readout is not None else [])
-    output_names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    dynamic_shapes = {
-        "main": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: Dim.AUTO},
-        "position_ids": {1: batch, 2: seq} if mrope else {0: batch, 1: seq},
-        "rest": tuple(([{0: batch, 1: seq}] if image_mask else []) + ([{0: batch}] if alpha else [])
-                      + [{0: batch, 2: past_len}] * (2 * num_layers)),
-    }
-
-    wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout,
-                             image_mask=image_mask, channel_positions=channel_positions).eval()
-    entries = _correction_entries(model, adapter)
-    try:
-        score_entries = [(SCORE_W, wrapper, "score_w"), (SCORE_B, wrapper, "score_b")] if readout is not None else []
-        flag_attention = flagged_attention(model) if channel else contextlib.nullcontext()
-        with _sentinels(entries + score_entries) as sentinels, flag_attention:
-            program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                         output_names=output_names, opset=opset)
-    finally:
-        wrapper.remove_hook()
-    ir_model = program.model
-    _bind_initializers(ir_model, sentinels)
+    geometry = functools.partial(_cache_geometry, model, adapter, embeds, alpha)
+    trace = functools.partial(_trace_decoder, model, adapter, embeds=embeds, alpha=alpha, image_mask=image_mask,
+                              channel_positions=channel_positions, mrope=mrope, opset=opset)
+    ir_model, (num_layers, kv_heads, head_dims) = _stitched_decoder(model, adapter, readout, geometry, trace,
+                                                                    channel=channel)
+    if ir_model is None:
+        num_layers, kv_heads, head_dims = geometry()
+        ir_model = trace(readout=readout, kv_heads=kv_heads, head_dims=head_dims)
+    key_dims = _key_dims(head_dims, channel)
+    input_names, output_names = _decoder_names(embeds=embeds, image_mask=image_mask, alpha=alpha,
+                                                readout=readout is not None, num_layers=num_layers)
+    main_name = input_names[0]
     dims = {main_name: [BATCH, SEQ] + ([] if not embeds else [None]),
             "attention_mask": [BATCH, TOTAL], "position_ids": [None, BATCH, SEQ] if mrope else [BATCH, SEQ],
             "logits": [BATCH, SEQ, None]}
@@ -582,7 +549,7 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     _check_cache_flows(ir_model, num_layers)
     _set_metadata(ir_model, graph.metadata(ROLE_DECODER if embeds else ROLE_MODEL,
                                            IMAGE_ROWS_MASK if image_mask else graph.image_rows))
-    _save(program, path, external_data)
+    _save(ir_model, path, external_data)
     corrections = []
     for block in adapter.decoder_layers(model):
         if isinstance(block, CorrectedBlock):
@@ -591,6 +558,122 @@ def _export_decoder(model: nn.Module, adapter: ModelAdapter, path: Path, *, embe
     log.info("exported %s in %.1f s", path.name, seconds)
     return _DecoderInfo(num_layers, kv_heads, head_dims, key_dims, corrections, alpha, readout is not None,
                         input_names, output_names, seconds, image_mask, channel)
+
+
+def _key_dims(head_dims: list[int], channel: bool) -> list[int]:
+    """The last dimension of each layer's key cache: layer 0's keys carry the image flag in one
+    more channel when the decoder reads the modality channel."""
+    return [head_dims[0] + 1] + head_dims[1:] if channel else list(head_dims)
+
+
+def _decoder_names(*, embeds: bool, image_mask: bool, alpha: bool, readout: bool, num_layers: int
+                   ) -> tuple[list[str], list[str]]:
+    input_names = ["inputs_embeds" if embeds else "input_ids", "attention_mask", "position_ids"]
+    input_names += [IMAGE_MASK] if image_mask else []
+    input_names += ["regap_alpha"] if alpha else []
+    input_names += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    output_names = ["logits"] + (["regap_score"] if readout else [])
+    output_names += [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return input_names, output_names
+
+
+def _stitched_decoder(model: nn.Module, adapter: ModelAdapter, readout: ScoreReadout | None, geometry, trace, *,
+                      channel: bool) -> tuple[Any, tuple[int, list[int], list[int]]]:
+    """The decoder graph traced on one block of each kind, the others copied in, and the cache
+    geometry (``_cache_geometry``, measured on the traced blocks: a block has its kind's); None
+    (and the reason in the log) where that does not apply. ``channel``: the wrapper gives block
+    0's key cache the image flag (``image_rows``), so block 0 is copied to no other block."""
+    from . import stitch
+
+    blocks = adapter.decoder_layers(model)
+    plan, reason = stitch.plan_layers(blocks, first_is_special=channel,
+                                      readout_layer=None if readout is None else readout.layer)
+    if plan is None:
+        log.info("tracing every decoder block: %s", reason)
+        return None, (0, [], [])
+    try:
+        with stitch.truncated(model, adapter, plan) as truncation:
+            traced_layers, kv_heads, head_dims = geometry()
+            if traced_layers != len(plan.elements) or kv_heads[0] is None:
+                raise stitch.NotStitchable(f"the truncated model's cache has {traced_layers} layers")
+            # A correction element has no cache of its own; its past and present pass through.
+            kv_heads = [h if h is not None else kv_heads[0] for h in kv_heads]
+            head_dims = [d if d is not None else head_dims[0] for d in head_dims]
+            layers_fqn = f"model.{truncation.layers_path}"   # DecoderWrapper holds the model as `model`
+            traced_readout = None if readout is None else dataclasses.replace(
+                readout, layer=truncation.readout_element(readout.layer))
+            ir_model = trace(readout=traced_readout, kv_heads=kv_heads, head_dims=head_dims,
+                             optimizer=stitch.optimizer(truncation, layers_fqn))
+        stitch.expand(ir_model, truncation, layers_fqn)
+    except Exception as exc:  # noqa: BLE001 - every block traced is the export as it always was
+        log.warning("could not build the decoder from one traced block per kind (%s: %s); tracing all %d blocks",
+                    type(exc).__name__, exc, len(blocks))
+        return None, (0, [], [])
+    log.info("decoder traced on %s of %d, the others copied", plan.describe(), len(blocks))
+    blocks_of = [block for block, _ in plan.layers]
+    return ir_model, (plan.num_layers, [kv_heads[t] for t in blocks_of], [head_dims[t] for t in blocks_of])
+
+
+def _trace_decoder(model: nn.Module, adapter: ModelAdapter, *, embeds: bool, alpha: bool, image_mask: bool,
+                   channel_positions: str | None, mrope: bool, opset: int, readout: ScoreReadout | None,
+                   kv_heads: list[int], head_dims: list[int], optimizer=None) -> Any:
+    """The optimized ONNX IR model of ``DecoderWrapper`` on ``model`` as it is (all its blocks, or
+    the ones ``stitch.truncated`` keeps), correction constants bound to their public names."""
+    from torch.export import Dim
+
+    channel = channel_positions is not None
+    num_layers = len(kv_heads)
+    key_dims = _key_dims(head_dims, channel)
+    dtype = next(model.parameters()).dtype
+    B, S, P = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
+
+    batch, seq, past_len = Dim(BATCH), Dim(SEQ), Dim(PAST)
+    if embeds:
+        main = torch.randn(B, S, adapter.hidden_size(model) + int(channel), dtype=dtype)
+    else:
+        vocab = int(adapter.text_config(model.config).vocab_size)
+        main = torch.randint(0, vocab, (B, S), dtype=torch.long)
+    mask = torch.ones(B, P + S, dtype=torch.long)
+    position_ids = torch.arange(P, P + S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous()
+    # M-RoPE families take [3, batch, seq] (temporal, height, width) position ids.
+    if mrope:
+        position_ids = position_ids.unsqueeze(0).expand(3, B, S).contiguous()
+    past = []
+    for i in range(num_layers):
+        past += [torch.randn(B, kv_heads[i], P, key_dims[i], dtype=dtype),
+                 torch.randn(B, kv_heads[i], P, head_dims[i], dtype=dtype)]
+    if channel:  # both kinds of rows and flags in the sample, so that no branch of the trace sees a constant
+        main[..., -1] = (torch.arange(S) % 3 == 1).to(dtype)
+        past[0][..., -1] = (torch.arange(B) % 2).to(dtype)[:, None, None]
+    # A sample mask with both values, so that no branch of the trace sees a constant.
+    extra = [(torch.arange(S) % 2).to(torch.float32).expand(B, S).contiguous()] if image_mask else []
+    extra += [torch.ones(B, dtype=torch.float32)] if alpha else []
+    args = tuple(a.to(_device(model)) for a in (main, mask, position_ids, *extra, *past))
+
+    input_names, output_names = _decoder_names(embeds=embeds, image_mask=image_mask, alpha=alpha,
+                                                readout=readout is not None, num_layers=num_layers)
+    dynamic_shapes = {
+        "main": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.AUTO},
+        "position_ids": {1: batch, 2: seq} if mrope else {0: batch, 1: seq},
+        "rest": tuple(([{0: batch, 1: seq}] if image_mask else []) + ([{0: batch}] if alpha else [])
+                      + [{0: batch, 2: past_len}] * (2 * num_layers)),
+    }
+
+    wrapper = DecoderWrapper(model, adapter, num_layers=num_layers, embeds=embeds, alpha=alpha, readout=readout,
+                             image_mask=image_mask, channel_positions=channel_positions).eval()
+    entries = _correction_entries(model, adapter)
+    try:
+        score_entries = [(SCORE_W, wrapper, "score_w"), (SCORE_B, wrapper, "score_b")] if readout is not None else []
+        flag_attention = flagged_attention(model) if channel else contextlib.nullcontext()
+        with _sentinels(entries + score_entries) as sentinels, flag_attention:
+            program = _torch_onnx_export(wrapper, args, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                                         output_names=output_names, opset=opset, optimizer=optimizer)
+    finally:
+        wrapper.remove_hook()
+    ir_model = program.model
+    _bind_initializers(ir_model, sentinels)
+    return ir_model
 
 
 class _VisionWrapper(nn.Module):
@@ -631,7 +714,7 @@ def _export_vision(model: nn.Module, spec: VisionSpec, path: Path, *, external_d
     _name_dims(program.model, dims)
     _drop_intermediate_shapes(program.model)
     _set_metadata(program.model, graph.metadata(ROLE_VISION, graph.image_rows))
-    _save(program, path, external_data)
+    _save(program.model, path, external_data)
 
 
 class _EmbedWrapper(nn.Module):
@@ -658,7 +741,7 @@ def _export_embeddings(model: nn.Module, path: Path, *, external_data: bool | No
                                  output_names=["inputs_embeds"], opset=opset)
     _name_dims(program.model, {"input_ids": [BATCH, SEQ], "inputs_embeds": [BATCH, SEQ, None]})
     _set_metadata(program.model, graph.metadata(ROLE_EMBED, graph.image_rows))
-    _save(program, path, external_data)
+    _save(program.model, path, external_data)
 
 
 # ======================================================================================
@@ -743,13 +826,21 @@ def _weight_bytes(ir_model) -> int:
     return total
 
 
-def _save(program, path: Path, external_data: bool | None) -> None:
+def _save(ir_model, path: Path, external_data: bool | None) -> None:
+    """Write ``ir_model`` to ``path``; its weights to ``path.data`` when ``external_data`` (None:
+    when over ``EXTERNAL_DATA_BYTES``). Initializers are written one at a time, and lazy ones
+    (the stitched decoder's weights, computed from the torch tensors) only then computed."""
+    import onnx_ir as ir
+
     path = Path(path)
-    use_external = external_data if external_data is not None else _weight_bytes(program.model) > EXTERNAL_DATA_BYTES
+    use_external = external_data if external_data is not None else _weight_bytes(ir_model) > EXTERNAL_DATA_BYTES
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    program.save(str(path), external_data=use_external)
+    if use_external:
+        ir.save(ir_model, str(path), external_data=data.name)
+    else:
+        ir.save(ir_model, str(path))
 
 
 def _config_json(model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, info: _DecoderInfo,
