@@ -29,7 +29,7 @@ def test_one_name_per_cli_command():
     commands = set(get_command(app).commands)
     by_command = {"calibrate": "calibrate_to_folder", "export": "export_to_folder", "validate": "validate_folder",
                   "evaluate": "evaluate_folder", "compare": "compare_evaluations", "generate": "generate",
-                  "inspect": "describe", "demo": "demo"}
+                  "inspect": "describe", "demo": "demo", "tune": "tune_to_folder"}
     assert commands == set(by_command)
     assert set(by_command.values()) <= set(NAMES)
 

@@ -66,8 +66,8 @@ from pathlib import Path
 
 
 from .records import (
-    Record, _check_ids_and_pairs, _first_column, check_user_text, csv_header, csv_reader, csv_rows,
-    read_text_file,
+    LABEL_HINT, Record, _check_ids_and_pairs, _first_column, check_user_text, csv_header, csv_reader, csv_rows,
+    load_records, read_text_file, split_records,
 )
 from ..errors import DataError
 
@@ -382,3 +382,18 @@ def _figstep_row(row: list[str], lineno: int, path: Path, imgs: Path,
     return _twin_records(text_id=text_id, image_id=f"{text_id}-img", instruction=question,
                          image=img, carrier=FIGSTEP_CARRIER, category=category,
                          source=path, line=lineno, twins=twins)
+
+
+def load_data_files(paths, split: str | None, *, label: str | None = None,
+                    label_hint: str = LABEL_HINT) -> tuple[list[Record], list[str]]:
+    """(records of ``split``, the paths as read) from ``--data`` paths: each an MM-SafetyBench or
+    FigStep layout (``detect_layout``) or a records file (``load_records``)."""
+    records: list[Record] = []
+    sources: list[str] = []
+    for path in paths:
+        path = Path(path)
+        loaded = load_benchmark(path) if detect_layout(path) else load_records(path, label=label,
+                                                                               label_hint=label_hint)
+        records += split_records(loaded, split)
+        sources.append(str(path))
+    return records, sources

@@ -42,20 +42,15 @@ def evaluation_records(data: Sequence[Path] = (), *, split: str | None = None, m
                        render: bool = True, renderer: Callable | None = None) -> list:
     """Records of ``data`` files (JSONL/CSV/TXT, or an MM-SafetyBench / FigStep layout), or the
     bundled held-out split; text records get an image twin on multimodal models."""
-    from ..data import load_bundled, load_records, split_records, to_multimodal_pairs
-    from ..data.benchmarks import detect_layout, load_benchmark
+    from ..data import load_bundled, to_multimodal_pairs
+    from ..data.benchmarks import load_data_files
     from ..data.records import LABELLED_FILES_HINT
 
     if not data:
         records = load_bundled(split or "heldout")
         sources = ["the bundled set"]
     else:
-        records, sources = [], []
-        for path in data:
-            path = Path(path)
-            loaded = load_benchmark(path) if detect_layout(path) else load_records(path, label_hint=LABELLED_FILES_HINT)
-            records += split_records(loaded, split)
-            sources.append(str(path))
+        records, sources = load_data_files(data, split, label_hint=LABELLED_FILES_HINT)
     labels = {r.label for r in records}
     if labels != {"harmful", "harmless"}:
         missing = ({"harmful", "harmless"} - labels) or {"harmful", "harmless"}

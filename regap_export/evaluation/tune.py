@@ -59,19 +59,14 @@ class Reply:
 def tune_records(data: Sequence[Path], *, split: str | None, label: str | None, render: bool, renderer,
                  limit: int | None) -> tuple[list, str]:
     """The records (text and image twins) and a name for where they came from."""
-    from ..data import load_bundled, load_records, split_records, to_multimodal_pairs
-    from ..data.benchmarks import detect_layout, load_benchmark
+    from ..data import load_bundled, to_multimodal_pairs
+    from ..data.benchmarks import load_data_files
     from .evaluate import _limited
 
     if not data:
         records, source = load_bundled(split or "train"), f"the bundled set ({split or 'train'} split)"
     else:
-        records, sources = [], []
-        for path in data:
-            path = Path(path)
-            loaded = load_benchmark(path) if detect_layout(path) else load_records(path, label=label)
-            records += split_records(loaded, split)
-            sources.append(str(path))
+        records, sources = load_data_files(data, split, label=label)
         source = ", ".join(sources)
     seen: dict[str, Any] = {}
     for r in records:
