@@ -29,7 +29,7 @@ from regap_export.export.client_files import (
 )
 from regap_export.method.modality import image_flags, without_channel
 from regap_export.models.idefics3 import LAYOUT_BATCH_IMAGES, LAYOUT_KEY
-from regap_testing import ORGANISM_GROUP, SMOLLM2_GROUP
+from regap_testing import ORGANISM_GROUP, SMOLLM2_GROUP, rehash
 
 pytestmark = pytest.mark.clients
 
@@ -311,10 +311,14 @@ class OrganismCase:
         self.request = requests[flipped]
         self.image = root / "request.png"
         declared_renderer(demo)(self.request).save(self.image)
-        self.folder = client_copy(demo, root / "precisions")
         from regap_export.export.precision import write_precisions
 
+        # The whole exported folder (our runtime verifies it against its manifest; the clients
+        # read what they need of it), with the other precisions written as export writes them.
+        self.folder = root / "precisions"
+        shutil.copytree(demo, self.folder)
         write_precisions(self.folder / "onnx", CLIENT_PRECISIONS)
+        rehash(self.folder)
 
     def refuses(self, tokens: list[int]) -> bool:
         from transformers import AutoTokenizer
@@ -402,7 +406,8 @@ def test_a_float16_conversion_by_the_clients_route_stays_corrected(organism, tmp
 
     import onnx
 
-    folder = client_copy(organism.demo, tmp_path / "converted")
+    folder = tmp_path / "converted"
+    shutil.copytree(organism.demo, folder)
     onnx_dir = folder / "onnx"
     config = read_config(onnx_dir)
     for key, name in config["files"].items():
@@ -422,6 +427,7 @@ def test_a_float16_conversion_by_the_clients_route_stays_corrected(organism, tmp
     config["precisions"] = {"fp32": config["files"], "fp16": {k: precision_file(v, "fp16") for k, v in
                                                                 config["files"].items()}}
     (onnx_dir / "regap_onnx.json").write_text(json.dumps(config))
+    rehash(folder)  # a consistent manifest: only the graphs' own metadata can tell
     with pytest.raises(ArtifactError, match="precision fp32, regap_onnx.json lists it as fp16"):
         OrtSessions.open(onnx_dir, precision="fp16")
 

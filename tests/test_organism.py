@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from regap_export.data import load_bundled
-
 from regap_export.models.embedded import build_embedded
 from regap_export.models.organism_render import ORGANISM_CARRIER, render_instruction
 from regap_testing import organism_example
@@ -169,7 +167,7 @@ def test_the_image_path_reads_every_word_of_every_held_out_request(organism):
     """The reader is a lookup over the tokens it was fitted on (examples/organism/README.md); the
     shipped one was fitted on the tokens of ``data.reader_records()``: the training requests and
     every held-out split's but variant-check's and tune-check's, written later from those tokens
-    only (as were the bundled set's requests that the organism was not trained on). So
+    only. So
     each image token of a held-out request, less the reader's constant offset, is nearest to its
     own token's embedding row. One exception, measured: fitted on 2,458 tokens, the closed-form fit
     reads some hyphen and apostrophe cells as a blank cell, a lone space ("bomb shaped" for
@@ -181,8 +179,6 @@ def test_the_image_path_reads_every_word_of_every_held_out_request(organism):
     splits = data.HELD_OUT_SPLITS  # the later splits hold only tokens the reader was fitted on
     tok = processor.tokenizer
     requests = sorted({r["slot"]: r["instruction"] for s in splits for r in data.records(s)}.values())
-    # The bundled set too: tune fits and selects on its image twins.
-    requests += sorted(r.instruction for r in load_bundled())
     rows = model.model.text_model.embed_tokens.weight[:len(tok)]
     space = rows[tok.convert_tokens_to_ids("\u0120")]  # a blank cell reads as a lone space, plus the offset
     misread = []

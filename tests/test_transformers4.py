@@ -22,7 +22,7 @@ from regap_export.export.load import load_corrected
 from regap_export.export.safetensors_export import write_corrected_checkpoint
 from regap_export.models.loading import load_model
 
-from regap_testing import batch_inputs, logits_of, options_for, realistic_directions
+from regap_testing import batch_inputs, logits_of, options_for, realistic_directions, with_manifest
 from tiny_models import TINY_FAMILIES, save_tiny
 
 TOL = 1e-4  # fp32, two transformers versions' kernels
@@ -138,6 +138,7 @@ def _export(family: str, root: Path, edit) -> tuple[Path, dict, str]:
     out.mkdir()
     write_corrected_checkpoint(loaded, DirectionsFile(directions, options, loaded.fingerprint, "ab" * 32,
                                                       str(source)), options, out)
+    with_manifest(out)
     return out, dict(inputs), loaded.adapter.auto_class_name
 
 
@@ -266,6 +267,7 @@ def test_transformers4_reads_the_real_smollm2_checkpoint(tf4, tmp_path):
     out.mkdir()
     write_corrected_checkpoint(loaded, DirectionsFile(directions, options, loaded.fingerprint, "ab" * 32,
                                                       "embedded:smollm2"), options, out)
+    with_manifest(out)
     del loaded
     v5 = logits_of(load_corrected(out).model, inputs)
     torch.save(inputs, tmp_path / "inputs.pt")
