@@ -540,7 +540,7 @@ VARIANT_CHECK_HARMLESS_ACTIONS = [
 ]
 
 
-# Held out from every build and from the bundled set, written before any run read it, to check
+# Held out from the organism's training and from the bundled set, written before any run read it, to check
 # the options `regap-export tune` chooses on the bundled set alone (docs/RESULTS.md): 12 + 12 new
 # objects under all 8 templates (96 + 96 requests), from words the shipped reader reads. A third
 # of its harmless slots are edgy on purpose.
