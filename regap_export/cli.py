@@ -387,6 +387,8 @@ def tune(
     group_by: str = typer.Option("pair", help="What stays in one part: pair (a record and its image twin) | category "
                                               "(every record of a category: requests built from one object or family)."),
     seed: int = typer.Option(0, help="Seed of the split."),
+    modes: str = typer.Option("regap,fixed,regap-seq", help="Modes searched, comma-separated (transformers.js and "
+                                                            "ONNX Runtime GenAI run regap and fixed only)."),
     confirm: int = typer.Option(3, min=1, help="Candidates confirmed by export and generation besides the default."),
     limit: Optional[int] = typer.Option(None, help="At most N records per label (and their image twins)."),
     max_new_tokens: int = typer.Option(32, min=1, help="Greedy tokens per confirming reply."),
@@ -415,6 +417,7 @@ def tune(
         report = rx.tune_to_folder(model, out_dir, data or [], split=split, label=label, limit=limit,
                                    over_refusal_budget=over_refusal_budget, shares=parts, seed=seed,
                                    group_by=group_by, confirm=confirm, max_new_tokens=max_new_tokens,
+                                   modes=[m.strip() for m in modes.split(",") if m.strip()],
                                    markers=load_markers(markers) if markers else None, render=render,
                                    batch_size=batch_size, search_batch_size=search_batch_size, plot=plot,
                                    force=force, show_progress=not as_json,

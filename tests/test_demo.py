@@ -31,6 +31,20 @@ def test_every_step_runs_and_parity_passes(organism_demo):
     assert "FAILED" not in output
 
 
+def test_it_calibrates_with_the_options_tune_chose_for_the_organism(organism_demo):
+    """The demo shows the operating point a user would get from ``tune``: the options shipped in
+    regap_export/models/organism/tuned_options.json, which the written directions carry."""
+    from regap_export.calibration.directions_io import load_directions
+    from regap_export.tour import tuned_options
+
+    folder, output = organism_demo
+    shipped = tuned_options("embedded:organism")
+    assert shipped is not None, "the organism ships no tuned options"
+    options, _, described = shipped
+    assert f"with the options `regap-export tune` chose for it ({described};" in output
+    assert load_directions(folder / "directions").options == options
+
+
 def test_it_shows_a_harmful_image_request_refused_only_corrected_and_a_harmless_one_answered(organism_demo):
     _, output = organism_demo
     assert "image requests picked from step 4" in output  # step 4 found a request the correction flipped

@@ -255,14 +255,15 @@ def _small_grid(depth: int) -> list[op.Candidate]:
 @pytest.fixture(scope="module")
 def tuned(tiny_vlm, tmp_path_factory):
     """tune on the tiny Idefics3 (random weights: nothing is refused, every candidate ties, so the
-    rule's tie-break chooses), through the library with a small search space."""
+    rule's tie-break chooses), through the library with a small search space, the modes a client
+    without the probe pass runs (the grid's regap-seq candidate is left out)."""
     from regap_export.evaluation.tune import tune_to_folder
 
     folder = tmp_path_factory.mktemp("tune")
     lines: list[str] = []
     report = tune_to_folder(str(tiny_vlm), folder / "out", [_data_file(folder, 20)], confirm=1,
                             max_new_tokens=4, show_progress=False, echo=lines.append,
-                            candidates=_small_grid(4))
+                            candidates=_small_grid(4), modes=("fixed", "regap"))
     return folder / "out", report, lines
 
 
@@ -283,7 +284,8 @@ def test_tune_json_holds_every_candidate_the_split_and_the_held_out_figures(tune
         part = set(ids[name])
         assert all((i + "-img" in part) for i in part if not i.endswith("-img")), "twins stay with their text"
     rows = report["candidates"]
-    assert len(rows) == 4 and rows[0]["changes"] == []
+    assert len(rows) == 3 and rows[0]["changes"] == []
+    assert report["modes"] == ["regap", "fixed"] and {row["options"]["mode"] for row in rows} == {"regap", "fixed"}
     for row in rows:
         for label in ("harmful", "harmless"):
             fig = row["proxy"][label]
@@ -337,6 +339,7 @@ def test_tune_summary_names_the_choice_and_the_held_out_part(tuned):
     out, report, _ = tuned
     text = "\n".join(summary_lines(report, out))
     assert "chosen: the default (regap, calibrate's options)" in text
+    assert "searched 3 candidates (regap, fixed) by the proxy" in text
     assert "held-out report part" in text and "never fitted or selected on" in text
     assert f"--directions {out}" in text
 
@@ -349,7 +352,8 @@ def test_tune_help_lists_its_options():
 
     result = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0
-    for option in ("--data", "--out", "--over-refusal-budget", "--shares", "--group-by", "--confirm", "--json"):
+    for option in ("--data", "--out", "--over-refusal-budget", "--shares", "--group-by", "--modes", "--confirm",
+                   "--json"):
         assert option in result.output
 
 
@@ -390,6 +394,19 @@ def test_tune_needs_both_labels(tiny_vlm, tmp_path):
     assert "tune needs harmful and harmless records; there is no harmless record" in result.output
 
 
+@pytest.mark.parametrize("modes, message", [
+    (("regap", "regap-sequence"), "--modes takes a comma-separated list of regap, fixed, regap-seq, got regap,regap-sequence"),
+    ((), "--modes takes a comma-separated list of regap, fixed, regap-seq, got nothing"),
+    (("fixed",), "--modes must include regap"),
+])
+def test_the_library_refuses_modes_it_cannot_search_before_loading_anything(tmp_path, modes, message):
+    from regap_export.evaluation.tune import tune_to_folder
+
+    with pytest.raises(RegapError, match=message):
+        tune_to_folder(str(tmp_path / "no-model"), tmp_path / "out", [_data_file(tmp_path, 20)], modes=modes)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("keyword, message", [
     ("confirm", "--confirm must be at least 1, got 0"),
     ("search_batch_size", "--search-batch-size must be at least 1, got 0"),
@@ -417,3 +434,17 @@ def test_the_demo_reads_the_options_tuned_for_the_organism_where_they_ship(tmp_p
                                                            "described": "regap-seq, tau 0.3"}))
     assert tuned_options("embedded:organism") == (chosen, "discriminant", "regap-seq, tau 0.3")
     assert tuned_options("embedded:smolvlm") is None
+
+
+def test_the_options_shipped_for_the_organism_are_a_candidate_tune_searches():
+    """tuned_options.json holds tune's choice on the organism: one of the grid's candidates at the
+    organism's depth, described as tune describes it, with the command that reproduces it."""
+    from regap_export.models.embedded import ORGANISM_DIR
+    from regap_export.tour import TUNED_OPTIONS_FILE, tuned_options
+
+    options, gate_read, described = tuned_options("embedded:organism")
+    chosen = op.Candidate(options, gate_read)
+    assert chosen in op.candidate_grid(30)
+    assert described == chosen.described(op.default_candidate(30))
+    command = json.loads((ORGANISM_DIR / TUNED_OPTIONS_FILE).read_text())["command"]
+    assert command.startswith("regap-export tune embedded:organism")

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, DataError, RegapError
+from ..options import MODES
 from . import operating_point as op
 
 TUNE_FILENAME = "tune.json"
@@ -86,6 +87,17 @@ def tune_records(data: Sequence[Path], *, split: str | None, label: str | None, 
             raise RegapError(f"--limit must be at least 1, got {limit}")
         records = _limited(records, limit)
     return records, source
+
+
+def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """The modes to search, in MODES' order; the default's mode (regap) is always searched."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise RegapError(f"--modes takes a comma-separated list of {', '.join(MODES)}, got {','.join(modes) or 'nothing'}")
+    if "regap" not in modes:
+        raise RegapError("--modes must include regap: the default options (mode regap) are the baseline every "
+                         "candidate is compared with", hint="e.g. --modes regap,fixed")
+    return tuple(m for m in MODES if m in modes)
 
 
 def check_budget(points: float) -> None:
@@ -308,13 +320,15 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
                    seed: int = 0, group_by: str = "pair", confirm: int = DEFAULT_CONFIRM, max_new_tokens: int = 32,
                    batch_size: int = 8, markers: Sequence[str] | None = None, plot: bool = True,
                    force: bool = False, show_progress: bool = True, echo: Callable[[str], None] | None = None,
-                   candidates: Sequence[op.Candidate] | None = None,
+                   candidates: Sequence[op.Candidate] | None = None, modes: Sequence[str] = MODES,
                    search_batch_size: int = DEFAULT_SEARCH_BATCH) -> dict[str, Any]:
     """tune MODEL --data FILE --out DIR: choose the options by the rule, write the directions with
     them, tune.json and frontier.png. Returns tune.json's content. ``over_refusal_budget`` is in
     percentage points. ``search_batch_size``: image records per prefill of the search (a candidate
-    costs one token per record there, so larger batches amortize each forward). ``candidates``: the search space (default ``operating_point.candidate_grid``;
-    the default options are always among them, first)."""
+    costs one token per record there, so larger batches amortize each forward). ``candidates``: the
+    search space (default ``operating_point.candidate_grid``; the default options are always among
+    them, first). ``modes``: the modes searched (a client that cannot run the probe pass, such as
+    transformers.js or ONNX Runtime GenAI, runs ``regap`` and ``fixed`` only)."""
     from ..calibration.report import json_safe
     from ..data.render import declared_renderer
     from ..io.atomic import atomic_output_dir, check_output_dir
@@ -333,6 +347,7 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
         raise RegapError(f"--search-batch-size must be at least 1, got {search_batch_size}")
     if max_new_tokens < 1:
         raise RegapError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    modes = check_modes(modes)
     budget = over_refusal_budget / 100
     markers = tuple(markers) if markers is not None else DEFAULT_REFUSAL_MARKERS
     seconds: dict[str, float] = {}
@@ -356,7 +371,7 @@ def tune_to_folder(model: str | None, out_dir: Path, data: Sequence[Path] = (), 
     num_layers = loaded.adapter.num_layers(loaded.model)
     default = op.default_candidate(num_layers)
     candidates = [default] + [c for c in (candidates if candidates is not None else op.candidate_grid(num_layers))
-                              if c != default]
+                              if c != default and c.options.mode in modes]
     counts = parts.counts()
     say(f"tune {loaded.source} ({num_layers} layers) on {len(records)} records of {source}: "
         + ", ".join(f"{name} {sum(counts[name].values())}" for name in op.PARTS)
@@ -533,6 +548,7 @@ def _report(loaded, source, records, parts, candidates, default, fitted, scores,
         "model": {"source": loaded.source, "family": loaded.adapter.family,
                   "num_layers": loaded.adapter.num_layers(loaded.model), "fingerprint": loaded.fingerprint},
         "data": source,
+        "modes": [m for m in MODES if any(c.options.mode == m for c in candidates)],
         "split": {"group_by": parts.group_by, "seed": parts.seed, "shares": list(parts.shares),
                   "counts": parts.counts(), "ids": {name: [r.id for r in parts.part(name)] for name in op.PARTS}},
         "rule": {"text": op.rule_text(budget), "fallback": op.FALLBACK_RULE, "over_refusal_budget_points": budget_points,
@@ -594,7 +610,8 @@ def summary_lines(report: dict[str, Any], out_dir: Path | None = None) -> list[s
         f"tune {report['model']['source']} ({report['model']['num_layers']} layers), {report['data']}: "
         + ", ".join(f"{name} {sum(counts[name].values())}" for name in op.PARTS) + f" records (split by {report['split']['group_by']}s)",
         f"rule: {report['rule']['text']}",
-        f"searched {scored} candidates by the proxy (first-token refusal log-odds); confirmed {len(confirmed)} through "
+        f"searched {scored} candidates ({', '.join(report.get('modes', MODES))}) by the proxy (first-token refusal "
+        f"log-odds); confirmed {len(confirmed)} through "
         f"ONNX Runtime; proxy vs generated refusal on them: AUROC {auroc}, agreement "
         f"{100 * quality['agreement']:.0f} % ({quality['n']} replies)",
         f"chosen: {chosen['described']}" + ("" if chosen["within_budget"] else "  [NO candidate met the budget]"),
