@@ -328,13 +328,6 @@ class OrganismCase:
         return is_refusal(AutoTokenizer.from_pretrained(self.folder).decode(tokens), self.markers)
 
 
-def client_copy(folder: Path, to: Path) -> Path:
-    """What the clients read of an exported folder (no checkpoint, manifest or reports)."""
-    shutil.copytree(folder, to, ignore=shutil.ignore_patterns("*.safetensors", "evaluation*", "parity.json",
-                                                              "regap_manifest.json", "modeling_regap.py"))
-    return to
-
-
 @pytest.fixture(scope="module")
 def organism(organism_demo, tmp_path_factory) -> OrganismCase:
     return OrganismCase(organism_demo[0] / "corrected", tmp_path_factory.mktemp("organism-clients"))

@@ -167,9 +167,8 @@ def test_the_image_path_reads_every_word_of_every_held_out_request(organism):
     """The reader is a lookup over the tokens it was fitted on (examples/organism/README.md); the
     shipped one was fitted on the tokens of ``data.reader_records()``: the training requests and
     every held-out split's but variant-check's and tune-check's, written later from those tokens
-    only. So
-    each image token of a held-out request, less the reader's constant offset, is nearest to its
-    own token's embedding row. One exception, measured: fitted on 2,458 tokens, the closed-form fit
+    only. So each image token of a held-out request, less the reader's constant offset, is nearest
+    to its own token's embedding row. One exception, measured: fitted on 2,458 tokens, the closed-form fit
     reads some hyphen and apostrophe cells as a blank cell, a lone space ("bomb shaped" for
     "bomb-shaped"); every other token, each word among them, reads exactly. One request per
     object: the templates' words are the same in every split."""

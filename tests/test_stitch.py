@@ -288,6 +288,14 @@ def test_plan_refuses_when_nothing_repeats_or_blocks_share_a_tensor():
     assert plan is None and reason == "blocks 1 and 2 share a tensor"
 
 
+def test_plan_traces_whole_the_model_types_whose_copies_were_measured_to_differ():
+    model, _ = build_tiny("llama", layers=4)
+    blocks = adapter_for_model(model).decoder_layers(model)
+    assert stitch.plan_layers(blocks, model_type="llama")[0] is not None
+    plan, reason = stitch.plan_layers(blocks, model_type="gemma3_text")
+    assert plan is None and reason == stitch.TRACED_WHOLE["gemma3_text"]
+
+
 def test_truncation_is_undone():
     model, adapter, _, _ = deep_model()
     blocks = adapter.decoder_layers(model)

@@ -21,7 +21,6 @@ DIR`` uses them with no flags), DIR/tune.json (docs/FORMATS.md) and DIR/frontier
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -610,7 +609,7 @@ def summary_lines(report: dict[str, Any], out_dir: Path | None = None) -> list[s
         f"tune {report['model']['source']} ({report['model']['num_layers']} layers), {report['data']}: "
         + ", ".join(f"{name} {sum(counts[name].values())}" for name in op.PARTS) + f" records (split by {report['split']['group_by']}s)",
         f"rule: {report['rule']['text']}",
-        f"searched {scored} candidates ({', '.join(report.get('modes', MODES))}) by the proxy (first-token refusal "
+        f"searched {scored} candidates ({', '.join(report['modes'])}) by the proxy (first-token refusal "
         f"log-odds); confirmed {len(confirmed)} through "
         f"ONNX Runtime; proxy vs generated refusal on them: AUROC {auroc}, agreement "
         f"{100 * quality['agreement']:.0f} % ({quality['n']} replies)",

@@ -586,12 +586,9 @@ def _stitched_decoder(model: nn.Module, adapter: ModelAdapter, readout: ScoreRea
     from . import stitch
 
     blocks = adapter.decoder_layers(model)
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in stitch.TRACED_WHOLE:
-        plan, reason = None, stitch.TRACED_WHOLE[model_type]
-    else:
-        plan, reason = stitch.plan_layers(blocks, first_is_special=channel,
-                                          readout_layer=None if readout is None else readout.layer)
+    plan, reason = stitch.plan_layers(blocks, first_is_special=channel,
+                                      readout_layer=None if readout is None else readout.layer,
+                                      model_type=getattr(model.config, "model_type", None))
     if plan is None:
         log.info("tracing every decoder block: %s", reason)
         return None, (0, [], [])

@@ -147,10 +147,13 @@ def _split(block: nn.Module) -> tuple[nn.Module, RegapCorrection | None]:
 
 
 def plan_layers(blocks: Sequence[nn.Module], *, readout_layer: int | None = None,
-                first_is_special: bool = False) -> tuple[LayerPlan | None, str]:
-    """What to trace, or ``(None, why not)`` when tracing a subset would not save anything or the
-    blocks cannot be told apart safely. ``first_is_special``: the decoder wrapper reads or writes
-    block 0's cache itself (block 0 is traced whole and copied to no other block)."""
+                first_is_special: bool = False, model_type: str | None = None) -> tuple[LayerPlan | None, str]:
+    """What to trace, or ``(None, why not)`` when tracing a subset would not save anything, the
+    blocks cannot be told apart safely or ``model_type`` is in ``TRACED_WHOLE``. ``first_is_special``:
+    the decoder wrapper reads or writes block 0's cache itself (block 0 is traced whole and copied
+    to no other block)."""
+    if model_type in TRACED_WHOLE:
+        return None, TRACED_WHOLE[model_type]
     n = len(blocks)
     owners: dict[int, int] = {}
     for i, block in enumerate(blocks):
