@@ -377,6 +377,8 @@ def test_tune_refuses_data_with_too_few_records(tiny_vlm, tmp_path):
     (["--over-refusal-budget", "-1"], "--over-refusal-budget must be a number of percentage points in [0, 100]"),
     (["--shares", "0.5,half,0.2"], "--shares must be three numbers such as 0.5,0.3,0.2"),
     (["--group-by", "object"], "unknown grouping 'object'"),
+    (["--modes", "regap,bogus"], "--modes takes a comma-separated list of regap, fixed, regap-seq, got regap,bogus"),
+    (["--modes", "fixed"], "--modes must include regap"),
 ])
 def test_tune_bad_options_are_one_line_errors(tiny_vlm, tmp_path, args, message):
     result = invoke("tune", tiny_vlm, "--data", _data_file(tmp_path, 20), "--out", tmp_path / "out", *args)
